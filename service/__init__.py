@@ -1,0 +1,1 @@
+"""optserve: an optimizer as a service with torch.optim numbers."""

@@ -1,0 +1,1 @@
+"""Pure numpy optimizers, schedules, clipping and state records. No HTTP, no I/O."""

@@ -1,0 +1,137 @@
+"""Declared hyperparameters: names, types and defaults, resolved from user input.
+
+Every optimizer and schedule declares its arguments as a tuple of :class:`Arg`. The same
+declaration fills in defaults, type-checks what a client sent and feeds the catalog
+(``GET /v1/optimizers``), so the three can never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from service.core.errors import InvalidHyperparameter
+
+Kind = Literal["float", "int", "bool", "str", "float_pair", "float_list", "int_list", "any"]
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One constructor argument, named as torch names it."""
+
+    name: str
+    kind: Kind
+    default: Any
+    doc: str = ""
+    nullable: bool = False
+    choices: tuple[str, ...] | None = None
+    required: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """The catalog entry for this argument (JSON-ready)."""
+        out: dict[str, Any] = {"name": self.name, "type": self.kind, "doc": self.doc}
+        if self.required:
+            out["required"] = True
+        else:
+            out["default"] = list(self.default) if isinstance(self.default, tuple) else self.default
+        if self.nullable:
+            out["nullable"] = True
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def coerce(arg: Arg, value: Any, where: str = "") -> Any:
+    """Check ``value`` against ``arg`` and return it in canonical Python form."""
+    field = f"{where}{arg.name}"
+    if value is None:
+        if arg.nullable:
+            return None
+        raise InvalidHyperparameter(field, f"{field} must not be null", value)
+    if arg.kind == "float":
+        if not _is_number(value):
+            raise InvalidHyperparameter(field, f"{field} must be a number, got {value!r}", value)
+        number = float(value)
+        if math.isnan(number):
+            raise InvalidHyperparameter(field, f"Invalid {arg.name} value: {value}", value)
+        return number
+    if arg.kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidHyperparameter(field, f"{field} must be an integer, got {value!r}", value)
+        return value
+    if arg.kind == "bool":
+        if not isinstance(value, bool):
+            raise InvalidHyperparameter(field, f"{field} must be a boolean, got {value!r}", value)
+        return value
+    if arg.kind == "str":
+        if not isinstance(value, str):
+            raise InvalidHyperparameter(field, f"{field} must be a string, got {value!r}", value)
+        if arg.choices is not None and value not in arg.choices:
+            allowed = ", ".join(arg.choices)
+            raise InvalidHyperparameter(
+                field, f"{field} must be one of {allowed}, got {value!r}", value
+            )
+        return value
+    if arg.kind in ("float_pair", "float_list", "int_list"):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise InvalidHyperparameter(field, f"{field} must be a list, got {value!r}", value)
+        item_ok = _is_int if arg.kind == "int_list" else _is_number
+        if not all(item_ok(v) for v in value):
+            raise InvalidHyperparameter(field, f"{field} has a non-numeric entry: {value!r}", value)
+        if arg.kind == "float_pair":
+            if len(value) != 2:
+                raise InvalidHyperparameter(
+                    field, f"{field} must have exactly two entries, got {value!r}", value
+                )
+            return (float(value[0]), float(value[1]))
+        if arg.kind == "int_list":
+            return [int(v) for v in value]
+        return [float(v) for v in value]
+    return value
+
+
+def resolve(
+    args: Sequence[Arg],
+    given: Mapping[str, Any],
+    *,
+    where: str = "",
+    ignore: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Fill defaults, reject unknown names and coerce types. Range checks are the caller's."""
+    known = {a.name for a in args}
+    for name in given:
+        if name not in known and name not in ignore:
+            raise InvalidHyperparameter(
+                f"{where}{name}",
+                f"unknown argument {where}{name!r}; expected one of {', '.join(sorted(known))}",
+                given[name],
+            )
+    out: dict[str, Any] = {}
+    for arg in args:
+        if arg.name in given:
+            out[arg.name] = coerce(arg, given[arg.name], where)
+        elif arg.required:
+            raise InvalidHyperparameter(
+                f"{where}{arg.name}", f"missing required argument {where}{arg.name!r}"
+            )
+        else:
+            out[arg.name] = arg.default
+    return out
+
+
+def check(condition: bool, argument: str, message: str, value: Any = None) -> None:
+    """Raise :class:`InvalidHyperparameter` unless ``condition`` holds."""
+    if not condition:
+        raise InvalidHyperparameter(argument, message, value)

@@ -1,0 +1,100 @@
+"""What an optimizer is in optserve: declared hyperparameters plus an (init, update) pair.
+
+An optimizer works on one parameter group (like a ``torch.optim`` param group): a list
+of tensors sharing hyperparameters. ``init`` builds its state record, ``update`` reads
+gradients (and parameters when the rule needs them), advances the state in place and
+writes each tensor's delta ``new_param - old_param`` into caller-owned buffers.
+
+``hp`` is the group's resolved hyperparameter dict including ``lr``; schedules rewrite
+``lr`` (and ``momentum`` or ``betas`` for cyclic schedules) between steps exactly as
+torch's schedulers rewrite ``param_groups``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+
+from service.core.errors import UnknownName
+from service.core.hparams import Arg, resolve
+
+S = TypeVar("S")
+
+Shape = tuple[int, ...]
+
+
+class Optimizer(ABC, Generic[S]):
+    """Base of every optimizer definition. Subclasses are stateless singletons."""
+
+    name: ClassVar[str]
+    """torch's class name, e.g. ``"AdamW"``."""
+    args: ClassVar[tuple[Arg, ...]]
+    """Constructor arguments in torch's order, with torch's defaults."""
+    state_type: ClassVar[type[Any]]
+    """The dataclass ``init`` returns, for rebuilding state from a checkpoint."""
+    unsupported: ClassVar[tuple[str, ...]] = ("foreach", "fused", "capturable", "differentiable")
+    """torch arguments that are accepted (as their defaults) but mean nothing here."""
+
+    def resolve(self, given: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+        """Defaults filled in, types checked, ranges validated with torch's messages."""
+        given = dict(given)
+        for name in self.unsupported:
+            given.pop(name, None)
+        hp = resolve(self.args, given, where=where)
+        self.validate(hp, where)
+        return hp
+
+    def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
+        """Range checks; override with torch's checks and messages."""
+
+    def needs_params(self, hp: Mapping[str, Any]) -> bool:
+        """Whether ``update`` reads parameter values (any weight decay, by default)."""
+        return bool(hp.get("weight_decay", 0.0))
+
+    def check_shapes(self, shapes: Sequence[Shape]) -> None:
+        """Reject tensor shapes the rule cannot handle (Muon: 2-D only)."""
+
+    @abstractmethod
+    def init(self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]) -> S:
+        """Fresh state for a group of tensors with these shapes."""
+
+    @abstractmethod
+    def update(
+        self,
+        grads: Sequence[np.ndarray],
+        state: S,
+        params: Sequence[np.ndarray] | None,
+        hp: Mapping[str, Any],
+        out: Sequence[np.ndarray],
+    ) -> S:
+        """One step: advance ``state`` in place, write deltas into ``out``, return the state.
+
+        ``grads`` are read-only. ``params`` is ``None`` when ``needs_params`` is false.
+        """
+
+    def describe(self) -> dict[str, Any]:
+        """Catalog entry: name and every argument with type and default."""
+        return {"name": self.name, "args": [a.describe() for a in self.args]}
+
+
+_REGISTRY: dict[str, Optimizer[Any]] = {}
+
+
+def register(optimizer: Optimizer[Any]) -> Optimizer[Any]:
+    _REGISTRY[optimizer.name.lower()] = optimizer
+    return optimizer
+
+
+def get(name: str) -> Optimizer[Any]:
+    """Look up an optimizer by torch's class name, case-insensitively."""
+    opt = _REGISTRY.get(name.lower())
+    if opt is None:
+        raise UnknownName("optimizer", name, sorted(o.name for o in _REGISTRY.values()))
+    return opt
+
+
+def all_optimizers() -> list[Optimizer[Any]]:
+    return sorted(_REGISTRY.values(), key=lambda o: o.name)

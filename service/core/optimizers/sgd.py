@@ -1,0 +1,115 @@
+"""SGD with momentum, dampening, Nesterov, weight decay and maximize (torch.optim.SGD)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.core.hparams import Arg, check
+from service.core.kernels import elementwise
+from service.core.optimizers.base import Optimizer, Shape, register
+
+
+@dataclass
+class SGDState:
+    step: int = 0
+    momentum_buffer: list[np.ndarray] = field(default_factory=list)
+
+
+class SGD(Optimizer[SGDState]):
+    r"""Stochastic gradient descent, torch's update rule.
+
+    .. math::
+        g_t &\leftarrow \pm g_t + \lambda \theta_{t-1} \\
+        b_t &\leftarrow g_t \text{ at } t=1, \text{ else } \mu b_{t-1} + (1-\tau) g_t \\
+        g_t &\leftarrow g_t + \mu b_t \text{ (nesterov) or } b_t \\
+        \theta_t &\leftarrow \theta_{t-1} - \gamma g_t
+
+    The buffer starts as the first (decayed) gradient itself: no dampening on step 1.
+    """
+
+    name = "SGD"
+    args = (
+        Arg("lr", "float", 1e-3, "learning rate"),
+        Arg("momentum", "float", 0.0, "momentum factor"),
+        Arg("dampening", "float", 0.0, "dampening for momentum"),
+        Arg("weight_decay", "float", 0.0, "L2 penalty"),
+        Arg("nesterov", "bool", False, "Nesterov momentum"),
+        Arg("maximize", "bool", False, "maximize the objective instead of minimizing"),
+    )
+    state_type = SGDState
+
+    def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
+        lr, momentum, wd = hp["lr"], hp["momentum"], hp["weight_decay"]
+        check(lr >= 0.0, f"{where}lr", f"Invalid learning rate: {lr}", lr)
+        check(momentum >= 0.0, f"{where}momentum", f"Invalid momentum value: {momentum}", momentum)
+        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+        check(
+            not hp["nesterov"] or (momentum > 0 and hp["dampening"] == 0),
+            f"{where}nesterov",
+            "Nesterov momentum requires a momentum and zero dampening",
+            hp["nesterov"],
+        )
+
+    def init(
+        self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]
+    ) -> SGDState:
+        buffers = [np.zeros(s, dtype=dtype) for s in shapes] if hp["momentum"] != 0 else []
+        return SGDState(step=0, momentum_buffer=buffers)
+
+    def update(
+        self,
+        grads: Sequence[np.ndarray],
+        state: SGDState,
+        params: Sequence[np.ndarray] | None,
+        hp: Mapping[str, Any],
+        out: Sequence[np.ndarray],
+    ) -> SGDState:
+        lr, momentum, dampening = hp["lr"], hp["momentum"], hp["dampening"]
+        wd, nesterov = hp["weight_decay"], hp["nesterov"]
+        sign = -1.0 if hp["maximize"] else 1.0
+        first = state.step == 0
+        if momentum != 0 and not state.momentum_buffer:
+            # A schedule (CyclicLR) may switch momentum on after init.
+            state.momentum_buffer = [np.zeros_like(g) for g in grads]
+
+        def kernel(*views: np.ndarray) -> None:
+            g, d, s = views[0], views[-2], views[-1]
+            # s <- the (maximized, decayed) gradient; d ends as the delta.
+            np.multiply(g, sign, out=s)
+            if wd != 0:
+                np.multiply(views[1], wd, out=d)
+                s += d
+            if momentum != 0:
+                buf = views[2] if wd != 0 else views[1]
+                if first:
+                    buf[...] = s
+                else:
+                    buf *= momentum
+                    if dampening != 0:
+                        s *= 1 - dampening
+                    buf += s
+                if nesterov:
+                    np.multiply(buf, momentum, out=d)
+                    s += d
+                else:
+                    s[...] = buf
+            np.multiply(s, -lr, out=d)
+
+        for i, g in enumerate(grads):
+            arrays = [g]
+            if wd != 0:
+                assert params is not None
+                arrays.append(params[i])
+            if momentum != 0:
+                arrays.append(state.momentum_buffer[i])
+            arrays.append(out[i])
+            elementwise(kernel, arrays, n_scratch=1)
+        state.step += 1
+        return state
+
+
+register(SGD())

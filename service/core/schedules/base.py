@@ -1,0 +1,81 @@
+"""What a learning-rate schedule is in optserve.
+
+A schedule mirrors one ``torch.optim.lr_scheduler`` class. Like torch's schedulers it acts
+on the optimizer's parameter groups, here plain hyperparameter dicts: ``start`` does
+what torch's constructor does (records ``initial_lr`` and applies the value for epoch 0),
+``step`` does what ``scheduler.step()`` does. All of its position lives in a JSON-ready
+state dict, so a restored session continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from service.core.errors import UnknownName
+from service.core.hparams import Arg, resolve
+
+Groups = list[dict[str, Any]]
+"""The optimizer's param groups' hyperparameters (``lr``, ``momentum``, ``betas``, ...)."""
+
+
+class Schedule(ABC):
+    """Base of every schedule definition. Subclasses are stateless singletons."""
+
+    name: ClassVar[str]
+    """torch's class name, e.g. ``"CosineAnnealingLR"``."""
+    args: ClassVar[tuple[Arg, ...]]
+    """Constructor arguments after ``optimizer``, with torch's defaults."""
+    needs_metric: ClassVar[bool] = False
+    """True for ReduceLROnPlateau: ``step`` needs the monitored value."""
+
+    def resolve(self, given: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+        """Defaults filled in, types checked, ranges validated with torch's messages."""
+        config = resolve(self.args, given, where=where)
+        self.validate(config, where)
+        return config
+
+    def validate(self, config: Mapping[str, Any], where: str = "") -> None:  # noqa: B027
+        """Range checks; override with torch's checks and messages."""
+
+    @abstractmethod
+    def start(self, config: Mapping[str, Any], groups: Groups) -> dict[str, Any]:
+        """Construct: set up ``groups`` as torch's constructor does, return the state."""
+
+    @abstractmethod
+    def step(
+        self,
+        config: Mapping[str, Any],
+        state: dict[str, Any],
+        groups: Groups,
+        metric: float | None = None,
+    ) -> dict[str, Any]:
+        """Advance once, as ``scheduler.step()``; rewrite ``groups`` and return the state."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "args": [a.describe() for a in self.args],
+            "needs_metric": self.needs_metric,
+        }
+
+
+_REGISTRY: dict[str, Schedule] = {}
+
+
+def register(schedule: Schedule) -> Schedule:
+    _REGISTRY[schedule.name.lower()] = schedule
+    return schedule
+
+
+def get(name: str) -> Schedule:
+    """Look up a schedule by torch's class name, case-insensitively."""
+    found = _REGISTRY.get(name.lower())
+    if found is None:
+        raise UnknownName("schedule", name, sorted(s.name for s in _REGISTRY.values()))
+    return found
+
+
+def all_schedules() -> list[Schedule]:
+    return sorted(_REGISTRY.values(), key=lambda s: s.name)
