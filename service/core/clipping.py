@@ -1,0 +1,52 @@
+"""Gradient clipping with torch.nn.utils' formulas, applied in place before the update."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, cast
+
+import numpy as np
+
+
+def _norm(values: np.ndarray, norm_type: float) -> np.floating[Any]:
+    """One tensor's p-norm, rounded to the tensor's dtype like torch.linalg.vector_norm."""
+    flat = values.reshape(-1)
+    if flat.size == 0:
+        value: Any = 0.0
+    elif math.isinf(norm_type):
+        value = np.max(np.abs(flat))
+    elif norm_type == 2.0:
+        value = np.sqrt(np.dot(flat, flat))
+    elif norm_type == 1.0:
+        value = np.sum(np.abs(flat))
+    else:
+        value = np.sum(np.abs(flat) ** norm_type) ** (1.0 / norm_type)
+    return cast(np.floating[Any], flat.dtype.type(value))
+
+
+def total_norm(grads: Sequence[np.ndarray], norm_type: float) -> np.floating[Any]:
+    """The norm of the per-tensor norms, as ``torch.nn.utils.get_total_norm`` computes it."""
+    dtype = grads[0].dtype
+    norms = np.array([_norm(g, norm_type) for g in grads], dtype=dtype)
+    return _norm(norms, norm_type)
+
+
+def clip_grad_norm(grads: Sequence[np.ndarray], max_norm: float, norm_type: float) -> float:
+    """Scale ``grads`` in place by ``min(max_norm / (total_norm + 1e-6), 1)``; return the norm.
+
+    Like torch, the scale is applied even when it is 1, and it is computed in the gradients'
+    dtype so float32 sessions round exactly where torch rounds.
+    """
+    dt = grads[0].dtype.type
+    norm = total_norm(grads, norm_type)
+    coef = min(dt(max_norm) / (norm + dt(1e-6)), dt(1.0))
+    for g in grads:
+        g *= coef
+    return float(norm)
+
+
+def clip_grad_value(grads: Sequence[np.ndarray], clip_value: float) -> None:
+    """Clamp every gradient element into ``[-clip_value, clip_value]`` in place."""
+    for g in grads:
+        np.clip(g, -clip_value, clip_value, out=g)

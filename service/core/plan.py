@@ -1,0 +1,330 @@
+"""A session's configuration, validated once: tensors, groups, optimizer, schedule, clipping.
+
+``plan_from_config`` turns the JSON config a client sends into a frozen :class:`Plan`, or
+raises :class:`InvalidHyperparameter` naming the field by its dotted path
+(``"optimizer.betas"``, ``"param_groups[1].lr"``, ``"schedule.schedulers[0].T_max"``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.core import optimizers, schedules
+from service.core.errors import CoreError, InvalidHyperparameter
+from service.core.hparams import Arg, check, resolve
+from service.core.optimizers.base import Optimizer, Shape
+from service.core.schedules.base import Schedule
+
+TENSOR_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+}
+CONFIG_KEYS = (
+    "optimizer",
+    "schedule",
+    "params",
+    "param_groups",
+    "dtype",
+    "clip_grad_norm",
+    "clip_grad_value",
+    "nonfinite",
+)
+SCHEDULE_OPTIONS = (
+    Arg(
+        "interval",
+        "str",
+        "step",
+        "advance after every step, or only on request",
+        choices=(
+            "step",
+            "manual",
+        ),
+    ),
+    Arg("every", "int", 1, "advance once per this many optimizer steps"),
+)
+CLIP_NORM_ARGS = (
+    Arg("max_norm", "float", None, "max total norm of the gradients", required=True),
+    Arg("norm_type", "float", 2.0, "p of the p-norm; inf for the max norm"),
+)
+CLIP_VALUE_ARGS = (Arg("clip_value", "float", None, "max absolute gradient", required=True),)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: Shape
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One param group: which tensors (indices into ``Plan.tensors``) and their hparams."""
+
+    indices: tuple[int, ...]
+    hparams: Mapping[str, Any]
+    overrides: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    schedule: Schedule
+    config: Mapping[str, Any]
+    interval: str
+    every: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    tensors: tuple[TensorSpec, ...]
+    dtype: np.dtype[Any]
+    optimizer: Optimizer[Any]
+    optimizer_config: Mapping[str, Any]
+    groups: tuple[Group, ...]
+    schedule: ScheduleSpec | None
+    clip_grad_norm: Mapping[str, Any] | None
+    clip_grad_value: Mapping[str, Any] | None
+    nonfinite: str
+
+    @property
+    def needs_params(self) -> bool:
+        """Whether a step reads parameter values (weight decay, or LBFGS ask/tell)."""
+        return self.ask_tell or any(self.optimizer.needs_params(g.hparams) for g in self.groups)
+
+    @property
+    def ask_tell(self) -> bool:
+        """LBFGS with a line search or several iterations: it asks for points to evaluate."""
+        probe = getattr(self.optimizer, "ask_tell", None)
+        return bool(probe(self.groups[0].hparams)) if probe is not None else False
+
+    @property
+    def size(self) -> int:
+        return sum(t.size for t in self.tensors)
+
+    def index(self, name: str) -> int | None:
+        for i, t in enumerate(self.tensors):
+            if t.name == name:
+                return i
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """The fully resolved config, in the same form ``plan_from_config`` accepts."""
+        schedule: dict[str, Any] | None = None
+        if self.schedule is not None:
+            schedule = {
+                "name": self.schedule.schedule.name,
+                **_jsonable(self.schedule.config),
+                "interval": self.schedule.interval,
+                "every": self.schedule.every,
+            }
+        return {
+            "optimizer": {"name": self.optimizer.name, **_jsonable(self.optimizer_config)},
+            "schedule": schedule,
+            "params": {t.name: {"shape": list(t.shape)} for t in self.tensors},
+            "param_groups": [
+                {"params": [self.tensors[i].name for i in g.indices], **_jsonable(g.overrides)}
+                for g in self.groups
+                if g.overrides or g is not self.groups[0]
+            ],
+            "dtype": str(self.dtype),
+            "clip_grad_norm": _jsonable(self.clip_grad_norm) if self.clip_grad_norm else None,
+            "clip_grad_value": _jsonable(self.clip_grad_value) if self.clip_grad_value else None,
+            "nonfinite": self.nonfinite,
+        }
+
+    def resolved_groups(self) -> list[dict[str, Any]]:
+        """Each group's tensor names and every hyperparameter, defaults filled in."""
+        return [
+            {"params": [self.tensors[i].name for i in g.indices], **_jsonable(g.hparams)}
+            for g in self.groups
+        ]
+
+
+def _jsonable(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in mapping.items()}
+
+
+def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidHyperparameter(field, f"{field} must be an object, got {value!r}", value)
+    return value
+
+
+def _name_of(config: Mapping[str, Any], field: str) -> str:
+    name = config.get("name")
+    if not isinstance(name, str):
+        raise InvalidHyperparameter(f"{field}.name", f"{field}.name must be a string", name)
+    return name
+
+
+def _lookup(kind: str, config: Mapping[str, Any], field: str) -> Any:
+    name = _name_of(config, field)
+    try:
+        return optimizers.get(name) if kind == "optimizer" else schedules.get(name)
+    except CoreError as exc:
+        raise InvalidHyperparameter(f"{field}.name", str(exc), name) from exc
+
+
+def parse_tensors(raw: Any) -> tuple[TensorSpec, ...]:
+    params = _mapping(raw, "params")
+    check(len(params) > 0, "params", "params must name at least one tensor")
+    specs = []
+    for name, spec in params.items():
+        field = f"params.{name}"
+        check(
+            isinstance(name, str) and TENSOR_NAME.fullmatch(name) is not None,
+            field,
+            f"tensor name {name!r} must match [A-Za-z0-9_.:-]+",
+            name,
+        )
+        shape = _mapping(spec, field).get("shape")
+        check(
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
+            f"{field}.shape",
+            f"{field}.shape must be a list of non-negative integers, got {shape!r}",
+            shape,
+        )
+        assert isinstance(shape, list)
+        specs.append(TensorSpec(name, tuple(shape)))
+    return tuple(specs)
+
+
+def _parse_groups(
+    raw: Any, tensors: Sequence[TensorSpec], optimizer: Optimizer[Any], base: Mapping[str, Any]
+) -> tuple[Group, ...]:
+    listed: dict[str, int] = {}
+    entries: list[tuple[list[str], dict[str, Any]]] = []
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise InvalidHyperparameter("param_groups", "param_groups must be a list", raw)
+    for gi, entry in enumerate(raw):
+        field = f"param_groups[{gi}]"
+        entry = dict(_mapping(entry, field))
+        names = entry.pop("params", None)
+        check(
+            isinstance(names, list) and len(names) > 0 and all(isinstance(n, str) for n in names),
+            f"{field}.params",
+            f"{field}.params must be a non-empty list of tensor names",
+            names,
+        )
+        for name in names:
+            check(
+                any(t.name == name for t in tensors),
+                f"{field}.params",
+                f"{field} names unknown tensor {name!r}",
+                name,
+            )
+            check(
+                name not in listed,
+                f"{field}.params",
+                "some parameters appear in more than one parameter group",
+                name,
+            )
+            listed[name] = gi
+        entries.append((names, entry))
+    if entries and getattr(optimizer, "name", "") == "LBFGS":
+        raise InvalidHyperparameter(
+            "param_groups", "LBFGS doesn't support per-parameter options (parameter groups)"
+        )
+    position = {t.name: i for i, t in enumerate(tensors)}
+    groups: list[Group] = []
+    default = tuple(i for i, t in enumerate(tensors) if t.name not in listed)
+    if default:
+        groups.append(Group(default, base, {}))
+    for gi, (names, overrides) in enumerate(entries):
+        hp = optimizer.resolve({**base, **overrides}, where=f"param_groups[{gi}].")
+        known = {a.name for a in optimizer.args}
+        clean = {k: hp[k] for k in overrides if k in known}
+        groups.append(Group(tuple(position[n] for n in names), hp, clean))
+    return tuple(groups)
+
+
+def parse_schedule(raw: Any, field: str = "schedule") -> ScheduleSpec | None:
+    if raw is None:
+        return None
+    given = dict(_mapping(raw, field))
+    schedule: Schedule = _lookup("schedule", given, field)
+    given.pop("name")
+    options = resolve(
+        SCHEDULE_OPTIONS,
+        {k: given.pop(k) for k in ("interval", "every") if k in given},
+        where=f"{field}.",
+    )
+    check(options["every"] >= 1, f"{field}.every", "every must be >= 1", options["every"])
+    config = schedule.resolve(given, where=f"{field}.")
+    return ScheduleSpec(schedule, config, options["interval"], options["every"])
+
+
+def _parse_clip(raw: Any, args: tuple[Arg, ...], field: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) and args is CLIP_VALUE_ARGS:
+        raw = {"clip_value": raw}
+    out = resolve(args, _mapping(raw, field), where=f"{field}.")
+    for key in ("max_norm", "clip_value"):
+        if key in out:
+            check(out[key] >= 0, f"{field}.{key}", f"{key} must be >= 0, got {out[key]}", out[key])
+    if "norm_type" in out:
+        p = out["norm_type"]
+        check(p > 0, f"{field}.norm_type", f"norm_type must be > 0 or inf, got {p}", p)
+    return out
+
+
+def plan_from_config(config: Mapping[str, Any], *, ignore: Collection[str] = ()) -> Plan:
+    """Validate a whole session config; ``ignore`` lists keys owned by outer layers."""
+    config = _mapping(config, "config")
+    for key in config:
+        check(
+            key in CONFIG_KEYS or key in ignore,
+            key,
+            f"unknown field {key!r}; expected one of {', '.join(CONFIG_KEYS)}",
+        )
+    tensors = parse_tensors(config.get("params"))
+    dtype_name = config.get("dtype", "float32")
+    check(
+        dtype_name in DTYPES,
+        "dtype",
+        f"dtype must be float32 or float64, got {dtype_name!r}",
+        dtype_name,
+    )
+    opt_config = dict(_mapping(config.get("optimizer"), "optimizer"))
+    optimizer: Optimizer[Any] = _lookup("optimizer", opt_config, "optimizer")
+    opt_config.pop("name")
+    base = optimizer.resolve(opt_config, where="optimizer.")
+    groups = _parse_groups(config.get("param_groups"), tensors, optimizer, base)
+    for group in groups:
+        try:
+            optimizer.check_shapes([tensors[i].shape for i in group.indices])
+        except CoreError as exc:
+            raise InvalidHyperparameter("params", str(exc)) from exc
+    nonfinite = config.get("nonfinite", "error")
+    check(
+        nonfinite in ("error", "skip"),
+        "nonfinite",
+        f"nonfinite must be 'error' or 'skip', got {nonfinite!r}",
+        nonfinite,
+    )
+    return Plan(
+        tensors=tensors,
+        dtype=DTYPES[dtype_name],
+        optimizer=optimizer,
+        optimizer_config=base,
+        groups=groups,
+        schedule=parse_schedule(config.get("schedule")),
+        clip_grad_norm=_parse_clip(config.get("clip_grad_norm"), CLIP_NORM_ARGS, "clip_grad_norm"),
+        clip_grad_value=_parse_clip(
+            config.get("clip_grad_value"), CLIP_VALUE_ARGS, "clip_grad_value"
+        ),
+        nonfinite=nonfinite,
+    )

@@ -1,0 +1,284 @@
+"""One optimizer step of a whole session: validation, clipping, groups, schedule.
+
+This is the pure-numpy counterpart of a torch training loop's tail::
+
+    clip_grad_value_ / clip_grad_norm_   (if configured)
+    optimizer.step()
+    scheduler.step()                     (per the schedule's interval and every)
+
+``TrainState`` holds everything that changes; ``Plan`` everything that does not. Inputs are
+checked before anything is mutated, so a rejected step leaves the state untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.core.clipping import clip_grad_norm, clip_grad_value
+from service.core.errors import InvalidInput
+from service.core.plan import Plan
+from service.core.state import from_flat, to_flat
+
+
+@dataclass
+class TrainState:
+    step: int
+    groups: list[dict[str, Any]]
+    """Current hyperparameters per group, as the schedule left them (torch's param_groups)."""
+    opt_states: list[Any]
+    schedule_state: dict[str, Any] | None
+    skipped: int = 0
+    """Steps not applied because of non-finite input (``nonfinite: "skip"``)."""
+    since_schedule: int = 0
+    """Optimizer steps since the schedule last advanced (for ``every``)."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    applied: bool
+    evaluate: bool = False
+    """LBFGS ask/tell: the loss and gradient are wanted at ``params + out`` next."""
+    completed: bool = True
+    """The step counter advanced (torch's ``step()`` returned)."""
+    reason: str | None = None
+
+
+def initial_state(plan: Plan) -> TrainState:
+    """Fresh optimizer state, then the schedule's constructor applied to the groups."""
+    groups = [dict(g.hparams) for g in plan.groups]
+    opt_states = [
+        plan.optimizer.init([plan.tensors[i].shape for i in g.indices], g.hparams, plan.dtype)
+        for g in plan.groups
+    ]
+    schedule_state = None
+    if plan.schedule is not None:
+        schedule_state = plan.schedule.schedule.start(plan.schedule.config, groups)
+    return TrainState(0, groups, opt_states, schedule_state)
+
+
+def current_lrs(state: TrainState) -> list[float]:
+    return [float(g["lr"]) for g in state.groups]
+
+
+def _check_arrays(plan: Plan, arrays: Sequence[np.ndarray], what: str) -> None:
+    if len(arrays) != len(plan.tensors):
+        raise InvalidInput(f"expected {len(plan.tensors)} {what} tensors, got {len(arrays)}", what)
+    for spec, a in zip(plan.tensors, arrays, strict=True):
+        if a.shape != spec.shape:
+            raise InvalidInput(
+                f"{what} {spec.name!r} has shape {list(a.shape)}, expected {list(spec.shape)}",
+                f"{what}.{spec.name}",
+            )
+        if a.dtype != plan.dtype:
+            raise InvalidInput(
+                f"{what} {spec.name!r} has dtype {a.dtype}, expected {plan.dtype}",
+                f"{what}.{spec.name}",
+            )
+
+
+def first_nonfinite(plan: Plan, arrays: Sequence[np.ndarray]) -> str | None:
+    """Name of the first tensor holding NaN or Inf, or None.
+
+    min and max propagate NaN and expose Inf without allocating a mask the size of the
+    tensor, which matters at 10M parameters.
+    """
+    for spec, a in zip(plan.tensors, arrays, strict=True):
+        if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
+            return spec.name
+    return None
+
+
+def _schedule_metric(plan: Plan, loss: float | None) -> None:
+    if plan.schedule is None or plan.schedule.interval != "step":
+        return
+    if plan.schedule.schedule.needs_metric and loss is None:
+        raise InvalidInput(
+            f"{plan.schedule.schedule.name} advancing every step needs 'loss' with each step",
+            "loss",
+        )
+
+
+def validate_step(
+    plan: Plan,
+    grads: Sequence[np.ndarray],
+    params: Sequence[np.ndarray] | None,
+    loss: float | None = None,
+) -> str | None:
+    """Check a step's inputs without touching state. Returns the skip reason, if any.
+
+    Raises :class:`InvalidInput` for anything that must be refused; returns a reason when
+    non-finite gradients are to be skipped (``nonfinite: "skip"``).
+    """
+    _check_arrays(plan, grads, "grads")
+    if plan.needs_params and params is None:
+        raise InvalidInput("this optimizer's update reads parameter values: send 'params'")
+    if params is not None:
+        _check_arrays(plan, params, "params")
+        bad_param = first_nonfinite(plan, params)
+        if bad_param is not None:
+            raise InvalidInput(f"params {bad_param!r} holds NaN or Inf", f"params.{bad_param}")
+    if plan.ask_tell and loss is None:
+        raise InvalidInput("LBFGS with a line search or max_iter > 1 needs 'loss'", "loss")
+    if loss is not None and not np.isfinite(loss) and plan.nonfinite == "error":
+        raise InvalidInput("loss is NaN or Inf", "loss")
+    _schedule_metric(plan, loss)
+    bad = first_nonfinite(plan, grads)
+    if bad is None and (loss is None or np.isfinite(loss)):
+        return None
+    reason = f"grads {bad!r} hold NaN or Inf" if bad is not None else "loss is NaN or Inf"
+    if plan.nonfinite == "error":
+        raise InvalidInput(reason, f"grads.{bad}" if bad is not None else "loss")
+    return reason
+
+
+def apply_step(
+    plan: Plan,
+    state: TrainState,
+    grads: list[np.ndarray],
+    params: list[np.ndarray] | None,
+    out: list[np.ndarray],
+    loss: float | None = None,
+) -> StepOutcome:
+    """Validate, clip (scaling ``grads`` in place), update every group, advance the schedule.
+
+    ``out`` receives each tensor's delta. On a skipped step ``out`` is zeroed.
+    """
+    reason = validate_step(plan, grads, params, loss)
+    if reason is not None:
+        state.skipped += 1
+        for d in out:
+            d.fill(0)
+        return StepOutcome(applied=False, completed=False, reason=reason)
+    if plan.clip_grad_value is not None:
+        clip_grad_value(grads, plan.clip_grad_value["clip_value"])
+    if plan.clip_grad_norm is not None:
+        clip_grad_norm(grads, plan.clip_grad_norm["max_norm"], plan.clip_grad_norm["norm_type"])
+    evaluate, completed = False, True
+    for gi, group in enumerate(plan.groups):
+        g = [grads[i] for i in group.indices]
+        p = [params[i] for i in group.indices] if params is not None else None
+        o = [out[i] for i in group.indices]
+        hp = state.groups[gi]
+        if plan.ask_tell:
+            assert loss is not None
+            told = plan.optimizer.tell(loss, g, state.opt_states[gi], p, hp, o)  # type: ignore[attr-defined]
+            evaluate, completed = bool(told.evaluate), bool(told.completed)
+        else:
+            state.opt_states[gi] = plan.optimizer.update(g, state.opt_states[gi], p, hp, o)
+    if completed:
+        state.step += 1
+        if plan.schedule is not None and plan.schedule.interval == "step":
+            state.since_schedule += 1
+            if state.since_schedule >= plan.schedule.every:
+                state.since_schedule = 0
+                _advance(plan, state, loss)
+    return StepOutcome(applied=True, evaluate=evaluate, completed=completed)
+
+
+def _advance(plan: Plan, state: TrainState, metric: float | None) -> None:
+    assert plan.schedule is not None and state.schedule_state is not None
+    state.schedule_state = plan.schedule.schedule.step(
+        plan.schedule.config, state.schedule_state, state.groups, metric
+    )
+
+
+def schedule_step(plan: Plan, state: TrainState, metric: float | None) -> None:
+    """Advance a ``manual`` schedule once (a per-epoch ``scheduler.step(metric)``)."""
+    if plan.schedule is None:
+        raise InvalidInput("this session has no schedule", "schedule")
+    if plan.schedule.interval != "manual":
+        raise InvalidInput(
+            "this session's schedule advances with every step; create it with "
+            '"interval": "manual" to step it by hand',
+            "schedule.interval",
+        )
+    if plan.schedule.schedule.needs_metric and metric is None:
+        raise InvalidInput(f"{plan.schedule.schedule.name} needs 'metric'", "metric")
+    if metric is not None and not np.isfinite(metric):
+        raise InvalidInput("metric is NaN or Inf", "metric")
+    _advance(plan, state, metric)
+
+
+def preview(plan: Plan, steps: int, metrics: Sequence[float] | None = None) -> list[list[float]]:
+    """The lr of every group before each of ``steps`` optimizer steps, from a fresh start."""
+    groups = [dict(g.hparams) for g in plan.groups]
+    spec = plan.schedule
+    lrs: list[list[float]] = []
+    if spec is None:
+        return [[float(g["lr"]) for g in groups] for _ in range(steps)]
+    if spec.schedule.needs_metric and (metrics is None or len(metrics) < steps):
+        raise InvalidInput(f"previewing {spec.schedule.name} needs one metric per step", "metrics")
+    sched_state = spec.schedule.start(spec.config, groups)
+    for n in range(steps):
+        lrs.append([float(g["lr"]) for g in groups])
+        if (n + 1) % spec.every == 0:
+            metric = metrics[n] if metrics is not None else None
+            sched_state = spec.schedule.step(spec.config, sched_state, groups, metric)
+    return lrs
+
+
+def state_to_flat(plan: Plan, state: TrainState) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every state array under ``state/group<i>/...`` plus the JSON rest."""
+    arrays: dict[str, np.ndarray] = {}
+    scalars: list[dict[str, Any]] = []
+    for gi, record in enumerate(state.opt_states):
+        a, s = to_flat(record, prefix=f"state/group{gi}/")
+        arrays.update(a)
+        scalars.append(s)
+    meta = {
+        "step": state.step,
+        "groups": [_plain(g) for g in state.groups],
+        "optimizer_state": scalars,
+        "schedule_state": copy.deepcopy(state.schedule_state),
+        "skipped": state.skipped,
+        "since_schedule": state.since_schedule,
+    }
+    return arrays, meta
+
+
+def _plain(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
+
+
+def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> TrainState:
+    """Rebuild a state from :func:`state_to_flat`'s output, checked against the plan.
+
+    Arrays are copied (they may be read-only views into a checkpoint's bytes) and must
+    match what a fresh state of this plan has: same names, shapes and dtypes.
+    """
+    fresh = initial_state(plan)
+    fresh_arrays, _ = state_to_flat(plan, fresh)
+    try:
+        opt_scalars = meta["optimizer_state"]
+        if len(opt_scalars) != len(plan.groups) or len(meta["groups"]) != len(plan.groups):
+            raise InvalidInput("checkpoint groups do not match its config", "state")
+        for name, a in arrays.items():
+            ref = fresh_arrays.get(name)
+            if a.dtype != plan.dtype or (ref is not None and ref.shape != a.shape):
+                raise InvalidInput(f"checkpoint array {name!r} does not fit the config", name)
+        records = [
+            from_flat(
+                plan.optimizer.state_type,
+                {k: np.array(v, copy=True) for k, v in arrays.items()},
+                opt_scalars[gi],
+                prefix=f"state/group{gi}/",
+            )
+            for gi in range(len(plan.groups))
+        ]
+        return TrainState(
+            step=int(meta["step"]),
+            groups=[dict(g) for g in meta["groups"]],
+            opt_states=records,
+            schedule_state=copy.deepcopy(meta["schedule_state"]),
+            skipped=int(meta.get("skipped", 0)),
+            since_schedule=int(meta.get("since_schedule", 0)),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        if isinstance(exc, InvalidInput):
+            raise
+        raise InvalidInput(f"checkpoint state is incomplete or malformed: {exc}", "state") from exc

@@ -1,0 +1,92 @@
+"""Run a session config in real torch.optim: the reference every parity test compares to."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tests.core.parity_inputs import Inputs
+
+SCHEDULE_OPTIONS = ("interval", "every")
+MANUAL_PERIOD = 10
+"""Manual schedules are stepped after every this many optimizer steps in parity runs."""
+
+
+def _class_by_name(module: Any, name: str) -> Any:
+    for attr in dir(module):
+        if attr.lower() == name.lower():
+            return getattr(module, attr)
+    raise KeyError(name)
+
+
+def build_scheduler(torch: Any, optimizer: Any, config: Mapping[str, Any]) -> Any:
+    sched_module = torch.optim.lr_scheduler
+    kwargs = {k: v for k, v in config.items() if k not in ("name", *SCHEDULE_OPTIONS)}
+    if "schedulers" in kwargs:
+        kwargs["schedulers"] = [build_scheduler(torch, optimizer, s) for s in kwargs["schedulers"]]
+    cls = _class_by_name(sched_module, config["name"])
+    if cls is sched_module.ChainedScheduler:
+        return cls(kwargs["schedulers"], optimizer=optimizer)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(optimizer, **kwargs)
+
+
+def build_optimizer(torch: Any, config: Mapping[str, Any], tensors: dict[str, Any]) -> Any:
+    opt_config = {k: v for k, v in config["optimizer"].items() if k != "name"}
+    for key in ("betas", "etas", "step_sizes", "eps"):
+        if isinstance(opt_config.get(key), list):
+            opt_config[key] = tuple(opt_config[key])
+    listed: set[str] = set()
+    groups: list[dict[str, Any]] = []
+    for g in config.get("param_groups") or []:
+        listed.update(g["params"])
+        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in g.items() if k != "params"}
+        groups.append({"params": [tensors[n] for n in g["params"]], **extra})
+    default = [t for n, t in tensors.items() if n not in listed]
+    if default:
+        groups.insert(0, {"params": default})
+    cls = _class_by_name(torch.optim, config["optimizer"]["name"])
+    return cls(groups, **opt_config)
+
+
+def run_torch(config: Mapping[str, Any], inputs: Inputs) -> dict[str, np.ndarray]:
+    """Final parameters after ``inputs.steps`` steps of torch.optim on ``config``."""
+    import torch
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[config.get("dtype", "float32")]
+    tensors = {
+        name: torch.tensor(value, dtype=dtype, requires_grad=True)
+        for name, value in inputs.initial.items()
+    }
+    optimizer = build_optimizer(torch, config, tensors)
+    schedule = config.get("schedule")
+    scheduler = build_scheduler(torch, optimizer, schedule) if schedule else None
+    interval = (schedule or {}).get("interval", "step")
+    every = (schedule or {}).get("every", 1)
+    needs_metric = schedule is not None and schedule["name"].lower() == "reducelronplateau"
+    for n in range(inputs.steps):
+        for name, t in tensors.items():
+            t.grad = torch.tensor(inputs.grads[n][name], dtype=dtype)
+        grads = [t.grad for t in tensors.values()]
+        if config.get("clip_grad_value"):
+            torch.nn.utils.clip_grad_value_(
+                list(tensors.values()), config["clip_grad_value"]["clip_value"]
+            )
+        if config.get("clip_grad_norm"):
+            clip = config["clip_grad_norm"]
+            torch.nn.utils.clip_grad_norm_(
+                list(tensors.values()), clip["max_norm"], clip.get("norm_type", 2.0)
+            )
+        del grads
+        optimizer.step()
+        if scheduler is None:
+            continue
+        metric = [inputs.losses[n]] if needs_metric else []
+        if interval == "step" and (n + 1) % every == 0:
+            scheduler.step(*metric)
+        if interval == "manual" and (n + 1) % MANUAL_PERIOD == 0:
+            scheduler.step(*metric)
+    return {name: t.detach().numpy().copy() for name, t in tensors.items()}
