@@ -1,0 +1,1 @@
+"""Wire codecs for tensors: safetensors files and JSON nested lists (numpy only)."""
