@@ -1,0 +1,136 @@
+/** Shapes of what goes over the wire, as DESIGN.md §3 describes them. Keys are the server's. */
+
+import type { FloatArray } from "./safetensors.js";
+
+/** A tensor's values: a typed array, or plain numbers (flat or nested to the shape). */
+export type Values = FloatArray | number[] | NestedNumbers;
+export interface NestedNumbers extends Array<number | NestedNumbers> {}
+
+/** An optimizer: torch's class name (any case) and torch's constructor arguments. */
+export interface OptimizerConfig {
+  name: string;
+  [hyperparameter: string]: unknown;
+}
+
+/**
+ * A schedule: a `torch.optim.lr_scheduler` class name and its constructor arguments, plus
+ * `interval` ("step" or "manual") and `every`. SequentialLR and ChainedScheduler take
+ * `schedulers: [...]`.
+ */
+export interface ScheduleConfig {
+  name: string;
+  interval?: "step" | "manual";
+  every?: number;
+  [argument: string]: unknown;
+}
+
+export interface TensorSpec {
+  shape: number[];
+  /** Initial values; if any tensor has them, all must, and the session holds the params. */
+  data?: Values;
+}
+
+export interface ParamGroupConfig {
+  params: string[];
+  [override: string]: unknown;
+}
+
+/** The body of `POST /v1/sessions`. */
+export interface SessionConfig {
+  optimizer: OptimizerConfig;
+  schedule?: ScheduleConfig | null;
+  params: Record<string, TensorSpec>;
+  param_groups?: ParamGroupConfig[];
+  dtype?: "float32" | "float64";
+  clip_grad_norm?: { max_norm: number; norm_type?: number } | null;
+  clip_grad_value?: { clip_value: number } | number | null;
+  nonfinite?: "error" | "skip";
+  labels?: Record<string, string>;
+  [key: string]: unknown;
+}
+
+/** The session document the server returns (unknown extra members are kept). */
+export interface SessionDocument {
+  id: string;
+  step: number;
+  /** The current learning rate of each parameter group. */
+  lr: number[];
+  optimizer: OptimizerConfig;
+  schedule?: ScheduleConfig | null;
+  param_groups?: ParamGroupConfig[];
+  tensors: Record<string, { shape: number[] }>;
+  holds_params: boolean;
+  dtype: "float32" | "float64";
+  nonfinite?: "error" | "skip";
+  clip_grad_norm?: unknown;
+  clip_grad_value?: unknown;
+  skipped_steps?: number;
+  created_at?: string;
+  updated_at?: string;
+  labels?: Record<string, string>;
+  [key: string]: unknown;
+}
+
+/** How tensors travel: safetensors (binary, exact, compact; the default) or JSON. */
+export type WireFormat = "safetensors" | "json";
+
+/** What a step returns besides its metadata. */
+export type ReturnMode = "delta" | "params" | "none";
+
+export interface StepOptions {
+  /** Parameter values, for sessions that do not hold them and need them (weight decay). */
+  params?: Record<string, FloatArray>;
+  /** The loss at the current params (LBFGS uses it). */
+  loss?: number;
+  format?: WireFormat;
+  /** "delta" (default): new - old per tensor; "params": the new values; "none": nothing. */
+  return?: ReturnMode;
+  /**
+   * Only apply if the session is at this step (sent as If-Match); `true` means the step
+   * this Session object last saw. A mismatch throws PreconditionFailedError.
+   */
+  ifMatch?: number | boolean;
+  /** Defaults to a fresh random UUID per call; reused across this call's retries. */
+  idempotencyKey?: string;
+  signal?: AbortSignal;
+}
+
+export interface StepResult {
+  /** The session's step after this request. */
+  step: number;
+  lr: number[];
+  /** False when a non-finite gradient was skipped (nonfinite: "skip"). */
+  applied: boolean;
+  /** LBFGS ask/tell: the server wants the loss and gradient at `params` next. */
+  evaluate: boolean;
+  /** Why the step was skipped, when it was. */
+  skipped: string | null;
+  /** True when the server answered from its idempotency record (nothing applied again). */
+  replayed: boolean;
+  /** new - old per tensor (return "delta"). */
+  deltas: Record<string, FloatArray> | null;
+  /** New values (return "params"), or the point to evaluate next (LBFGS ask/tell). */
+  params: Record<string, FloatArray> | null;
+  idempotencyKey: string;
+  /** HTTP attempts used, retries included. */
+  attempts: number;
+}
+
+export interface ListOptions {
+  limit?: number;
+  after?: string;
+  signal?: AbortSignal;
+}
+
+export interface PreviewRequest {
+  optimizer: OptimizerConfig;
+  schedule?: ScheduleConfig | null;
+  steps: number;
+  param_groups?: ParamGroupConfig[];
+}
+
+/** A catalog entry from `GET /v1/optimizers` or `GET /v1/schedules`. */
+export interface CatalogEntry {
+  name: string;
+  [key: string]: unknown;
+}
