@@ -1,0 +1,196 @@
+"""Tensors on the wire: step bodies and step replies in JSON or safetensors.
+
+Both formats carry the same information. Safetensors (the default) sends raw bytes in
+the session's dtype; JSON sends nested lists, whose floats Python writes as the shortest
+decimal that reads back to the same float64, so no precision is lost either way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from optserve_client import safetensors
+from optserve_client.errors import ProtocolError
+
+Wire = Literal["safetensors", "json"]
+Returns = Literal["delta", "params", "none"]
+
+JSON = "application/json"
+SAFETENSORS = safetensors.MEDIA_TYPE
+PARAMS_PREFIX = "params/"
+"""Safetensors step bodies name parameter values ``params/<name>``."""
+
+
+def media_type(wire: Wire) -> str:
+    return SAFETENSORS if wire == "safetensors" else JSON
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step answered.
+
+    ``deltas`` (``new - old``, to add to the client's copy) or ``params`` (the new values)
+    hold one array per tensor, depending on what the step asked for. ``evaluate`` is true
+    when the optimizer (LBFGS ask/tell) wants the loss and gradient at ``params`` next.
+    """
+
+    step: int
+    lr: list[float]
+    applied: bool
+    evaluate: bool = False
+    deltas: dict[str, np.ndarray] | None = None
+    params: dict[str, np.ndarray] | None = None
+    skipped: str | None = None
+    replayed: bool = False
+    etag: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def as_array(value: npt.ArrayLike, dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> Any:
+    """``value`` as a C-ordered array of ``dtype``; its shape must be the session's."""
+    array = np.ascontiguousarray(value, dtype=dtype)
+    if array.shape != shape:
+        raise ValueError(f"tensor {name!r}: shape {array.shape} != session shape {shape}")
+    return array
+
+
+def step_body(
+    wire: Wire,
+    grads: Mapping[str, np.ndarray],
+    params: Mapping[str, np.ndarray] | None,
+    loss: float | None,
+) -> bytes:
+    """The body of ``POST .../step``; arrays already in the session's dtype and shapes."""
+    if wire == "safetensors":
+        tensors: dict[str, np.ndarray] = dict(grads)
+        for name, value in (params or {}).items():
+            tensors[PARAMS_PREFIX + name] = value
+        metadata = {"loss": repr(float(loss))} if loss is not None else None
+        return safetensors.encode(tensors, metadata)
+    body: dict[str, Any] = {"grads": {n: g.tolist() for n, g in grads.items()}}
+    if params is not None:
+        body["params"] = {n: p.tolist() for n, p in params.items()}
+    if loss is not None:
+        body["loss"] = float(loss)
+    return json.dumps(body).encode()
+
+
+def parse_step(
+    content_type: str,
+    content: bytes,
+    returns: Returns,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtype: np.dtype[Any],
+) -> StepResult:
+    """Decode a step reply of either media type into a :class:`StepResult`."""
+    if _is_safetensors(content_type):
+        tensors, meta = _decode(content)
+        fields: dict[str, Any] = {k: _meta_value(v) for k, v in meta.items()}
+        deltas: dict[str, np.ndarray] = {}
+        params: dict[str, np.ndarray] = {}
+        for name, array in tensors.items():
+            if name.startswith(PARAMS_PREFIX):
+                params[name[len(PARAMS_PREFIX) :]] = array
+            elif returns == "params":
+                params[name] = array
+            else:
+                deltas[name] = array
+    else:
+        fields = load_json(content)
+        deltas = parse_tensors(fields.pop("deltas", None) or {}, shapes, dtype)
+        params = parse_tensors(fields.pop("params", None) or {}, shapes, dtype)
+    try:
+        return StepResult(
+            step=int(fields.pop("step")),
+            lr=[float(x) for x in fields.pop("lr", [])],
+            applied=bool(fields.pop("applied", True)),
+            evaluate=bool(fields.pop("evaluate", False)),
+            deltas={n: _cast(a, dtype) for n, a in deltas.items()} or None,
+            params={n: _cast(a, dtype) for n, a in params.items()} or None,
+            skipped=_optional_str(fields.pop("skipped", None)),
+            replayed=bool(fields.pop("replayed", False)),
+            extra=fields,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed step reply: {exc!r}") from None
+
+
+def parse_tensors(
+    raw: Any, shapes: Mapping[str, tuple[int, ...]], dtype: np.dtype[Any]
+) -> dict[str, np.ndarray]:
+    """``{name: nested list}`` from a JSON reply, as arrays of the session's shapes."""
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"expected an object of tensors, got {type(raw).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for name, values in raw.items():
+        shape = shapes.get(name)
+        try:
+            array = np.asarray(values, dtype=dtype)
+            out[name] = array.reshape(shape) if shape is not None else array
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"tensor {name!r} in reply: {exc}") from None
+    return out
+
+
+def parse_tensor_reply(
+    content_type: str,
+    content: bytes,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtype: np.dtype[Any],
+) -> dict[str, np.ndarray]:
+    """A ``{name: values}`` reply (``GET .../params``) of either media type."""
+    if _is_safetensors(content_type):
+        tensors, _ = _decode(content)
+        return {n.removeprefix(PARAMS_PREFIX): _cast(a, dtype) for n, a in tensors.items()}
+    document = load_json(content)
+    # Accept both a bare {name: values} and one wrapped as {"params": {...}}.
+    inner = document.get("params", document)
+    if isinstance(inner, dict) and all(isinstance(v, dict) for v in inner.values()) and inner:
+        inner = {n: v.get("data") for n, v in inner.items()}
+    return parse_tensors(inner, shapes, dtype)
+
+
+def load_json(content: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(content)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"reply is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _decode(content: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    try:
+        return safetensors.decode(content)
+    except safetensors.SafetensorsError as exc:
+        raise ProtocolError(f"reply is not valid safetensors: {exc}") from None
+
+
+def _is_safetensors(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind in (SAFETENSORS, "application/octet-stream")
+
+
+def _meta_value(raw: str) -> Any:
+    """Metadata values are strings; numbers, booleans and lists are JSON inside them."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _cast(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    return array if array.dtype == dtype else array.astype(dtype)
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is None or value is False or value == "":
+        return None
+    return str(value)
