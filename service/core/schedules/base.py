@@ -9,6 +9,7 @@ state dict, so a restored session continues exactly where it stopped.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -52,6 +53,27 @@ class Schedule(ABC):
         metric: float | None = None,
     ) -> dict[str, Any]:
         """Advance once, as ``scheduler.step()``; rewrite ``groups`` and return the state."""
+
+    def validate_groups(  # noqa: B027
+        self, config: Mapping[str, Any], groups: Groups, where: str = ""
+    ) -> None:
+        """Checks that need the optimizer's groups (per-group lists, momentum or betas).
+
+        Raises :class:`InvalidHyperparameter` with ``where``-prefixed field paths and changes
+        nothing. ``start`` raises the same errors, without the prefix.
+        """
+
+    def check_step(
+        self,
+        config: Mapping[str, Any],
+        state: dict[str, Any],
+        groups: Groups,
+        metric: float | None = None,
+    ) -> None:
+        """Raise :class:`InvalidInput` if ``step`` would fail (a OneCycleLR run past its
+        ``total_steps``, a missing metric), changing nothing: a caller checks this before
+        it mutates anything else, so a refused step is never half applied."""
+        self.step(config, copy.deepcopy(state), copy.deepcopy(groups), metric)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,93 @@
+"""Per-group values as torch's schedulers read and write them.
+
+Helpers shared by the schedules: torch's ``_format_param`` (one value or one per group),
+the "float or list" arguments that feed it, setting momentum or beta1 the way the
+cyclic schedules do, and a JSON-safe encoding for the infinities ReduceLROnPlateau keeps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from service.core.errors import InvalidHyperparameter
+
+Groups = list[dict[str, Any]]
+
+
+def float_or_list(config: Mapping[str, Any], name: str, where: str) -> float | list[float]:
+    """Canonical form of an argument that torch takes as a float or a list of floats."""
+    value = config[name]
+    field = f"{where}{name}"
+    if isinstance(value, bool):
+        raise InvalidHyperparameter(field, f"{field} must be a number or a list of numbers", value)
+    if isinstance(value, int | float):
+        return _finite_or_inf(float(value), field, value)
+    if isinstance(value, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        return [_finite_or_inf(float(v), field, value) for v in value]
+    raise InvalidHyperparameter(field, f"{field} must be a number or a list of numbers", value)
+
+
+def _finite_or_inf(number: float, field: str, value: Any) -> float:
+    if math.isnan(number):
+        raise InvalidHyperparameter(field, f"{field} must not be NaN", value)
+    return number
+
+
+def per_group(
+    name: str, value: float | list[float], groups: Groups, where: str = ""
+) -> list[float]:
+    """torch's ``_format_param``: a list must have one entry per group, a scalar is repeated."""
+    if isinstance(value, list):
+        if len(value) != len(groups):
+            raise InvalidHyperparameter(
+                f"{where}{name}",
+                f"{name} must have the same length as optimizer.param_groups. "
+                f"{name} has {len(value)} values, param_groups has {len(groups)}.",
+                value,
+            )
+        return list(value)
+    return [value] * len(groups)
+
+
+def momentum_key(groups: Groups, where: str) -> bool:
+    """Whether the optimizer cycles beta1 (True) or momentum (False), as torch decides it.
+
+    torch looks at ``optimizer.defaults``; a group here holds every resolved
+    hyperparameter of the optimizer, so its keys are the same names.
+    """
+    first = groups[0] if groups else {}
+    if "momentum" not in first and "betas" not in first:
+        raise InvalidHyperparameter(
+            f"{where}cycle_momentum",
+            "optimizer must support momentum or beta1 with `cycle_momentum` option enabled",
+            True,
+        )
+    return "betas" in first
+
+
+def set_momentum(group: dict[str, Any], value: float, use_beta1: bool) -> None:
+    """Write momentum, or beta1 keeping beta2, as the cyclic schedules do."""
+    if use_beta1:
+        betas = group["betas"]
+        new = (value, *betas[1:])
+        group["betas"] = new if isinstance(betas, tuple) else list(new)
+    else:
+        group["momentum"] = value
+
+
+def lrs_of(groups: Groups) -> list[float]:
+    """torch's ``_param_groups_val_list(optimizer, "lr")``."""
+    return [group["lr"] for group in groups]
+
+
+def encode_float(value: float) -> float | str:
+    """A float as strict JSON: non-finite values become ``"inf"``, ``"-inf"``, ``"nan"``."""
+    return value if math.isfinite(value) else str(value)
+
+
+def decode_float(value: float | str) -> float:
+    return float(value)
