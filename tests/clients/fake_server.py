@@ -7,7 +7,8 @@ tested without a server process. Tensors are encoded with the ``safetensors`` pa
 not the client's codec, so the two implementations check each other.
 
 ``FakeServer.fail_next(...)`` queues failures (a transport exception or an error status)
-that the next requests get before the fake handles them; every request is recorded.
+that the next requests get before the fake handles them; ``lose_next_replies`` makes it
+apply requests and then drop the replies. Every request is recorded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import struct
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,10 +70,14 @@ class FakeServer:
         self.sessions: dict[str, FakeSession] = {}
         self.requests: list[httpx.Request] = []
         self.failures: deque[Failure] = deque()
-        self.before_step: Callable[[], None] | None = None
+        self.lose_replies = 0
 
     def fail_next(self, *failures: Failure) -> None:
         self.failures.extend(failures)
+
+    def lose_next_replies(self, count: int = 1) -> None:
+        """Handle the next ``count`` requests fully, then drop their replies."""
+        self.lose_replies = count
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -88,6 +92,13 @@ class FakeServer:
     # Dispatch
 
     def handle(self, request: httpx.Request) -> httpx.Response:
+        response = self.dispatch(request)
+        if self.lose_replies:
+            self.lose_replies -= 1
+            raise httpx.ReadError("reply lost")
+        return response
+
+    def dispatch(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         if self.failures:
             failure = self.failures.popleft()
@@ -184,8 +195,6 @@ class FakeServer:
         if_match = request.headers.get("if-match")
         if if_match is not None and if_match != f'"{session.step}"':
             return problem(412, "precondition-failed", headers=etag(session))
-        if self.before_step is not None:
-            self.before_step()
         grads, params, loss = self.read_step(session, request)
         returns = request.url.params.get("return", "delta")
         deltas = {n: (-session.lr * g).astype(session.dtype) for n, g in grads.items()}
