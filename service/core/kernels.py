@@ -66,37 +66,92 @@ def scratch(count: int, dtype: np.dtype[np.floating]) -> list[np.ndarray]:
 
 
 def _run_range(
-    kernel: Kernel, flats: Sequence[np.ndarray], n_scratch: int, start: int, stop: int
+    kernel: Kernel,
+    flats: Sequence[np.ndarray | None],
+    n_scratch: int,
+    dtype: np.dtype[np.floating],
+    start: int,
+    stop: int,
 ) -> None:
-    bufs = scratch(n_scratch, flats[0].dtype) if n_scratch else []
+    bufs = scratch(n_scratch, dtype) if n_scratch else []
     for lo in range(start, stop, BLOCK):
         hi = min(lo + BLOCK, stop)
         size = hi - lo
-        kernel(*(a[lo:hi] for a in flats), *(b[:size] for b in bufs))
+        kernel(*(None if a is None else a[lo:hi] for a in flats), *(b[:size] for b in bufs))
 
 
-def elementwise(kernel: Kernel, arrays: Sequence[np.ndarray], n_scratch: int = 0) -> None:
+def elementwise(kernel: Kernel, arrays: Sequence[np.ndarray | None], n_scratch: int = 0) -> None:
     """Apply ``kernel`` block by block to aligned arrays of the same size.
 
     ``kernel`` receives one view per array, then ``n_scratch`` scratch views of the same
     length, and updates its output views in place. Arrays must be C-contiguous so that the
-    flat views alias the originals.
+    flat views alias the originals. A ``None`` entry (state a variant does not keep) is
+    passed to the kernel as ``None``, so one kernel signature serves every variant.
     """
-    flats = []
+    flats: list[np.ndarray | None] = []
     for a in arrays:
-        if not a.flags.c_contiguous:
+        if a is not None and not a.flags.c_contiguous:
             raise ValueError("elementwise kernels need C-contiguous arrays")
-        flats.append(a.reshape(-1))
-    n = flats[0].size
+        flats.append(None if a is None else a.reshape(-1))
+    present = [a for a in flats if a is not None]
+    n = present[0].size
+    dtype = present[0].dtype
     if n < PARALLEL_MIN or _threads == 1:
-        _run_range(kernel, flats, n_scratch, 0, n)
+        _run_range(kernel, flats, n_scratch, dtype, 0, n)
         return
     # Split on block boundaries so every thread's blocks are full except the last one.
     per = -(-n // _threads)
     per = -(-per // BLOCK) * BLOCK
     bounds = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
     futures = [
-        _executor().submit(_run_range, kernel, flats, n_scratch, lo, hi) for lo, hi in bounds
+        _executor().submit(_run_range, kernel, flats, n_scratch, dtype, lo, hi) for lo, hi in bounds
     ]
     for f in futures:
         f.result()
+
+
+# Block-level building blocks. Each mirrors one of torch's in-place tensor ops, in torch's
+# order of floating-point operations, so kernels built from them round like torch does.
+
+
+def signed_grad(
+    g: np.ndarray,
+    p: np.ndarray | None,
+    weight_decay: float,
+    maximize: bool,
+    buf: np.ndarray,
+) -> tuple[np.ndarray, float]:
+    """torch's ``grad = -grad if maximize; grad = grad.add(param, alpha=weight_decay)``.
+
+    Returns ``(array, sign)`` with ``sign * array`` the effective gradient. Without weight
+    decay the sign is left for the caller to fold into its scalars (negation is exact, so
+    this saves a pass); with weight decay ``buf`` receives ``wd * p ± g`` and sign is 1.
+    """
+    if weight_decay == 0:
+        return g, -1.0 if maximize else 1.0
+    assert p is not None, "weight decay needs parameter values"
+    np.multiply(p, weight_decay, out=buf)
+    if maximize:
+        np.subtract(buf, g, out=buf)
+    else:
+        buf += g
+    return buf, 1.0
+
+
+def lerp_(avg: np.ndarray, g: np.ndarray, sign: float, weight: float, buf: np.ndarray) -> None:
+    """``avg.lerp_(sign * g, weight)``: ``avg + weight * (sign * g - avg)``."""
+    if sign < 0:
+        np.add(g, avg, out=buf)
+        buf *= -weight
+    else:
+        np.subtract(g, avg, out=buf)
+        buf *= weight
+    avg += buf
+
+
+def decay_add_square_(avg: np.ndarray, g: np.ndarray, beta: float, buf: np.ndarray) -> None:
+    """``avg.mul_(beta).addcmul_(g, g, value=1 - beta)``: ``beta avg + ((1 - beta) g) g``."""
+    np.multiply(g, 1 - beta, out=buf)
+    buf *= g
+    avg *= beta
+    avg += buf

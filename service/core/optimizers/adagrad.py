@@ -1,0 +1,106 @@
+"""Adagrad with learning-rate decay and an initial accumulator (torch.optim.Adagrad)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.core.hparams import Arg, check
+from service.core.kernels import elementwise, signed_grad
+from service.core.optimizers.base import Optimizer, Shape, register
+
+
+@dataclass
+class AdagradState:
+    step: int = 0
+    sum: list[np.ndarray] = field(default_factory=list)
+    """Sum of squared gradients, starting at ``initial_accumulator_value``."""
+
+
+class Adagrad(Optimizer[AdagradState]):
+    r"""Adagrad, torch's single-tensor update rule for dense gradients.
+
+    .. math::
+        g_t &\leftarrow \pm g_t + \lambda \theta_{t-1} \\
+        \tilde\gamma_t &\leftarrow \gamma / (1 + (t - 1) \eta) \\
+        s_t &\leftarrow s_{t-1} + g_t^2 \\
+        \theta_t &\leftarrow \theta_{t-1} - \tilde\gamma_t \, g_t / (\sqrt{s_t} + \epsilon)
+
+    ``s_0`` is ``initial_accumulator_value``; ``eps`` is added outside the square root.
+    """
+
+    name = "Adagrad"
+    args = (
+        Arg("lr", "float", 1e-2, "learning rate"),
+        Arg("lr_decay", "float", 0.0, "learning rate decay per step"),
+        Arg("weight_decay", "float", 0.0, "L2 penalty"),
+        Arg("initial_accumulator_value", "float", 0.0, "starting value of the squared sum"),
+        Arg("eps", "float", 1e-10, "added to the denominator for numerical stability"),
+        Arg("maximize", "bool", False, "maximize the objective instead of minimizing"),
+    )
+    state_type = AdagradState
+
+    def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
+        lr, lr_decay, wd = hp["lr"], hp["lr_decay"], hp["weight_decay"]
+        initial, eps = hp["initial_accumulator_value"], hp["eps"]
+        check(lr >= 0.0, f"{where}lr", f"Invalid learning rate: {lr}", lr)
+        check(lr_decay >= 0.0, f"{where}lr_decay", f"Invalid lr_decay value: {lr_decay}", lr_decay)
+        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+        check(
+            initial >= 0.0,
+            f"{where}initial_accumulator_value",
+            f"Invalid initial_accumulator_value value: {initial}",
+            initial,
+        )
+        check(eps >= 0.0, f"{where}eps", f"Invalid epsilon value: {eps}", eps)
+
+    def init(
+        self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]
+    ) -> AdagradState:
+        initial = hp["initial_accumulator_value"]
+        return AdagradState(step=0, sum=[np.full(s, initial, dtype=dtype) for s in shapes])
+
+    def update(
+        self,
+        grads: Sequence[np.ndarray],
+        state: AdagradState,
+        params: Sequence[np.ndarray] | None,
+        hp: Mapping[str, Any],
+        out: Sequence[np.ndarray],
+    ) -> AdagradState:
+        eps, wd, maximize = hp["eps"], hp["weight_decay"], hp["maximize"]
+        step = state.step + 1
+        clr = hp["lr"] / (1 + (step - 1) * hp["lr_decay"])
+
+        def kernel(
+            g: np.ndarray,
+            p: np.ndarray | None,
+            total: np.ndarray,
+            d: np.ndarray,
+            s: np.ndarray,
+            t: np.ndarray,
+        ) -> None:
+            g, sign = signed_grad(g, p, wd, maximize, t)
+            # sum.addcmul_(g, g, value=1); the sign of g does not matter here.
+            np.multiply(g, g, out=s)
+            total += s
+            np.sqrt(total, out=s)
+            s += eps
+            # param.addcdiv_(g, std, value=-clr), the sign folded into the scalar.
+            np.multiply(g, -clr * sign, out=d)
+            d /= s
+
+        for i, g in enumerate(grads):
+            p = None
+            if wd != 0:
+                assert params is not None, "weight decay needs parameter values"
+                p = params[i]
+            elementwise(kernel, [g, p, state.sum[i], out[i]], n_scratch=2)
+        state.step = step
+        return state
+
+
+register(Adagrad())

@@ -1,0 +1,174 @@
+"""Adam and AdamW (torch.optim.Adam, torch.optim.AdamW): one rule, one kernel.
+
+In torch 2.13 AdamW is Adam with ``decoupled_weight_decay=True`` and a default
+``weight_decay`` of 1e-2; it does not take ``decoupled_weight_decay`` as an argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.core.hparams import Arg, check
+from service.core.kernels import decay_add_square_, elementwise, lerp_, signed_grad
+from service.core.optimizers.base import Optimizer, Shape, register
+
+
+@dataclass
+class AdamState:
+    step: int = 0
+    exp_avg: list[np.ndarray] = field(default_factory=list)
+    exp_avg_sq: list[np.ndarray] = field(default_factory=list)
+    max_exp_avg_sq: list[np.ndarray] = field(default_factory=list)
+    """Running maximum of ``exp_avg_sq``; kept only with ``amsgrad``."""
+
+
+def _betas_args(default_lr: float, default_wd: float) -> tuple[Arg, ...]:
+    return (
+        Arg("lr", "float", default_lr, "learning rate"),
+        Arg("betas", "float_pair", (0.9, 0.999), "decay rates of the first and second moments"),
+        Arg("eps", "float", 1e-8, "added to the denominator for numerical stability"),
+        Arg("weight_decay", "float", default_wd, "weight decay coefficient"),
+        Arg("amsgrad", "bool", False, "use the running maximum of the second moment"),
+        Arg("maximize", "bool", False, "maximize the objective instead of minimizing"),
+    )
+
+
+class Adam(Optimizer[AdamState]):
+    r"""Adam, torch's single-tensor update rule.
+
+    .. math::
+        g_t &\leftarrow \pm g_t \;(+\, \lambda \theta_{t-1} \text{ unless decoupled}) \\
+        \theta_{t-1} &\leftarrow \theta_{t-1} (1 - \gamma \lambda) \text{ (decoupled)} \\
+        m_t &\leftarrow m_{t-1} + (1 - \beta_1)(g_t - m_{t-1}) \\
+        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        \hat v_t &\leftarrow \max(\hat v_{t-1}, v_t) \text{ (amsgrad) else } v_t \\
+        \theta_t &\leftarrow \theta_{t-1}
+            - \frac{\gamma}{1 - \beta_1^t} \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t}
+            + \epsilon}
+
+    ``eps`` is added outside the square root, after the bias correction of ``v``.
+    """
+
+    name = "Adam"
+    args = (
+        *_betas_args(1e-3, 0.0),
+        Arg("decoupled_weight_decay", "bool", False, "AdamW-style decay of the parameters"),
+    )
+    state_type = AdamState
+
+    def decoupled(self, hp: Mapping[str, Any]) -> bool:
+        return bool(hp["decoupled_weight_decay"])
+
+    def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
+        lr, eps, (beta1, beta2), wd = hp["lr"], hp["eps"], hp["betas"], hp["weight_decay"]
+        check(lr >= 0.0, f"{where}lr", f"Invalid learning rate: {lr}", lr)
+        check(eps >= 0.0, f"{where}eps", f"Invalid epsilon value: {eps}", eps)
+        check(
+            0.0 <= beta1 < 1.0,
+            f"{where}betas",
+            f"Invalid beta parameter at index 0: {beta1}",
+            hp["betas"],
+        )
+        check(
+            0.0 <= beta2 < 1.0,
+            f"{where}betas",
+            f"Invalid beta parameter at index 1: {beta2}",
+            hp["betas"],
+        )
+        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+
+    def init(
+        self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]
+    ) -> AdamState:
+        return AdamState(
+            step=0,
+            exp_avg=[np.zeros(s, dtype=dtype) for s in shapes],
+            exp_avg_sq=[np.zeros(s, dtype=dtype) for s in shapes],
+            max_exp_avg_sq=[np.zeros(s, dtype=dtype) for s in shapes] if hp["amsgrad"] else [],
+        )
+
+    def update(
+        self,
+        grads: Sequence[np.ndarray],
+        state: AdamState,
+        params: Sequence[np.ndarray] | None,
+        hp: Mapping[str, Any],
+        out: Sequence[np.ndarray],
+    ) -> AdamState:
+        lr, eps, wd = hp["lr"], hp["eps"], hp["weight_decay"]
+        beta1, beta2 = hp["betas"]
+        amsgrad, maximize = hp["amsgrad"], hp["maximize"]
+        decoupled = self.decoupled(hp)
+        coupled_wd = 0.0 if decoupled else wd
+        decoupled_wd = wd != 0 and decoupled
+        if amsgrad and not state.max_exp_avg_sq:
+            state.max_exp_avg_sq = [np.zeros_like(g) for g in grads]
+
+        step = state.step + 1
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        neg_step_size = -(lr / (1 - beta1**step))
+
+        def kernel(
+            g: np.ndarray,
+            p: np.ndarray | None,
+            m: np.ndarray,
+            v: np.ndarray,
+            v_max: np.ndarray | None,
+            d: np.ndarray,
+            s: np.ndarray,
+            t: np.ndarray,
+        ) -> None:
+            g, sign = signed_grad(g, p, coupled_wd, maximize, t)
+            lerp_(m, g, sign, 1 - beta1, s)
+            decay_add_square_(v, g, beta2, s)
+            if v_max is not None:
+                np.maximum(v_max, v, out=v_max)
+                v = v_max
+            # denom <- sqrt(v) / sqrt(bc2) + eps;  d <- (-step_size m) / denom
+            np.sqrt(v, out=s)
+            s /= bias_correction2_sqrt
+            s += eps
+            np.multiply(m, neg_step_size, out=d)
+            d /= s
+            if decoupled_wd:
+                assert p is not None
+                # torch rounds p (1 - lr wd) to the dtype before adding the Adam step, and
+                # that rounding drifts the same way step after step; (p c - p) is exact, so
+                # the delta carries torch's rounded decay rather than the ideal one.
+                np.multiply(p, 1 - lr * wd, out=s)
+                s -= p
+                d += s
+
+        for i, g in enumerate(grads):
+            needs_p = wd != 0
+            if needs_p:
+                assert params is not None, "weight decay needs parameter values"
+            arrays = [
+                g,
+                params[i] if needs_p and params is not None else None,
+                state.exp_avg[i],
+                state.exp_avg_sq[i],
+                state.max_exp_avg_sq[i] if amsgrad else None,
+                out[i],
+            ]
+            elementwise(kernel, arrays, n_scratch=2)
+        state.step = step
+        return state
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay, default ``weight_decay=1e-2``."""
+
+    name = "AdamW"
+    args = _betas_args(1e-3, 1e-2)
+
+    def decoupled(self, hp: Mapping[str, Any]) -> bool:
+        return True
+
+
+register(Adam())
+register(AdamW())
