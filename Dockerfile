@@ -1,0 +1,31 @@
+# syntax=docker/dockerfile:1
+# optserve server image: a wheel built in one stage, installed into a clean slim runtime.
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+RUN python -m pip install --no-cache-dir --upgrade pip==24.3.1 \
+    && python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    OPTSERVE_HOST=0.0.0.0 \
+    OPTSERVE_PORT=8000 \
+    OPTSERVE_DATA_DIR=/data
+COPY --from=build /wheels /wheels
+RUN python -m pip install --no-cache-dir /wheels/*.whl \
+    && rm -rf /wheels \
+    && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin optserve \
+    && mkdir -p /data \
+    && chown optserve /data
+USER optserve
+WORKDIR /data
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('OPTSERVE_PORT', '8000'), timeout=2)"]
+# Binding 0.0.0.0 requires API keys (OPTSERVE_API_KEYS or OPTSERVE_API_KEYS_FILE);
+# the server refuses to start open on a non-loopback address.
+CMD ["optserve", "serve"]
