@@ -1,0 +1,1 @@
+"""Sessions: lifecycle, step semantics, idempotency and durable storage (no HTTP here)."""

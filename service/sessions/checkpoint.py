@@ -1,0 +1,143 @@
+"""Checkpoints: a whole session as named arrays plus string metadata (safetensors-ready).
+
+``GET .../state`` exports one and ``POST /v1/sessions`` with one restores it as a new
+session; the disk store's snapshots are the same thing. Layout:
+
+- arrays: ``state/group<i>/<field>[.<k>]`` (core's ``state_to_flat``) and, when the
+  session holds its parameters, ``params/<name>``;
+- metadata: ``format`` (:data:`FORMAT`), ``session`` (the config as created, JSON),
+  ``state`` (the JSON part of the training state), ``labels`` (JSON), ``step`` and
+  ``holds_params`` (for humans and quick checks; ``state`` is authoritative).
+
+Arrays are stored in the session's dtype and come back bit for bit, so a restored
+session continues exactly where the exported one was.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.core.errors import CoreError
+from service.core.plan import Plan, plan_from_config
+from service.core.training import TrainState, state_from_flat, state_to_flat
+from service.sessions.errors import InvalidCheckpoint
+
+FORMAT = "optserve.checkpoint/1"
+PARAMS_PREFIX = "params/"
+STATE_PREFIX = "state/"
+
+
+def is_checkpoint(metadata: Mapping[str, str]) -> bool:
+    """Whether safetensors metadata marks a checkpoint (rather than initial params)."""
+    return metadata.get("format") == FORMAT
+
+
+def export(
+    plan: Plan,
+    config: Mapping[str, Any],
+    labels: Mapping[str, str],
+    state: TrainState,
+    held: list[np.ndarray] | None,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The checkpoint of a session. Arrays are the live ones: copy them to keep them."""
+    arrays, meta = state_to_flat(plan, state)
+    arrays = dict(arrays)
+    if held is not None:
+        for spec, values in zip(plan.tensors, held, strict=True):
+            arrays[PARAMS_PREFIX + spec.name] = values
+    metadata = {
+        "format": FORMAT,
+        "session": json.dumps(dict(config), separators=(",", ":")),
+        "state": json.dumps(meta, separators=(",", ":")),
+        "labels": json.dumps(dict(labels), separators=(",", ":")),
+        "step": str(state.step),
+        "holds_params": "true" if held is not None else "false",
+    }
+    return arrays, metadata
+
+
+@dataclass
+class Restored:
+    config: dict[str, Any]
+    labels: dict[str, str]
+    plan: Plan
+    state: TrainState
+    held: list[np.ndarray] | None
+
+
+def _json(metadata: Mapping[str, str], key: str) -> Any:
+    if key not in metadata:
+        raise InvalidCheckpoint(f"checkpoint metadata lacks {key!r}")
+    try:
+        return json.loads(metadata[key])
+    except (TypeError, ValueError) as exc:
+        raise InvalidCheckpoint(f"checkpoint metadata {key!r} is not valid JSON") from exc
+
+
+def restore(
+    arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str], plan: Plan | None = None
+) -> Restored:
+    """Rebuild a session's parts from :func:`export`'s output, checking everything.
+
+    Raises :class:`InvalidCheckpoint` (or core's errors for a bad config inside it);
+    never anything else, whatever the input. Arrays are copied.
+    """
+    if not is_checkpoint(metadata):
+        raise InvalidCheckpoint(f"not an optserve checkpoint (metadata format != {FORMAT!r})")
+    config = _json(metadata, "session")
+    meta = _json(metadata, "state")
+    labels = _json(metadata, "labels")
+    if not isinstance(config, dict) or not isinstance(meta, dict):
+        raise InvalidCheckpoint("checkpoint 'session' and 'state' must be JSON objects")
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise InvalidCheckpoint("checkpoint 'labels' must map strings to strings")
+    if plan is None:
+        plan = plan_from_config(config)
+    holds = metadata.get("holds_params") == "true"
+    state_arrays: dict[str, np.ndarray] = {}
+    held_arrays: dict[str, np.ndarray] = {}
+    for name, array in arrays.items():
+        if name.startswith(STATE_PREFIX):
+            state_arrays[name] = array
+        elif name.startswith(PARAMS_PREFIX) and holds:
+            held_arrays[name[len(PARAMS_PREFIX) :]] = array
+        else:
+            raise InvalidCheckpoint(
+                f"unexpected array {name!r} in checkpoint",
+            )
+    try:
+        state = state_from_flat(plan, state_arrays, meta)
+    except CoreError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise InvalidCheckpoint(f"checkpoint state does not fit its config: {exc}") from exc
+    held = _held(plan, held_arrays) if holds else None
+    return Restored(config, labels, plan, state, held)
+
+
+def _held(plan: Plan, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    names = {spec.name for spec in plan.tensors}
+    for name in arrays:
+        if name not in names:
+            raise InvalidCheckpoint(f"checkpoint params {name!r} is not a tensor of the session")
+    held = []
+    for spec in plan.tensors:
+        values = arrays.get(spec.name)
+        if values is None:
+            raise InvalidCheckpoint(f"checkpoint lacks params {spec.name!r}")
+        if values.shape != spec.shape or values.dtype != plan.dtype:
+            raise InvalidCheckpoint(
+                f"checkpoint params {spec.name!r} is {values.dtype}{list(values.shape)}, "
+                f"expected {plan.dtype}{list(spec.shape)}"
+            )
+        if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
+            raise InvalidCheckpoint(f"checkpoint params {spec.name!r} holds NaN or Inf")
+        held.append(np.array(values, copy=True, order="C"))
+    return held

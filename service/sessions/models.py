@@ -1,0 +1,101 @@
+"""The values that cross the sessions <-> API boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+
+Want = Literal["delta", "params", "none"]
+WANTS: tuple[str, ...] = ("delta", "params", "none")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits per tenant and per session (``LimitExceeded`` names the one hit)."""
+
+    max_tensors_per_session: int = 1_000
+    max_elements_per_session: int = 100_000_000
+    max_sessions_per_tenant: int = 1_000
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    grads: dict[str, np.ndarray]
+    params: dict[str, np.ndarray] | None = None
+    loss: float | None = None
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+    """sha256 of the body, its content type and the return mode (computed by the API)."""
+    if_match: int | None = None
+    want: str = "delta"
+
+
+@dataclass(frozen=True)
+class StepReply:
+    step: int
+    lr: list[float]
+    applied: bool
+    evaluate: bool
+    tensors: dict[str, np.ndarray] | None
+    """Deltas or new params (per ``want``), or None for ``want="none"``."""
+    replayed: bool = False
+    """True when this is the stored reply to an earlier request with the same key."""
+    skipped: str | None = None
+    """Why the step was not applied (non-finite input with ``nonfinite: "skip"``)."""
+
+
+def timestamp(unix: float) -> str:
+    """RFC 3339 in UTC with milliseconds."""
+    moment = datetime.fromtimestamp(unix, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A consistent picture of a session between two steps."""
+
+    id: str
+    step: int
+    lr: list[float]
+    resolved: dict[str, Any]
+    """``Plan.describe()``: the config with every default filled in."""
+    param_groups: list[dict[str, Any]]
+    """Every group with its tensor names and all its hyperparameters."""
+    holds_params: bool
+    needs_params: bool
+    ask_tell: bool
+    skipped_steps: int
+    created_at: float
+    updated_at: float
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.step}"'
+
+    def document(self) -> dict[str, Any]:
+        """The session document of ``GET /v1/sessions/{id}`` (JSON-ready)."""
+        r = self.resolved
+        return {
+            "id": self.id,
+            "step": self.step,
+            "lr": list(self.lr),
+            "optimizer": r["optimizer"],
+            "schedule": r["schedule"],
+            "param_groups": self.param_groups,
+            "tensors": r["params"],
+            "holds_params": self.holds_params,
+            "needs_params": self.needs_params,
+            "ask_tell": self.ask_tell,
+            "dtype": r["dtype"],
+            "nonfinite": r["nonfinite"],
+            "clip_grad_norm": r["clip_grad_norm"],
+            "clip_grad_value": r["clip_grad_value"],
+            "skipped_steps": self.skipped_steps,
+            "created_at": timestamp(self.created_at),
+            "updated_at": timestamp(self.updated_at),
+            "labels": dict(self.labels),
+        }

@@ -1,0 +1,165 @@
+"""What a session store keeps, and the interface every backend implements.
+
+A session's durable history is
+
+- its :class:`SessionRecord` (tenant, config, labels), written once at creation;
+- a base :class:`Snapshot`: the full training state as of event ``seq`` (a checkpoint,
+  exactly what ``GET .../state`` exports, plus the event count);
+- the :class:`Event` log after that snapshot: every accepted step or manual schedule step,
+  with the inputs needed to replay it bit for bit (gradients, sent parameters, loss,
+  metric) and its idempotency key.
+
+Recovery is "load the base snapshot, replay the events after it". Numpy is
+deterministic, so the replayed state is the acknowledged state, bit for bit, and the
+replies to the replayed steps (which the idempotency window must return again) are
+recomputed rather than stored.
+
+``compact`` drops the history before a newer snapshot; the idempotency keys of the
+dropped events are archived with it and stay findable with :meth:`Store.find_key` (so
+an old retry is refused rather than applied again). Keys of the events still in the
+history are the service's to track: it sees them when it replays.
+
+Methods are synchronous and may block on I/O: the service calls them from worker
+threads. Calls for one session are serialized by the caller; calls for different
+sessions may run concurrently, so backends lock what they share.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+EventKind = Literal["step", "schedule"]
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """What never changes about a session after creation."""
+
+    id: str
+    tenant: str
+    config: dict[str, Any]
+    """The session config as created (JSON, no tensor data, no labels)."""
+    labels: dict[str, str]
+    created_at: float
+    """Unix time."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The full state of a session after its first ``seq`` events."""
+
+    seq: int
+    arrays: dict[str, np.ndarray]
+    metadata: dict[str, str]
+    at: float
+    """Unix time of the last event it contains (or of the creation)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One accepted state change, with everything needed to replay it."""
+
+    seq: int
+    """1 for the session's first event, then consecutive."""
+    kind: EventKind
+    at: float
+    key: str | None = None
+    fingerprint: str = ""
+    want: str = "delta"
+    grads: dict[str, np.ndarray] = field(default_factory=dict)
+    params: dict[str, np.ndarray] | None = None
+    loss: float | None = None
+    metric: float | None = None
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """Where an idempotency key was used: the request's fingerprint and the step."""
+
+    key: str
+    fingerprint: str
+    step: int
+    seq: int
+
+
+@dataclass
+class StoredSession:
+    """One session as the store holds it: what recovery starts from."""
+
+    record: SessionRecord
+    snapshot: Snapshot
+    events: list[Event]
+    """The events after ``snapshot.seq``, in order."""
+    later_snapshots: list[int]
+    """Event counts of the stored snapshots newer than ``snapshot`` (compaction targets)."""
+
+
+class Store(ABC):
+    """Durable (or not) home of every session's history."""
+
+    durable: bool = False
+    """Whether what is stored survives the process."""
+
+    @abstractmethod
+    def open(self) -> None:
+        """Prepare for use; repair what a crash left (a torn log tail, a half-made session)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release files and connections. The store may be opened again."""
+
+    @abstractmethod
+    def ping(self) -> bool:
+        """Whether the store can be read and written right now."""
+
+    @abstractmethod
+    def create(self, record: SessionRecord, snapshot: Snapshot) -> None:
+        """Store a new session with its initial state; durable when this returns."""
+
+    @abstractmethod
+    def delete(self, session_id: str) -> None:
+        """Forget a session, its history and its keys. Unknown ids are ignored."""
+
+    @abstractmethod
+    def load(self) -> Iterator[StoredSession]:
+        """Every stored session, in creation order, ready to be replayed."""
+
+    @abstractmethod
+    def load_session(self, session_id: str) -> StoredSession | None:
+        """One stored session, as :meth:`load` would yield it; None if unknown."""
+
+    @abstractmethod
+    def append(self, session_id: str, event: Event) -> int:
+        """Add an event after the last one; durable when this returns.
+
+        Returns the bytes the event takes in the store (for the snapshot policy). The
+        caller hands the event's arrays over: it never modifies them afterwards.
+        """
+
+    @abstractmethod
+    def snapshot(self, session_id: str, snapshot: Snapshot) -> Callable[[], None]:
+        """Capture the state after ``snapshot.seq`` events; return what makes it durable.
+
+        Capturing reads the arrays (they may be the live state, which changes as soon as
+        this returns) and starts a new stretch of history: events appended afterwards
+        follow the snapshot. The returned function writes the snapshot; it may run later,
+        concurrently with appends. Until it has returned, ``load`` and ``compact`` do not
+        know the snapshot, and recovery replays the events before it instead.
+        """
+
+    @abstractmethod
+    def compact(self, session_id: str, base_seq: int, keys: Sequence[KeyRecord]) -> None:
+        """Drop the snapshots and events older than the stored snapshot at ``base_seq``.
+
+        Afterwards ``load`` starts from that snapshot. ``keys`` are the idempotency keys of
+        the dropped events; :meth:`find_key` answers for them from then on.
+        """
+
+    @abstractmethod
+    def find_key(self, session_id: str, key: str) -> KeyRecord | None:
+        """Where ``key`` was used, among the keys handed to :meth:`compact`."""
