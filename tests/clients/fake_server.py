@@ -1,10 +1,11 @@
 """An in-memory stand-in for the optserve HTTP API, served through httpx.MockTransport.
 
 It speaks the wire protocol of DESIGN.md §3 (JSON and safetensors bodies, idempotency
-keys, If-Match, return modes, problem documents) with plain SGD (``delta = -lr * g``)
-as its only optimizer, so the client's request framing, parsing and retry loop can be
-tested without a server process. Tensors are encoded with the ``safetensors`` package,
-not the client's codec, so the two implementations check each other.
+keys, If-Match, return modes, problem documents) with one optimizer, plain SGD with
+weight decay per param group (``delta = -lr * (g + weight_decay * p)``), so the client's
+request framing, parsing and retry loop can be tested without a server process.
+Tensors are encoded with the ``safetensors`` package, not the client's codec, so the
+two implementations check each other.
 
 ``FakeServer.fail_next(...)`` queues failures (a transport exception or an error status)
 that the next requests get before the fake handles them; ``lose_next_replies`` makes it
@@ -44,18 +45,37 @@ class FakeSession:
     step: int = 0
     replies: dict[str, tuple[str, httpx.Response]] = field(default_factory=dict)
 
+    def groups(self) -> list[dict[str, Any]]:
+        """Unlisted tensors first, then each ``param_groups`` entry, as the server orders them."""
+        base = {"lr": 1e-3, "weight_decay": 0.0}
+        base.update({k: v for k, v in self.config["optimizer"].items() if k != "name"})
+        entries = self.config.get("param_groups") or []
+        listed = {n for g in entries for n in g["params"]}
+        groups = []
+        unlisted = [n for n in self.shapes if n not in listed]
+        if unlisted:
+            groups.append({"params": unlisted, **base})
+        groups.extend({**base, **g} for g in entries)
+        return groups
+
+    def hparams(self, name: str) -> dict[str, Any]:
+        return next(g for g in self.groups() if name in g["params"])
+
     @property
-    def lr(self) -> float:
-        return float(self.config["optimizer"].get("lr", 1e-3))
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.groups()]
 
     def document(self) -> dict[str, Any]:
+        groups = self.groups()
         return {
             "id": self.id,
             "step": self.step,
-            "lr": [self.lr],
-            "optimizer": {"name": "SGD", "lr": self.lr},
+            "lr": self.lrs,
+            "optimizer": {"name": "SGD", **{k: v for k, v in groups[-1].items() if k != "params"}},
+            "param_groups": groups,
             "tensors": {n: {"shape": list(s)} for n, s in self.shapes.items()},
             "holds_params": self.params is not None,
+            "needs_params": any(g["weight_decay"] for g in groups),
             "dtype": self.dtype.name,
         }
 
@@ -148,7 +168,7 @@ class FakeServer:
         if any("data" in s for s in specs.values()):
             initial = {n: np.asarray(s["data"], dtype=dtype) for n, s in specs.items()}
         shapes = {n: tuple(s["shape"]) for n, s in specs.items()}
-        if float(config["optimizer"].get("lr", 1e-3)) < 0:
+        if float(config["optimizer"].get("lr", 1e-3)) < 0:  # the one validation it does
             return problem(
                 422,
                 "invalid-hyperparameter",
@@ -197,17 +217,21 @@ class FakeServer:
             return problem(412, "precondition-failed", headers=etag(session))
         grads, params, loss = self.read_step(session, request)
         returns = request.url.params.get("return", "delta")
-        deltas = {n: (-session.lr * g).astype(session.dtype) for n, g in grads.items()}
         if session.params is not None:
             params = session.params
-        if returns == "params" and params is None:
+        if params is None and (returns == "params" or session.document()["needs_params"]):
             return problem(422, "params-required")
+        deltas = {}
+        for n, g in grads.items():
+            hp = session.hparams(n)
+            decay = hp["weight_decay"] * params[n] if hp["weight_decay"] and params else 0.0
+            deltas[n] = (-hp["lr"] * (g + decay)).astype(session.dtype)
         new_params = {n: params[n] + deltas[n] for n in deltas} if params is not None else None
         if session.params is not None and new_params is not None:
             session.params = new_params
         session.step += 1
         out = {"delta": deltas, "params": new_params, "none": {}}[returns] or {}
-        meta = {"step": session.step, "lr": [session.lr], "applied": True, "loss_seen": loss}
+        meta = {"step": session.step, "lr": session.lrs, "applied": True, "loss_seen": loss}
         if request.headers.get("accept") == SAFETENSORS:
             text_meta = {k: json.dumps(v) for k, v in meta.items()}
             response = httpx.Response(

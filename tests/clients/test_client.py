@@ -154,7 +154,7 @@ def test_step_in_flight_is_retried_then_succeeds(client: Client, server: FakeSer
 
 def test_other_conflicts_are_not_retried(client: Client, server: FakeServer) -> None:
     session = client.create_session({"name": "SGD"}, {"x": (1,)})
-    server.fail_next((409, {"type": "/problems/idempotency-expired", "step": 7}, {}))
+    server.fail_next((409, {"type": "/problems/idempotency-expired", "applied_at_step": 7}, {}))
     with pytest.raises(IdempotencyExpired) as expired:
         session.step(np.array([1.0]))
     assert expired.value.applied_step == 7 and len(steps(server)) == 1

@@ -149,11 +149,8 @@ def parse_tensor_reply(
         tensors, _ = _decode(content)
         return {n.removeprefix(PARAMS_PREFIX): _cast(a, dtype) for n, a in tensors.items()}
     document = load_json(content)
-    # Accept both a bare {name: values} and one wrapped as {"params": {...}}.
-    inner = document.get("params", document)
-    if isinstance(inner, dict) and all(isinstance(v, dict) for v in inner.values()) and inner:
-        inner = {n: v.get("data") for n, v in inner.items()}
-    return parse_tensors(inner, shapes, dtype)
+    # {"step": n, "params": {name: values}}; a bare {name: values} is read as well.
+    return parse_tensors(document.get("params", document), shapes, dtype)
 
 
 def load_json(content: bytes) -> dict[str, Any]:

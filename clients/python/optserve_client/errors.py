@@ -11,16 +11,22 @@
         ├── Forbidden             403
         ├── NotFound              404
         │   └── SessionNotFound
+        ├── NotAcceptable         406
         ├── Conflict              409
         │   ├── StepInFlight          a step with this key is still running
-        │   └── IdempotencyExpired    the key was applied too long ago to replay
+        │   ├── IdempotencyExpired    the key was applied too long ago to replay
+        │   └── ParamsNotHeld         GET .../params on a session without params
         ├── PreconditionFailed    412 (If-Match: the session moved on)
         ├── PayloadTooLarge       413
         ├── UnsupportedMediaType  415
         ├── ValidationError       422, with ``errors`` naming the fields
+        │   ├── InvalidHyperparameter an optimizer, schedule or clipping argument
+        │   ├── UnknownName           no such optimizer or schedule
+        │   ├── InvalidInput          gradients or params of the wrong shape, NaN, ...
+        │   ├── InvalidCheckpoint     a checkpoint that cannot be restored
         │   ├── ParamsRequired        the update needs parameter values
         │   └── IdempotencyKeyReused  the key was used for another body
-        ├── LimitExceeded         a tenant or session limit (any status)
+        ├── LimitExceeded         a tenant or session limit
         ├── TooManyRequests       429
         └── ServerError           5xx
 
@@ -43,9 +49,14 @@ __all__ = [
     "Forbidden",
     "IdempotencyExpired",
     "IdempotencyKeyReused",
+    "InvalidCheckpoint",
+    "InvalidHyperparameter",
+    "InvalidInput",
     "LimitExceeded",
+    "NotAcceptable",
     "NotFound",
     "OptserveError",
+    "ParamsNotHeld",
     "ParamsRequired",
     "PayloadTooLarge",
     "PreconditionFailed",
@@ -56,6 +67,7 @@ __all__ = [
     "TooManyRequests",
     "TransportError",
     "Unauthorized",
+    "UnknownName",
     "UnsupportedMediaType",
     "ValidationError",
     "error_from_response",
@@ -138,18 +150,26 @@ class StepInFlight(Conflict):
 
 
 class IdempotencyExpired(Conflict):
-    """The key was applied long ago; its response is no longer kept.
+    """The key was applied long ago; its response is no longer kept (nothing was redone).
 
     The step at which it was applied is in ``applied_step`` when the server says it.
     """
 
     @property
     def applied_step(self) -> int | None:
-        for key in ("applied_step", "step"):
+        for key in ("applied_at_step", "applied_step", "step"):
             value = self.problem.get(key)
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
         return None
+
+
+class ParamsNotHeld(Conflict):
+    pass
+
+
+class NotAcceptable(APIError):
+    pass
 
 
 class PreconditionFailed(APIError):
@@ -170,6 +190,22 @@ class UnsupportedMediaType(APIError):
 
 
 class ValidationError(APIError):
+    pass
+
+
+class InvalidHyperparameter(ValidationError):
+    pass
+
+
+class UnknownName(ValidationError):
+    pass
+
+
+class InvalidInput(ValidationError):
+    pass
+
+
+class InvalidCheckpoint(ValidationError):
     pass
 
 
@@ -198,6 +234,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    406: NotAcceptable,
     409: Conflict,
     412: PreconditionFailed,
     413: PayloadTooLarge,
@@ -212,8 +249,13 @@ _BY_TYPE: dict[str, type[APIError]] = {
     "idempotency-expired": IdempotencyExpired,
     "idempotency-key-reused": IdempotencyKeyReused,
     "params-required": ParamsRequired,
+    "params-not-held": ParamsNotHeld,
     "limit-exceeded": LimitExceeded,
     "precondition-failed": PreconditionFailed,
+    "invalid-hyperparameter": InvalidHyperparameter,
+    "unknown-name": UnknownName,
+    "invalid-input": InvalidInput,
+    "invalid-checkpoint": InvalidCheckpoint,
 }
 
 

@@ -1,0 +1,334 @@
+"""``RemoteOptimizer``: a ``torch.optim.Optimizer`` whose update runs on an optserve server.
+
+::
+
+    opt = RemoteOptimizer(
+        model.named_parameters(),
+        url="http://127.0.0.1:8000",
+        optimizer={"name": "AdamW", "lr": 1e-3, "weight_decay": 0.01},
+        schedule={"name": "CosineAnnealingLR", "T_max": 1000},
+        param_groups=[{"params": ["fc.bias"], "weight_decay": 0.0}],
+    )
+    for x, y in data:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()          # gradients out, deltas in, applied in place
+        opt.zero_grad()
+
+The server keeps the optimizer state and the schedule; ``param_groups[i]["lr"]`` follows
+the server's current learning rates after every step. LBFGS closures work as in torch:
+the session holds the parameters and every closure call becomes one ask/tell exchange.
+``state_dict()`` embeds the server's checkpoint; ``load_state_dict()`` restores it into a
+fresh session. ``from_torch`` and ``to_torch`` move a run between a local torch optimizer
+(and scheduler) and the server mid-training.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from optserve_client._wire import StepResult, Wire
+from optserve_client.client import Client, Session
+from optserve_client.errors import ProtocolError
+
+__all__ = ["RemoteOptimizer"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_LBFGS = "lbfgs"
+
+
+class RemoteOptimizer(torch.optim.Optimizer):
+    """A torch optimizer backed by an optserve session.
+
+    ``params`` is what torch optimizers take: ``model.named_parameters()`` (the names
+    become the session's tensor names), plain tensors (named ``param0``, ``param1``, ...)
+    or torch-style group dicts (``[{"params": [...], "weight_decay": 0.0}, ...]``).
+    ``param_groups`` instead names tensors, in the server's format. ``optimizer``,
+    ``schedule``, ``clip_grad_norm``, ``clip_grad_value`` and ``nonfinite`` are the
+    session config of the HTTP API. ``dtype`` defaults to float64 when every parameter
+    is float64, else float32. ``hold_params`` (default: only for LBFGS) makes the session
+    keep its own copy of the parameters; steps then copy the server's values in.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        optimizer: Mapping[str, Any],
+        url: str | None = None,
+        api_key: str | None = None,
+        client: Client | None = None,
+        schedule: Mapping[str, Any] | None = None,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        clip_grad_norm: Mapping[str, Any] | float | None = None,
+        clip_grad_value: Mapping[str, Any] | float | None = None,
+        dtype: str | None = None,
+        nonfinite: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        hold_params: bool | None = None,
+        wire: Wire = "safetensors",
+        session: Session | str | None = None,
+    ) -> None:
+        names, tensors, server_groups, shared = _layout(params, param_groups)
+        # One torch-style group's options are simply the optimizer's (LBFGS allows no groups).
+        optimizer = {**optimizer, **shared}
+        self.names: list[str] = names
+        self._tensor_of = dict(zip(names, tensors, strict=True))
+        self._owns_client = client is None
+        self.client = client if client is not None else Client(url, api_key=api_key, wire=wire)
+        self._is_lbfgs = str(optimizer.get("name", "")).lower() == _LBFGS
+        self._holds = self._is_lbfgs if hold_params is None else hold_params
+        if dtype is None:
+            dtype = "float64" if all(t.dtype == torch.float64 for t in tensors) else "float32"
+        self._owns_session = session is None
+        if session is None:
+            session = self.client.create_session(
+                optimizer,
+                _initial_values(names, tensors, dtype) if self._holds else _shapes(names, tensors),
+                schedule=schedule,
+                param_groups=server_groups or None,
+                dtype=dtype,
+                clip_grad_norm=clip_grad_norm,
+                clip_grad_value=clip_grad_value,
+                nonfinite=nonfinite,
+                labels=labels,
+                hold_params=self._holds,
+            )
+        elif isinstance(session, str):
+            session = self.client.session(session)
+        self.session: Session = session
+        self._holds = session.holds_params
+        _check_tensors(session, names, tensors)
+        self._torch_dtype = _DTYPES[session.dtype.name]
+
+        resolved = {k: v for k, v in session.document.get("optimizer", {}).items() if k != "name"}
+        torch_groups = [
+            {**hparams, "params": [self._tensor_of[n] for n in members], "param_names": members}
+            for members, hparams in _server_groups(session)
+        ]
+        self._constructing = True
+        super().__init__(torch_groups, resolved)
+        self._constructing = False
+        self._send_params = not self._holds and bool(session.document.get("needs_params"))
+        self._sync_lrs(session.lr)
+
+    # torch.optim.Optimizer API
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_constructing", True):
+            raise RuntimeError(
+                "a RemoteOptimizer's tensors are fixed when its session is created; "
+                "create a new RemoteOptimizer to optimize more tensors"
+            )
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Send the gradients, apply the server's update in place; return the closure's loss.
+
+        For LBFGS the closure is required and may be called several times, at the points
+        the server asks for, exactly as ``torch.optim.LBFGS.step`` calls it.
+        """
+        if self._is_lbfgs:
+            return self._ask_tell_step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._exchange(loss)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout (``state``, ``param_groups``) plus ``optserve``: the server's
+        checkpoint of the session (bytes) and where it came from."""
+        packed = super().state_dict()
+        packed["optserve"] = {
+            "checkpoint": self.session.state(),
+            "session": self.session.id,
+            "names": list(self.names),
+        }
+        return packed
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue from ``state_dict()``'s checkpoint in a new session of this server."""
+        saved = state_dict.get("optserve")
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("checkpoint"), bytes):
+            raise ValueError(
+                "not a RemoteOptimizer state dict (no optserve checkpoint); to continue a "
+                "local torch optimizer use RemoteOptimizer.from_torch"
+            )
+        restored = self.client.restore(saved["checkpoint"])
+        _check_tensors(restored, self.names, [self._tensor_of[n] for n in self.names])
+        self._replace_session(restored)
+
+    # Lifecycle
+
+    def close(self, *, delete: bool = False) -> None:
+        """Release the HTTP connection (if this object made it); ``delete`` the session too."""
+        if delete:
+            self.session.delete()
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> RemoteOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Internals
+
+    def _replace_session(self, session: Session) -> None:
+        old, owned = self.session, self._owns_session
+        self.session, self._owns_session = session, True
+        self._holds = session.holds_params
+        self._send_params = not self._holds and bool(session.document.get("needs_params"))
+        self._sync_lrs(session.lr)
+        if owned and old.id != session.id:
+            old.delete()
+
+    def _sync_lrs(self, lrs: Sequence[float]) -> None:
+        if len(lrs) == len(self.param_groups):
+            for group, lr in zip(self.param_groups, lrs, strict=True):
+                group["lr"] = lr
+
+    def _grads(self) -> dict[str, np.ndarray]:
+        grads: dict[str, np.ndarray] = {}
+        missing = []
+        for name in self.names:
+            tensor = self._tensor_of[name]
+            if tensor.grad is None:
+                missing.append(name)
+                grads[name] = np.zeros(tuple(tensor.shape), dtype=self.session.dtype)
+            else:
+                grads[name] = _to_numpy(tensor.grad, self._torch_dtype)
+        if missing:
+            # torch skips such tensors; a session steps all of its tensors together.
+            warnings.warn(
+                f"no gradient for {missing}: sending zeros (torch would skip these tensors)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return grads
+
+    def _exchange(self, loss: Any) -> StepResult:
+        grads = self._grads()
+        result = self.session.step(
+            grads,
+            params=self._params() if self._send_params else None,
+            loss=float(loss) if loss is not None else None,
+            returns="params" if self._holds else "delta",
+        )
+        if result.applied:
+            if result.params is not None:
+                for name, value in result.params.items():
+                    tensor = self._tensor_of[name]
+                    tensor.copy_(torch.from_numpy(value).to(tensor.device, tensor.dtype))
+            elif result.deltas is not None:
+                for name, value in result.deltas.items():
+                    tensor = self._tensor_of[name]
+                    tensor.add_(torch.from_numpy(value).to(tensor.device, tensor.dtype))
+        self._sync_lrs(result.lr)
+        return result
+
+    def _params(self) -> dict[str, np.ndarray]:
+        return {n: _to_numpy(self._tensor_of[n], self._torch_dtype) for n in self.names}
+
+    def _ask_tell_step(self, closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            raise RuntimeError("LBFGS needs a closure that re-evaluates the model and the loss")
+        with torch.enable_grad():
+            first_loss = closure()
+        loss = first_loss
+        start = self.session.step_count
+        while True:
+            result = self._exchange(loss)
+            # The session's step advances exactly when torch's step() would return.
+            if result.step != start or not result.applied:
+                return first_loss
+            with torch.enable_grad():
+                loss = closure()
+
+
+def _to_numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    value = tensor.detach()
+    if value.is_sparse:
+        raise TypeError("sparse gradients are not supported")
+    return value.to(device="cpu", dtype=dtype).contiguous().numpy()
+
+
+def _layout(
+    params: Iterable[Any], param_groups: Sequence[Mapping[str, Any]] | None
+) -> tuple[list[str], list[torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
+    """Names and tensors in order, the server's ``param_groups``, and options for all.
+
+    Several torch-style group dicts become one server group each (listing every tensor),
+    so each group's options apply exactly as torch applies them: on top of the
+    optimizer's. A single group's options are returned as options for the optimizer.
+    """
+    items = list(params)
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    dict_groups = [dict(g) for g in items] if isinstance(items[0], Mapping) else [{"params": items}]
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+    groups: list[dict[str, Any]] = []
+    for group in dict_groups:
+        members = group.pop("params")
+        members = [members] if isinstance(members, torch.Tensor) else list(members)
+        member_names = group.pop("param_names", None)
+        group_names = []
+        for i, member in enumerate(members):
+            if isinstance(member, tuple):
+                name, tensor = member
+            else:
+                name = member_names[i] if member_names else f"param{len(names)}"
+                tensor = member
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, got {type(tensor)}")
+            if any(tensor is t for t in tensors):
+                raise ValueError("some parameters appear more than once")
+            names.append(str(name))
+            tensors.append(tensor)
+            group_names.append(str(name))
+        groups.append({"params": group_names, **group})
+    if len(dict_groups) > 1 and param_groups:
+        raise ValueError("give parameter groups either as torch-style dicts or as param_groups")
+    if len(groups) == 1:
+        shared = {k: v for k, v in groups[0].items() if k != "params"}
+        return names, tensors, [dict(g) for g in param_groups or ()], shared
+    return names, tensors, groups, {}
+
+
+def _server_groups(session: Session) -> list[tuple[list[str], dict[str, Any]]]:
+    """The session's groups in its order: tensor names and every hyperparameter."""
+    groups = session.document.get("param_groups")
+    if not isinstance(groups, list) or not groups:
+        raise ProtocolError(f"session {session.id} document lists no param_groups")
+    return [
+        ([str(n) for n in g["params"]], {k: v for k, v in g.items() if k != "params"})
+        for g in groups
+    ]
+
+
+def _shapes(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in zip(names, tensors, strict=True)}
+
+
+def _initial_values(
+    names: Sequence[str], tensors: Sequence[torch.Tensor], dtype: str
+) -> dict[str, np.ndarray]:
+    return {n: _to_numpy(t, _DTYPES[dtype]) for n, t in zip(names, tensors, strict=True)}
+
+
+def _check_tensors(session: Session, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    expected = _shapes(names, tensors)
+    if session.shapes != expected:
+        raise ValueError(
+            f"session {session.id} has tensors {session.shapes}, the optimizer has {expected}"
+        )
