@@ -1,0 +1,1 @@
+"""The HTTP adapter: routes, wire formats, errors, auth. No update is computed here."""

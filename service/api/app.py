@@ -1,0 +1,104 @@
+"""The FastAPI application: settings, service, middleware, error mapping, routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import metadata
+from typing import Any
+
+from fastapi import FastAPI
+
+from service.api import errors, schemas
+from service.api.auth import KeyTable
+from service.api.metrics import Metrics
+from service.api.middleware import RequestContext
+from service.api.routes import catalog, health, sessions, steps
+from service.config import Settings
+from service.sessions.models import Limits
+from service.sessions.service import SessionService
+from service.sessions.store.base import Store
+from service.sessions.store.disk import DiskStore
+from service.sessions.store.memory import MemoryStore
+
+
+def _version() -> str:
+    try:
+        return metadata.version("optserve")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def build_service(settings: Settings) -> SessionService:
+    """The session service the settings describe (durable on disk, or in memory)."""
+    store: Store = MemoryStore() if settings.storage == "memory" else DiskStore(settings.data_dir)
+    limits = Limits(
+        max_tensors_per_session=settings.max_tensors_per_session,
+        max_elements_per_session=settings.max_elements_per_session,
+        max_sessions_per_tenant=settings.max_sessions_per_tenant,
+    )
+    return SessionService(
+        store,
+        limits,
+        idempotency_window=settings.idempotency_window,
+        snapshot_every=settings.snapshot_every,
+    )
+
+
+def create_app(settings: Settings | None = None, service: SessionService | None = None) -> FastAPI:
+    """Build the app; the service starts (recovering stored sessions) with the app."""
+    settings = settings or Settings()
+    keys = KeyTable.from_settings(settings.api_keys, settings.api_keys_file)
+    metrics = Metrics()
+    the_service = service if service is not None else build_service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await the_service.start()
+        try:
+            yield
+        finally:
+            await the_service.close()
+
+    app = FastAPI(
+        title="optserve",
+        version=_version(),
+        summary="torch.optim optimizers and schedules as a stateful REST service",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.service = the_service
+    app.state.keys = keys
+    app.state.metrics = metrics
+    errors.install(app)
+    for module in (sessions, steps, catalog, health):
+        app.include_router(module.router)
+    app.add_middleware(
+        RequestContext,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        access_log=settings.access_log,
+    )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            document = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=app.routes,
+            )
+            document.setdefault("components", {}).setdefault("schemas", {}).update(
+                schemas.COMPONENTS
+            )
+            document["components"]["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}
+            }
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

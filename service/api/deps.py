@@ -1,0 +1,56 @@
+"""Request dependencies as ``Annotated`` aliases: the service, the settings, the tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.api.auth import OPEN_TENANT, KeyTable
+from service.api.metrics import Metrics
+from service.api.problems import Unauthorized
+from service.config import Settings
+from service.sessions.service import SessionService
+
+
+def get_service(request: Request) -> SessionService:
+    service: SessionService = request.app.state.service
+    return service
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def authenticate(request: Request) -> str:
+    """The tenant the bearer key belongs to; 401 without a valid key (unless open)."""
+    keys: KeyTable = request.app.state.keys
+    if keys.open:
+        tenant = OPEN_TENANT
+    else:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise Unauthorized(
+                "this server needs an API key: Authorization: Bearer <key>", invalid_key=False
+            )
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("the Authorization header must be 'Bearer <key>'", invalid_key=True)
+        found = keys.tenant_for(key.strip())
+        if found is None:
+            raise Unauthorized("the API key is not valid", invalid_key=True)
+        tenant = found
+    request.scope["state"]["tenant"] = tenant
+    return tenant
+
+
+ServiceDep = Annotated[SessionService, Depends(get_service)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+TenantDep = Annotated[str, Depends(authenticate)]

@@ -1,0 +1,52 @@
+"""Prometheus metrics on the app's own registry (never the process-global one).
+
+A registry per app keeps test apps from colliding and lets ``/metrics`` show exactly this
+server's numbers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "optserve_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            ("route", "method", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "optserve_http_request_duration_seconds",
+            "Time from request start to the end of the response, by route and method",
+            ("route", "method"),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.steps = Counter(
+            "optserve_steps",
+            "Step requests answered with 2xx, by outcome",
+            ("outcome",),
+            registry=self.registry,
+        )
+        self.sessions_created = Counter(
+            "optserve_sessions_created", "Sessions created or restored", registry=self.registry
+        )
+        self.sessions_deleted = Counter(
+            "optserve_sessions_deleted", "Sessions deleted", registry=self.registry
+        )
+
+    def step_outcome(self, applied: bool, replayed: bool) -> None:
+        outcome = "replayed" if replayed else ("applied" if applied else "skipped")
+        self.steps.labels(outcome).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,115 @@
+"""``POST /v1/sessions/{id}/step``: gradients in, deltas (or params) out."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from starlette.responses import Response
+
+from service.api import schemas
+from service.api.body import read_body
+from service.api.deps import MetricsDep, ServiceDep, SettingsDep, TenantDep
+from service.api.media import Wire, request_wire, response_wire
+from service.api.problems import BadRequest
+from service.api.responses import raw_json_response, safetensors_response
+from service.api.wire import (
+    StepBody,
+    fingerprint,
+    step_from_json,
+    step_from_safetensors,
+    step_reply_json,
+    step_reply_safetensors,
+)
+from service.sessions.errors import InvalidInput
+from service.sessions.models import StepRequest
+
+router = APIRouter(tags=["steps"])
+
+_ETAG = re.compile(r'\s*(?:W/)?"(\d{1,18})"\s*')
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def parse_if_match(value: str | None) -> int | None:
+    """``If-Match: "<step>"`` -> the step; ``*`` or absent -> None."""
+    if value is None or value.strip() == "*":
+        return None
+    match = _ETAG.fullmatch(value)
+    if match is None:
+        raise BadRequest('If-Match must be one entity tag like "12" (or *)', "If-Match")
+    return int(match.group(1))
+
+
+def parse_idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if _KEY.fullmatch(value) is None:
+        raise BadRequest(
+            "Idempotency-Key must be 1-255 visible ASCII characters", "Idempotency-Key"
+        )
+    return value
+
+
+async def _bare_name(service: ServiceDep, tenant: str, session_id: str) -> str:
+    info = await service.get(tenant, session_id)
+    names = list(info.document()["tensors"])
+    if len(names) != 1:
+        raise InvalidInput(
+            f"'grads' as a bare list is for one-tensor sessions; this one has {len(names)}: "
+            "send an object of tensor name to values",
+            "grads",
+        )
+    return str(names[0])
+
+
+@router.post(
+    "/v1/sessions/{session_id}/step",
+    summary="Apply one optimizer step",
+    responses=schemas.step_responses(),
+    openapi_extra=schemas.step_request(),
+)
+async def step(
+    session_id: str,
+    request: Request,
+    tenant: TenantDep,
+    service: ServiceDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    returns: Annotated[Literal["delta", "params", "none"], Query(alias="return")] = "delta",
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+) -> Response:
+    wire = request_wire(request)
+    answer = response_wire(request, wire)
+    key = parse_idempotency_key(idempotency_key)
+    expected = parse_if_match(if_match)
+    body = await read_body(request)
+    parsed: StepBody
+    if wire is Wire.JSON:
+        parsed = step_from_json(body)
+    else:
+        parsed = step_from_safetensors(body, 2 * settings.max_tensors_per_session)
+    grads = parsed.grads
+    if parsed.bare is not None:
+        grads = {await _bare_name(service, tenant, session_id): parsed.bare}
+    reply = await service.step(
+        tenant,
+        session_id,
+        StepRequest(
+            grads=grads,
+            params=parsed.params,
+            loss=parsed.loss,
+            idempotency_key=key,
+            fingerprint=fingerprint(body, wire, returns) if key is not None else "",
+            if_match=expected,
+            want=returns,
+        ),
+    )
+    metrics.step_outcome(reply.applied, reply.replayed)
+    headers = {"ETag": f'"{reply.step}"'}
+    if reply.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if answer is Wire.JSON:
+        return raw_json_response(step_reply_json(reply, returns), headers)
+    return safetensors_response(step_reply_safetensors(reply), headers)

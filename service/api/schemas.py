@@ -1,0 +1,354 @@
+"""The OpenAPI description of bodies the routes read and write by hand.
+
+Tensor payloads bypass pydantic for speed, so their shapes are written down here as JSON
+Schema; ``COMPONENTS`` is merged into the document's ``components.schemas``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.api.media import JSON_TYPE, SAFETENSORS_TYPE
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_NUMBER = {"type": "number"}
+_NULLABLE_NUMBER = {"type": ["number", "null"]}
+_OBJECT = {"type": "object", "additionalProperties": True}
+_BINARY = {"type": "string", "format": "binary"}
+
+COMPONENTS: dict[str, Any] = {
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem document",
+        "required": ["type", "title", "status"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "instance": {"type": "string"},
+            "request_id": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["field", "message"],
+                    "properties": {
+                        "field": {"type": ["string", "null"]},
+                        "message": {"type": "string"},
+                    },
+                },
+            },
+        },
+        "additionalProperties": True,
+    },
+    "TensorValues": {
+        "description": "numbers nested to the tensor's shape, or flat in row-major order",
+        "anyOf": [_NUMBER, {"type": "array", "items": _ref("TensorValues")}],
+    },
+    "TensorMap": {
+        "type": "object",
+        "additionalProperties": _ref("TensorValues"),
+        "description": "tensor name -> values",
+    },
+    "NamedConfig": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": {"type": "string"}},
+        "additionalProperties": True,
+        "description": "torch's class name plus its constructor arguments",
+    },
+    "TensorSpec": {
+        "type": "object",
+        "required": ["shape"],
+        "properties": {
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "data": _ref("TensorValues"),
+        },
+    },
+    "SessionCreate": {
+        "type": "object",
+        "required": ["optimizer", "params"],
+        "properties": {
+            "optimizer": _ref("NamedConfig"),
+            "schedule": {"anyOf": [_ref("NamedConfig"), {"type": "null"}]},
+            "params": {"type": "object", "additionalProperties": _ref("TensorSpec")},
+            "param_groups": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["params"],
+                    "properties": {"params": {"type": "array", "items": {"type": "string"}}},
+                    "additionalProperties": True,
+                },
+            },
+            "dtype": {"enum": ["float32", "float64"]},
+            "clip_grad_norm": {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "required": ["max_norm"],
+                        "properties": {"max_norm": _NUMBER, "norm_type": _NUMBER},
+                    },
+                    {"type": "null"},
+                ]
+            },
+            "clip_grad_value": {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "required": ["clip_value"],
+                        "properties": {"clip_value": _NUMBER},
+                    },
+                    {"type": "null"},
+                ]
+            },
+            "nonfinite": {"enum": ["error", "skip"]},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "Session": {
+        "type": "object",
+        "required": ["id", "step", "lr", "optimizer", "tensors", "holds_params", "dtype"],
+        "properties": {
+            "id": {"type": "string"},
+            "step": {"type": "integer"},
+            "lr": {"type": "array", "items": _NUMBER},
+            "optimizer": _OBJECT,
+            "schedule": {"type": ["object", "null"]},
+            "param_groups": {"type": "array", "items": _OBJECT},
+            "tensors": {"type": "object", "additionalProperties": _OBJECT},
+            "holds_params": {"type": "boolean"},
+            "dtype": {"type": "string"},
+            "nonfinite": {"type": "string"},
+            "skipped_steps": {"type": "integer"},
+            "created_at": {"type": "string"},
+            "updated_at": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+        "additionalProperties": True,
+    },
+    "SessionList": {
+        "type": "object",
+        "required": ["sessions", "next"],
+        "properties": {
+            "sessions": {"type": "array", "items": _ref("Session")},
+            "next": {"type": ["string", "null"], "description": "cursor for ?after="},
+        },
+    },
+    "StepRequest": {
+        "type": "object",
+        "required": ["grads"],
+        "properties": {
+            "grads": {
+                "anyOf": [_ref("TensorMap"), {"type": "array", "items": _ref("TensorValues")}],
+                "description": "tensor name -> gradient; a bare list for a one-tensor session",
+            },
+            "params": _ref("TensorMap"),
+            "loss": _NULLABLE_NUMBER,
+        },
+        "additionalProperties": False,
+    },
+    "StepReply": {
+        "type": "object",
+        "required": ["step", "lr", "applied"],
+        "properties": {
+            "step": {"type": "integer"},
+            "lr": {"type": "array", "items": _NUMBER},
+            "applied": {"type": "boolean"},
+            "evaluate": {"type": "boolean"},
+            "skipped": {"type": "string"},
+            "deltas": _ref("TensorMap"),
+            "params": _ref("TensorMap"),
+        },
+    },
+    "Params": {
+        "type": "object",
+        "required": ["step", "params"],
+        "properties": {"step": {"type": "integer"}, "params": _ref("TensorMap")},
+    },
+    "ScheduleStep": {
+        "type": "object",
+        "properties": {"metric": _NULLABLE_NUMBER},
+        "additionalProperties": False,
+    },
+    "PreviewRequest": {
+        "type": "object",
+        "required": ["optimizer", "steps"],
+        "properties": {
+            "optimizer": _ref("NamedConfig"),
+            "schedule": {"anyOf": [_ref("NamedConfig"), {"type": "null"}]},
+            "steps": {"type": "integer", "minimum": 1, "maximum": 100_000},
+            "param_groups": {"type": "array", "items": _OBJECT},
+        },
+        "additionalProperties": False,
+    },
+    "Preview": {
+        "type": "object",
+        "required": ["lr"],
+        "properties": {
+            "lr": {
+                "type": "array",
+                "items": {"type": "array", "items": _NUMBER},
+                "description": "lr per step (outer) per group (inner)",
+            }
+        },
+    },
+    "Catalog": {
+        "type": "object",
+        "additionalProperties": {"type": "array", "items": _OBJECT},
+        "description": "{optimizers|schedules: [{name, args: [{name, type, default, ...}]}]}",
+    },
+    "Status": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string"}},
+    },
+}
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {JSON_TYPE: {"schema": _ref(name)}}
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    content = {PROBLEM_JSON: {"schema": _ref("Problem")}}
+    described = {
+        400: "Unreadable request (malformed body or header)",
+        401: "Missing or invalid API key",
+        404: "No such session for this tenant",
+        406: "No acceptable response type",
+        409: "Conflict (step in flight, key applied long ago, params not held)",
+        412: "If-Match names another step",
+        413: "Body larger than the configured limit",
+        415: "Unsupported Content-Type",
+        422: "Invalid request (fields named in errors)",
+        503: "Store unavailable",
+    }
+    return {s: {"description": described[s], "content": content} for s in statuses}
+
+
+_COMMON = (401, 406, 422)
+_BODY = (400, 413, 415)
+
+
+def _request(content: dict[str, Any], required: bool = True) -> dict[str, Any]:
+    return {"requestBody": {"required": required, "content": content}}
+
+
+def create_request() -> dict[str, Any]:
+    return _request(
+        {
+            JSON_TYPE: {"schema": _ref("SessionCreate")},
+            SAFETENSORS_TYPE: {
+                "schema": _BINARY,
+                "description": 'initial params with __metadata__["session"], or a checkpoint',
+            },
+        }
+    )
+
+
+def step_request() -> dict[str, Any]:
+    return _request(
+        {
+            JSON_TYPE: {"schema": _ref("StepRequest")},
+            SAFETENSORS_TYPE: {
+                "schema": _BINARY,
+                "description": "grads by tensor name, params as params/<name>, loss in metadata",
+            },
+        }
+    )
+
+
+def schedule_step_request() -> dict[str, Any]:
+    return _request({JSON_TYPE: {"schema": _ref("ScheduleStep")}}, required=False)
+
+
+def preview_request() -> dict[str, Any]:
+    return _request({JSON_TYPE: {"schema": _ref("PreviewRequest")}})
+
+
+def create_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        201: {"description": "Created", "content": _json("Session")},
+        **_problems(*_COMMON, *_BODY, 503),
+    }
+
+
+def session_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"description": "The session", "content": _json("Session")},
+        **_problems(*_COMMON, *_BODY, 404, 503),
+    }
+
+
+def list_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"description": "One page", "content": _json("SessionList")},
+        **_problems(*_COMMON),
+    }
+
+
+def delete_responses() -> dict[int | str, dict[str, Any]]:
+    return {204: {"description": "Deleted"}, **_problems(401, 404, 422, 503)}
+
+
+def step_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": "Applied (or skipped, or replayed)",
+            "content": {**_json("StepReply"), SAFETENSORS_TYPE: {"schema": _BINARY}},
+        },
+        **_problems(*_COMMON, *_BODY, 404, 409, 412, 503),
+    }
+
+
+def params_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": "The held parameters",
+            "content": {**_json("Params"), SAFETENSORS_TYPE: {"schema": _BINARY}},
+        },
+        **_problems(*_COMMON, 404, 409),
+    }
+
+
+def state_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"description": "Checkpoint", "content": {SAFETENSORS_TYPE: {"schema": _BINARY}}},
+        **_problems(*_COMMON, 404),
+    }
+
+
+def preview_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"description": "lr per step", "content": _json("Preview")},
+        **_problems(*_COMMON, *_BODY),
+    }
+
+
+def health_responses() -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": "Alive", "content": _json("Status")}}
+
+
+def ready_responses() -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": "Ready", "content": _json("Status")}, **_problems(503)}
+
+
+def metrics_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    }
+
+
+def catalog_responses() -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": "The catalog", "content": _json("Catalog")}, **_problems(*_COMMON)}
