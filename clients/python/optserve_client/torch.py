@@ -221,7 +221,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         result = self.session.step(
             grads,
             params=self._params() if self._send_params else None,
-            loss=float(loss) if loss is not None else None,
+            loss=_loss_value(loss),
             returns="params" if self._holds else "delta",
         )
         if result.applied:
@@ -253,6 +253,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 return first_loss
             with torch.enable_grad():
                 loss = closure()
+
+
+def _loss_value(loss: Any) -> float | None:
+    if loss is None:
+        return None
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach().item())
+    return float(loss)
 
 
 def _to_numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
