@@ -334,6 +334,11 @@ class DiskStore(Store):
         with self._logs_lock:
             entry = self._logs.get(session_id)
         if entry is None:
+            # Not loaded since open: loading finds the end of its log (and repairs it).
+            self.load_session(session_id)
+            with self._logs_lock:
+                entry = self._logs.get(session_id)
+        if entry is None:
             raise KeyError(f"no stored session {session_id!r}")
         return entry
 

@@ -1,0 +1,101 @@
+"""The event log's frame format: round trip, and torn or damaged tails are detected."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.sessions.store import logfile
+from service.sessions.store.base import Event
+
+
+def sample(seq: int) -> Event:
+    rng = np.random.default_rng(seq)
+    return Event(
+        seq=seq,
+        kind="step",
+        at=1.5 * seq,
+        key=f"key-{seq}",
+        fingerprint="ab" * 32,
+        want="delta",
+        grads={
+            "w": rng.standard_normal((5, 3)).astype(np.float32),
+            "scalar": np.array(2.5, dtype=np.float64),
+            "odd": rng.standard_normal(3).astype(np.float32),
+        },
+        params={"w": rng.standard_normal((5, 3)).astype(np.float32)} if seq % 2 else None,
+        loss=float("nan") if seq == 3 else 0.25,
+    )
+
+
+def frame_bytes(event: Event) -> bytes:
+    return b"".join(bytes(b) for b in logfile.encode(event))
+
+
+def test_frames_round_trip_bit_for_bit() -> None:
+    events = [sample(i) for i in range(1, 5)]
+    data = np.frombuffer(b"".join(frame_bytes(e) for e in events), dtype=np.uint8)
+    scan = logfile.scan(data)
+    assert not scan.torn
+    assert scan.valid_bytes == data.size
+    for got, want in zip(scan.events, events, strict=True):
+        assert (got.seq, got.key, got.at, got.want) == (want.seq, want.key, want.at, want.want)
+        for name, array in want.grads.items():
+            assert got.grads[name].shape == array.shape
+            assert got.grads[name].tobytes() == array.tobytes()
+        assert (got.params is None) == (want.params is None)
+    assert np.isnan(scan.events[2].loss)  # type: ignore[arg-type]
+
+
+def test_tensor_views_are_aligned() -> None:
+    data = np.frombuffer(frame_bytes(sample(1)) + frame_bytes(sample(2)), dtype=np.uint8).copy()
+    for event in logfile.scan(data).events:
+        for array in event.grads.values():
+            assert array.flags.aligned
+
+
+def test_every_truncation_point_keeps_exactly_the_whole_frames() -> None:
+    first, second = frame_bytes(sample(1)), frame_bytes(sample(2))
+    whole = first + second
+    for cut in range(len(first), len(whole)):
+        scan = logfile.scan(np.frombuffer(whole[:cut], dtype=np.uint8))
+        assert [e.seq for e in scan.events] == [1]
+        assert scan.valid_bytes == len(first)
+        assert scan.torn == (cut != len(first))
+
+
+@pytest.mark.parametrize("where", ["length", "header", "data", "last"])
+def test_a_flipped_bit_ends_the_log_before_the_damaged_frame(where: str) -> None:
+    first, second = frame_bytes(sample(1)), bytearray(frame_bytes(sample(2)))
+    position = {
+        "length": 5,
+        "header": logfile.PREFIX_SIZE + 3,
+        "data": len(second) // 2,
+        "last": len(second) - 1,
+    }[where]
+    second[position] ^= 0x10
+    data = np.frombuffer(first + bytes(second), dtype=np.uint8)
+    scan = logfile.scan(data)
+    assert [e.seq for e in scan.events] == [1]
+    assert scan.torn
+
+
+def test_zeroed_tail_is_not_a_frame() -> None:
+    data = np.frombuffer(frame_bytes(sample(1)) + bytes(4096), dtype=np.uint8)
+    scan = logfile.scan(data)
+    assert [e.seq for e in scan.events] == [1]
+    assert scan.torn
+
+
+def test_write_all_writes_every_buffer(tmp_path: Path) -> None:
+    buffers = logfile.encode(sample(1))
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT)
+    try:
+        written = logfile.write_all(fd, buffers)
+    finally:
+        os.close(fd)
+    assert written == len(frame_bytes(sample(1)))
+    assert logfile.read_file(tmp_path / "log").tobytes() == frame_bytes(sample(1))
