@@ -1,0 +1,76 @@
+"""Adagrad: update rule against torch, defaults, validation, state round trip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.core import optimizers
+from tests.core.cases import Case
+from tests.core.cases.adagrad import CASES
+from tests.core.optimizer_checks import (
+    assert_checkpoint_continues_exactly,
+    assert_rejected,
+    assert_signature_matches_torch,
+    assert_update_matches_torch,
+)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_update_matches_torch_for_200_steps(case: Case) -> None:
+    assert_update_matches_torch(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_state_round_trip_continues_exactly(case: Case) -> None:
+    assert_checkpoint_continues_exactly(case)
+
+
+def test_arguments_and_defaults_are_torchs() -> None:
+    assert_signature_matches_torch("Adagrad")
+
+
+def test_accumulator_starts_at_initial_value() -> None:
+    adagrad = optimizers.get("Adagrad")
+    state = adagrad.init(
+        [(2, 3)], adagrad.resolve({"initial_accumulator_value": 0.25}), np.dtype("float64")
+    )
+    np.testing.assert_array_equal(state.sum[0], np.full((2, 3), 0.25))
+
+
+def test_learning_rate_decays_as_lr_over_one_plus_step_minus_one_times_decay() -> None:
+    # With a constant gradient g and a zero accumulator, step t moves the parameter by
+    # -clr_t g / (sqrt(t) |g| + eps): the ratio of two steps exposes clr_t.
+    adagrad = optimizers.get("Adagrad")
+    hp = adagrad.resolve({"lr": 0.1, "lr_decay": 0.5, "eps": 0.0})
+    state = adagrad.init([(1,)], hp, np.dtype("float64"))
+    g, out = np.array([2.0]), [np.empty(1)]
+    moves = []
+    for _ in range(3):
+        state = adagrad.update([g], state, None, hp, out)
+        moves.append(-out[0][0])
+    for t, move in enumerate(moves, start=1):
+        expected = 0.1 / (1 + (t - 1) * 0.5) / np.sqrt(t)
+        assert move == pytest.approx(expected, rel=1e-15)
+
+
+INVALID: list[tuple[dict[str, Any], str, str]] = [
+    ({"lr": -0.5}, "lr", "Invalid learning rate: -0.5"),
+    ({"lr_decay": -0.1}, "lr_decay", "Invalid lr_decay value: -0.1"),
+    ({"weight_decay": -1.0}, "weight_decay", "Invalid weight_decay value: -1.0"),
+    (
+        {"initial_accumulator_value": -0.3},
+        "initial_accumulator_value",
+        "Invalid initial_accumulator_value value: -0.3",
+    ),
+    ({"eps": -1e-10}, "eps", "Invalid epsilon value: -1e-10"),
+]
+
+
+@pytest.mark.parametrize(("given", "argument", "message"), INVALID)
+def test_invalid_hyperparameters_name_argument_and_value(
+    given: dict[str, Any], argument: str, message: str
+) -> None:
+    assert_rejected("Adagrad", given, argument, message)
