@@ -1,0 +1,190 @@
+"""Idempotency keys: replay, reuse with another body, expiry, in-flight retries; and the
+serialization of one session's steps while other sessions go on."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.sessions.errors import IdempotencyExpired, IdempotencyKeyReused, StepInFlight
+from service.sessions.models import StepRequest
+from service.sessions.store import Event, MemoryStore
+from tests.sessions.conftest import StoreFactory, grads_for, running
+
+pytestmark = pytest.mark.anyio
+
+SHAPES = {"w": (5,)}
+CONFIG: dict[str, Any] = {
+    "optimizer": {"name": "SGD", "lr": 0.1, "momentum": 0.9},
+    "params": {"w": {"shape": [5]}},
+}
+
+
+def request(seed: int, key: str | None = None, **kw: Any) -> StepRequest:
+    return StepRequest(
+        grads=grads_for(SHAPES, seed), idempotency_key=key, fingerprint=f"body-{seed}", **kw
+    )
+
+
+async def test_a_retry_gets_the_stored_reply_and_applies_nothing() -> None:
+    async with running(MemoryStore()) as service:
+        sid = (await service.create("t", CONFIG, {"w": np.zeros(5)})).id
+        first = await service.step("t", sid, request(1, "k1"))
+        again = await service.step("t", sid, request(1, "k1"))
+        assert again.replayed and not first.replayed
+        assert (again.step, again.lr, again.applied) == (first.step, first.lr, first.applied)
+        assert first.tensors is not None and again.tensors is not None
+        np.testing.assert_array_equal(again.tensors["w"], first.tensors["w"])
+        assert (await service.get("t", sid)).step == 1
+        np.testing.assert_array_equal((await service.params("t", sid))["w"], first.tensors["w"])
+
+
+async def test_a_retry_is_answered_even_if_the_session_moved_on() -> None:
+    async with running(MemoryStore()) as service:
+        sid = (await service.create("t", CONFIG, None)).id
+        first = await service.step("t", sid, request(1, "k1", if_match=0))
+        await service.step("t", sid, request(2, "k2"))
+        again = await service.step("t", sid, request(1, "k1", if_match=0))
+        assert again.replayed and again.step == first.step == 1
+
+
+async def test_the_same_key_with_another_body_is_refused() -> None:
+    async with running(MemoryStore()) as service:
+        sid = (await service.create("t", CONFIG, None)).id
+        await service.step("t", sid, request(1, "k1"))
+        with pytest.raises(IdempotencyKeyReused):
+            await service.step("t", sid, request(2, "k1"))
+        assert (await service.get("t", sid)).step == 1
+
+
+async def test_keys_are_per_session() -> None:
+    async with running(MemoryStore()) as service:
+        a = (await service.create("t", CONFIG, None)).id
+        b = (await service.create("t", CONFIG, None)).id
+        await service.step("t", a, request(1, "k"))
+        reply = await service.step("t", b, request(1, "k"))
+        assert not reply.replayed and reply.step == 1
+
+
+async def test_a_failed_request_does_not_use_up_its_key() -> None:
+    async with running(MemoryStore()) as service:
+        sid = (await service.create("t", CONFIG, None)).id
+        bad = StepRequest(grads={"w": np.zeros(4)}, idempotency_key="k", fingerprint="x")
+        with pytest.raises(Exception, match="shape"):
+            await service.step("t", sid, bad)
+        reply = await service.step("t", sid, request(1, "k"))
+        assert reply.applied and not reply.replayed
+
+
+async def test_an_old_key_is_refused_with_the_step_it_was_applied_at(
+    store_factory: StoreFactory,
+) -> None:
+    # A small window and frequent snapshots: old keys leave the window, then the history.
+    options = {"idempotency_window": 2, "snapshot_every": 2}
+    async with running(store_factory(), **options) as service:
+        sid = (await service.create("t", CONFIG, None)).id
+        for i in range(1, 10):
+            await service.step("t", sid, request(i, f"k{i}"))
+        for _ in range(50):  # let background snapshots and compaction finish
+            await asyncio.sleep(0.01)
+        with pytest.raises(IdempotencyExpired) as expired:
+            await service.step("t", sid, request(1, "k1"))
+        assert expired.value.step == 1
+        with pytest.raises(IdempotencyExpired) as recent:
+            await service.step("t", sid, request(6, "k6"))
+        assert recent.value.step == 6
+        with pytest.raises(IdempotencyKeyReused):
+            await service.step("t", sid, request(99, "k1"))
+        assert (await service.step("t", sid, request(9, "k9"))).replayed
+        assert (await service.get("t", sid)).step == 9
+    store = store_factory()
+    store.open()
+    stored = store.load_session(sid)
+    store.close()
+    assert stored is not None and stored.snapshot.seq >= 4  # k1 was archived by compaction
+    # After a restart, the same answers: keys come back from the log and the archive.
+    async with running(store_factory(), **options) as service:
+        with pytest.raises(IdempotencyExpired) as expired:
+            await service.step("t", sid, request(1, "k1"))
+        assert expired.value.step == 1
+        with pytest.raises(IdempotencyExpired):
+            await service.step("t", sid, request(7, "k7"))
+        assert (await service.step("t", sid, request(9, "k9"))).replayed
+        assert (await service.step("t", sid, request(10, "k10"))).step == 10
+
+
+class GatedStore(MemoryStore):
+    """Appends wait for a gate, on the store's threads, like a slow disk."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def append(self, session_id: str, event: Event) -> int:
+        self.waiting.set()
+        assert self.gate.wait(10)
+        return super().append(session_id, event)
+
+
+async def wait_for(flag: threading.Event) -> None:
+    for _ in range(1000):
+        if flag.is_set():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("timed out")
+
+
+async def test_a_retry_while_the_first_is_in_flight_is_refused() -> None:
+    store = GatedStore()
+    store.gate.set()
+    async with running(store) as service:
+        slow = (await service.create("t", CONFIG, None)).id
+        other = (await service.create("t", CONFIG, None)).id
+        store.gate.clear()
+        first = asyncio.ensure_future(service.step("t", slow, request(1, "k1")))
+        await wait_for(store.waiting)
+        with pytest.raises(StepInFlight):
+            await service.step("t", slow, request(1, "k1"))
+        # Another step of the same session waits its turn...
+        second = asyncio.ensure_future(service.step("t", slow, request(2, "k2")))
+        await asyncio.sleep(0.05)
+        assert not second.done()
+        store.gate.set()
+        assert (await first).step == 1
+        assert (await second).step == 2
+        # ...and the finished key replays.
+        assert (await service.step("t", slow, request(1, "k1"))).replayed
+        assert (await service.step("t", other, request(1, "k1"))).step == 1
+
+
+async def test_other_sessions_step_while_one_is_blocked() -> None:
+    store = GatedStore()
+    store.gate.set()
+    async with running(store) as service:
+        slow = (await service.create("t", CONFIG, None)).id
+        fast = (await service.create("t", CONFIG, None)).id
+        store.gate.clear()
+        blocked = asyncio.ensure_future(service.step("t", slow, request(1)))
+        await wait_for(store.waiting)
+        # The event loop is free: reads answer while the step is in progress.
+        assert (await service.get("t", slow)).step == 0
+        store.gate.set()
+        assert (await service.step("t", fast, request(1))).step == 1
+        assert (await blocked).step == 1
+
+
+async def test_concurrent_steps_of_one_session_are_serialized() -> None:
+    async with running(MemoryStore()) as service:
+        sid = (await service.create("t", CONFIG, {"w": np.zeros(5)})).id
+        replies = await asyncio.gather(
+            *(service.step("t", sid, request(i, f"k{i}")) for i in range(20))
+        )
+        assert sorted(r.step for r in replies) == list(range(1, 21))
+        assert (await service.get("t", sid)).step == 20
