@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.api import problems
-from service.codec.errors import MalformedBody, TooManyTensors
+from service.codec.errors import InvalidValues, MalformedBody, TooManyTensors
 from service.sessions import errors as domain
 
 PROBLEM_JSON = "application/problem+json"
@@ -54,7 +54,7 @@ def _invalid_input(exc: domain.InvalidInput) -> dict[str, Any]:
     return _field_errors(exc.field, str(exc))
 
 
-def _malformed(exc: MalformedBody) -> dict[str, Any]:
+def _malformed(exc: MalformedBody | InvalidValues) -> dict[str, Any]:
     return _field_errors(exc.field, str(exc))
 
 
@@ -110,6 +110,7 @@ MAPPINGS: dict[type[Exception], Mapping] = {
         422, "invalid-request", "Invalid request", details=_invalid_request
     ),
     MalformedBody: Mapping(400, "malformed-body", "Malformed request body", details=_malformed),
+    InvalidValues: Mapping(422, "invalid-input", "Invalid input", details=_malformed),
     TooManyTensors: Mapping(422, "limit-exceeded", "Limit exceeded", details=_too_many),
     # Sessions
     domain.SessionNotFound: Mapping(404, "session-not-found", "Session not found"),

@@ -15,6 +15,14 @@ class MalformedBody(CodecError):
         self.field = field
 
 
+class InvalidValues(CodecError):
+    """Well-formed input whose values cannot be a tensor (strings, ragged lists, bad shape)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class TooManyTensors(MalformedBody):
     """A payload names more tensors than the caller allows."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from service.codec.errors import MalformedBody
+from service.codec.errors import InvalidValues
 
 _NUMERIC_KINDS = frozenset("iuf")
 
@@ -40,23 +40,23 @@ def array_from_json(
 
     ``check_bools=False`` skips the scan for JSON booleans (which numpy would silently turn
     into 0 and 1) when the caller knows the raw text holds no ``true``/``false`` at all.
-    Raises :class:`MalformedBody` naming ``field``.
+    Raises :class:`InvalidValues` naming ``field``.
     """
     if isinstance(value, bool) or not isinstance(value, list | int | float):
-        raise MalformedBody(f"{field} must be a list of numbers", field=field)
+        raise InvalidValues(f"{field} must be a list of numbers", field=field)
     try:
         array = np.asarray(value)
     except (ValueError, TypeError, OverflowError, RecursionError):
-        raise MalformedBody(
+        raise InvalidValues(
             f"{field} must be a list of numbers nested like the tensor's shape", field=field
         ) from None
     if array.dtype.kind not in _NUMERIC_KINDS or (check_bools and contains_bool(value)):
-        raise MalformedBody(f"{field} must hold numbers only", field=field)
+        raise InvalidValues(f"{field} must hold numbers only", field=field)
     if shape is not None and array.shape != shape:
         if array.ndim == 1 and array.size == math.prod(shape):
             array = array.reshape(shape)
         else:
-            raise MalformedBody(
+            raise InvalidValues(
                 f"{field} has shape {list(array.shape)}, expected {list(shape)} "
                 f"(or a flat list of {math.prod(shape)} numbers)",
                 field=field,
