@@ -215,6 +215,12 @@ class LBFGS(Optimizer[LBFGSState]):
         point asked for last, or the current parameters when a step starts). ``out``
         receives ``next_point - params``. ``loss`` may be ``None`` only when
         ``ask_tell(hp)`` is false: torch reads it only to compare successive iterations.
+
+        The result says whether the step goes on (``evaluate``: tell the loss and
+        gradient at ``params + out`` next) or ended where torch's ``step()`` returns
+        (``completed``: ``params + out`` are torch's new parameters, and the next tell is
+        the opening evaluation of the next step, at those parameters). Exactly one of the
+        two is true.
         """
         if loss is None and self.ask_tell(hp):
             raise InvalidInput("LBFGS with a line search or max_iter > 1 needs 'loss'", "loss")
@@ -225,9 +231,12 @@ class LBFGS(Optimizer[LBFGSState]):
             if params is None:
                 raise InvalidInput("LBFGS with a line search needs the parameter values", "params")
             here = _flatten(params)
+        _check_state(state, hp, flat_grad)
         moves = _Moves(flat_grad.size, flat_grad.dtype, here)
-        completed = _Machine(state, hp, moves).resume(loss, flat_grad)
-        moves.write(state, out)
+        # torch's arithmetic overflows to inf and nan silently; so does the machine's.
+        with np.errstate(all="ignore"):
+            completed = _Machine(state, hp, moves).resume(loss, flat_grad)
+        moves.write(out)
         return TellResult(evaluate=not completed, completed=completed)
 
 
@@ -249,7 +258,7 @@ class _Moves:
     def goto(self, point: np.ndarray) -> None:
         self.target = point
 
-    def write(self, state: LBFGSState, out: Sequence[np.ndarray]) -> None:
+    def write(self, out: Sequence[np.ndarray]) -> None:
         delta = self.relative
         if self.target is not None:
             assert self.here is not None
@@ -280,10 +289,8 @@ class _Machine:
             return self._open(loss, flat_grad)
         if phase == FIXED:
             return self._after_fixed_eval(loss, flat_grad)
-        if phase in (LS_BRACKET, LS_ZOOM):
-            assert loss is not None
-            return self._after_trial(loss, flat_grad)
-        raise InvalidInput(f"corrupt LBFGS state: unknown phase {phase!r}", "state")
+        assert loss is not None and phase in (LS_BRACKET, LS_ZOOM)
+        return self._after_trial(loss, flat_grad)
 
     # ---- LBFGS.step ---------------------------------------------------------------
 
@@ -348,7 +355,7 @@ class _Machine:
             s.old_dirs.append(y)
             s.old_stps.append(step)
             s.ro.append(1.0 / ys)
-            s.H_diag = ys / _dot(y, y)
+            s.H_diag = _div(ys, _dot(y, y))
         count = len(s.old_dirs)
         al = [0.0] * count
         q = -flat_grad
@@ -545,6 +552,68 @@ class _Machine:
         s = self.s
         low = s.low_pos
         return self._after_line_search(s.bracket_f[low], s.bracket_g[low], s.bracket[low])
+
+
+_INTS = ("func_evals", "n_iter", "iteration", "current_evals", "ls_max", "ls_iter", "ls_evals")
+_FLOATS = ("H_diag", "gtd", "d_norm", "t_prev", "f_prev", "gtd_prev")
+_VECTORS = ("d", "prev_flat_grad", "x", "g_prev")
+_VECTOR_LISTS = ("old_dirs", "old_stps", "bracket_g")
+_FLOAT_LISTS = ("ro", "bracket", "bracket_f", "bracket_gtd")
+_NEEDED = {
+    START: (),
+    FIXED: ("d", "t", "prev_loss"),
+    LS_BRACKET: ("d", "t", "prev_loss", "prev_flat_grad", "x", "g_prev"),
+    LS_ZOOM: ("d", "t", "prev_loss", "prev_flat_grad", "x"),
+}
+
+
+def _check_state(state: LBFGSState, hp: Mapping[str, Any], flat_grad: np.ndarray) -> None:
+    """Refuse a state that could not have come from this machine (a forged checkpoint).
+
+    Runs before anything is mutated, so a refused tell changes nothing.
+    """
+
+    def corrupt(why: str) -> InvalidInput:
+        return InvalidInput(f"corrupt LBFGS state: {why}", "state")
+
+    def is_vector(a: Any) -> bool:
+        return (
+            isinstance(a, np.ndarray) and a.shape == flat_grad.shape and a.dtype == flat_grad.dtype
+        )
+
+    search = hp["line_search_fn"] is not None
+    phase = state.phase
+    if (
+        phase not in _NEEDED
+        or (phase == FIXED and search)
+        or (phase.startswith("ls_") and not search)
+    ):
+        raise corrupt(f"phase {phase!r} does not fit this configuration")
+    for name in _INTS:
+        value = getattr(state, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise corrupt(f"{name} must be a non-negative integer")
+    numbers = [getattr(state, name) for name in _FLOATS]
+    numbers += [v for name in _FLOAT_LISTS for v in getattr(state, name)]
+    numbers += [v for v in (state.t, state.prev_loss) if v is not None]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+        raise corrupt("a scalar field is not a number")
+    vectors = [getattr(state, name) for name in _VECTORS]
+    vectors += [v for name in _VECTOR_LISTS for v in getattr(state, name)]
+    if not all(v is None or is_vector(v) for v in vectors):
+        raise corrupt(f"arrays must be flat {flat_grad.dtype} vectors of {flat_grad.size}")
+    needed = _NEEDED[phase] + (("d", "t", "prev_flat_grad") if state.n_iter else ())
+    missing = [name for name in needed if getattr(state, name) is None]
+    if missing:
+        raise corrupt(f"{', '.join(missing)} missing in phase {phase!r}")
+    history = len(state.old_dirs)
+    if not (len(state.old_stps) == len(state.ro) == history <= hp["history_size"]):
+        raise corrupt("history lists disagree in length")
+    brackets = {len(state.bracket), len(state.bracket_f), len(state.bracket_g)}
+    if phase == LS_ZOOM and (
+        brackets != {2} or len(state.bracket_gtd) != 2 or {state.low_pos, state.high_pos} != {0, 1}
+    ):
+        raise corrupt("the zoom phase needs a two-point bracket")
 
 
 def _cubic_interpolate(
