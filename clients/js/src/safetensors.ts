@@ -261,7 +261,9 @@ function readArray(dtype: DType, raw: Uint8Array): DecodedArray {
     for (let i = 0; i < count; i++) out[i] = widen(view.getUint16(2 * i, true));
     return out;
   }
-  const copy = raw.slice();
+  // Not raw.slice(): on a Node Buffer that returns a view into a shared pool, not a copy.
+  const copy = new Uint8Array(raw.byteLength);
+  copy.set(raw);
   if (!LITTLE_ENDIAN) swapBytes(copy, ITEM_SIZE[dtype]);
   const buffer = copy.buffer;
   switch (dtype) {
