@@ -1,17 +1,94 @@
-"""Client tests: make ``optserve_client`` importable from a plain checkout.
+"""Client tests: the client importable from a plain checkout, and live servers.
 
 The client is its own distribution (``clients/python``); when it is not installed
 (``pip install -e clients/python``) the tests import it from the source tree.
+
+``live_url`` starts a real server (``python -m service serve``, in-memory storage) on a
+free loopback port for the test session and stops it by PID; ``live_server_with_keys``
+starts one that requires API keys.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-CLIENT_SRC = Path(__file__).resolve().parents[2] / "clients" / "python"
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENT_SRC = REPO / "clients" / "python"
 
 try:
     import optserve_client  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(CLIENT_SRC))
+
+API_KEYS = "alice:key-alice,bob:key-bob"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(log: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    environment = {**os.environ, "OPTSERVE_STORAGE": "memory", "OPTSERVE_LOG_LEVEL": "warning"}
+    environment.pop("OPTSERVE_API_KEYS", None)
+    environment.update(env)
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    stop_server(process)
+    raise RuntimeError(f"server did not become healthy in 60 s:\n{log.read_text()}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    process, url = start_server(tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        yield url
+    finally:
+        stop_server(process)
+
+
+@pytest.fixture(scope="session")
+def live_url_with_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("server-keys") / "server.log"
+    process, url = start_server(log, OPTSERVE_API_KEYS=API_KEYS)
+    try:
+        yield url
+    finally:
+        stop_server(process)

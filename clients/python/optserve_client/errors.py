@@ -111,8 +111,10 @@ class APIError(OptserveError):
         if self.detail:
             text += f": {self.detail}"
         for error in self.errors:
-            field = error.get("field") or error.get("loc") or ""
-            text += f"\n  {field}: {error.get('message') or error.get('msg') or ''}"
+            field = error.get("field") or ""
+            message = error.get("message") or ""
+            if not (message == self.detail and len(self.errors) == 1):
+                text += f"\n  {field}: {message}"
         return text
 
     @property

@@ -25,6 +25,7 @@ fresh session. ``from_torch`` and ``to_torch`` move a run between a local torch 
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -32,11 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from optserve_client import safetensors
+from optserve_client._torch_state import (
+    ConversionError,
+    build_optimizer,
+    build_scheduler,
+    check_convertible,
+    checkpoint_from_torch,
+    load_into_torch,
+    optimizer_config,
+    schedule_config,
+)
 from optserve_client._wire import StepResult, Wire
 from optserve_client.client import Client, Session
 from optserve_client.errors import ProtocolError
 
-__all__ = ["RemoteOptimizer"]
+__all__ = ["ConversionError", "RemoteOptimizer"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LBFGS = "lbfgs"
@@ -165,6 +177,106 @@ class RemoteOptimizer(torch.optim.Optimizer):
         restored = self.client.restore(saved["checkpoint"])
         _check_tensors(restored, self.names, [self._tensor_of[n] for n in self.names])
         self._replace_session(restored)
+
+    # Moving between local torch and the server
+
+    @classmethod
+    def from_torch(
+        cls,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        client: Client | None = None,
+        schedule: Mapping[str, Any] | None = None,
+        schedule_options: Mapping[str, Any] | None = None,
+        clip_grad_norm: Mapping[str, Any] | float | None = None,
+        clip_grad_value: Mapping[str, Any] | float | None = None,
+        dtype: str | None = None,
+        nonfinite: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        wire: Wire = "safetensors",
+    ) -> RemoteOptimizer:
+        """A session that continues ``optimizer`` (and ``scheduler``) exactly.
+
+        The optimizer's class, hyperparameters, groups and state, and the scheduler's
+        arguments and position, are carried over; from here on call ``step()`` on the
+        returned object instead of on the two torch objects. Tensor names are the
+        optimizer's ``param_names`` when it was built from ``named_parameters()``. The
+        schedule's arguments are read back from the scheduler where torch keeps them;
+        otherwise pass ``schedule={...}``. ``schedule_options`` adds ``interval`` or
+        ``every`` (the default, ``"step"``, is a ``scheduler.step()`` after every step).
+        """
+        name = type(optimizer).__name__
+        check_convertible(name)
+        owns_client = client is None
+        client = client if client is not None else Client(url, api_key=api_key, wire=wire)
+        catalog = {e["name"]: [a["name"] for a in e["args"]] for e in client.optimizers()}
+        if name not in catalog:
+            raise ConversionError(f"optserve has no optimizer {name}")
+        config, groups, names = optimizer_config(optimizer, catalog[name])
+        schedule_cfg: dict[str, Any] | None = None
+        if schedule is not None:
+            schedule_cfg = {**schedule, **(schedule_options or {})}
+        elif scheduler is not None:
+            schedules = {e["name"]: [a["name"] for a in e["args"]] for e in client.schedules()}
+            schedule_cfg = schedule_config(scheduler, schedules, schedule_options or {})
+        tensors = [p for g in optimizer.param_groups for p in g["params"]]
+        flat_names = [n for group_names in names for n in group_names]
+        if dtype is None:
+            dtype = "float64" if all(t.dtype == torch.float64 for t in tensors) else "float32"
+        template = client.create_session(
+            config,
+            _shapes(flat_names, tensors),
+            schedule=schedule_cfg,
+            param_groups=groups,
+            dtype=dtype,
+            clip_grad_norm=clip_grad_norm,
+            clip_grad_value=clip_grad_value,
+            nonfinite=nonfinite,
+            labels=labels,
+        )
+        try:
+            arrays, metadata = safetensors.decode(template.state())
+        finally:
+            template.delete()
+        filled, meta = checkpoint_from_torch(
+            (arrays, json.loads(metadata["state"])), optimizer, scheduler, template.dtype
+        )
+        metadata = {**metadata, "state": json.dumps(meta), "step": str(meta["step"])}
+        session = client.restore(safetensors.encode(filled, metadata))
+        remote = cls(
+            list(zip(flat_names, tensors, strict=True)),
+            optimizer={"name": name},
+            client=client,
+            session=session,
+        )
+        remote._owns_client = owns_client
+        remote._owns_session = True
+        return remote
+
+    def to_torch(self) -> tuple[torch.optim.Optimizer, Any]:
+        """A local torch optimizer (and scheduler, if the session has a schedule) that
+        continue this session exactly, on the same tensors.
+
+        Clipping is not part of a torch optimizer: a session's ``clip_grad_norm`` or
+        ``clip_grad_value`` becomes the caller's ``torch.nn.utils.clip_grad_*_`` call.
+        A schedule with ``interval: "manual"`` or ``every`` is stepped as configured.
+        """
+        document = self.session.refresh().document
+        name = str(document["optimizer"]["name"])
+        check_convertible(name)
+        arrays, metadata = safetensors.decode(self.session.state())
+        groups = [
+            ([self._tensor_of[n] for n in members], members, hparams)
+            for members, hparams in _server_groups(self.session)
+        ]
+        optimizer = build_optimizer(name, groups)
+        schedule = document.get("schedule")
+        scheduler = build_scheduler(optimizer, schedule) if schedule else None
+        load_into_torch(optimizer, scheduler, arrays, json.loads(metadata["state"]))
+        return optimizer, scheduler
 
     # Lifecycle
 
