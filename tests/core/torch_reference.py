@@ -81,7 +81,12 @@ def run_torch(config: Mapping[str, Any], inputs: Inputs) -> dict[str, np.ndarray
                 list(tensors.values()), clip["max_norm"], clip.get("norm_type", 2.0)
             )
         del grads
-        optimizer.step()
+        if isinstance(optimizer, torch.optim.LBFGS):
+            # max_iter=1 without line search calls the closure exactly once per step.
+            loss = torch.tensor(inputs.losses[n], dtype=dtype)
+            optimizer.step(lambda loss=loss: loss)
+        else:
+            optimizer.step()
         if scheduler is None:
             continue
         metric = [inputs.losses[n]] if needs_metric else []
