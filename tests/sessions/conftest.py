@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -48,3 +49,13 @@ def grads_for(
 ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
+
+
+async def settle(service: SessionService) -> None:
+    """Wait for background snapshots and compaction (they are on no reply's path)."""
+    for _ in range(2000):
+        tasks = [e.background for e in service._sessions.values() if e.background is not None]
+        if all(t.done() for t in tasks):
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("background snapshots did not finish")

@@ -4,7 +4,6 @@ was never acknowledged; a failed append applies nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from service.sessions.models import StepRequest
 from service.sessions.service import SessionService
 from service.sessions.store import DiskStore, Event, MemoryStore
 from service.sessions.store.disk import SESSIONS_DIR
-from tests.sessions.conftest import StoreFactory, grads_for, running
+from tests.sessions.conftest import StoreFactory, grads_for, running, settle
 from tests.sessions.reference import core_params
 
 pytestmark = pytest.mark.anyio
@@ -40,15 +39,6 @@ def step_grads(i: int) -> dict[str, np.ndarray]:
 
 def key_request(i: int, want: str = "delta") -> StepRequest:
     return StepRequest(grads=step_grads(i), idempotency_key=f"k{i}", fingerprint=f"f{i}", want=want)
-
-
-async def settle(service: SessionService) -> None:
-    """Let background snapshots finish (they are not on any reply's path)."""
-    for _ in range(200):
-        tasks = [e.background for e in service._sessions.values() if e.background is not None]
-        if all(t.done() for t in tasks):
-            return
-        await asyncio.sleep(0.005)
 
 
 async def exported(service: SessionService, sid: str) -> tuple[dict[str, bytes], dict[str, str]]:
