@@ -47,14 +47,16 @@ def _executor() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="optserve-core")
+            _pool = ThreadPoolExecutor(
+                max_workers=max(1, _threads - 1), thread_name_prefix="optserve-core"
+            )
         return _pool
 
 
 def scratch(count: int, dtype: np.dtype[np.floating]) -> list[np.ndarray]:
     """Block-sized scratch buffers owned by the calling thread, reused across steps."""
-    key = (np.dtype(dtype).str, count)
-    cache: dict[tuple[str, int], list[np.ndarray]] | None = getattr(_local, "cache", None)
+    key = (np.dtype(dtype).str, count, BLOCK)
+    cache: dict[tuple[str, int, int], list[np.ndarray]] | None = getattr(_local, "cache", None)
     if cache is None:
         cache = {}
         _local.cache = cache
@@ -103,11 +105,16 @@ def elementwise(kernel: Kernel, arrays: Sequence[np.ndarray | None], n_scratch: 
     per = -(-n // _threads)
     per = -(-per // BLOCK) * BLOCK
     bounds = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+    # The caller takes the first share itself: one thread hand-off fewer per call.
     futures = [
-        _executor().submit(_run_range, kernel, flats, n_scratch, dtype, lo, hi) for lo, hi in bounds
+        _executor().submit(_run_range, kernel, flats, n_scratch, dtype, lo, hi)
+        for lo, hi in bounds[1:]
     ]
-    for f in futures:
-        f.result()
+    try:
+        _run_range(kernel, flats, n_scratch, dtype, *bounds[0])
+    finally:
+        for f in futures:
+            f.result()
 
 
 # Block-level building blocks. Each mirrors one of torch's in-place tensor ops, in torch's
