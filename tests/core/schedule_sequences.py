@@ -62,7 +62,8 @@ class Sequence:
 
     def describe(self) -> dict[str, Any]:
         """JSON form, stored with the fixture to detect a stale one."""
-        return json.loads(json.dumps(asdict(self)))
+        described: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        return described
 
 
 def metric_at(step: int) -> float:

@@ -614,3 +614,45 @@ def test_cyclic_momentum_keeps_beta2_and_container() -> None:
     assert isinstance(groups[0]["betas"], tuple) and groups[0]["betas"][1] == 0.99
     assert isinstance(groups[1]["betas"], list) and groups[1]["betas"][1] == 0.9
     assert groups[0]["betas"][0] < 0.9
+
+
+def _session(schedule: dict[str, Any], optimizer: dict[str, Any]) -> dict[str, Any]:
+    return {"optimizer": optimizer, "schedule": schedule, "params": {"w": {"shape": [3]}}}
+
+
+def test_session_config_checks_schedule_against_groups() -> None:
+    from service.core.plan import plan_from_config
+
+    config = _session(
+        {"name": "CyclicLR", "base_lr": 0.01, "max_lr": 0.1}, {"name": "Adagrad", "lr": 0.1}
+    )
+    with pytest.raises(InvalidHyperparameter, match="must support momentum or beta1") as info:
+        plan_from_config(config)
+    assert info.value.argument == "schedule.cycle_momentum"
+
+
+def test_session_refuses_a_step_the_schedule_cannot_take_and_changes_nothing() -> None:
+    import numpy as np
+
+    from service.core.plan import plan_from_config
+    from service.core.training import apply_step, initial_state, state_to_flat
+
+    config = _session(
+        {"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 3},
+        {"name": "SGD", "lr": 0.1, "momentum": 0.9},
+    )
+    plan = plan_from_config(config)
+    state = initial_state(plan)
+    out = [np.zeros(3, dtype=np.float32)]
+    # torch's scheduler.step() after optimizer step total_steps + 1 raises; optserve refuses
+    # that optimizer step instead of half applying it.
+    for _ in range(3):
+        apply_step(plan, state, [np.ones(3, dtype=np.float32)], None, out)
+    arrays, meta = state_to_flat(plan, state)
+    before = ({k: v.copy() for k, v in arrays.items()}, json.dumps(meta))
+    with pytest.raises(InvalidInput, match="Tried to step 4 times"):
+        apply_step(plan, state, [np.ones(3, dtype=np.float32)], None, out)
+    arrays, meta = state_to_flat(plan, state)
+    assert json.dumps(meta) == before[1]
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(value, before[0][name])

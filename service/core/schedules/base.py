@@ -9,13 +9,13 @@ state dict, so a restored session continues exactly where it stopped.
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from service.core.errors import UnknownName
 from service.core.hparams import Arg, resolve
+from service.core.schedules.group_values import clone
 
 Groups = list[dict[str, Any]]
 """The optimizer's param groups' hyperparameters (``lr``, ``momentum``, ``betas``, ...)."""
@@ -73,7 +73,7 @@ class Schedule(ABC):
         """Raise :class:`InvalidInput` if ``step`` would fail (a OneCycleLR run past its
         ``total_steps``, a missing metric), changing nothing: a caller checks this before
         it mutates anything else, so a refused step is never half applied."""
-        self.step(config, copy.deepcopy(state), copy.deepcopy(groups), metric)
+        self.step(config, clone(state), clone(groups), metric)
 
     def describe(self) -> dict[str, Any]:
         return {

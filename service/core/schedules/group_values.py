@@ -84,6 +84,18 @@ def lrs_of(groups: Groups) -> list[float]:
     return [group["lr"] for group in groups]
 
 
+def clone(value: Any) -> Any:
+    """A copy of JSON-like data (dicts, lists, tuples, scalars): ``copy.deepcopy`` without
+    its bookkeeping, which would cost more than the schedule step it protects."""
+    if isinstance(value, dict):
+        return {k: clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clone(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(clone(v) for v in value)
+    return value
+
+
 def encode_float(value: float) -> float | str:
     """A float as strict JSON: non-finite values become ``"inf"``, ``"-inf"``, ``"nan"``."""
     return value if math.isfinite(value) else str(value)

@@ -13,7 +13,6 @@ torch writes into ``param_groups`` (``initial_lr``, ...) is written into the gro
 
 from __future__ import annotations
 
-import copy
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from typing import Any, ClassVar
 from service.core.errors import CoreError, InvalidHyperparameter, InvalidInput
 from service.core.hparams import Arg
 from service.core.schedules.base import Groups, Schedule
-from service.core.schedules.group_values import lrs_of
+from service.core.schedules.group_values import clone, lrs_of
 
 State = dict[str, Any]
 
@@ -88,11 +87,14 @@ class TorchSchedule(Schedule):
 
     def start(self, config: Mapping[str, Any], groups: Groups) -> State:
         with _arithmetic_errors_as(lambda m: InvalidHyperparameter("schedule", m)):
-            return self.begin(config, groups, "")
+            work = clone(groups)
+            state = self.begin(config, work, "")
+        _write_back(groups, work)
+        return state
 
     def validate_groups(self, config: Mapping[str, Any], groups: Groups, where: str = "") -> None:
         with _arithmetic_errors_as(lambda m: InvalidHyperparameter(where.rstrip("."), m)):
-            self.begin(config, copy.deepcopy(groups), where)
+            self.begin(config, clone(groups), where)
 
     def step(
         self,
@@ -101,9 +103,22 @@ class TorchSchedule(Schedule):
         groups: Groups,
         metric: float | None = None,
     ) -> State:
+        # On copies, so that a step that fails half way (an overflow in a nested schedule)
+        # leaves the state and the groups as they were.
         with _arithmetic_errors_as(lambda m: InvalidInput(m, "schedule")):
-            self.advance(config, state, groups, initial=False)
+            work_state, work_groups = clone(state), clone(groups)
+            self.advance(config, work_state, work_groups, initial=False)
+        state.clear()
+        state.update(work_state)
+        _write_back(groups, work_groups)
         return state
+
+
+def _write_back(groups: Groups, work: Groups) -> None:
+    """Replace each group's contents in place: callers hold on to the group dicts."""
+    for group, new in zip(groups, work, strict=True):
+        group.clear()
+        group.update(new)
 
 
 class LRSchedule(TorchSchedule):
