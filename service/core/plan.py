@@ -315,13 +315,18 @@ def plan_from_config(config: Mapping[str, Any], *, ignore: Collection[str] = ())
         f"nonfinite must be 'error' or 'skip', got {nonfinite!r}",
         nonfinite,
     )
+    schedule = parse_schedule(config.get("schedule"))
+    if schedule is not None:
+        # Per-group lists and momentum cycling depend on the optimizer's groups.
+        hparams = [dict(g.hparams) for g in groups]
+        schedule.schedule.validate_groups(schedule.config, hparams, where="schedule.")
     return Plan(
         tensors=tensors,
         dtype=DTYPES[dtype_name],
         optimizer=optimizer,
         optimizer_config=base,
         groups=groups,
-        schedule=parse_schedule(config.get("schedule")),
+        schedule=schedule,
         clip_grad_norm=_parse_clip(config.get("clip_grad_norm"), CLIP_NORM_ARGS, "clip_grad_norm"),
         clip_grad_value=_parse_clip(
             config.get("clip_grad_value"), CLIP_VALUE_ARGS, "clip_grad_value"

@@ -154,6 +154,12 @@ def apply_step(
         for d in out:
             d.fill(0)
         return StepOutcome(applied=False, completed=False, reason=reason)
+    spec = plan.schedule
+    if spec is not None and spec.interval == "step" and state.since_schedule + 1 >= spec.every:
+        # A schedule that cannot advance (OneCycleLR past total_steps) refuses the step
+        # before the optimizer's state changes.
+        assert state.schedule_state is not None
+        spec.schedule.check_step(spec.config, state.schedule_state, state.groups, loss)
     if plan.clip_grad_value is not None:
         clip_grad_value(grads, plan.clip_grad_value["clip_value"])
     if plan.clip_grad_norm is not None:
