@@ -215,9 +215,11 @@ export function errorFromResponse(response: Omit<HttpResponse, "attempts">): Opt
  * being processed. An expired key is also a 409, but retrying that one cannot succeed.
  */
 export function isInFlight(error: OptserveError): boolean {
-  const text = `${error.type} ${error.title} ${error.detail}`;
-  if (/expired/i.test(text)) return false;
-  return /in[-_ ]?flight|in[-_ ]progress|concurrent/i.test(text);
+  if (/(^|\/)step-in-flight$/.test(error.type)) return true;
+  // A problem with a type of its own is something else (expired key, params not held, ...);
+  // an untyped one (a proxy, an older server) is judged by its words.
+  if (error.type !== "about:blank") return false;
+  return /in[-_ ]?flight|in[-_ ]progress/i.test(`${error.title} ${error.detail}`);
 }
 
 /** A refused connection never reached the server, so even a non-idempotent request is safe. */

@@ -235,6 +235,35 @@ describe("held params, checkpoints, schedules and catalogs", () => {
     assert.deepEqual(b.lr, a.lr);
   });
 
+  it("LBFGS with a line search asks for points until its step completes (ask/tell)", async () => {
+    const target = [1, -2, 3];
+    const weight = [1, 10, 0.5];
+    const session = await client().createSession({
+      optimizer: { name: "LBFGS", lr: 1, line_search_fn: "strong_wolfe", max_iter: 20 },
+      params: { x: { shape: [3], data: Float64Array.from([0, 0, 0]) } },
+      dtype: "float64",
+    });
+    let x = (await session.params())["x"] as Float64Array;
+    const lossAt = (p: Float64Array) => p.reduce((sum, v, j) => sum + (weight[j] as number) * (v - (target[j] as number)) ** 2, 0);
+    let evaluations = 0;
+    for (;;) {
+      const grad = x.map((v, j) => 2 * (weight[j] as number) * (v - (target[j] as number)));
+      const result = await session.step(grad, { loss: lossAt(x), return: "params" });
+      evaluations += 1;
+      const next = result.params?.["x"];
+      assert.ok(next instanceof Float64Array);
+      x = next;
+      if (!result.evaluate) {
+        assert.equal(result.step, 1, "one torch step() completes after all its closure calls");
+        break;
+      }
+      assert.equal(result.step, 0);
+      assert.ok(evaluations < 25, "the line search should finish well within max_iter");
+    }
+    assert.ok(evaluations > 2);
+    assert.ok(lossAt(x) < 1e-8, `loss ${lossAt(x)} after one LBFGS step on a quadratic`);
+  });
+
   it("manual schedule steps, preview, catalogs and listing", async () => {
     const c = client({ apiKey: "key2" });
     const session = await c.createSession({
