@@ -21,7 +21,6 @@ from service.core.training import (
     apply_step,
     current_lrs,
     schedule_step,
-    validate_step,
 )
 from service.sessions import checkpoint
 from service.sessions.errors import ParamsRequired
@@ -123,7 +122,10 @@ class LiveSession:
         loss: float | None,
         want: str,
     ) -> Prepared:
-        """Check a step's inputs without changing anything; raise what a client must fix."""
+        """Check names, shapes and what the step needs; cast to the session's dtype.
+
+        Changes nothing. Core checks the values themselves (finiteness) in :meth:`apply`.
+        """
         plan = self.plan
         if want not in WANTS:
             raise InvalidInput(f"return must be one of {', '.join(WANTS)}, got {want!r}", "return")
@@ -153,13 +155,18 @@ class LiveSession:
             if not isinstance(loss, int | float) or isinstance(loss, bool):
                 raise InvalidInput(f"loss must be a number, got {loss!r}", "loss")
             loss = float(loss)
-        validate_step(plan, grads_list, update_params, loss)
+        # Finiteness and the rest of core's checks happen in apply(), before it changes
+        # anything: a second pass over every gradient here would cost as much again.
         clips = plan.clip_grad_norm is not None or plan.clip_grad_value is not None
         work = [g.copy() for g in grads_list] if clips else grads_list
         return Prepared(grads_by_name, sent, work, update_params, loss, want)
 
     def apply(self, prepared: Prepared) -> StepReply:
-        """Apply a prepared step; the reply carries what ``want`` asked for."""
+        """Apply a prepared step; the reply carries what ``want`` asked for.
+
+        Raises core's ``CoreError`` (non-finite input, a schedule that cannot advance)
+        before changing anything.
+        """
         plan = self.plan
         out = [np.empty(spec.shape, dtype=plan.dtype) for spec in plan.tensors]
         outcome = apply_step(

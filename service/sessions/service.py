@@ -48,6 +48,7 @@ from service.sessions.errors import (
     ParamsNotHeld,
     ParamsRequired,
     PreconditionFailed,
+    SessionError,
     SessionNotFound,
     StepInFlight,
     StorageError,
@@ -73,9 +74,19 @@ MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
 MAX_PREVIEW_STEPS = 100_000
 MAX_PAGE = 1_000
-SNAPSHOT_LOG_RATIO = 4.0
-"""Snapshot once the events since the last snapshot take this many times the state's size:
-replay after a crash then costs at most a few state-sizes of reading and recomputing."""
+SNAPSHOT_LOG_RATIO = 16.0
+"""Snapshot once the events since the last snapshot take this many times the state's size.
+
+A snapshot costs about the state's size in writes and each step about a gradient's, so
+snapshots add ``1 / ratio`` to the steps' write cost, and a replay after a crash reads at
+most ``ratio`` state-sizes of log."""
+OVERLAP_MIN_BYTES = 1 << 18
+"""Events at least this large are written concurrently with the update; for smaller ones
+the thread hand-off costs more than it hides."""
+
+
+def _event_size(event: Event) -> int:
+    return sum(a.nbytes for a in [*event.grads.values(), *(event.params or {}).values()])
 
 
 @dataclass
@@ -427,21 +438,40 @@ class SessionService:
         return self._commit(entry, event, lambda: live.apply(prepared))
 
     def _commit(self, entry: _Entry, event: Event, apply: Callable[[], T]) -> tuple[T, int]:
-        """Append ``event`` durably while ``apply`` computes it; both or the error."""
+        """Append ``event`` durably and ``apply`` it: both happen, or neither.
+
+        A large event is written on a store thread while ``apply`` computes, so the
+        ``fdatasync`` costs no extra time when the update takes as long. Core checks the
+        values before changing anything; if it refuses them, the event is taken back.
+        """
         live = entry.live
-        if self.store.durable:
-            pending: Future[int] = self._io.submit(self.store.append, live.record.id, event)
+        sid = live.record.id
+        pending: Future[int] = Future()
+        if self.store.durable and _event_size(event) >= OVERLAP_MIN_BYTES:
+            pending = self._io.submit(self.store.append, sid, event)
         else:
-            pending = Future()
             try:
-                pending.set_result(self.store.append(live.record.id, event))
+                pending.set_result(self.store.append(sid, event))
             except BaseException as exc:
                 pending.set_exception(exc)
         try:
             result = apply()
+        except (CoreError, SessionError) as refused:
+            # Nothing changed in memory; take the event back from the store.
+            try:
+                pending.result()
+            except BaseException:
+                raise refused from None
+            try:
+                self.store.retract(sid, event.seq)
+            except BaseException:
+                # It stays in the log; replay refuses it the same way and skips it.
+                log.exception("session %s: could not retract event %d", sid, event.seq)
+                live.seq = event.seq
+            raise
         except BaseException:
-            # The inputs were checked, so this is a fault of ours; the event may already be
-            # durable. Rebuild the session from the store so memory and disk agree.
+            # A fault of ours mid-update: the state may be half changed and the event may
+            # be durable. Rebuild the session from the store so memory and disk agree.
             with contextlib.suppress(BaseException):
                 pending.result()
             self._reload(entry)
@@ -623,32 +653,34 @@ class SessionService:
         for event in stored.events:
             reply = self._replay(live, event)
             live.updated_at = event.at
-            if event.key is not None:
-                step = reply.step if reply is not None else live.state.step
-                entry.keys[event.key] = KeyRecord(event.key, event.fingerprint, step, event.seq)
-                if reply is not None and event.seq > keep_from:
+            if event.key is not None and reply is not None:
+                entry.keys[event.key] = KeyRecord(
+                    event.key, event.fingerprint, reply.step, event.seq
+                )
+                if event.seq > keep_from:
                     entry.window[event.key] = _Kept(event.seq, event.fingerprint, reply)
             if event.seq > max(stored.later_snapshots, default=snapshot.seq):
                 entry.events_since_snapshot += 1
-                entry.bytes_since_snapshot += sum(
-                    a.nbytes for a in [*event.grads.values(), *(event.params or {}).values()]
-                )
+                entry.bytes_since_snapshot += _event_size(event)
         entry.info = live.info()
         entry.state_bytes = live.state_bytes()
         return entry
 
     @staticmethod
     def _replay(live: LiveSession, event: Event) -> StepReply | None:
+        """Apply a logged event again; None for a schedule step or a refused event."""
         try:
             if event.kind == "schedule":
                 live.schedule(event.metric)
                 return None
             prepared = live.prepare(event.grads, event.params, event.loss, event.want)
             return live.apply(prepared)
-        except (CoreError, ParamsRequired) as exc:
-            # It was accepted once, so it is accepted again: only a changed core could
-            # refuse it now. Skip it rather than lose the session.
-            log.error("session %s: event %d no longer applies (%s)", live.record.id, event.seq, exc)
+        except (CoreError, SessionError) as exc:
+            # Refused before it changed anything, as it was when it was logged (a crash
+            # came between its append and its retraction): it is a no-op.
+            log.warning(
+                "session %s: event %d is refused again (%s)", live.record.id, event.seq, exc
+            )
             return None
         finally:
             live.seq = event.seq

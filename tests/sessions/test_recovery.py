@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.core.errors import CoreError
 from service.sessions.errors import StorageError
 from service.sessions.models import StepRequest
 from service.sessions.service import SessionService
@@ -182,3 +183,30 @@ async def test_a_failed_append_applies_nothing() -> None:
     async with running(store) as service:
         held = await service.params("t", sid)
     assert all(np.array_equal(held[k], want[k]) for k in SHAPES)
+
+
+async def test_a_refused_step_leaves_nothing_in_the_log(store_factory: StoreFactory) -> None:
+    cfg = {**CONFIG, "schedule": {"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 2}}
+    async with running(store_factory()) as service:
+        sid = (await service.create("t", cfg, START)).id
+        bad = step_grads(1)
+        bad["w"][0, 0] = np.inf
+        with pytest.raises(CoreError):
+            await service.step(
+                "t", sid, StepRequest(grads=bad, idempotency_key="x", fingerprint="1")
+            )
+        await service.step("t", sid, key_request(1))
+        await service.step("t", sid, key_request(2))
+        # OneCycleLR cannot go past total_steps: core refuses, after the event was logged.
+        with pytest.raises(CoreError):
+            await service.step("t", sid, key_request(3))
+        before = await exported(service, sid)
+    store = store_factory()
+    store.open()
+    stored = store.load_session(sid)
+    store.close()
+    assert stored is not None and [e.key for e in stored.events] == ["k1", "k2"]
+    async with running(store_factory()) as service:
+        assert await exported(service, sid) == before
+        with pytest.raises(CoreError):  # refused again, not answered from a stored reply
+            await service.step("t", sid, key_request(3))

@@ -142,6 +142,13 @@ class Store(ABC):
         """
 
     @abstractmethod
+    def retract(self, session_id: str, seq: int) -> None:
+        """Take back the last event, ``seq``: the update refused it after it was appended.
+
+        Durable when this returns; the next append is ``seq`` again.
+        """
+
+    @abstractmethod
     def snapshot(self, session_id: str, snapshot: Snapshot) -> Callable[[], None]:
         """Capture the state after ``snapshot.seq`` events; return what makes it durable.
 

@@ -118,6 +118,8 @@ class _Log:
     start: int
     size: int
     last_seq: int
+    last_size: int = -1
+    """The size before the last append (what ``retract`` truncates to); -1 if unknown."""
 
 
 class DiskStore(Store):
@@ -359,9 +361,20 @@ class DiskStore(Store):
             # Leave no partial frame behind for the next append to follow.
             os.ftruncate(entry.fd, entry.size)
             raise
+        entry.last_size = entry.size
         entry.size += written
         entry.last_seq = event.seq
         return written
+
+    def retract(self, session_id: str, seq: int) -> None:
+        entry = self._log(session_id)
+        if seq != entry.last_seq or entry.last_size < 0:
+            raise ValueError(f"event {seq} is not the last one appended")
+        os.ftruncate(entry.fd, entry.last_size)
+        os.fdatasync(entry.fd)
+        entry.size = entry.last_size
+        entry.last_size = -1
+        entry.last_seq = seq - 1
 
     def snapshot(self, session_id: str, snapshot: Snapshot) -> Callable[[], None]:
         entry = self._log(session_id)

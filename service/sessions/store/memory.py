@@ -113,6 +113,14 @@ class MemoryStore(Store):
             held.events.append(event)
         return _event_bytes(event)
 
+    def retract(self, session_id: str, seq: int) -> None:
+        held = self._held(session_id)
+        if seq != held.last_seq or (held.events and held.events[-1].seq != seq):
+            raise ValueError(f"event {seq} is not the last one")
+        if held.events:
+            held.events.pop()
+        held.last_seq = seq - 1
+
     def snapshot(self, session_id: str, snapshot: Snapshot) -> Callable[[], None]:
         held = self._held(session_id)
         if not self.keep_history:
