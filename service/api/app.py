@@ -46,19 +46,22 @@ def build_service(settings: Settings) -> SessionService:
 
 
 def create_app(settings: Settings | None = None, service: SessionService | None = None) -> FastAPI:
-    """Build the app; the service starts (recovering stored sessions) with the app."""
+    """Build the app. The service starts (recovering stored sessions) with the app's lifespan;
+    without one given, each lifespan builds its own from the settings, so an app can be
+    started again after a shutdown."""
     settings = settings or Settings()
     keys = KeyTable.from_settings(settings.api_keys, settings.api_keys_file)
     metrics = Metrics()
-    the_service = service if service is not None else build_service(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await the_service.start()
+        running = service if service is not None else build_service(settings)
+        app.state.service = running
+        await running.start()
         try:
             yield
         finally:
-            await the_service.close()
+            await running.close()
 
     app = FastAPI(
         title="optserve",
@@ -68,7 +71,6 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.service = the_service
     app.state.keys = keys
     app.state.metrics = metrics
     errors.install(app)
@@ -97,6 +99,10 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
             document["components"]["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"}
             }
+            for path, operations in document["paths"].items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
             app.openapi_schema = document
         return app.openapi_schema
 
