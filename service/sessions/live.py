@@ -75,7 +75,8 @@ def _tensors(
                     f"expected {list(spec.shape)}",
                     f"{what}.{spec.name}",
                 )
-        values = np.ascontiguousarray(values, dtype=plan.dtype)
+        # asarray, not ascontiguousarray: the latter turns a 0-d tensor into shape (1,).
+        values = np.asarray(values, dtype=plan.dtype, order="C")
         by_name[spec.name] = values
         ordered.append(values)
     return by_name, ordered
