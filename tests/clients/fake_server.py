@@ -225,8 +225,11 @@ class FakeServer:
         for n, g in grads.items():
             hp = session.hparams(n)
             decay = hp["weight_decay"] * params[n] if hp["weight_decay"] and params else 0.0
-            deltas[n] = (-hp["lr"] * (g + decay)).astype(session.dtype)
-        new_params = {n: params[n] + deltas[n] for n in deltas} if params is not None else None
+            # asarray: arithmetic on 0-d arrays gives numpy scalars.
+            deltas[n] = np.asarray(-hp["lr"] * (g + decay), dtype=session.dtype)
+        new_params = (
+            {n: np.asarray(params[n] + deltas[n]) for n in deltas} if params is not None else None
+        )
         if session.params is not None and new_params is not None:
             session.params = new_params
         session.step += 1

@@ -97,6 +97,16 @@ def test_one_tensor_sessions_take_a_bare_array(client: Client) -> None:
     assert result.deltas["x"].dtype == np.float64
 
 
+def test_scalar_tensors_keep_their_empty_shape(client: Client, server: FakeServer) -> None:
+    session = client.create_session(
+        {"name": "SGD", "lr": 0.5}, {"bias": np.array(1.0), "w": np.ones(2)}, dtype="float64"
+    )
+    assert session.shapes == {"bias": (), "w": (2,)}
+    result = session.step({"bias": 4.0, "w": np.zeros(2)}, returns="params")
+    assert result.params is not None and result.params["bias"].shape == ()
+    assert float(result.params["bias"]) == -1.0
+
+
 def test_wrong_tensors_are_refused_before_sending(client: Client, server: FakeServer) -> None:
     session = client.create_session({"name": "SGD"}, {"w": (2,), "b": (1,)})
     with pytest.raises(ValueError, match="missing tensors"):

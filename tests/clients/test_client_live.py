@@ -82,13 +82,14 @@ def test_json_and_safetensors_carry_the_same_bits(live_url: str) -> None:
     for wire in ("safetensors", "json"):
         with Client(live_url, wire=wire) as client:
             session = client.create_session(
-                {"name": "Adam", "lr": 0.1}, {"w": (3, 2)}, dtype="float64"
+                {"name": "Adam", "lr": 0.1}, {"w": (3, 2), "scale": ()}, dtype="float64"
             )
             grads = np.random.default_rng(0).standard_normal((3, 2)) * 1e-7
-            result = session.step({"w": grads})
-            assert result.deltas is not None
-            results.append(result.deltas["w"])
-    np.testing.assert_array_equal(results[0], results[1])
+            result = session.step({"w": grads, "scale": np.array(0.3)})
+            assert result.deltas is not None and result.deltas["scale"].shape == ()
+            results.append(result.deltas)
+    for name in ("w", "scale"):
+        np.testing.assert_array_equal(results[0][name], results[1][name])
 
 
 def test_held_params_state_and_restore_continue_exactly(client: Client) -> None:

@@ -47,7 +47,7 @@ def session_config(
         if _is_shape(value):
             shapes[name] = {"shape": [int(d) for d in value]}
         else:
-            array = np.ascontiguousarray(value, dtype=np_dtype)
+            array = np.asarray(value, dtype=np_dtype, order="C")
             shapes[name] = {"shape": list(array.shape)}
             initial[name] = array
     if hold_params and len(initial) != len(shapes):

@@ -313,7 +313,7 @@ def _names(group: Mapping[str, Any]) -> dict[str, Any]:
 def _array(value: Any, dtype: np.dtype[Any]) -> np.ndarray:
     if not isinstance(value, torch.Tensor):
         raise ConversionError(f"expected a tensor in the optimizer state, got {type(value)}")
-    return np.ascontiguousarray(value.detach().to("cpu", torch.float64).numpy().astype(dtype))
+    return np.asarray(value.detach().to("cpu", torch.float64).numpy(), dtype=dtype, order="C")
 
 
 def _plain(value: Any) -> Any:

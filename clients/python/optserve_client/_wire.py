@@ -54,7 +54,7 @@ class StepResult:
 
 def as_array(value: npt.ArrayLike, dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> Any:
     """``value`` as a C-ordered array of ``dtype``; its shape must be the session's."""
-    array = np.ascontiguousarray(value, dtype=dtype)
+    array = np.asarray(value, dtype=dtype, order="C")
     if array.shape != shape:
         raise ValueError(f"tensor {name!r}: shape {array.shape} != session shape {shape}")
     return array

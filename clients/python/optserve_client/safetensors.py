@@ -59,7 +59,7 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
         dtype_name = _NAMES.get(array.dtype.newbyteorder("="))
         if dtype_name is None:
             raise TypeError(f"tensor {name!r}: dtype {array.dtype} has no safetensors equivalent")
-        data = np.ascontiguousarray(array, dtype=_DTYPES[dtype_name]).tobytes()
+        data = np.asarray(array, dtype=_DTYPES[dtype_name], order="C").tobytes()
         header[name] = {
             "dtype": dtype_name,
             "shape": list(array.shape),
