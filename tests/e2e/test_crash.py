@@ -1,0 +1,257 @@
+"""Crash test: SIGKILL a real server at random moments while a client streams steps.
+
+A client sends steps with idempotency keys and retries each one until it is answered
+(through connection errors while the server is down). Meanwhile the server is killed
+with SIGKILL at random moments and started again on the same data directory, a bounded
+number of times. Afterwards:
+
+- every step was acknowledged exactly once, as the step number it was sent as (a retry
+  of a step that was applied before the crash gets the stored reply, not a second step);
+- the server's params equal the client's copy (initial values plus every delta it got)
+  bit for bit, and equal a replay of the same gradients in torch (or, without torch, in
+  a plain numpy transcription of torch's SGD).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import numpy as np
+import pytest
+
+from service.codec import safetensors
+
+pytestmark = pytest.mark.slow
+
+SAFETENSORS = "application/vnd.optserve.safetensors"
+SHAPES = {"w": (200, 200), "b": (200,)}  # 320 KB of float64 per step: the overlapped path
+LR, MOMENTUM, WEIGHT_DECAY, DAMPENING = 0.01, 0.9, 1e-3, 0.1
+KILLS = 4
+MIN_STEPS = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def gradients(i: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(i)
+    return {name: rng.standard_normal(shape) for name, shape in SHAPES.items()}
+
+
+def initial() -> dict[str, np.ndarray]:
+    return {k: v * 0.1 for k, v in gradients(10_000).items()}
+
+
+class Server:
+    """The real server in a subprocess, stopped by PID."""
+
+    def __init__(self, data_dir: Path, log: IO[bytes]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.start_seconds: list[float] = []
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "OPTSERVE_ACCESS_LOG": "false",
+            "OPTSERVE_LOG_LEVEL": "warning",
+            "OPTSERVE_SNAPSHOT_EVERY": "7",
+            "OPTSERVE_IDEMPOTENCY_WINDOW": "4",
+        }
+        env.pop("OPTSERVE_API_KEYS", None)
+        env.pop("OPTSERVE_STORAGE", None)
+        command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
+        command += ["--data-dir", str(self.data_dir)]
+        began = time.monotonic()
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=self.log, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the server exited at start"
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    self.start_seconds.append(time.monotonic() - began)
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("the server did not become ready")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with open(tmp_path / "server.log", "wb") as log:
+        running = Server(tmp_path / "data", log)
+        running.start()
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+def killer(server: Server, done: threading.Event, errors: list[BaseException]) -> None:
+    rng = random.Random(1234)
+    try:
+        for _ in range(KILLS):
+            time.sleep(rng.uniform(0.05, 0.6))
+            server.kill()
+            server.start()
+            server.restarts += 1
+    except BaseException as exc:  # surfaced by the test
+        errors.append(exc)
+    finally:
+        done.set()
+
+
+def send_step(
+    client: httpx.Client, server: Server, sid: str, i: int
+) -> tuple[int, dict[str, np.ndarray], bool]:
+    """POST step ``i`` until it is answered; retries keep its idempotency key."""
+    body = safetensors.encode(gradients(i))
+    headers = {"Content-Type": SAFETENSORS, "Accept": SAFETENSORS, "Idempotency-Key": f"step-{i}"}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            response = client.post(
+                f"{server.url}/v1/sessions/{sid}/step", content=body, headers=headers
+            )
+        except httpx.TransportError:
+            time.sleep(0.02)
+            continue
+        retry_later = response.status_code == 503 or (
+            response.status_code == 409 and "step-in-flight" in response.text
+        )
+        if retry_later:
+            time.sleep(0.02)
+            continue
+        assert response.status_code == 200, response.text
+        deltas, metadata = safetensors.decode(response.content)
+        replayed = response.headers.get("Idempotent-Replayed") == "true"
+        return int(metadata["step"]), deltas, replayed
+    raise AssertionError(f"step {i} was never answered")
+
+
+def numpy_sgd(count: int) -> dict[str, np.ndarray]:
+    """torch.optim.SGD's update rule (momentum, dampening, weight decay), transcribed."""
+    params = initial()
+    buffers: dict[str, np.ndarray] = {}
+    for i in range(1, count + 1):
+        for name, g in gradients(i).items():
+            d = g + WEIGHT_DECAY * params[name]
+            if name in buffers:
+                buffers[name] = MOMENTUM * buffers[name] + (1 - DAMPENING) * d
+            else:
+                buffers[name] = d.copy()
+            params[name] = params[name] - LR * buffers[name]
+    return params
+
+
+def torch_sgd(count: int) -> dict[str, np.ndarray] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in initial().items()}
+    opt = torch.optim.SGD(
+        list(tensors.values()),
+        lr=LR,
+        momentum=MOMENTUM,
+        dampening=DAMPENING,
+        weight_decay=WEIGHT_DECAY,
+    )
+    for i in range(1, count + 1):
+        for name, g in gradients(i).items():
+            tensors[name].grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    return {k: v.numpy() for k, v in tensors.items()}
+
+
+def test_every_acknowledged_step_survives_sigkill_exactly_once(server: Server) -> None:
+    config: dict[str, Any] = {
+        "optimizer": {
+            "name": "SGD",
+            "lr": LR,
+            "momentum": MOMENTUM,
+            "dampening": DAMPENING,
+            "weight_decay": WEIGHT_DECAY,
+        },
+        "params": {
+            n: {"shape": list(s), "data": initial()[n].ravel().tolist()} for n, s in SHAPES.items()
+        },
+        "dtype": "float64",
+    }
+    created = httpx.post(server.url + "/v1/sessions", json=config, timeout=30)
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+
+    done = threading.Event()
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=killer, args=(server, done, errors), daemon=True)
+    client_params = initial()
+    replays = 0
+    i = 0
+    with httpx.Client(timeout=10) as client:
+        thread.start()
+        while not done.is_set() or i < MIN_STEPS:
+            i += 1
+            step, deltas, replayed = send_step(client, server, sid, i)
+            assert step == i, f"step {i} was acknowledged as step {step}"
+            replays += replayed
+            for name, delta in deltas.items():
+                client_params[name] += delta
+        thread.join()
+    assert not errors, errors
+    assert server.restarts == KILLS
+
+    # One more crash after the last acknowledgement, then check what came back.
+    server.kill()
+    server.start()
+    document = httpx.get(f"{server.url}/v1/sessions/{sid}", timeout=10).json()
+    assert document["step"] == i
+    held, _ = safetensors.decode(
+        httpx.get(
+            f"{server.url}/v1/sessions/{sid}/params", headers={"Accept": SAFETENSORS}, timeout=10
+        ).content
+    )
+    for name in SHAPES:
+        assert held[name].tobytes() == client_params[name].tobytes(), name
+    reference = numpy_sgd(i)
+    for name in SHAPES:
+        np.testing.assert_allclose(held[name], reference[name], rtol=1e-12, atol=1e-14)
+    replayed_by_torch = torch_sgd(i)
+    if replayed_by_torch is not None:
+        for name in SHAPES:
+            np.testing.assert_allclose(held[name], replayed_by_torch[name], rtol=1e-10, atol=1e-12)
+    starts = ", ".join(f"{s:.1f}" for s in server.start_seconds)
+    print(f"{i} steps, {KILLS + 1} kills, {replays} replies replayed; starts took {starts} s")
