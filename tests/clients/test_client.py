@@ -107,6 +107,18 @@ def test_scalar_tensors_keep_their_empty_shape(client: Client, server: FakeServe
     assert float(result.params["bias"]) == -1.0
 
 
+def test_a_list_is_neither_shape_nor_values(client: Client, server: FakeServer) -> None:
+    with pytest.raises(TypeError, match="ambiguous"):
+        client.create_session({"name": "SGD"}, {"w": [3, 2]})
+    with pytest.raises(ValueError, match="every tensor or none"):
+        client.create_session({"name": "SGD"}, {"w": np.ones(2), "b": (2,)})
+    assert not server.requests
+    session = client.create_session(
+        {"name": "SGD"}, {"w": np.ones(2), "b": (2,)}, hold_params=False
+    )
+    assert not session.holds_params and session.shapes == {"w": (2,), "b": (2,)}
+
+
 def test_wrong_tensors_are_refused_before_sending(client: Client, server: FakeServer) -> None:
     session = client.create_session({"name": "SGD"}, {"w": (2,), "b": (1,)})
     with pytest.raises(ValueError, match="missing tensors"):

@@ -36,9 +36,10 @@ def session_config(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """The create body (without tensor data) and the initial values, if the session holds them.
 
-    ``params`` maps each name to a shape (a tuple of ints) or an array. Arrays give the
-    shapes and, unless ``hold_params=False``, the initial values (the session then holds
-    the parameters). ``hold_params=True`` needs every value to be an array.
+    ``params`` maps each name to a shape (a tuple of ints) or an array (anything numpy
+    reads except a plain list, which could be either). Arrays give the shapes and, unless
+    ``hold_params=False``, the initial values (the session then holds the parameters).
+    ``hold_params=True`` needs every value to be an array.
     """
     np_dtype = np.dtype(dtype)
     shapes: dict[str, dict[str, list[int]]] = {}
@@ -46,6 +47,11 @@ def session_config(
     for name, value in params.items():
         if _is_shape(value):
             shapes[name] = {"shape": [int(d) for d in value]}
+        elif isinstance(value, list):
+            raise TypeError(
+                f"params[{name!r}]: a list is ambiguous; give a shape as a tuple, "
+                "or initial values as an array"
+            )
         else:
             array = np.asarray(value, dtype=np_dtype, order="C")
             shapes[name] = {"shape": list(array.shape)}
