@@ -231,8 +231,9 @@ class SessionService:
     async def start(self) -> None:
         """Open the store and replay every stored session to its last acknowledged step."""
         await self._run_io(self.store.open)
-        stored = await self._run_io(lambda: list(self.store.load()))
-        for item in stored:
+        # One session at a time: a store's history can be large, so never hold it all.
+        stored = iter(self.store.load())
+        while (item := await self._run_io(lambda: next(stored, None))) is not None:
             try:
                 entry = await self._run(functools.partial(self._recover, item))
             except Exception:
