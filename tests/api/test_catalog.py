@@ -11,6 +11,7 @@ TORCH_OPTIMIZERS = {
     "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "ASGD", "NAdam",
     "RAdam", "Rprop", "Adafactor", "Muon", "LBFGS",
 }  # fmt: skip
+FLOWER_STRATEGIES = {"FedAvg", "FedAvgM", "FedAdagrad", "FedAdam", "FedYogi"}
 
 
 def test_optimizer_catalog_lists_arguments_with_types_and_defaults(client: TestClient) -> None:
@@ -18,7 +19,7 @@ def test_optimizer_catalog_lists_arguments_with_types_and_defaults(client: TestC
     assert response.status_code == 200
     entries = {e["name"]: e for e in response.json()["optimizers"]}
     assert "SGD" in entries and "Adam" in entries
-    assert set(entries) <= TORCH_OPTIMIZERS
+    assert set(entries) <= TORCH_OPTIMIZERS | FLOWER_STRATEGIES
     args = {a["name"]: a for a in entries["Adam"]["args"]}
     assert args["betas"]["default"] == [0.9, 0.999]
     assert args["eps"]["type"] == "float"
