@@ -98,21 +98,27 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if dtype is None:
             dtype = "float64" if all(t.dtype == torch.float64 for t in tensors) else "float32"
         self._owns_session = session is None
-        if session is None:
-            session = self.client.create_session(
-                optimizer,
-                _initial_values(names, tensors, dtype) if self._holds else _shapes(names, tensors),
-                schedule=schedule,
-                param_groups=server_groups or None,
-                dtype=dtype,
-                clip_grad_norm=clip_grad_norm,
-                clip_grad_value=clip_grad_value,
-                nonfinite=nonfinite,
-                labels=labels,
-                hold_params=self._holds,
-            )
-        elif isinstance(session, str):
-            session = self.client.session(session)
+        try:
+            if session is None:
+                values = _initial_values(names, tensors, dtype) if self._holds else None
+                session = self.client.create_session(
+                    optimizer,
+                    values if values is not None else _shapes(names, tensors),
+                    schedule=schedule,
+                    param_groups=server_groups or None,
+                    dtype=dtype,
+                    clip_grad_norm=clip_grad_norm,
+                    clip_grad_value=clip_grad_value,
+                    nonfinite=nonfinite,
+                    labels=labels,
+                    hold_params=self._holds,
+                )
+            elif isinstance(session, str):
+                session = self.client.session(session)
+        except BaseException:
+            if self._owns_client:
+                self.client.close()
+            raise
         self.session: Session = session
         self._holds = session.holds_params
         _check_tensors(session, names, tensors)
