@@ -20,7 +20,7 @@ RUN python -m pip install --no-cache-dir /wheels/*.whl \
     && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin optserve \
     && mkdir -p /data \
     && chown optserve /data
-USER optserve
+USER 10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8000

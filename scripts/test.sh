@@ -14,6 +14,7 @@ ruff check .
 ruff format --check .
 echo "== mypy"
 mypy
+(cd clients/python && mypy)
 if [ -f clients/openapi.json ]; then
   echo "== openapi"
   python -m service.api.openapi --check clients/openapi.json
