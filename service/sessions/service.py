@@ -80,6 +80,9 @@ SNAPSHOT_LOG_RATIO = 16.0
 A snapshot costs about the state's size in writes and each step about a gradient's, so
 snapshots add ``1 / ratio`` to the steps' write cost, and a replay after a crash reads at
 most ``ratio`` state-sizes of log."""
+SNAPSHOT_MIN_LOG_BYTES = 1 << 20
+"""...but never for less than this much log: replaying it is trivial, and tiny sessions
+(whose events take a whole disk block each) would otherwise snapshot every few steps."""
 OVERLAP_MIN_BYTES = 1 << 18
 """Events at least this large are written concurrently with the update; for smaller ones
 the thread hand-off costs more than it hides."""
@@ -587,8 +590,10 @@ class SessionService:
     def _maybe_snapshot(self, entry: _Entry) -> None:
         if entry.background is not None and not entry.background.done():
             return
-        due = entry.events_since_snapshot >= self.snapshot_every or (
-            entry.bytes_since_snapshot >= self.snapshot_log_ratio * max(entry.state_bytes, 1)
+        log_limit = max(self.snapshot_log_ratio * entry.state_bytes, SNAPSHOT_MIN_LOG_BYTES)
+        due = (
+            entry.events_since_snapshot >= self.snapshot_every
+            or entry.bytes_since_snapshot >= log_limit
         )
         if due:
             entry.background = asyncio.get_running_loop().create_task(self._snapshot(entry))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.sessions.store import DiskStore, disk
+from service.sessions.store import DiskStore, disk, logfile
 from service.sessions.store.disk import SESSIONS_DIR
 from tests.sessions.test_store_contract import event, record, snapshot
 
@@ -35,9 +35,9 @@ def test_a_torn_last_record_is_dropped_and_the_log_goes_on(tmp_path: Path) -> No
     size_after_one = only_log(tmp_path).stat().st_size
     store.append("s1", event(2))
     store.close()
-    full = only_log(tmp_path).stat().st_size
+    frame = sum(len(bytes(b)) for b in logfile.encode(event(2)))
     # A crash in the middle of writing event 2 (it was never acknowledged).
-    os.truncate(only_log(tmp_path), (size_after_one + full) // 2)
+    os.truncate(only_log(tmp_path), size_after_one + frame // 2)
 
     store = opened(tmp_path)
     loaded = store.load_session("s1")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.sessions.store import logfile
+from service.sessions.store import appender, logfile
+from service.sessions.store.appender import BLOCK, aligned
 from service.sessions.store.base import Event
 
 
@@ -32,7 +33,13 @@ def sample(seq: int) -> Event:
 
 
 def frame_bytes(event: Event) -> bytes:
-    return b"".join(bytes(b) for b in logfile.encode(event))
+    """One frame as the appender writes it: padded to the next block boundary."""
+    raw = b"".join(bytes(b) for b in logfile.encode(event))
+    return raw + bytes(aligned(len(raw)) - len(raw))
+
+
+def unpadded_length(event: Event) -> int:
+    return sum(len(bytes(b)) for b in logfile.encode(event))
 
 
 def test_frames_round_trip_bit_for_bit() -> None:
@@ -59,22 +66,39 @@ def test_tensor_views_are_aligned() -> None:
 
 def test_every_truncation_point_keeps_exactly_the_whole_frames() -> None:
     first, second = frame_bytes(sample(1)), frame_bytes(sample(2))
+    assert len(first) % BLOCK == 0
     whole = first + second
-    for cut in range(len(first), len(whole)):
+    second_end = len(first) + unpadded_length(sample(2))
+    for cut in range(len(first), len(whole) + 1):
         scan = logfile.scan(np.frombuffer(whole[:cut], dtype=np.uint8))
-        assert [e.seq for e in scan.events] == [1]
-        assert scan.valid_bytes == len(first)
-        assert scan.torn == (cut != len(first))
+        if cut < second_end:
+            assert [e.seq for e in scan.events] == [1]
+            assert scan.valid_bytes == len(first)
+            assert scan.torn == (cut != len(first))
+        else:  # only padding is missing: the frame is whole
+            assert [e.seq for e in scan.events] == [1, 2]
+            assert scan.valid_bytes == len(whole)
+            assert not scan.torn
+
+
+def test_a_frame_cut_inside_its_own_bytes_is_dropped() -> None:
+    raw = b"".join(bytes(b) for b in logfile.encode(sample(1)))
+    for cut in range(0, len(raw), 7):
+        scan = logfile.scan(np.frombuffer(raw[:cut], dtype=np.uint8))
+        assert scan.events == []
+        assert scan.valid_bytes == 0
+        assert scan.torn == (cut > 0)
 
 
 @pytest.mark.parametrize("where", ["length", "header", "data", "last"])
 def test_a_flipped_bit_ends_the_log_before_the_damaged_frame(where: str) -> None:
     first, second = frame_bytes(sample(1)), bytearray(frame_bytes(sample(2)))
+    length = unpadded_length(sample(2))
     position = {
         "length": 5,
         "header": logfile.PREFIX_SIZE + 3,
-        "data": len(second) // 2,
-        "last": len(second) - 1,
+        "data": length // 2,
+        "last": length - 1,
     }[where]
     second[position] ^= 0x10
     data = np.frombuffer(first + bytes(second), dtype=np.uint8)
@@ -97,5 +121,26 @@ def test_write_all_writes_every_buffer(tmp_path: Path) -> None:
         written = logfile.write_all(fd, buffers)
     finally:
         os.close(fd)
-    assert written == len(frame_bytes(sample(1)))
-    assert logfile.read_file(tmp_path / "log").tobytes() == frame_bytes(sample(1))
+    assert written == unpadded_length(sample(1))
+    assert logfile.read_file(tmp_path / "log").tobytes() == frame_bytes(sample(1))[:written]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_appended_frames_read_back_at_block_boundaries(tmp_path: Path, direct: bool) -> None:
+    path = tmp_path / "log"
+    if direct:
+        fd, direct = appender.open_log(path, create=True)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        offset = 0
+        for seq in (1, 2, 3):
+            offset += appender.append(fd, direct, offset, logfile.encode(sample(seq)))
+            assert offset % BLOCK == 0
+    finally:
+        os.close(fd)
+    data = logfile.read_file(path)
+    assert data.size == offset
+    assert data.tobytes() == b"".join(frame_bytes(sample(seq)) for seq in (1, 2, 3))
+    scan = logfile.scan(data)
+    assert [e.seq for e in scan.events] == [1, 2, 3] and not scan.torn

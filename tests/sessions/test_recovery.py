@@ -140,7 +140,7 @@ async def test_a_crash_mid_record_loses_only_the_unacknowledged_step(tmp_path: P
         await service.step("t", sid, key_request(5))
     # The last record was being written when the process died: cut it in the middle.
     last_log = log_files(root, sid)[-1]
-    os.truncate(last_log, size_before_last + (last_log.stat().st_size - size_before_last) // 3)
+    os.truncate(last_log, size_before_last + 100)  # mid-header of the last frame
     async with running(DiskStore(root)) as service:
         assert (await service.get("t", sid)).step == 4
         want = core_params(CONFIG, START, [step_grads(i) for i in range(1, 5)])

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from service.codec import safetensors
 from service.codec.errors import MalformedBody
-from service.sessions.store import logfile
+from service.sessions.store import appender, logfile
 from service.sessions.store.base import (
     Event,
     KeyRecord,
@@ -115,6 +115,8 @@ class _Log:
     """The segment a session appends to."""
 
     fd: int
+    direct: bool
+    """Whether appends bypass the page cache (``O_DIRECT``)."""
     start: int
     size: int
     last_seq: int
@@ -208,7 +210,7 @@ class DiskStore(Store):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir()
         write_durably(directory / _snap_name(snapshot.seq), _encode_snapshot(snapshot))
-        fd = self._new_segment(directory, snapshot.seq)
+        fd, direct = self._new_segment(directory, snapshot.seq)
         fsync_dir(self._sessions_dir)
         try:
             with self._db_lock:
@@ -228,7 +230,7 @@ class DiskStore(Store):
             shutil.rmtree(directory, ignore_errors=True)
             raise
         with self._logs_lock:
-            self._logs[record.id] = _Log(fd, snapshot.seq, 0, snapshot.seq)
+            self._logs[record.id] = _Log(fd, direct, snapshot.seq, 0, snapshot.seq)
 
     def delete(self, session_id: str) -> None:
         self._forget(session_id)
@@ -290,8 +292,7 @@ class DiskStore(Store):
         expected = base.seq + 1
         chain = [s for s in segments if s >= base.seq]
         if not chain or chain[0] != base.seq:
-            fd = self._new_segment(directory, base.seq)
-            os.close(fd)
+            os.close(self._new_segment(directory, base.seq)[0])
             chain.insert(0, base.seq)
         last_segment, last_size = chain[0], 0
         for i, start in enumerate(chain):
@@ -309,16 +310,18 @@ class DiskStore(Store):
             if found.torn:
                 # The tail never completed, so it was never acknowledged: cut it off.
                 log.warning("session %s: dropping a torn record at the end of %s", record.id, path)
+            if found.torn or path.stat().st_size != found.valid_bytes:
                 os.truncate(path, found.valid_bytes)
                 _fsync_file(path)
+            if found.torn:
                 self._drop_segments(directory, chain[i + 1 :])
                 break
-        fd = os.open(directory / _log_name(last_segment), os.O_WRONLY | os.O_APPEND)
+        fd, direct = appender.open_log(directory / _log_name(last_segment), create=False)
         with self._logs_lock:
             old = self._logs.pop(record.id, None)
             if old is not None:
                 os.close(old.fd)
-            self._logs[record.id] = _Log(fd, last_segment, last_size, expected - 1)
+            self._logs[record.id] = _Log(fd, direct, last_segment, last_size, expected - 1)
         later = [s for s in snaps if s > base.seq]
         return StoredSession(record, base, events, later)
 
@@ -344,10 +347,10 @@ class DiskStore(Store):
             raise KeyError(f"no stored session {session_id!r}")
         return entry
 
-    def _new_segment(self, directory: Path, start: int) -> int:
-        fd = os.open(directory / _log_name(start), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    def _new_segment(self, directory: Path, start: int) -> tuple[int, bool]:
+        opened = appender.open_log(directory / _log_name(start), create=True)
         fsync_dir(directory)
-        return fd
+        return opened
 
     def append(self, session_id: str, event: Event) -> int:
         entry = self._log(session_id)
@@ -355,8 +358,7 @@ class DiskStore(Store):
             raise ValueError(f"event {event.seq} does not follow event {entry.last_seq}")
         buffers = logfile.encode(event)
         try:
-            written = logfile.write_all(entry.fd, buffers)
-            os.fdatasync(entry.fd)
+            written = appender.append(entry.fd, entry.direct, entry.size, buffers)
         except BaseException:
             # Leave no partial frame behind for the next append to follow.
             os.ftruncate(entry.fd, entry.size)
@@ -383,10 +385,10 @@ class DiskStore(Store):
         data = _encode_snapshot(snapshot)
         directory = self._sessions_dir / session_id
         # Events from now on go to a new segment that starts where the snapshot ends.
-        fd = self._new_segment(directory, snapshot.seq)
+        fd, direct = self._new_segment(directory, snapshot.seq)
         with self._logs_lock:
             old = self._logs.get(session_id)
-            self._logs[session_id] = _Log(fd, snapshot.seq, 0, snapshot.seq)
+            self._logs[session_id] = _Log(fd, direct, snapshot.seq, 0, snapshot.seq)
         if old is not None:
             os.close(old.fd)
 

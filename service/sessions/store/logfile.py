@@ -1,6 +1,7 @@
 """The on-disk event log: checksummed, length-prefixed frames, appended and fsynced.
 
-One frame per event::
+One frame per event, each starting on a 4096-byte boundary (zeros in between, so that
+frames can be written with ``O_DIRECT``; see ``appender``)::
 
     magic "OSL1" | u32 header_len | u64 data_len | u32 crc32 | u32 zero
     header (JSON, header_len bytes, padded to 8)
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from service.sessions.store.appender import aligned
 from service.sessions.store.base import Event
 
 MAGIC = b"OSL1"
@@ -116,6 +118,7 @@ class Scan:
 
     events: list[Event]
     valid_bytes: int
+    """Where the next frame goes: the block boundary after the last whole frame."""
     torn: bool
     """True when bytes after ``valid_bytes`` were not a whole, intact frame."""
 
@@ -129,7 +132,7 @@ def scan(data: np.ndarray) -> Scan:
     for event, size in _frames(data, buf, end):
         events.append(event)
         pos += size
-    return Scan(events, pos, pos != end)
+    return Scan(events, pos, pos < end)
 
 
 def _frames(data: np.ndarray, buf: memoryview, end: int) -> Iterator[tuple[Event, int]]:
@@ -151,8 +154,8 @@ def _frames(data: np.ndarray, buf: memoryview, end: int) -> Iterator[tuple[Event
             event = _decode(bytes(buf[head_start : head_start + header_len]), data, data_start)
         except (ValueError, KeyError, TypeError, IndexError):
             return
-        yield event, frame_end - pos
-        pos = frame_end
+        yield event, aligned(frame_end) - pos
+        pos = aligned(frame_end)
 
 
 def _decode(header_bytes: bytes, data: np.ndarray, data_start: int) -> Event:
