@@ -31,7 +31,12 @@ def _version() -> str:
 
 def build_service(settings: Settings) -> SessionService:
     """The session service the settings describe (durable on disk, or in memory)."""
-    store: Store = MemoryStore() if settings.storage == "memory" else DiskStore(settings.data_dir)
+    # A memory server never restarts into its sessions: its store keeps no history.
+    store: Store = (
+        MemoryStore(keep_history=False)
+        if settings.storage == "memory"
+        else DiskStore(settings.data_dir)
+    )
     limits = Limits(
         max_tensors_per_session=settings.max_tensors_per_session,
         max_elements_per_session=settings.max_elements_per_session,
