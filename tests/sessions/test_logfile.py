@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -144,3 +146,29 @@ def test_appended_frames_read_back_at_block_boundaries(tmp_path: Path, direct: b
     assert data.tobytes() == b"".join(frame_bytes(sample(seq)) for seq in (1, 2, 3))
     scan = logfile.scan(data)
     assert [e.seq for e in scan.events] == [1, 2, 3] and not scan.torn
+
+
+def test_a_write_refused_with_o_direct_falls_back_to_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "log"
+    fd, direct = appender.open_log(path, create=True)
+    real = os.pwritev
+    calls: list[int] = []
+
+    def refuse_first(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(appender.os, "pwritev", refuse_first)
+    try:
+        appender.append(fd, True, 0, logfile.encode(sample(1)))
+        appender.append(fd, direct, BLOCK, logfile.encode(sample(2)))
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
+    finally:
+        os.close(fd)
+    monkeypatch.undo()
+    scan = logfile.scan(logfile.read_file(path))
+    assert [e.seq for e in scan.events] == [1, 2]
