@@ -13,7 +13,7 @@ from service.api import errors, schemas
 from service.api.auth import KeyTable
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
-from service.api.routes import catalog, health, sessions, steps
+from service.api.routes import catalog, federated, health, sessions, steps
 from service.config import Settings
 from service.sessions.models import Limits
 from service.sessions.service import SessionService
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
     app.state.keys = keys
     app.state.metrics = metrics
     errors.install(app)
-    for module in (sessions, steps, catalog, health):
+    for module in (sessions, steps, federated, catalog, health):
         app.include_router(module.router)
     app.add_middleware(
         RequestContext,

@@ -23,6 +23,7 @@ from starlette.responses import Response
 from service.api import problems
 from service.codec.errors import InvalidValues, MalformedBody, TooManyTensors
 from service.sessions import errors as domain
+from service.sessions.federated import errors as federated
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "/problems/"
@@ -142,6 +143,39 @@ MAPPINGS: dict[type[Exception], Mapping] = {
     domain.InvalidCheckpoint: Mapping(422, "invalid-checkpoint", "Invalid checkpoint"),
     domain.StorageError: Mapping(
         503, "storage-unavailable", "Storage unavailable", headers=lambda e: {"Retry-After": "1"}
+    ),
+    # Federated sessions
+    federated.NotFederated: Mapping(409, "not-federated", "Session does not take client updates"),
+    federated.StepsNotAccepted: Mapping(
+        409, "federated-session", "Session takes client updates, not steps"
+    ),
+    federated.RoundClosed: Mapping(
+        410,
+        "round-closed",
+        "Round already closed",
+        details=lambda e: {"round": e.round, "current_round": e.current},
+    ),
+    federated.RoundNotOpen: Mapping(
+        409,
+        "round-not-open",
+        "Round not open yet",
+        details=lambda e: {"round": e.round, "current_round": e.current},
+    ),
+    federated.UpdateConflict: Mapping(
+        409,
+        "update-conflict",
+        "Another update by this client",
+        details=lambda e: {"client_id": e.client_id},
+    ),
+    federated.UpdateTooStale: Mapping(
+        410,
+        "update-too-stale",
+        "Update too stale",
+        details=lambda e: {
+            "base_version": e.base_version,
+            "version": e.version,
+            "max_staleness": e.max_staleness,
+        },
     ),
     domain.SessionError: Mapping(422, "invalid-request", "Invalid request"),
     # Core

@@ -111,6 +111,18 @@ COMPONENTS: dict[str, Any] = {
             },
             "nonfinite": {"enum": ["error", "skip"]},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "aggregation": {
+                "description": "federated: aggregate client updates (docs/federated.md)",
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "required": ["mode"],
+                        "properties": {"mode": {"enum": ["rounds", "async"]}},
+                        "additionalProperties": True,
+                    },
+                    {"type": "null"},
+                ],
+            },
         },
     },
     "Session": {

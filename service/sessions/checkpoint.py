@@ -3,11 +3,13 @@
 ``GET .../state`` exports one and ``POST /v1/sessions`` with one restores it as a new
 session; the disk store's snapshots are the same thing. Layout:
 
-- arrays: ``state/group<i>/<field>[.<k>]`` (core's ``state_to_flat``) and, when the
-  session holds its parameters, ``params/<name>``;
+- arrays: ``state/group<i>/<field>[.<k>]`` (core's ``state_to_flat``), when the
+  session holds its parameters ``params/<name>``, and for a federated session the open
+  round's sums as ``federated/round/total.<i>``;
 - metadata: ``format`` (:data:`FORMAT`), ``session`` (the config as created, JSON),
   ``state`` (the JSON part of the training state), ``labels`` (JSON), ``step`` and
-  ``holds_params`` (for humans and quick checks; ``state`` is authoritative).
+  ``holds_params`` (for humans and quick checks; ``state`` is authoritative), and for a
+  federated session ``federated`` (the round and its history, JSON).
 
 Arrays are stored in the session's dtype and come back bit for bit, so a restored
 session continues exactly where the exported one was.
@@ -23,9 +25,11 @@ from typing import Any
 import numpy as np
 
 from service.core.errors import CoreError
+from service.core.federated.rounds import Federation
 from service.core.plan import Plan, plan_from_config
 from service.core.training import TrainState, state_from_flat, state_to_flat
-from service.sessions.errors import InvalidCheckpoint
+from service.sessions.errors import InvalidCheckpoint, ParamsRequired
+from service.sessions.federated import state as federated
 
 FORMAT = "optserve.checkpoint/1"
 PARAMS_PREFIX = "params/"
@@ -43,6 +47,7 @@ def export(
     labels: Mapping[str, str],
     state: TrainState,
     held: list[np.ndarray] | None,
+    federation: Federation | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The checkpoint of a session. Arrays are the live ones: copy them to keep them."""
     arrays, meta = state_to_flat(plan, state)
@@ -58,6 +63,10 @@ def export(
         "step": str(state.step),
         "holds_params": "true" if held is not None else "false",
     }
+    if federation is not None:
+        federated_arrays, federated_metadata = federated.export(federation)
+        arrays.update(federated_arrays)
+        metadata.update(federated_metadata)
     return arrays, metadata
 
 
@@ -68,6 +77,7 @@ class Restored:
     plan: Plan
     state: TrainState
     held: list[np.ndarray] | None
+    federation: Federation | None = None
 
 
 def _json(metadata: Mapping[str, str], key: str) -> Any:
@@ -99,15 +109,18 @@ def restore(
     ):
         raise InvalidCheckpoint("checkpoint 'labels' must map strings to strings")
     if plan is None:
-        plan = plan_from_config(config)
+        plan = plan_from_config(config, ignore=federated.OUTER_KEYS)
     holds = metadata.get("holds_params") == "true"
     state_arrays: dict[str, np.ndarray] = {}
     held_arrays: dict[str, np.ndarray] = {}
+    federated_arrays: dict[str, np.ndarray] = {}
     for name, array in arrays.items():
         if name.startswith(STATE_PREFIX):
             state_arrays[name] = array
         elif name.startswith(PARAMS_PREFIX) and holds:
             held_arrays[name[len(PARAMS_PREFIX) :]] = array
+        elif name.startswith(federated.ARRAY_PREFIX):
+            federated_arrays[name[len(federated.ARRAY_PREFIX) :]] = array
         else:
             raise InvalidCheckpoint(
                 f"unexpected array {name!r} in checkpoint",
@@ -119,7 +132,11 @@ def restore(
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise InvalidCheckpoint(f"checkpoint state does not fit its config: {exc}") from exc
     held = _held(plan, held_arrays) if holds else None
-    return Restored(config, labels, plan, state, held)
+    try:
+        federation = federated.restore(config, plan, holds, federated_arrays, metadata)
+    except ParamsRequired as exc:
+        raise InvalidCheckpoint(str(exc)) from exc
+    return Restored(config, labels, plan, state, held, federation)
 
 
 def _held(plan: Plan, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:

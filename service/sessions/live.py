@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from service.core.errors import InvalidInput
+from service.core.federated.rounds import Federation
 from service.core.plan import Plan
 from service.core.training import (
     TrainState,
@@ -24,6 +25,7 @@ from service.core.training import (
 )
 from service.sessions import checkpoint
 from service.sessions.errors import ParamsRequired
+from service.sessions.federated.errors import StepsNotAccepted
 from service.sessions.models import WANTS, SessionInfo, StepReply
 from service.sessions.store.base import SessionRecord
 
@@ -102,6 +104,7 @@ class LiveSession:
         held: list[np.ndarray] | None,
         seq: int,
         updated_at: float,
+        federation: Federation | None = None,
     ) -> None:
         self.record = record
         self.plan = plan
@@ -111,7 +114,11 @@ class LiveSession:
         """How many events (steps and manual schedule steps) the store holds for this
         session; the service advances it once an event is durable."""
         self.updated_at = updated_at
+        self.federation = federation
+        """Aggregation state when the session takes client updates instead of steps."""
         self._resolved = plan.describe()
+        if federation is not None:
+            self._resolved["aggregation"] = federation.spec.describe()
         self._groups = plan.resolved_groups()
 
     # -- steps ---------------------------------------------------------------------------
@@ -127,6 +134,8 @@ class LiveSession:
 
         Changes nothing. Core checks the values themselves (finiteness) in :meth:`apply`.
         """
+        if self.federation is not None:
+            raise StepsNotAccepted(self.record.id)
         plan = self.plan
         if want not in WANTS:
             raise InvalidInput(f"return must be one of {', '.join(WANTS)}, got {want!r}", "return")
@@ -222,7 +231,12 @@ class LiveSession:
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """The session as a checkpoint, arrays live (copy before letting go of the lock)."""
         return checkpoint.export(
-            self.plan, self.record.config, self.record.labels, self.state, self.held
+            self.plan,
+            self.record.config,
+            self.record.labels,
+            self.state,
+            self.held,
+            self.federation,
         )
 
     def state_bytes(self) -> int:

@@ -94,6 +94,7 @@ class SessionInfo:
             "nonfinite": r["nonfinite"],
             "clip_grad_norm": r["clip_grad_norm"],
             "clip_grad_value": r["clip_grad_value"],
+            "aggregation": r.get("aggregation"),
             "skipped_steps": self.skipped_steps,
             "created_at": timestamp(self.created_at),
             "updated_at": timestamp(self.updated_at),

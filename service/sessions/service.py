@@ -53,6 +53,10 @@ from service.sessions.errors import (
     StepInFlight,
     StorageError,
 )
+from service.sessions.federated import state as federated_state
+from service.sessions.federated.coordinator import Coordinator
+from service.sessions.federated.session import FEDERATED_EVENTS
+from service.sessions.federated.session import replay as replay_federated
 from service.sessions.ids import new_id
 from service.sessions.live import LiveSession, initial_params
 from service.sessions.models import Limits, SessionInfo, StepReply, StepRequest
@@ -191,6 +195,8 @@ class SessionService:
         self._sessions: dict[str, _Entry] = {}
         self._per_tenant: Counter[str] = Counter()
         self._started = False
+        self.federated = Coordinator(self)
+        """Client updates, rounds and long polls of sessions created with ``aggregation``."""
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -245,9 +251,11 @@ class SessionService:
             self._sessions[item.record.id] = entry
             self._per_tenant[entry.tenant] += 1
         self._started = True
+        self.federated.resume()
         log.info("recovered %d sessions", len(self._sessions))
 
     async def close(self) -> None:
+        await self.federated.stop()
         tasks = [e.background for e in self._sessions.values() if e.background is not None]
         for task in tasks:
             with contextlib.suppress(Exception):
@@ -268,11 +276,14 @@ class SessionService:
         params: Mapping[str, np.ndarray] | None,
     ) -> SessionInfo:
         core, labels = _session_config(config)
-        plan = plan_from_config(core)
+        plan = plan_from_config(core, ignore=federated_state.OUTER_KEYS)
         self._check_size(len(plan.tensors), plan.size)
         held = None
         if params is not None:
             held = await self._run(lambda: initial_params(plan, params))
+        federation = federated_state.begin(
+            core.get("aggregation"), plan, held is not None, self._clock()
+        )
         if plan.ask_tell and held is None:
             raise ParamsRequired(
                 "LBFGS with a line search or max_iter > 1 asks for the points to evaluate, "
@@ -283,7 +294,9 @@ class SessionService:
             record = SessionRecord(new_id(), tenant, core, labels, self._clock())
 
             def build() -> LiveSession:
-                live = LiveSession(record, plan, initial_state(plan), held, 0, record.created_at)
+                live = LiveSession(
+                    record, plan, initial_state(plan), held, 0, record.created_at, federation
+                )
                 self._store_new(live)
                 return live
 
@@ -308,7 +321,13 @@ class SessionService:
 
             def build() -> LiveSession:
                 live = LiveSession(
-                    record, restored.plan, restored.state, restored.held, 0, record.created_at
+                    record,
+                    restored.plan,
+                    restored.state,
+                    restored.held,
+                    0,
+                    record.created_at,
+                    restored.federation,
                 )
                 self._store_new(live)
                 return live
@@ -361,6 +380,7 @@ class SessionService:
             entry.deleted = True
             self._sessions.pop(session_id, None)
             self._release(tenant)
+            self.federated.forget(session_id)
         if entry.background is not None:
             with contextlib.suppress(Exception):
                 await entry.background
@@ -649,9 +669,17 @@ class SessionService:
     def _recover(self, stored: StoredSession) -> _Entry:
         """Rebuild a session from its base snapshot and replay the events after it."""
         record, snapshot = stored.record, stored.snapshot
-        plan = plan_from_config(record.config)
+        plan = plan_from_config(record.config, ignore=federated_state.OUTER_KEYS)
         restored = checkpoint.restore(snapshot.arrays, snapshot.metadata, plan)
-        live = LiveSession(record, plan, restored.state, restored.held, snapshot.seq, snapshot.at)
+        live = LiveSession(
+            record,
+            plan,
+            restored.state,
+            restored.held,
+            snapshot.seq,
+            snapshot.at,
+            restored.federation,
+        )
         entry = _Entry(live, live.info(), base_seq=snapshot.seq)
         entry.later_snapshots = list(stored.later_snapshots)
         last = stored.events[-1].seq if stored.events else snapshot.seq
@@ -676,6 +704,9 @@ class SessionService:
     def _replay(live: LiveSession, event: Event) -> StepReply | None:
         """Apply a logged event again; None for a schedule step or a refused event."""
         try:
+            if event.kind in FEDERATED_EVENTS:
+                replay_federated(live, event)
+                return None
             if event.kind == "schedule":
                 live.schedule(event.metric)
                 return None

@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-EventKind = Literal["step", "schedule"]
+EventKind = Literal["step", "schedule", "update", "close"]
+"""``update`` and ``close`` are a federated session's client updates and round closings."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class Event:
     params: dict[str, np.ndarray] | None = None
     loss: float | None = None
     metric: float | None = None
+    info: dict[str, Any] | None = None
+    """A federated event's details (client, round, ...): JSON, replayed as logged."""
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ def encode(event: Event) -> list[bytes | memoryview]:
             "metric": event.metric,
             "has_params": event.params is not None,
             "tensors": tensors,
+            # Only federated events carry details; other frames stay as they were.
+            **({"info": event.info} if event.info is not None else {}),
         },
         separators=(",", ":"),
     ).encode()
@@ -178,6 +180,7 @@ def _decode(header_bytes: bytes, data: np.ndarray, data_start: int) -> Event:
         params=params if header["has_params"] else None,
         loss=header["loss"],
         metric=header["metric"],
+        info=header.get("info"),
     )
 
 
