@@ -160,3 +160,12 @@ def test_ping_fails_once_closed(tmp_path: Path) -> None:
     assert store.ping()
     store.close()
     assert not store.ping()
+
+
+def test_a_data_directory_has_one_writer(tmp_path: Path) -> None:
+    first = opened(tmp_path)
+    with pytest.raises(disk.DataDirInUse):
+        DiskStore(tmp_path).open()
+    first.close()
+    second = opened(tmp_path)  # the lock went with the first store
+    second.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.sessions.store import DiskStore, KeyRecord, MemoryStore, make_store
+from service.sessions.store import DiskStore, KeyRecord, MemoryStore, make_store, memory
 from tests.sessions.test_store_contract import event, record, snapshot
 
 
@@ -51,3 +51,18 @@ def test_snapshot_capture_copies_the_arrays() -> None:
     store.compact("s1", 1, [])
     stored = store.load_session("s1")
     assert stored is not None and np.all(stored.snapshot.arrays["state/a"] == 5.0)
+
+
+def test_archived_keys_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "MAX_ARCHIVED_KEYS", 3)
+    store = MemoryStore(keep_history=False)
+    store.open()
+    store.create(record(), snapshot(0, 1.0))
+    store.compact("s1", 0, [KeyRecord(f"k{i}", "fp", i, i) for i in range(1, 6)])
+    assert [store.find_key("s1", f"k{i}") is not None for i in range(1, 6)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]

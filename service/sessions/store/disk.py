@@ -23,6 +23,7 @@ the end of a log) is removed or truncated on the next start.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ from service.sessions.store.base import (
 log = logging.getLogger(__name__)
 
 DB_NAME = "optserve.sqlite3"
+LOCK_NAME = "lock"
 SESSIONS_DIR = "sessions"
 _SEQ_KEY = "optserve.store.seq"
 _AT_KEY = "optserve.store.at"
@@ -110,6 +112,14 @@ def write_durably(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+class DataDirInUse(RuntimeError):
+    """Another process (or another open store) holds the data directory."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(f"data directory {root} is in use by another optserve process")
+        self.root = root
+
+
 @dataclass
 class _Log:
     """The segment a session appends to."""
@@ -134,11 +144,13 @@ class DiskStore(Store):
         self._db_lock = threading.Lock()
         self._logs: dict[str, _Log] = {}
         self._logs_lock = threading.Lock()
+        self._lock_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def open(self) -> None:
         self._sessions_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_root()
         db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -155,6 +167,23 @@ class DiskStore(Store):
             if self._db is not None:
                 self._db.close()
                 self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def _lock_root(self) -> None:
+        """Refuse to share the data directory: two writers would corrupt each other.
+
+        The lock is the kernel's, so it goes with the process however it ends (a SIGKILL
+        included) and a restarted server takes it again at once.
+        """
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirInUse(self.root) from None
+        self._lock_fd = fd
 
     def ping(self) -> bool:
         try:

@@ -7,6 +7,9 @@ held, so a service can be "restarted" on it to exercise recovery without a disk.
 With ``keep_history=False`` it keeps only the archived idempotency keys: nothing is
 copied per snapshot and no event is retained, which is what a server running in memory
 mode wants (it cannot restart into its old sessions anyway). ``load`` then finds nothing.
+
+Archived keys are capped per session (:data:`MAX_ARCHIVED_KEYS`, oldest dropped first) to
+keep memory bounded; the disk store keeps them all, on disk.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ def _copy_snapshot(snapshot: Snapshot) -> Snapshot:
 def _event_bytes(event: Event) -> int:
     arrays = [*event.grads.values(), *(event.params or {}).values()]
     return 256 + sum(a.nbytes for a in arrays)
+
+
+MAX_ARCHIVED_KEYS = 100_000
+"""Per session. A retry older than this many keyed steps is treated as a new step."""
 
 
 class MemoryStore(Store):
@@ -139,6 +146,8 @@ class MemoryStore(Store):
             raise ValueError(f"no snapshot at event {base_seq}")
         for record in keys:
             held.keys[record.key] = record
+        while len(held.keys) > MAX_ARCHIVED_KEYS:
+            del held.keys[next(iter(held.keys))]
         held.snapshots = [s for s in held.snapshots if s.seq >= base_seq]
         held.events = [e for e in held.events if e.seq > base_seq]
 
