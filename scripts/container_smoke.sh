@@ -9,6 +9,8 @@ port=${SMOKE_PORT:-18731}
 key=smoke-key-$$
 project=optserve-smoke
 export OPTSERVE_API_KEYS="smoke:$key" OPTSERVE_PUBLISH_PORT=$port
+# Docker image format, so the HEALTHCHECK is kept (the OCI format has no such field).
+export BUILDAH_FORMAT=docker
 url="http://127.0.0.1:$port"
 auth=(-H "Authorization: Bearer $key")
 
