@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from service.core.hparams import Arg, check
-from service.core.kernels import elementwise
+from service.core.kernels import elementwise, signed_grad
 from service.core.optimizers.base import Optimizer, Shape, register
 
 
@@ -70,34 +70,41 @@ class SGD(Optimizer[SGDState]):
     ) -> SGDState:
         lr, momentum, dampening = hp["lr"], hp["momentum"], hp["dampening"]
         wd, nesterov = hp["weight_decay"], hp["nesterov"]
-        sign = -1.0 if hp["maximize"] else 1.0
+        maximize = hp["maximize"]
         first = state.step == 0
         if momentum != 0 and not state.momentum_buffer:
             # A schedule (CyclicLR) may switch momentum on after init.
             state.momentum_buffer = [np.zeros_like(g) for g in grads]
 
         def kernel(*views: np.ndarray) -> None:
-            g, d, s = views[0], views[-2], views[-1]
-            # s <- the (maximized, decayed) gradient; d ends as the delta.
-            np.multiply(g, sign, out=s)
-            if wd != 0:
-                np.multiply(views[1], wd, out=d)
-                s += d
-            if momentum != 0:
-                buf = views[2] if wd != 0 else views[1]
-                if first:
-                    buf[...] = s
-                else:
-                    buf *= momentum
-                    if dampening != 0:
-                        s *= 1 - dampening
+            # Fewest passes: the maximize sign is folded into scalars where it is exact.
+            d, s = views[-2], views[-1]
+            g, g_sign = signed_grad(views[0], views[1] if wd != 0 else None, wd, maximize, s)
+            if momentum == 0:
+                np.multiply(g, -lr * g_sign, out=d)
+                return
+            buf = views[2] if wd != 0 else views[1]
+            if first:
+                np.multiply(g, g_sign, out=buf)
+            else:
+                buf *= momentum
+                if dampening != 0:  # never with nesterov, so g may be overwritten
+                    np.multiply(g, (1 - dampening) * g_sign, out=s)
                     buf += s
-                if nesterov:
-                    np.multiply(buf, momentum, out=d)
-                    s += d
+                elif g_sign < 0:
+                    buf -= g
                 else:
-                    s[...] = buf
-            np.multiply(s, -lr, out=d)
+                    buf += g
+            if nesterov:
+                # param.add_(grad.add(buf, alpha=momentum), alpha=-lr)
+                np.multiply(buf, momentum, out=d)
+                if g_sign < 0:
+                    d -= g
+                else:
+                    d += g
+                d *= -lr
+            else:
+                np.multiply(buf, -lr, out=d)
 
         for i, g in enumerate(grads):
             arrays = [g]
