@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         summary="torch.optim optimizers and schedules as a stateful REST service",
         lifespan=lifespan,
         redoc_url=None,
+        # /metrics is optserve's own; no OpenTelemetry work on the hot path.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.keys = keys

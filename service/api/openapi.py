@@ -1,7 +1,7 @@
 """Export the app's OpenAPI document, or check that a committed copy still matches it.
 
-    python -m service.api.openapi --write clients/openapi.json
-    python -m service.api.openapi --check clients/openapi.json   # exit 1 when stale
+python -m service.api.openapi --write clients/openapi.json
+python -m service.api.openapi --check clients/openapi.json   # exit 1 when stale
 """
 
 from __future__ import annotations

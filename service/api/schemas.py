@@ -267,7 +267,30 @@ def create_request() -> dict[str, Any]:
 
 
 def step_request() -> dict[str, Any]:
-    return _request(
+    parameters = [
+        {
+            "name": "return",
+            "in": "query",
+            "required": False,
+            "description": "what the reply carries: deltas (new - old), the new params, or none",
+            "schema": {"enum": ["delta", "params", "none"], "default": "delta"},
+        },
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "a retry with the same key and body gets the stored reply",
+            "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+        },
+        {
+            "name": "If-Match",
+            "in": "header",
+            "required": False,
+            "description": 'apply only if the session is at this step ("<step>")',
+            "schema": {"type": "string"},
+        },
+    ]
+    return {"parameters": parameters} | _request(
         {
             JSON_TYPE: {"schema": _ref("StepRequest")},
             SAFETENSORS_TYPE: {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -78,56 +79,87 @@ def array_to_json(array: np.ndarray) -> bytes:
     return json.dumps(array.tolist()).encode()
 
 
-_DIGIT_POWERS = 10.0 ** np.arange(8, -1, -1)
-_BASE_WIDTH = 15  # sign, d, '.', 8 digits, 'e', exponent sign, 2 exponent digits
-_ZERO, _SPACE, _MINUS, _PLUS, _DOT, _E = (ord(c) for c in "0 -+.e")
+_BASE_WIDTH = 15  # sign, d, '.', 8 digits, then "e±XX"
+_U64 = np.uint64
+_ASCII_ZEROS = _U64(0x3030303030303030)
+_LANES_100 = _U64(0x0000007F0000007F)
+_LANES_10 = _U64(0x000F000F000F000F)
+_EXPONENTS = np.array(
+    [int.from_bytes(f"e{e:+03d}".encode(), "little") for e in range(-64, 64)], dtype=np.uint32
+)
+"""``"e-45"`` .. ``"e+38"`` as four ASCII bytes in one uint32, indexed by exponent + 64."""
 
 
-def _float32_text(array: np.ndarray) -> bytes:
-    """Fixed-width ``[-| ]d.dddddddde±XX`` per element, brackets padded with spaces.
+def _eight_digits(values: np.ndarray) -> np.ndarray:
+    """ASCII of integers below 1e8, zero-padded to 8 digits, packed into one uint64 each.
+
+    SWAR: split into two 4-digit lanes of 32 bits, each into two 2-digit lanes of 16 bits,
+    each into two 1-digit bytes. Division by 100 and by 10 are multiply-and-shift, exact
+    in these ranges (x * 5243 >> 19 = x // 100 for x < 10^4; x * 103 >> 10 = x // 10 for
+    x < 100), and no lane's product reaches the next lane. Little-endian byte order puts
+    the most significant digit first.
+    """
+    high = values // _U64(10000)
+    lanes = high | ((values - high * _U64(10000)) << _U64(32))
+    quotient = ((lanes * _U64(5243)) >> _U64(19)) & _LANES_100
+    lanes = quotient | ((lanes - quotient * _U64(100)) << _U64(16))
+    quotient = ((lanes * _U64(103)) >> _U64(10)) & _LANES_10
+    lanes = quotient | ((lanes - quotient * _U64(10)) << _U64(8))
+    ascii_digits: np.ndarray = lanes | _ASCII_ZEROS
+    return ascii_digits
+
+
+@lru_cache(maxsize=64)
+def _layout(shape: tuple[int, ...]) -> np.ndarray:
+    """The fixed characters of a float32 text of this shape: brackets, '.', commas, blanks.
 
     Every element gets ``ndim`` bytes for opening brackets and ``ndim`` for closing ones,
     blank where none belongs: JSON allows the whitespace, and fixed widths let the whole
-    text be assembled as one uint8 matrix.
+    text be one uint8 matrix.
+    """
+    n, ndim = math.prod(shape), len(shape)
+    width = _BASE_WIDTH + 2 * ndim + 1
+    text = np.full((n, width), ord(" "), dtype=np.uint8)
+    text[:, ndim + 2] = ord(".")
+    index = np.arange(n)
+    for axis in range(ndim):
+        block = math.prod(shape[axis:])
+        text[index % block == 0, axis] = ord("[")
+        text[(index + 1) % block == 0, width - 2 - axis] = ord("]")
+    text[:, -1] = ord(",")
+    text.setflags(write=False)
+    return text
+
+
+def _float32_text(array: np.ndarray) -> bytes:
+    """Each element as ``[-| ]d.dddddddde±XX``: nine significant digits, exact for float32.
+
+    The decimal digits come from float64 arithmetic on the float32 value (exact), the
+    text from a handful of whole-array operations; a per-element ``repr`` would cost
+    several times the optimizer step for small tensors.
     """
     flat = array.reshape(-1).astype(np.float64)
     n, ndim = flat.size, array.ndim
     magnitude = np.abs(flat)
     zero = magnitude == 0
-    with np.errstate(divide="ignore"):
-        exponent = np.floor(np.log10(np.where(zero, 1.0, magnitude))).astype(np.int64)
-    mantissa = np.rint(magnitude * 10.0 ** (8 - exponent))
-    # log10 can land one decade off at exact powers of ten; fix those few.
+    magnitude[zero] = 1.0
+    exponent = np.floor(np.log10(magnitude))
+    mantissa = np.rint(magnitude * np.power(10.0, 8.0 - exponent))
+    # log10 can land one decade off near exact powers of ten; fix those few.
     high = mantissa >= 1e9
-    low = (mantissa < 1e8) & ~zero
+    low = mantissa < 1e8
     if high.any() or low.any():
-        exponent += high.astype(np.int64) - low.astype(np.int64)
-        mantissa = np.rint(magnitude * 10.0 ** (8 - exponent))
-    mantissa[zero] = 0
-    exponent[zero] = 0
-    # Float floor division is exact here (integers below 2**53) and much faster than int64;
-    # each digit is its leading part minus ten times the previous column's.
-    leading = np.floor(mantissa[:, None] / _DIGIT_POWERS)
-    chars = leading.copy()
-    chars[:, 1:] -= 10.0 * leading[:, :-1]
-    chars += _ZERO
-    width = _BASE_WIDTH + 2 * ndim + 1
-    text = np.full((n, width), _SPACE, dtype=np.uint8)
+        exponent += high
+        exponent -= low
+        mantissa = np.rint(magnitude * np.power(10.0, 8.0 - exponent))
+    mantissa[zero] = 0.0
+    exponent[zero] = 0.0
+    leading = np.floor(mantissa * 1e-8)
+    rest = (mantissa - leading * 1e8).astype(np.uint64)
+    text = _layout(array.shape).copy()
     number = text[:, ndim : ndim + _BASE_WIDTH]
-    number[:, 0] = np.where(np.signbit(flat), _MINUS, _SPACE)
-    number[:, 1] = chars[:, 0]
-    number[:, 2] = _DOT
-    number[:, 3:11] = chars[:, 1:]
-    number[:, 11] = _E
-    number[:, 12] = np.where(exponent < 0, _MINUS, _PLUS)
-    exponent = np.abs(exponent)
-    tens = exponent // 10
-    number[:, 13] = tens + _ZERO
-    number[:, 14] = exponent - 10 * tens + _ZERO
-    index = np.arange(n)
-    for axis in range(ndim):
-        block = math.prod(array.shape[axis:])
-        text[index % block == 0, axis] = ord("[")
-        text[(index + 1) % block == 0, width - 2 - axis] = ord("]")
-    text[:, -1] = ord(",")
+    number[:, 0] = np.where(np.signbit(flat), ord("-"), ord(" "))
+    number[:, 1] = leading + ord("0")
+    number[:, 3:11] = _eight_digits(rest).view(np.uint8).reshape(n, 8)
+    number[:, 11:15] = _EXPONENTS[exponent.astype(np.intp) + 64].view(np.uint8).reshape(n, 4)
     return text.tobytes()[:-1]

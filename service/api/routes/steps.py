@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api import schemas
 from service.api.body import read_body
-from service.api.deps import MetricsDep, ServiceDep, SettingsDep, TenantDep
+from service.api.deps import ContextDep
 from service.api.media import Wire, request_wire, response_wire
-from service.api.problems import BadRequest
+from service.api.problems import BadRequest, InvalidRequest
 from service.api.responses import raw_json_response, safetensors_response
 from service.api.wire import (
     StepBody,
@@ -24,11 +23,13 @@ from service.api.wire import (
 )
 from service.sessions.errors import InvalidInput
 from service.sessions.models import StepRequest
+from service.sessions.service import SessionService
 
 router = APIRouter(tags=["steps"])
 
 _ETAG = re.compile(r'\s*(?:W/)?"(\d{1,18})"\s*')
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
+RETURN_MODES = ("delta", "params", "none")
 
 
 def parse_if_match(value: str | None) -> int | None:
@@ -41,6 +42,17 @@ def parse_if_match(value: str | None) -> int | None:
     return int(match.group(1))
 
 
+def parse_return(value: str | None) -> str:
+    if value is None:
+        return "delta"
+    if value not in RETURN_MODES:
+        raise InvalidRequest(
+            f"return must be one of {', '.join(RETURN_MODES)}, got {value!r}",
+            [("return", f"must be one of {', '.join(RETURN_MODES)}")],
+        )
+    return value
+
+
 def parse_idempotency_key(value: str | None) -> str | None:
     if value is None:
         return None
@@ -51,7 +63,7 @@ def parse_idempotency_key(value: str | None) -> str | None:
     return value
 
 
-async def _bare_name(service: ServiceDep, tenant: str, session_id: str) -> str:
+async def _bare_name(service: SessionService, tenant: str, session_id: str) -> str:
     info = await service.get(tenant, session_id)
     names = list(info.document()["tensors"])
     if len(names) != 1:
@@ -69,32 +81,25 @@ async def _bare_name(service: ServiceDep, tenant: str, session_id: str) -> str:
     responses=schemas.step_responses(),
     openapi_extra=schemas.step_request(),
 )
-async def step(
-    session_id: str,
-    request: Request,
-    tenant: TenantDep,
-    service: ServiceDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    returns: Annotated[Literal["delta", "params", "none"], Query(alias="return")] = "delta",
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
-) -> Response:
+async def step(session_id: str, request: Request, ctx: ContextDep) -> Response:
+    # Query and headers are read by hand (and documented in the schema): FastAPI's
+    # per-parameter validation would cost more than the optimizer step at small sizes.
     wire = request_wire(request)
     answer = response_wire(request, wire)
-    key = parse_idempotency_key(idempotency_key)
-    expected = parse_if_match(if_match)
+    returns = parse_return(request.query_params.get("return"))
+    key = parse_idempotency_key(request.headers.get("idempotency-key"))
+    expected = parse_if_match(request.headers.get("if-match"))
     body = await read_body(request)
     parsed: StepBody
     if wire is Wire.JSON:
         parsed = step_from_json(body)
     else:
-        parsed = step_from_safetensors(body, 2 * settings.max_tensors_per_session)
+        parsed = step_from_safetensors(body, 2 * ctx.settings.max_tensors_per_session)
     grads = parsed.grads
     if parsed.bare is not None:
-        grads = {await _bare_name(service, tenant, session_id): parsed.bare}
-    reply = await service.step(
-        tenant,
+        grads = {await _bare_name(ctx.service, ctx.tenant, session_id): parsed.bare}
+    reply = await ctx.service.step(
+        ctx.tenant,
         session_id,
         StepRequest(
             grads=grads,
@@ -106,7 +111,7 @@ async def step(
             want=returns,
         ),
     )
-    metrics.step_outcome(reply.applied, reply.replayed)
+    ctx.metrics.step_outcome(reply.applied, reply.replayed)
     headers = {"ETag": f'"{reply.step}"'}
     if reply.replayed:
         headers["Idempotent-Replayed"] = "true"
