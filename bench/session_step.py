@@ -1,8 +1,10 @@
 """Per-step time of the session layer, in process: core alone, memory store, disk store.
 
 This is the storage half of the HTTP benchmark: no HTTP, no codec, just what a step costs
-below the API (checks, the event log append with fdatasync overlapped with the update,
-background snapshots). Prints a Markdown table.
+below the API (checks, idempotency, the event log append with ``fdatasync`` overlapped
+with the update, background snapshots). The three variants step in turn, interleaved,
+so that a busy machine slows them alike; the table gives medians and the median of the
+per-step disk/memory ratios. Prints a Markdown table.
 
     python -m bench.session_step [--sizes 1000 1000000] [--steps 50] [--data-dir DIR]
 """
@@ -23,44 +25,44 @@ from service.core.plan import plan_from_config
 from service.core.training import apply_step, initial_state
 from service.sessions.models import Limits, StepRequest
 from service.sessions.service import SessionService
-from service.sessions.store import DiskStore, MemoryStore, Store
+from service.sessions.store import DiskStore, MemoryStore
 
 
 def config(size: int) -> dict[str, Any]:
     return {"optimizer": {"name": "Adam", "lr": 1e-3}, "params": {"w": {"shape": [size]}}}
 
 
-def grads(size: int, count: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    return [rng.standard_normal(size, dtype=np.float32) for _ in range(count)]
-
-
-def core_ms(size: int, steps: int) -> float:
+async def measure(size: int, steps: int, data_dir: Path) -> tuple[float, float, float, float]:
     plan = plan_from_config(config(size))
     state = initial_state(plan)
     out = [np.empty(size, dtype=np.float32)]
-    times = []
-    for g in grads(size, steps):
-        start = time.perf_counter()
-        apply_step(plan, state, [g], None, out)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-async def session_ms(store: Store, size: int, steps: int) -> float:
-    service = SessionService(store, Limits(max_elements_per_session=10**9))
-    await service.start()
+    limits = Limits(max_elements_per_session=10**9)
+    memory = SessionService(MemoryStore(keep_history=False), limits)
+    disk = SessionService(DiskStore(data_dir), limits)
+    services = {"memory": memory, "disk": disk}
+    for service in services.values():
+        await service.start()
     try:
-        sid = (await service.create("bench", config(size), None)).id
-        times = []
-        for i, g in enumerate(grads(size, steps)):
-            request = StepRequest(grads={"w": g}, idempotency_key=f"k{i}", fingerprint=str(i))
+        ids = {k: (await s.create("bench", config(size), None)).id for k, s in services.items()}
+        rng = np.random.default_rng(0)
+        times: dict[str, list[float]] = {"core": [], "memory": [], "disk": []}
+        for i in range(steps):
+            g = rng.standard_normal(size, dtype=np.float32)
             start = time.perf_counter()
-            await service.step("bench", sid, request)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+            apply_step(plan, state, [g], None, out)
+            times["core"].append(time.perf_counter() - start)
+            order = ("memory", "disk") if i % 2 else ("disk", "memory")
+            for kind in order:
+                request = StepRequest(grads={"w": g}, idempotency_key=f"k{i}", fingerprint=str(i))
+                start = time.perf_counter()
+                await services[kind].step("bench", ids[kind], request)
+                times[kind].append(time.perf_counter() - start)
+        ratios = [d / m for d, m in zip(times["disk"], times["memory"], strict=True)]
+        medians = [statistics.median(times[k]) * 1e3 for k in ("core", "memory", "disk")]
+        return medians[0], medians[1], medians[2], statistics.median(ratios)
     finally:
-        await service.close()
+        for service in services.values():
+            await service.close()
 
 
 def main() -> None:
@@ -72,11 +74,9 @@ def main() -> None:
     print("| params | Adam in core (ms) | memory store (ms) | disk store (ms) | disk / memory |")
     print("|---:|---:|---:|---:|---:|")
     for size in args.sizes:
-        core = core_ms(size, args.steps)
-        memory = asyncio.run(session_ms(MemoryStore(keep_history=False), size, args.steps))
         with tempfile.TemporaryDirectory(dir=args.data_dir) as tmp:
-            disk = asyncio.run(session_ms(DiskStore(tmp), size, args.steps))
-        print(f"| {size:,} | {core:.3f} | {memory:.3f} | {disk:.3f} | {disk / memory:.2f}x |")
+            core, memory, disk, ratio = asyncio.run(measure(size, args.steps, Path(tmp)))
+        print(f"| {size:,} | {core:.3f} | {memory:.3f} | {disk:.3f} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":
