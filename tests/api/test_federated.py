@@ -25,7 +25,7 @@ from service.codec import safetensors
 from service.config import Settings
 from tests.api.conftest import SAFETENSORS, auth, problem, st_body, st_headers
 
-START = {"w": [[1.0, 2.0], [3.0, 4.0]], "b": [0.5]}
+START: dict[str, Any] = {"w": [[1.0, 2.0], [3.0, 4.0]], "b": [0.5]}
 
 
 def federated_config(aggregation: dict[str, Any] | None = None, **more: Any) -> dict[str, Any]:
@@ -236,7 +236,8 @@ CHECKS = [
 
 
 def _federated_session() -> str:
-    aggregation = random.choice([{"mode": "rounds", "clients_per_round": 2}, {"mode": "async"}])
+    choices: list[dict[str, Any]] = [{"mode": "rounds", "clients_per_round": 2}, {"mode": "async"}]
+    aggregation = random.choice(choices)
     with asgi.get_client(fuzz_app) as client:
         response = client.post(
             f"http://{asgi.HOST}/v1/sessions", json=federated_config(aggregation)
