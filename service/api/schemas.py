@@ -268,6 +268,7 @@ def create_request() -> dict[str, Any]:
 
 def step_request() -> dict[str, Any]:
     parameters = [
+        {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}},
         {
             "name": "return",
             "in": "query",

@@ -72,13 +72,17 @@ def array_to_json(array: np.ndarray) -> bytes:
     if (
         array.dtype == np.float32
         and array.ndim >= 1
-        and array.size > 0
+        and array.size >= _VECTORIZED_FROM
         and bool(np.isfinite(array).all())
     ):
         return _float32_text(array)
     return json.dumps(array.tolist()).encode()
 
 
+_VECTORIZED_FROM = 64
+"""Below this many elements ``repr`` per element is cheaper than the fixed cost of the
+vectorized formatter (it writes float32 values with up to 17 digits; they parse back
+exactly all the same)."""
 _BASE_WIDTH = 15  # sign, d, '.', 8 digits, then "e±XX"
 _U64 = np.uint64
 _ASCII_ZEROS = _U64(0x3030303030303030)

@@ -9,10 +9,11 @@ from starlette.responses import Response
 
 from service.api import schemas
 from service.api.body import read_body
-from service.api.deps import ContextDep
+from service.api.deps import context
 from service.api.media import Wire, request_wire, response_wire
 from service.api.problems import BadRequest, InvalidRequest
 from service.api.responses import raw_json_response, safetensors_response
+from service.api.routing import RequestRoute
 from service.api.wire import (
     StepBody,
     fingerprint,
@@ -25,7 +26,7 @@ from service.sessions.errors import InvalidInput
 from service.sessions.models import StepRequest
 from service.sessions.service import SessionService
 
-router = APIRouter(tags=["steps"])
+router = APIRouter(tags=["steps"], route_class=RequestRoute)
 
 _ETAG = re.compile(r'\s*(?:W/)?"(\d{1,18})"\s*')
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -81,9 +82,11 @@ async def _bare_name(service: SessionService, tenant: str, session_id: str) -> s
     responses=schemas.step_responses(),
     openapi_extra=schemas.step_request(),
 )
-async def step(session_id: str, request: Request, ctx: ContextDep) -> Response:
-    # Query and headers are read by hand (and documented in the schema): FastAPI's
-    # per-parameter validation would cost more than the optimizer step at small sizes.
+async def step(request: Request) -> Response:
+    # Path, query and headers are read by hand (and documented in the schema): FastAPI's
+    # per-parameter resolution would cost more than the optimizer step at small sizes.
+    session_id: str = request.path_params["session_id"]
+    ctx = await context(request)
     wire = request_wire(request)
     answer = response_wire(request, wire)
     returns = parse_return(request.query_params.get("return"))
