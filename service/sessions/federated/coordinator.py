@@ -42,6 +42,8 @@ class Coordinator:
         self._service = service
         self._changed: dict[str, asyncio.Event] = {}
         self._timers: dict[str, asyncio.Task[None]] = {}
+        self._closes: set[asyncio.Future[None]] = set()
+        """Timed closes under way: a shutdown waits for them rather than cut them off."""
         self._closing = False
 
     # -- lookups -------------------------------------------------------------------------
@@ -149,9 +151,12 @@ class Coordinator:
 
     async def _timer(self, session_id: str, delay: float) -> None:
         await asyncio.sleep(delay)
-        # Shielded: once the lock is taken, a cancellation (a delete, a shutdown) waits for
-        # the close to finish rather than abandon it halfway through its log append.
-        await asyncio.shield(self._close_due(session_id))
+        # Shielded: cancelling the timer (a delete, a shutdown) from here on leaves the
+        # close to finish rather than abandon it halfway through its log append.
+        closing = asyncio.ensure_future(self._close_due(session_id))
+        self._closes.add(closing)
+        closing.add_done_callback(self._closes.discard)
+        await asyncio.shield(closing)
 
     def resume(self) -> None:
         """After recovery: arm the timers of every federated session."""
@@ -176,6 +181,7 @@ class Coordinator:
         for timer in timers:
             with contextlib.suppress(BaseException):
                 await timer
+        await asyncio.gather(*self._closes, return_exceptions=True)
         for session_id in list(self._changed):
             self._notify(session_id)
 
