@@ -235,6 +235,7 @@ async def test_bad_updates_change_nothing() -> None:
             UpdateRequest("c", "params", START, num_examples=None, round=1),
             UpdateRequest("c", "params", START, num_examples=0, round=1),
             UpdateRequest("c", "params", START, num_examples=3, round=None),
+            UpdateRequest("c", "params", START, num_examples=3, round=0),
             UpdateRequest("c", "grads", START, num_examples=3, round=1),
             UpdateRequest("c", "params", START, num_examples=3, round=1, base_version=0),
         ]

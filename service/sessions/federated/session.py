@@ -155,6 +155,8 @@ def _prepare_round_update(
     number = request.round
     if number is None:
         raise InvalidInput("an update for a round-based session needs 'round'", "round")
+    if number < 1:
+        raise InvalidInput(f"rounds are numbered from 1, got {number}", "round")
     if number > opened.number:
         raise RoundNotOpen(number, opened.number)
     if number < opened.number:
