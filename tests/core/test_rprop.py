@@ -1,0 +1,110 @@
+"""Rprop: update rule against torch, step-size adaptation, validation, state round trip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.core import optimizers
+from tests.core.cases import Case
+from tests.core.cases.rprop import CASES
+from tests.core.optimizer_checks import (
+    HAVE_TORCH,
+    assert_checkpoint_continues_exactly,
+    assert_rejected,
+    assert_signature_matches_torch,
+    assert_update_matches_torch,
+)
+from tests.core.optimizer_state import optserve_state, torch_state
+
+DIRECT = [c for c in CASES if "schedule" not in c.config]
+
+
+@pytest.mark.parametrize("case", DIRECT, ids=[c.id for c in DIRECT])
+def test_update_matches_torch_for_200_steps(case: Case) -> None:
+    assert_update_matches_torch(case)
+
+
+@pytest.mark.parametrize("case", DIRECT, ids=[c.id for c in DIRECT])
+def test_state_round_trip_continues_exactly(case: Case) -> None:
+    assert_checkpoint_continues_exactly(case)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="compares against torch's state tensors")
+@pytest.mark.parametrize("case", DIRECT, ids=[c.id for c in DIRECT])
+def test_state_matches_torch_to_the_bit(case: Case) -> None:
+    ours, theirs = optserve_state(case), torch_state(case)
+    for i, name in enumerate(case.config["params"]):
+        assert ours.step == theirs[name]["step"]
+        np.testing.assert_array_equal(ours.prev[i], theirs[name]["prev"])
+        np.testing.assert_array_equal(ours.step_size[i], theirs[name]["step_size"])
+
+
+def test_arguments_and_defaults_are_torchs() -> None:
+    assert_signature_matches_torch("Rprop")
+
+
+def _rprop(**given: Any) -> tuple[Any, dict[str, Any], Any]:
+    rprop = optimizers.get("Rprop")
+    hp = rprop.resolve(given)
+    return rprop, hp, rprop.init([(2,)], hp, np.dtype("float64"))
+
+
+def test_step_sizes_start_from_the_lr_of_the_first_step() -> None:
+    # A schedule may rescale lr between init and the first step; later changes of lr
+    # no longer matter, the step sizes have taken over.
+    rprop, hp, state = _rprop(lr=0.1)
+    out = [np.empty(2)]
+    rprop.update([np.array([1.0, -2.0])], state, None, {**hp, "lr": 0.04}, out)
+    np.testing.assert_array_equal(out[0], [-0.04, 0.04])
+    rprop.update([np.array([1.0, -2.0])], state, None, {**hp, "lr": 5.0}, out)
+    np.testing.assert_array_equal(out[0], [-0.04 * 1.2, 0.04 * 1.2])
+
+
+def test_a_sign_flip_shrinks_the_step_and_skips_one_move() -> None:
+    rprop, hp, state = _rprop(lr=0.1, etas=[0.25, 2.0])
+    out = [np.empty(2)]
+    moves = []
+    for g in ([1.0, 1.0], [1.0, -1.0], [1.0, -1.0], [1.0, -1.0]):
+        state = rprop.update([np.array(g)], state, None, hp, out)
+        moves.append(out[0].copy())
+    # Second element: flip -> no move (step size 0.1 * 0.25); the stored gradient is
+    # zeroed, so the next step neither grows nor shrinks; then it grows again.
+    assert [m[1] for m in moves] == [-0.1, 0.0, 0.1 * 0.25, 0.1 * 0.25 * 2.0]
+    assert [m[0] for m in moves] == [-0.1, -0.2, -0.4, -0.8]
+
+
+def test_step_sizes_are_clamped() -> None:
+    rprop, hp, state = _rprop(lr=0.1, etas=[0.5, 3.0], step_sizes=[0.08, 0.5])
+    out = [np.empty(2)]
+    sizes = []
+    for g in ([1.0, 1.0], [1.0, -1.0], [1.0, 1.0], [1.0, 1.0]):
+        state = rprop.update([np.array(g)], state, None, hp, out)
+        sizes.append(state.step_size[0].tolist())
+    # Up to the cap, down to the floor; after a flip the element neither grows nor shrinks.
+    assert sizes == [[0.1, 0.1], [0.1 * 3.0, 0.08], [0.5, 0.08], [0.5, 0.08 * 3.0]]
+
+
+def test_maximize_climbs() -> None:
+    rprop, hp, state = _rprop(lr=0.1, maximize=True)
+    out = [np.empty(2)]
+    rprop.update([np.array([3.0, -0.5])], state, None, hp, out)
+    np.testing.assert_array_equal(out[0], [0.1, -0.1])
+
+
+INVALID: list[tuple[dict[str, Any], str, str]] = [
+    ({"lr": -0.01}, "lr", "Invalid learning rate: -0.01"),
+    ({"etas": [1.0, 1.2]}, "etas", "Invalid eta values: 1.0, 1.2"),
+    ({"etas": [0.5, 1.0]}, "etas", "Invalid eta values: 0.5, 1.0"),
+    ({"etas": [0.0, 1.2]}, "etas", "Invalid eta values: 0.0, 1.2"),
+]
+
+
+@pytest.mark.parametrize(("given", "argument", "message"), INVALID)
+def test_invalid_hyperparameters_name_argument_and_value(
+    given: dict[str, Any], argument: str, message: str
+) -> None:
+    assert_rejected("Rprop", given, argument, message)
