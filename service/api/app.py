@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
@@ -63,6 +64,9 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         running = service if service is not None else build_service(settings)
         app.state.service = running
         await running.start()
+        # What exists now (modules, routes, recovered sessions) lives as long as the
+        # process: keep it out of the garbage collector's full passes.
+        gc.freeze()
         try:
             yield
         finally:

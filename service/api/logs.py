@@ -10,22 +10,37 @@ from typing import Any
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 _DROPPED = frozenset({"color_message"})  # uvicorn's ANSI-colored copy of msg
+_SKIPPED = _STANDARD | _DROPPED
 
 
 class JsonFormatter(logging.Formatter):
-    """Renders a record and its ``extra={...}`` fields as one JSON line."""
+    """Renders a record and its ``extra={...}`` fields as one JSON line.
+
+    It runs once per request (the access log), so the second-resolution part of the
+    timestamp is formatted once per second, not per line.
+    """
+
+    _second: tuple[int, str] = (-1, "")
+
+    def _timestamp(self, created: float, msecs: float) -> str:
+        second, text = self._second
+        if int(created) != second:
+            second = int(created)
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
+        return f"{text}.{int(msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and key not in _DROPPED and not key.startswith("_"):
-                entry[key] = value
+        fields = record.__dict__
+        for key in fields.keys() - _SKIPPED:
+            if not key.startswith("_"):
+                entry[key] = fields[key]
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -6,6 +6,8 @@ server's numbers.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -40,9 +42,23 @@ class Metrics:
         self.sessions_created = Counter(
             "optserve_sessions_created", "Sessions created or restored", registry=self.registry
         )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.sessions_deleted = Counter(
             "optserve_sessions_deleted", "Sessions deleted", registry=self.registry
         )
+
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count and time one answered request (label children cached: this runs per request)."""
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.latency.labels(route, method),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def step_outcome(self, applied: bool, replayed: bool) -> None:
         outcome = "replayed" if replayed else ("applied" if applied else "skipped")

@@ -89,8 +89,7 @@ class RequestContext:
         route: Any = scope.get("route")
         template = getattr(route, "path", None) or "(unmatched)"
         method = scope["method"]
-        self.metrics.requests.labels(template, method, str(status)).inc()
-        self.metrics.latency.labels(template, method).observe(elapsed)
+        self.metrics.request(template, method, status, elapsed)
         if self.access_log and access.isEnabledFor(logging.INFO):
             access.info(
                 "request",
