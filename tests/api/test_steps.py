@@ -338,3 +338,23 @@ def test_lbfgs_ask_tell_over_http(client: TestClient, create: Create) -> None:
 
 def test_step_on_unknown_session_is_404(client: TestClient) -> None:
     problem(client.post("/v1/sessions/nope/step", json={"grads": {}}), 404, "session-not-found")
+
+
+@pytest.mark.parametrize("wire", ["json", "safetensors"])
+def test_large_payloads_take_the_worker_thread_path_with_the_same_numbers(
+    client: TestClient, create: Create, wire: str
+) -> None:
+    from service.api.offload import OFFLOAD_BYTES
+
+    size = OFFLOAD_BYTES // 4 + 1000
+    config = {"optimizer": {"name": "Adam", "lr": 0.01}, "params": {"v": {"shape": [size]}}}
+    sid = create(config)["id"]
+    g = {"v": np.random.default_rng(3).standard_normal(size).astype(np.float32)}
+    if wire == "json":
+        response = client.post(f"/v1/sessions/{sid}/step", json={"grads": {"v": g["v"].tolist()}})
+        delta = np.asarray(response.json()["deltas"]["v"], dtype=np.float32)
+    else:
+        response = client.post(f"/v1/sessions/{sid}/step", content=st_body(g), headers=st_headers())
+        delta = safetensors.decode(response.content)[0]["v"]
+    assert response.status_code == 200
+    np.testing.assert_array_equal(delta, InProcess(config).step(g)["v"])

@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from service.api import schemas
+from service.api import offload, schemas
 from service.api.body import json_object, read_body
 from service.api.deps import MetricsDep, ServiceDep, SettingsDep, TenantDep
 from service.api.media import Wire, request_wire, require_json_answer, response_wire
@@ -63,11 +63,12 @@ async def create_session(
     body = await read_body(request)
     info: SessionInfo
     if wire is Wire.JSON:
-        config, initial = session_config_from_json(parse_json_object(body))
+        document = await offload.by_size(len(body), parse_json_object, body)
+        config, initial = await offload.by_size(len(body), session_config_from_json, document)
         info = await service.create(tenant, config, initial)
     else:
         limit = settings.max_tensors_per_session * _CHECKPOINT_ARRAYS_PER_TENSOR + 16
-        tensors, metadata = safetensors.decode(body, max_tensors=limit)
+        tensors, metadata = safetensors.decode(body, max_tensors=limit)  # zero-copy: fast
         if service.is_checkpoint(metadata):
             info = await service.restore(tenant, tensors, metadata)
         elif "session" in metadata:
@@ -144,9 +145,11 @@ async def get_params(
     answer = response_wire(request, Wire.JSON)
     info, tensors = await _params_at_one_step(service, tenant, session_id)
     headers = {"ETag": info.etag}
+    size = offload.tensor_bytes(tensors)
     if answer is Wire.JSON:
-        return raw_json_response(tensors_json_document(info.step, tensors), headers)
-    body = safetensors.encode(tensors, {"step": str(info.step)})
+        text = await offload.by_size(size, tensors_json_document, info.step, tensors)
+        return raw_json_response(text, headers)
+    body = await offload.by_size(size, safetensors.encode, tensors, {"step": str(info.step)})
     return safetensors_response(body, headers)
 
 
@@ -163,7 +166,9 @@ async def export_state(
     headers = {}
     if "step" in metadata:
         headers["ETag"] = f'"{metadata["step"]}"'
-    return safetensors_response(safetensors.encode(arrays, metadata), headers)
+    size = offload.tensor_bytes(arrays)
+    body = await offload.by_size(size, safetensors.encode, arrays, metadata)
+    return safetensors_response(body, headers)
 
 
 @router.post(

@@ -7,7 +7,7 @@ import re
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.api import schemas
+from service.api import offload, schemas
 from service.api.body import read_body
 from service.api.deps import context
 from service.api.media import Wire, request_wire, response_wire
@@ -95,9 +95,10 @@ async def step(request: Request) -> Response:
     body = await read_body(request)
     parsed: StepBody
     if wire is Wire.JSON:
-        parsed = step_from_json(body)
+        parsed = await offload.by_size(len(body), step_from_json, body)
     else:
-        parsed = step_from_safetensors(body, 2 * ctx.settings.max_tensors_per_session)
+        limit = 2 * ctx.settings.max_tensors_per_session
+        parsed = await offload.by_size(len(body), step_from_safetensors, body, limit)
     grads = parsed.grads
     if parsed.bare is not None:
         grads = {await _bare_name(ctx.service, ctx.tenant, session_id): parsed.bare}
@@ -118,6 +119,8 @@ async def step(request: Request) -> Response:
     headers = {"ETag": f'"{reply.step}"'}
     if reply.replayed:
         headers["Idempotent-Replayed"] = "true"
+    size = offload.tensor_bytes(reply.tensors)
     if answer is Wire.JSON:
-        return raw_json_response(step_reply_json(reply, returns), headers)
-    return safetensors_response(step_reply_safetensors(reply), headers)
+        text = await offload.by_size(size, step_reply_json, reply, returns)
+        return raw_json_response(text, headers)
+    return safetensors_response(await offload.by_size(size, step_reply_safetensors, reply), headers)
