@@ -64,7 +64,9 @@ def newton_schulz(
     # Spectral norm at most 1: divide by the Frobenius norm, clamped away from zero.
     norm = max(bfloat16.frobenius_norm(x), np.float32(eps))
     norm = bfloat16.round_(np.array([norm], dtype=np.float32))[0]
-    x /= norm
+    # A zero update with eps <= 0 divides 0 by 0: nan, as in torch, without a warning.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x /= norm
     bfloat16.round_(x)
     for _ in range(steps):
         gram = bfloat16.addmm(None, x, x.T, beta=0.0, alpha=1.0)
