@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="log level of the JSON logs on stderr"
     )
+    cors_origins: str = Field(
+        default="",
+        description="origins allowed to call from browsers, comma-separated ('*' for any); "
+        "none by default",
+    )
     access_log: bool = Field(default=True, description="log one JSON line per request")
 
     @field_validator("log_level", mode="before")

@@ -9,6 +9,7 @@ from importlib import metadata
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from service.api import errors, schemas
 from service.api.auth import KeyTable
@@ -21,6 +22,23 @@ from service.sessions.service import SessionService
 from service.sessions.store.base import Store
 from service.sessions.store.disk import DiskStore
 from service.sessions.store.memory import MemoryStore
+
+CORS_REQUEST_HEADERS = (
+    "Authorization",
+    "Content-Type",
+    "Accept",
+    "Idempotency-Key",
+    "If-Match",
+    "X-Request-ID",
+)
+CORS_RESPONSE_HEADERS = (
+    "ETag",
+    "Location",
+    "X-Request-ID",
+    "Idempotent-Replayed",
+    "Retry-After",
+    "WWW-Authenticate",
+)
 
 
 def _version() -> str:
@@ -99,6 +117,17 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         max_body_bytes=settings.max_body_bytes,
         access_log=settings.access_log,
     )
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        # Added last, so outermost: browsers' preflight requests are answered before auth.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=list(CORS_REQUEST_HEADERS),
+            expose_headers=list(CORS_RESPONSE_HEADERS),
+            max_age=600,
+        )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

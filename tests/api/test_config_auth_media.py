@@ -113,3 +113,29 @@ def test_response_wire(accept: str, default: Wire, expected: Wire) -> None:
 def test_response_wire_406(accept: str) -> None:
     with pytest.raises(NotAcceptable):
         response_wire(_request(accept=accept), Wire.JSON)
+
+
+def test_cors_is_off_by_default_and_answers_preflights_when_configured() -> None:
+    from tests.api.conftest import make_client
+
+    with make_client() as closed:
+        response = closed.get("/healthz", headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in response.headers
+    with make_client(cors_origins="https://app.example", api_keys="t:k") as client:
+        preflight = client.options(
+            "/v1/sessions/x/step",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, idempotency-key, content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert "idempotency-key" in preflight.headers["access-control-allow-headers"].lower()
+        answer = client.get(
+            "/v1/sessions", headers={"Origin": "https://app.example", "Authorization": "Bearer k"}
+        )
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        assert "etag" in answer.headers["access-control-expose-headers"].lower()
+        other = client.get("/healthz", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
