@@ -14,6 +14,8 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -119,46 +121,88 @@ def elementwise(kernel: Kernel, arrays: Sequence[np.ndarray | None], n_scratch: 
 
 # Block-level building blocks. Each mirrors one of torch's in-place tensor ops, in torch's
 # order of floating-point operations, so kernels built from them round like torch does.
+# Scalars may be Python floats or, faster, 0-d arrays made once per step by `constants`.
+
+Scalar = float | np.ndarray
+
+
+def constants(dtype: np.dtype[Any], *values: float) -> tuple[np.ndarray, ...]:
+    """Python floats as 0-d arrays of ``dtype``, for use as ufunc operands in kernels.
+
+    A Python float operand is rounded to the array's dtype on every ufunc call (NEP 50);
+    converting once per step gives the same value and saves that work on every block.
+    """
+    with np.errstate(all="ignore"):  # a float32 overflow to inf is the same either way
+        return tuple(np.array(v, dtype=dtype) for v in values)
 
 
 def signed_grad(
     g: np.ndarray,
     p: np.ndarray | None,
-    weight_decay: float,
+    weight_decay: Scalar,
     maximize: bool,
     buf: np.ndarray,
 ) -> tuple[np.ndarray, float]:
     """torch's ``grad = -grad if maximize; grad = grad.add(param, alpha=weight_decay)``.
 
-    Returns ``(array, sign)`` with ``sign * array`` the effective gradient. Without weight
-    decay the sign is left for the caller to fold into its scalars (negation is exact, so
-    this saves a pass); with weight decay ``buf`` receives ``wd * p ± g`` and sign is 1.
+    ``p`` is ``None`` when there is no (coupled) weight decay. Returns ``(array, sign)``
+    with ``sign * array`` the effective gradient. Without weight decay the sign is left
+    for the caller to fold into its scalars (negation is exact, so this saves a pass);
+    with weight decay ``buf`` receives ``wd * p ± g`` and the sign is 1.
     """
-    if weight_decay == 0:
+    if p is None:
         return g, -1.0 if maximize else 1.0
-    assert p is not None, "weight decay needs parameter values"
     np.multiply(p, weight_decay, out=buf)
     if maximize:
         np.subtract(buf, g, out=buf)
     else:
-        buf += g
+        np.add(buf, g, out=buf)
     return buf, 1.0
 
 
-def lerp_(avg: np.ndarray, g: np.ndarray, sign: float, weight: float, buf: np.ndarray) -> None:
-    """``avg.lerp_(sign * g, weight)``: ``avg + weight * (sign * g - avg)``."""
-    if sign < 0:
-        np.add(g, avg, out=buf)
-        buf *= -weight
-    else:
-        np.subtract(g, avg, out=buf)
-        buf *= weight
-    avg += buf
+@dataclass(frozen=True)
+class Lerp:
+    """torch's ``lerp_`` with a scalar weight, both of its formulas, in the tensor dtype.
+
+    torch computes ``self + w (end - self)`` when ``|w| < 0.5`` and otherwise
+    ``end - (end - self)(1 - w)``, with ``w`` and ``1 - w`` in the tensor's dtype.
+    """
+
+    weight: np.ndarray
+    complement: np.ndarray
+    small: bool
+
+    @classmethod
+    def of(cls, weight: float, dtype: np.dtype[Any]) -> Lerp:
+        (w,) = constants(dtype, weight)
+        return cls(w, np.subtract(1, w), bool(abs(w) < 0.5))
+
+    def apply_(self, avg: np.ndarray, g: np.ndarray, sign: float, buf: np.ndarray) -> None:
+        """``avg.lerp_(sign * g, weight)``; negating g is exact, so the sign costs nothing."""
+        if self.small:
+            if sign < 0:  # avg + w (-g - avg) == avg - w (g + avg)
+                np.add(g, avg, out=buf)
+                np.multiply(buf, self.weight, out=buf)
+                np.subtract(avg, buf, out=avg)
+            else:
+                np.subtract(g, avg, out=buf)
+                np.multiply(buf, self.weight, out=buf)
+                np.add(avg, buf, out=avg)
+        elif sign < 0:  # -g - (-g - avg)(1 - w) == (g + avg)(1 - w) - g
+            np.add(g, avg, out=buf)
+            np.multiply(buf, self.complement, out=buf)
+            np.subtract(buf, g, out=avg)
+        else:
+            np.subtract(g, avg, out=buf)
+            np.multiply(buf, self.complement, out=buf)
+            np.subtract(g, buf, out=avg)
 
 
-def decay_add_square_(avg: np.ndarray, g: np.ndarray, beta: float, buf: np.ndarray) -> None:
+def decay_add_square_(
+    avg: np.ndarray, g: np.ndarray, beta: Scalar, one_minus_beta: Scalar, buf: np.ndarray
+) -> None:
     """``avg.mul_(beta).addcmul_(g, g, value=1 - beta)``: ``beta avg + ((1 - beta) g) g``."""
-    np.multiply(g, 1 - beta, out=buf)
-    buf *= g
-    avg *= beta
-    avg += buf
+    np.multiply(g, one_minus_beta, out=buf)
+    np.multiply(buf, g, out=buf)
+    np.multiply(avg, beta, out=avg)
+    np.add(avg, buf, out=avg)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.core import kernels, optimizers
-from service.core.kernels import decay_add_square_, elementwise, lerp_, signed_grad
+from service.core.kernels import Lerp, decay_add_square_, elementwise, signed_grad
 
 
 @pytest.fixture
@@ -76,17 +76,19 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_lerp_matches_torch_lerp(dtype: type[np.floating], sign: float) -> None:
+@pytest.mark.parametrize("weight", [0.1, 0.7])  # torch switches formulas at 0.5
+def test_lerp_matches_torch_lerp(dtype: type[np.floating], sign: float, weight: float) -> None:
     rng = np.random.default_rng(2)
     avg, g = rng.standard_normal((2, 1000)).astype(dtype)
     if HAVE_TORCH:
         import torch
 
-        expected = torch.from_numpy(avg.copy()).lerp_(torch.from_numpy(sign * g), 0.1).numpy()
+        t_avg = torch.from_numpy(avg.copy())
+        expected = t_avg.lerp_(torch.from_numpy(sign * g), weight).numpy()
     else:  # the exact value, from extended precision
         wide = avg.astype(np.longdouble)
-        expected = (wide + 0.1 * (sign * g.astype(np.longdouble) - wide)).astype(dtype)
-    lerp_(avg, g, sign, 0.1, np.empty_like(avg))
+        expected = (wide + weight * (sign * g.astype(np.longdouble) - wide)).astype(dtype)
+    Lerp.of(weight, np.dtype(dtype)).apply_(avg, g, sign, np.empty_like(avg))
     # torch may fuse the multiply-add: results agree to a few ulps of the inputs (~1).
     eps = float(np.finfo(dtype).eps)
     np.testing.assert_allclose(avg, expected, rtol=4 * eps, atol=4 * eps)
@@ -105,7 +107,7 @@ def test_decay_add_square_matches_torch_mul_addcmul(dtype: type[np.floating]) ->
     else:  # the exact value, from extended precision
         wide = g.astype(np.longdouble)
         expected = (0.99 * avg.astype(np.longdouble) + 0.01 * wide * wide).astype(dtype)
-    decay_add_square_(avg, g, 0.99, np.empty_like(avg))
+    decay_add_square_(avg, g, 0.99, 1 - 0.99, np.empty_like(avg))
     np.testing.assert_allclose(avg, expected, rtol=4 * np.finfo(dtype).eps, atol=0)
 
 
@@ -114,7 +116,8 @@ def test_decay_add_square_matches_torch_mul_addcmul(dtype: type[np.floating]) ->
 def test_signed_grad_is_torchs_effective_gradient(maximize: bool, weight_decay: float) -> None:
     rng = np.random.default_rng(4)
     g, p = rng.standard_normal((2, 100))
-    array, sign = signed_grad(g, p, weight_decay, maximize, np.empty_like(g))
+    decayed = p if weight_decay != 0 else None
+    array, sign = signed_grad(g, decayed, weight_decay, maximize, np.empty_like(g))
     expected = (-g if maximize else g) + weight_decay * p
     np.testing.assert_allclose(sign * array, expected, rtol=1e-15)
     assert (array is g) == (weight_decay == 0)

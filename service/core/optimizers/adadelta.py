@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from service.core.hparams import Arg, check
-from service.core.kernels import decay_add_square_, elementwise, signed_grad
+from service.core.kernels import constants, decay_add_square_, elementwise, signed_grad
 from service.core.optimizers.base import Optimizer, Shape, register
 
 
@@ -67,6 +67,8 @@ class Adadelta(Optimizer[AdadeltaState]):
     ) -> AdadeltaState:
         lr, rho, eps = hp["lr"], hp["rho"], hp["eps"]
         wd, maximize = hp["weight_decay"], hp["maximize"]
+        dtype = np.dtype(grads[0].dtype) if grads else np.dtype(np.float64)
+        rho_, w_rho, eps_, neg_lr, pos_lr, wd_ = constants(dtype, rho, 1 - rho, eps, -lr, lr, wd)
 
         def kernel(
             g: np.ndarray,
@@ -78,19 +80,19 @@ class Adadelta(Optimizer[AdadeltaState]):
             t: np.ndarray,
             delta: np.ndarray,
         ) -> None:
-            g, sign = signed_grad(g, p, wd, maximize, t)
-            decay_add_square_(square_avg, g, rho, s)
+            g, sign = signed_grad(g, p, wd_, maximize, t)
+            decay_add_square_(square_avg, g, rho_, w_rho, s)
             # std = sqrt(square_avg + eps); delta = sqrt(acc_delta + eps) / std * g
-            np.add(square_avg, eps, out=s)
+            np.add(square_avg, eps_, out=s)
             np.sqrt(s, out=s)
-            np.add(acc_delta, eps, out=delta)
+            np.add(acc_delta, eps_, out=delta)
             np.sqrt(delta, out=delta)
-            delta /= s
-            delta *= g
+            np.divide(delta, s, out=delta)
+            np.multiply(delta, g, out=delta)
             # `delta` lacks the maximize sign, which its square does not need.
-            decay_add_square_(acc_delta, delta, rho, s)
+            decay_add_square_(acc_delta, delta, rho_, w_rho, s)
             # param.add_(delta, alpha=-lr), the sign folded into the scalar.
-            np.multiply(delta, -lr * sign, out=d)
+            np.multiply(delta, neg_lr if sign > 0 else pos_lr, out=d)
 
         for i, g in enumerate(grads):
             p = None

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from service.core.hparams import Arg, check
-from service.core.kernels import elementwise, signed_grad
+from service.core.kernels import constants, elementwise, signed_grad
 from service.core.optimizers.base import Optimizer, Shape, register
 
 
@@ -74,6 +74,8 @@ class Adagrad(Optimizer[AdagradState]):
         eps, wd, maximize = hp["eps"], hp["weight_decay"], hp["maximize"]
         step = state.step + 1
         clr = hp["lr"] / (1 + (step - 1) * hp["lr_decay"])
+        dtype = np.dtype(grads[0].dtype) if grads else np.dtype(np.float64)
+        eps_, neg_clr, pos_clr, wd_ = constants(dtype, eps, -clr, clr, wd)
 
         def kernel(
             g: np.ndarray,
@@ -83,15 +85,15 @@ class Adagrad(Optimizer[AdagradState]):
             s: np.ndarray,
             t: np.ndarray,
         ) -> None:
-            g, sign = signed_grad(g, p, wd, maximize, t)
+            g, sign = signed_grad(g, p, wd_, maximize, t)
             # sum.addcmul_(g, g, value=1); the sign of g does not matter here.
             np.multiply(g, g, out=s)
-            total += s
+            np.add(total, s, out=total)
             np.sqrt(total, out=s)
-            s += eps
+            np.add(s, eps_, out=s)
             # param.addcdiv_(g, std, value=-clr), the sign folded into the scalar.
-            np.multiply(g, -clr * sign, out=d)
-            d /= s
+            np.multiply(g, neg_clr if sign > 0 else pos_clr, out=d)
+            np.divide(d, s, out=d)
 
         for i, g in enumerate(grads):
             p = None

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from service.core.hparams import Arg, check
-from service.core.kernels import decay_add_square_, elementwise, lerp_, signed_grad
+from service.core.kernels import Lerp, constants, decay_add_square_, elementwise, signed_grad
 from service.core.optimizers.base import Optimizer, Shape, register
 
 
@@ -50,7 +50,10 @@ class Adam(Optimizer[AdamState]):
             - \frac{\gamma}{1 - \beta_1^t} \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t}
             + \epsilon}
 
-    ``eps`` is added outside the square root, after the bias correction of ``v``.
+    ``eps`` is added outside the square root, after the bias correction of ``v``. The
+    kernel multiplies numerator and denominator by :math:`\sqrt{1 - \beta_2^t}` to save a
+    pass; otherwise it follows torch's single-tensor op order (``lerp_``, ``mul_``,
+    ``addcmul_``, ``addcdiv_``), so the two round alike.
     """
 
     name = "Adam"
@@ -103,14 +106,26 @@ class Adam(Optimizer[AdamState]):
         beta1, beta2 = hp["betas"]
         amsgrad, maximize = hp["amsgrad"], hp["maximize"]
         decoupled = self.decoupled(hp)
-        coupled_wd = 0.0 if decoupled else wd
-        decoupled_wd = wd != 0 and decoupled
         if amsgrad and not state.max_exp_avg_sq:
             state.max_exp_avg_sq = [np.zeros_like(g) for g in grads]
 
         step = state.step + 1
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        neg_step_size = -(lr / (1 - beta1**step))
+        step_size = lr / (1 - beta1**step)
+        # torch: denom = sqrt(v) / bc2_sqrt + eps; p += (-step_size m) / denom. Scaling
+        # numerator and denominator by bc2_sqrt gives the same quotient in one pass fewer:
+        # denom' = sqrt(v) + eps bc2_sqrt; p += (-step_size bc2_sqrt m) / denom'.
+        dtype = np.dtype(grads[0].dtype) if grads else np.dtype(np.float64)
+        lerp = Lerp.of(1 - beta1, dtype)
+        beta2_, w2, eps_, neg_step, wd_, decay_factor = constants(
+            dtype,
+            beta2,
+            1 - beta2,
+            eps * bias_correction2_sqrt,
+            -step_size * bias_correction2_sqrt,
+            wd,
+            1 - lr * wd,
+        )
 
         def kernel(
             g: np.ndarray,
@@ -122,34 +137,32 @@ class Adam(Optimizer[AdamState]):
             s: np.ndarray,
             t: np.ndarray,
         ) -> None:
-            g, sign = signed_grad(g, p, coupled_wd, maximize, t)
-            lerp_(m, g, sign, 1 - beta1, s)
-            decay_add_square_(v, g, beta2, s)
+            g, sign = signed_grad(g, None if decoupled else p, wd_, maximize, t)
+            lerp.apply_(m, g, sign, s)
+            decay_add_square_(v, g, beta2_, w2, s)
             if v_max is not None:
                 np.maximum(v_max, v, out=v_max)
                 v = v_max
-            # denom <- sqrt(v) / sqrt(bc2) + eps;  d <- (-step_size m) / denom
             np.sqrt(v, out=s)
-            s /= bias_correction2_sqrt
-            s += eps
-            np.multiply(m, neg_step_size, out=d)
-            d /= s
-            if decoupled_wd:
-                assert p is not None
+            np.add(s, eps_, out=s)
+            np.multiply(m, neg_step, out=d)
+            np.divide(d, s, out=d)
+            if decoupled and p is not None:
                 # torch rounds p (1 - lr wd) to the dtype before adding the Adam step, and
                 # that rounding drifts the same way step after step; (p c - p) is exact, so
                 # the delta carries torch's rounded decay rather than the ideal one.
-                np.multiply(p, 1 - lr * wd, out=s)
-                s -= p
-                d += s
+                np.multiply(p, decay_factor, out=s)
+                np.subtract(s, p, out=s)
+                np.add(d, s, out=d)
 
         for i, g in enumerate(grads):
-            needs_p = wd != 0
-            if needs_p:
+            p = None
+            if wd != 0:
                 assert params is not None, "weight decay needs parameter values"
+                p = params[i]
             arrays = [
                 g,
-                params[i] if needs_p and params is not None else None,
+                p,
                 state.exp_avg[i],
                 state.exp_avg_sq[i],
                 state.max_exp_avg_sq[i] if amsgrad else None,

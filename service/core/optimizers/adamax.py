@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from service.core.hparams import Arg, check
-from service.core.kernels import elementwise, lerp_, signed_grad
+from service.core.kernels import Lerp, constants, elementwise, signed_grad
 from service.core.optimizers.base import Optimizer, Shape, register
 
 
@@ -78,7 +78,11 @@ class Adamax(Optimizer[AdamaxState]):
         eps, wd, maximize = hp["eps"], hp["weight_decay"], hp["maximize"]
         beta1, beta2 = hp["betas"]
         step = state.step + 1
-        neg_clr = -(hp["lr"] / (1 - beta1**step))
+        dtype = np.dtype(grads[0].dtype) if grads else np.dtype(np.float64)
+        lerp = Lerp.of(1 - beta1, dtype)
+        neg_clr, beta2_, eps_, wd_ = constants(
+            dtype, -(hp["lr"] / (1 - beta1**step)), beta2, eps, wd
+        )
 
         def kernel(
             g: np.ndarray,
@@ -89,16 +93,16 @@ class Adamax(Optimizer[AdamaxState]):
             s: np.ndarray,
             t: np.ndarray,
         ) -> None:
-            g, sign = signed_grad(g, p, wd, maximize, t)
-            lerp_(exp_avg, g, sign, 1 - beta1, s)
+            g, sign = signed_grad(g, p, wd_, maximize, t)
+            lerp.apply_(exp_avg, g, sign, s)
             # torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
-            exp_inf *= beta2
+            np.multiply(exp_inf, beta2_, out=exp_inf)
             np.abs(g, out=s)
-            s += eps
+            np.add(s, eps_, out=s)
             np.maximum(exp_inf, s, out=exp_inf)
             # param.addcdiv_(exp_avg, exp_inf, value=-clr)
             np.multiply(exp_avg, neg_clr, out=d)
-            d /= exp_inf
+            np.divide(d, exp_inf, out=d)
 
         for i, g in enumerate(grads):
             p = None

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from service.core.hparams import Arg, check
-from service.core.kernels import decay_add_square_, elementwise, lerp_, signed_grad
+from service.core.kernels import Lerp, constants, decay_add_square_, elementwise, signed_grad
 from service.core.optimizers.base import Optimizer, Shape, register
 
 
@@ -94,6 +94,11 @@ class RMSprop(Optimizer[RMSpropState]):
             state.momentum_buffer = [np.zeros_like(g) for g in grads]
         if centered and not state.grad_avg:
             state.grad_avg = [np.zeros_like(g) for g in grads]
+        dtype = np.dtype(grads[0].dtype) if grads else np.dtype(np.float64)
+        lerp = Lerp.of(1 - alpha, dtype)
+        alpha_, w_alpha, eps_, neg_lr, pos_lr, momentum_, wd_ = constants(
+            dtype, alpha, 1 - alpha, eps, -lr, lr, momentum, wd
+        )
 
         def kernel(
             g: np.ndarray,
@@ -105,30 +110,30 @@ class RMSprop(Optimizer[RMSpropState]):
             s: np.ndarray,
             t: np.ndarray,
         ) -> None:
-            g, sign = signed_grad(g, p, wd, maximize, t)
-            decay_add_square_(square_avg, g, alpha, s)
+            g, sign = signed_grad(g, p, wd_, maximize, t)
+            decay_add_square_(square_avg, g, alpha_, w_alpha, s)
             if grad_avg is not None:
-                lerp_(grad_avg, g, sign, 1 - alpha, s)
+                lerp.apply_(grad_avg, g, sign, s)
                 # square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
                 np.multiply(grad_avg, grad_avg, out=s)
                 np.subtract(square_avg, s, out=s)
                 np.sqrt(s, out=s)
             else:
                 np.sqrt(square_avg, out=s)
-            s += eps
+            np.add(s, eps_, out=s)
             if buf is not None:
                 # buf.mul_(momentum).addcdiv_(g, avg); param.add_(buf, alpha=-lr)
                 np.divide(g, s, out=s)
-                buf *= momentum
+                np.multiply(buf, momentum_, out=buf)
                 if sign < 0:
-                    buf -= s
+                    np.subtract(buf, s, out=buf)
                 else:
-                    buf += s
-                np.multiply(buf, -lr, out=d)
+                    np.add(buf, s, out=buf)
+                np.multiply(buf, neg_lr, out=d)
             else:
                 # param.addcdiv_(g, avg, value=-lr), the sign folded into the scalar.
-                np.multiply(g, -lr * sign, out=d)
-                d /= s
+                np.multiply(g, neg_lr if sign > 0 else pos_lr, out=d)
+                np.divide(d, s, out=d)
 
         for i, g in enumerate(grads):
             p = None
