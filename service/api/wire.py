@@ -18,7 +18,7 @@ import numpy as np
 
 from service.api.media import Wire
 from service.api.problems import InvalidRequest
-from service.codec import safetensors
+from service.codec import json_tensors, safetensors
 from service.codec.errors import MalformedBody
 from service.codec.json_tensors import array_from_json, array_to_json
 from service.sessions.models import StepReply
@@ -29,9 +29,9 @@ _FLOAT64 = np.dtype(np.float64)
 
 
 def parse_json(body: bytes, what: str = "request body") -> Any:
-    """``json.loads`` with every failure reported as a malformed body (400)."""
+    """Parse JSON, reporting every failure as a malformed body (400)."""
     try:
-        return json.loads(body)
+        return json_tensors.parse(body)
     except (ValueError, RecursionError) as exc:
         raise MalformedBody(f"{what} is not valid JSON: {exc}") from None
 
