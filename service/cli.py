@@ -70,6 +70,7 @@ def serve(settings: Settings) -> int:
 
     from service.api import logs
     from service.api.app import create_app
+    from service.api.server import http_protocol
 
     try:
         keys = KeyTable.from_settings(settings.api_keys, settings.api_keys_file)
@@ -83,11 +84,13 @@ def serve(settings: Settings) -> int:
     logs.configure(settings.log_level)
     uvicorn.run(
         create_app(settings),
+        http=http_protocol(),
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,  # the app logs each request itself, with its request id
         server_header=False,
+        proxy_headers=False,  # nothing here reads the client address; skip the rewrite
         timeout_keep_alive=30,
     )
     return 0
