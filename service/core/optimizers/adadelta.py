@@ -40,6 +40,7 @@ class Adadelta(Optimizer[AdadeltaState]):
         Arg("maximize", "bool", False, "maximize the objective instead of minimizing"),
     )
     state_type = AdadeltaState
+    unsupported = ("foreach", "capturable", "differentiable")
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
         lr, rho, eps, wd = hp["lr"], hp["rho"], hp["eps"], hp["weight_decay"]

@@ -42,6 +42,7 @@ class Adagrad(Optimizer[AdagradState]):
         Arg("maximize", "bool", False, "maximize the objective instead of minimizing"),
     )
     state_type = AdagradState
+    unsupported = ("foreach", "differentiable", "fused")
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
         lr, lr_decay, wd = hp["lr"], hp["lr_decay"], hp["weight_decay"]

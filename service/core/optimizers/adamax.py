@@ -39,6 +39,7 @@ class Adamax(Optimizer[AdamaxState]):
         Arg("maximize", "bool", False, "maximize the objective instead of minimizing"),
     )
     state_type = AdamaxState
+    unsupported = ("foreach", "differentiable", "capturable")
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
         lr, eps, (beta1, beta2), wd = hp["lr"], hp["eps"], hp["betas"], hp["weight_decay"]

@@ -46,6 +46,8 @@ class FlowerStrategy(Optimizer[S]):
 
     aliases: ClassVar[Mapping[str, str]] = {}
     """Flower's argument name -> optserve's."""
+    unsupported = ()
+    """Flower's strategies take none of torch's device arguments."""
 
     def resolve(self, given: Mapping[str, Any], where: str = "") -> dict[str, Any]:
         return super().resolve(rename_aliases(given, self.aliases, where), where)

@@ -155,6 +155,8 @@ class LBFGS(Optimizer[LBFGSState]):
         ),
     )
     state_type = LBFGSState
+    unsupported = ()
+    """torch's LBFGS takes no foreach, fused, capturable or differentiable argument."""
 
     def resolve(self, given: Mapping[str, Any], where: str = "") -> dict[str, Any]:
         search = given.get("line_search_fn")

@@ -51,6 +51,7 @@ class RMSprop(Optimizer[RMSpropState]):
         Arg("maximize", "bool", False, "maximize the objective instead of minimizing"),
     )
     state_type = RMSpropState
+    unsupported = ("capturable", "foreach", "differentiable")
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
         lr, eps, momentum = hp["lr"], hp["eps"], hp["momentum"]

@@ -41,6 +41,7 @@ class SGD(Optimizer[SGDState]):
         Arg("maximize", "bool", False, "maximize the objective instead of minimizing"),
     )
     state_type = SGDState
+    unsupported = ("foreach", "differentiable", "fused")
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
         lr, momentum, wd = hp["lr"], hp["momentum"], hp["weight_decay"]
