@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service.api import problems
@@ -107,6 +108,8 @@ MAPPINGS: dict[type[Exception], Mapping] = {
         details=lambda e: {"available": list(e.available)},
     ),
     problems.BadRequest: Mapping(400, "bad-request", "Bad request", details=_bad_request),
+    # The client went away mid-body: nobody reads the answer, but it is no server error.
+    ClientDisconnect: Mapping(400, "client-disconnected", "Client disconnected"),
     problems.InvalidRequest: Mapping(
         422, "invalid-request", "Invalid request", details=_invalid_request
     ),

@@ -252,3 +252,11 @@ def test_problem_documents_carry_the_request_id(client: TestClient) -> None:
     generated = client.get("/v1/sessions/nope", headers={"X-Request-ID": "bad id\u0001"})
     assert generated.headers["x-request-id"] != "bad id\u0001"
     assert len(generated.headers["x-request-id"]) == 16
+
+
+def test_a_client_that_disconnects_mid_body_is_no_server_error() -> None:
+    from starlette.requests import ClientDisconnect
+
+    from service.api.errors import render
+
+    assert render(ClientDisconnect()).status_code == 400

@@ -66,7 +66,7 @@ def parse_idempotency_key(value: str | None) -> str | None:
 
 async def _bare_name(service: SessionService, tenant: str, session_id: str) -> str:
     info = await service.get(tenant, session_id)
-    names = list(info.document()["tensors"])
+    names = list(info.resolved["params"])
     if len(names) != 1:
         raise InvalidInput(
             f"'grads' as a bare list is for one-tensor sessions; this one has {len(names)}: "
