@@ -313,9 +313,10 @@ def main() -> int:
         with server(storage, access_log=not args.no_access_log) as (port, pid):
             for size in sizes:
                 for wire in wires:
-                    rows.append((size, wire, storage, http_step_ms(port, size, wire)))
+                    http_ms, torch_ms = http_step_ms(port, size, wire)
+                    rows.append((size, wire, storage, http_ms, torch_ms))
                     print(
-                        f"  {storage:6s} {wire:11s} {size:>10,d}: {rows[-1][3]:9.2f} ms",
+                        f"  {storage:6s} {wire:11s} {size:>10,d}: {http_ms:9.2f} ms",
                         file=sys.stderr,
                     )
             if args.throughput_seconds > 0:
