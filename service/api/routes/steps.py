@@ -99,6 +99,9 @@ async def step(request: Request) -> Response:
     else:
         limit = 2 * ctx.settings.max_tensors_per_session
         parsed = await offload.by_size(len(body), step_from_safetensors, body, limit)
+    digest = ""
+    if key is not None:
+        digest = await offload.by_size(len(body), fingerprint, body, wire, returns)
     grads = parsed.grads
     if parsed.bare is not None:
         grads = {await _bare_name(ctx.service, ctx.tenant, session_id): parsed.bare}
@@ -110,7 +113,7 @@ async def step(request: Request) -> Response:
             params=parsed.params,
             loss=parsed.loss,
             idempotency_key=key,
-            fingerprint=fingerprint(body, wire, returns) if key is not None else "",
+            fingerprint=digest,
             if_match=expected,
             want=returns,
         ),
