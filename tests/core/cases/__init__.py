@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,48 @@ class Case:
 
 
 DEFAULT_PARAMS: dict[str, Any] = {"w": {"shape": [7, 5]}, "b": {"shape": [5]}}
+DTYPES = ("float32", "float64")
+
+WARMUP: dict[str, Any] = {"name": "LinearLR", "start_factor": 0.25, "total_iters": 40}
+"""Scales lr before the first step, as LinearLR's constructor does in torch: for the
+optimizers whose state starts from the lr the first step sees (ASGD's eta, Rprop's step
+sizes)."""
+
+
+def dtype_cases(configs: Mapping[str, Mapping[str, Any]], **fields: Any) -> list[Case]:
+    """A case per dtype (float32's first) and named config, with id ``{name}-{dtype}``.
+
+    ``fields`` are the other :class:`Case` fields, the same for every case.
+    """
+    return [
+        Case(id=f"{name}-{dtype}", config={**config, "dtype": dtype}, **fields)
+        for dtype in DTYPES
+        for name, config in configs.items()
+    ]
+
+
+def optimizer_cases(
+    variants: Mapping[str, Mapping[str, Any]],
+    params: Mapping[str, Any] = DEFAULT_PARAMS,
+    **fields: Any,
+) -> list[Case]:
+    """:func:`dtype_cases` of named optimizer configs, each on ``params`` alone."""
+    return dtype_cases(
+        {name: {"optimizer": optimizer, "params": params} for name, optimizer in variants.items()},
+        **fields,
+    )
+
+
+def warmup_cases(name: str, optimizer: Mapping[str, Any]) -> list[Case]:
+    """``{name}-warmup-{dtype}``: ``optimizer`` under :data:`WARMUP`."""
+    return dtype_cases(
+        {f"{name}-warmup": {"optimizer": optimizer, "schedule": WARMUP, "params": DEFAULT_PARAMS}}
+    )
+
+
+def case_ids(cases: Sequence[Case]) -> list[str]:
+    """pytest ids: the case ids (golden fixtures are named after them too)."""
+    return [c.id for c in cases]
 
 
 def all_cases() -> list[Case]:

@@ -1,4 +1,6 @@
-from tests.core.cases import Case
+from dataclasses import replace
+
+from tests.core.cases import optimizer_cases
 
 # A matrix and a 3-D tensor (row and column factors of the last two dims) and a vector.
 PARAMS = {"w": {"shape": [7, 5]}, "b": {"shape": [5]}, "conv": {"shape": [3, 4, 6]}}
@@ -25,11 +27,6 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 CASES = [
-    Case(
-        id=f"{variant}-{dtype}",
-        config={"optimizer": optimizer, "params": PARAMS, "dtype": dtype},
-        grad_scale=0.01 if "small-grads" in variant else 1.0,
-    )
-    for dtype in ("float32", "float64")
-    for variant, optimizer in VARIANTS.items()
+    replace(case, grad_scale=0.01) if "small-grads" in case.id else case
+    for case in optimizer_cases(VARIANTS, PARAMS)
 ]

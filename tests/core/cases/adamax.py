@@ -1,4 +1,4 @@
-from tests.core.cases import DEFAULT_PARAMS, Case
+from tests.core.cases import optimizer_cases
 
 VARIANTS: dict[str, dict[str, object]] = {
     "adamax-decay": {
@@ -17,11 +17,4 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
 }
 
-CASES = [
-    Case(
-        id=f"{variant}-{dtype}",
-        config={"optimizer": optimizer, "params": DEFAULT_PARAMS, "dtype": dtype},
-    )
-    for dtype in ("float32", "float64")
-    for variant, optimizer in VARIANTS.items()
-]
+CASES = optimizer_cases(VARIANTS)

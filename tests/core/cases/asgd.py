@@ -1,4 +1,4 @@
-from tests.core.cases import DEFAULT_PARAMS, Case
+from tests.core.cases import optimizer_cases, warmup_cases
 
 VARIANTS: dict[str, dict[str, object]] = {
     "asgd-plain": {"name": "ASGD", "lr": 0.05},
@@ -21,24 +21,4 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 # eta starts from the lr the first step sees, after the schedule's constructor scaled it.
-WARMUP = {"name": "LinearLR", "start_factor": 0.25, "total_iters": 40}
-
-CASES = [
-    Case(
-        id=f"{variant}-{dtype}",
-        config={"optimizer": optimizer, "params": DEFAULT_PARAMS, "dtype": dtype},
-    )
-    for dtype in ("float32", "float64")
-    for variant, optimizer in VARIANTS.items()
-] + [
-    Case(
-        id=f"asgd-warmup-{dtype}",
-        config={
-            "optimizer": VARIANTS["asgd-averaging-decay"],
-            "schedule": WARMUP,
-            "params": DEFAULT_PARAMS,
-            "dtype": dtype,
-        },
-    )
-    for dtype in ("float32", "float64")
-]
+CASES = optimizer_cases(VARIANTS) + warmup_cases("asgd", VARIANTS["asgd-averaging-decay"])

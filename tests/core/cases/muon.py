@@ -1,4 +1,4 @@
-from tests.core.cases import Case
+from tests.core.cases import optimizer_cases
 
 # Muon takes 2-D parameters only: a wide, a tall and a square matrix, small enough that
 # torch multiplies them with its reference bfloat16 GEMM (see service/core/bfloat16.py).
@@ -20,11 +20,4 @@ VARIANTS: dict[str, dict[str, object]] = {
     "muon-no-decay": {"name": "Muon", "lr": 0.01, "weight_decay": 0.0, "momentum": 0.8},
 }
 
-CASES = [
-    Case(
-        id=f"{variant}-{dtype}",
-        config={"optimizer": optimizer, "params": PARAMS, "dtype": dtype},
-    )
-    for dtype in ("float32", "float64")
-    for variant, optimizer in VARIANTS.items()
-]
+CASES = optimizer_cases(VARIANTS, PARAMS)

@@ -1,4 +1,4 @@
-from tests.core.cases import DEFAULT_PARAMS, Case
+from tests.core.cases import optimizer_cases
 
 VARIANTS: dict[str, dict[str, object]] = {
     "radam-plain": {"name": "RAdam", "lr": 0.01},
@@ -22,11 +22,4 @@ VARIANTS: dict[str, dict[str, object]] = {
     "radam-never-rectified": {"name": "RAdam", "lr": 0.005, "betas": [0.9, 0.6]},
 }
 
-CASES = [
-    Case(
-        id=f"{variant}-{dtype}",
-        config={"optimizer": optimizer, "params": DEFAULT_PARAMS, "dtype": dtype},
-    )
-    for dtype in ("float32", "float64")
-    for variant, optimizer in VARIANTS.items()
-]
+CASES = optimizer_cases(VARIANTS)

@@ -1,4 +1,4 @@
-from tests.core.cases import DEFAULT_PARAMS, Case
+from tests.core.cases import optimizer_cases
 
 VARIANTS: dict[str, dict[str, object]] = {
     "rmsprop-alpha-eps": {"name": "RMSprop", "lr": 0.005, "alpha": 0.9, "eps": 1e-6},
@@ -25,11 +25,4 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
 }
 
-CASES = [
-    Case(
-        id=f"{variant}-{dtype}",
-        config={"optimizer": optimizer, "params": DEFAULT_PARAMS, "dtype": dtype},
-    )
-    for dtype in ("float32", "float64")
-    for variant, optimizer in VARIANTS.items()
-]
+CASES = optimizer_cases(VARIANTS)

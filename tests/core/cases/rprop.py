@@ -1,4 +1,4 @@
-from tests.core.cases import DEFAULT_PARAMS, Case
+from tests.core.cases import optimizer_cases, warmup_cases
 
 VARIANTS: dict[str, dict[str, object]] = {
     "rprop-plain": {"name": "Rprop", "lr": 0.03},
@@ -12,24 +12,4 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 # The step sizes start from the lr the first step sees, after the schedule scaled it.
-WARMUP = {"name": "LinearLR", "start_factor": 0.25, "total_iters": 40}
-
-CASES = [
-    Case(
-        id=f"{variant}-{dtype}",
-        config={"optimizer": optimizer, "params": DEFAULT_PARAMS, "dtype": dtype},
-    )
-    for dtype in ("float32", "float64")
-    for variant, optimizer in VARIANTS.items()
-] + [
-    Case(
-        id=f"rprop-warmup-{dtype}",
-        config={
-            "optimizer": VARIANTS["rprop-bounded-maximize"],
-            "schedule": WARMUP,
-            "params": DEFAULT_PARAMS,
-            "dtype": dtype,
-        },
-    )
-    for dtype in ("float32", "float64")
-]
+CASES = optimizer_cases(VARIANTS) + warmup_cases("rprop", VARIANTS["rprop-bounded-maximize"])

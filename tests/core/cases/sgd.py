@@ -1,18 +1,11 @@
-from tests.core.cases import DEFAULT_PARAMS, Case
+from tests.core.cases import optimizer_cases
 
-CASES = [
-    Case(
-        id=f"sgd-{variant}-{dtype}",
-        config={
-            "optimizer": {"name": "SGD", "lr": 0.05, **hp},
-            "params": DEFAULT_PARAMS,
-            "dtype": dtype,
-        },
-    )
-    for dtype in ("float32", "float64")
-    for variant, hp in {
-        "plain": {},
-        "momentum": {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01},
-        "nesterov-maximize": {"momentum": 0.8, "nesterov": True, "maximize": True},
-    }.items()
-]
+VARIANTS = {
+    "plain": {},
+    "momentum": {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01},
+    "nesterov-maximize": {"momentum": 0.8, "nesterov": True, "maximize": True},
+}
+
+CASES = optimizer_cases(
+    {f"sgd-{variant}": {"name": "SGD", "lr": 0.05, **hp} for variant, hp in VARIANTS.items()}
+)
