@@ -4,13 +4,17 @@ The parity cases in ``tests/core/cases`` run through the whole training step; th
 helpers drive one optimizer's ``init``/``update`` directly, so a failure points at the
 update rule itself. The reference is live torch when importable, else the committed
 golden fixture of the same case.
+
+Each ``assert_*`` check has a test maker below it that parametrizes it over an
+optimizer's table (its cases, names, invalid arguments); an optimizer's test module
+binds what the makers return to its ``test_*`` names and adds what is its own.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,40 +22,26 @@ import pytest
 
 from service.core import optimizers
 from service.core.errors import InvalidHyperparameter
-from service.core.optimizers.base import Optimizer
 from service.core.state import from_flat, to_flat
 from tests.core import golden
-from tests.core.cases import Case
+from tests.core.cases import Case, case_ids
+from tests.core.optimizer_state import assert_state_matches_torch
 from tests.core.parity_inputs import make_inputs
+from tests.core.update_run import UpdateRun
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 TOLERANCE = {"float32": {"rtol": 1e-5, "atol": 1e-6}, "float64": {"rtol": 1e-10, "atol": 1e-12}}
 
 
-def _optimizer_and_hparams(config: Mapping[str, Any]) -> tuple[Optimizer[Any], dict[str, Any]]:
-    given = dict(config["optimizer"])
-    optimizer = optimizers.get(given.pop("name"))
-    return optimizer, optimizer.resolve(given)
-
-
 def run_update(case: Case, steps: int | None = None) -> dict[str, np.ndarray]:
     """Parameters after driving ``update`` over the case's gradients, one group, no extras."""
-    optimizer, hp = _optimizer_and_hparams(case.config)
-    inputs = make_inputs(case)
-    names = list(case.config["params"])
-    dtype = np.dtype(case.config.get("dtype", "float32"))
-    params = [inputs.initial[n].copy() for n in names]
-    state = optimizer.init([p.shape for p in params], hp, dtype)
-    out = [np.empty_like(p) for p in params]
-    for step_grads in inputs.grads[:steps]:
-        grads = [step_grads[n].copy() for n in names]
+    run = UpdateRun(case)
+    for step_grads in run.grads(stop=steps):
+        grads = [g.copy() for g in step_grads]
         for g in grads:
             g.setflags(write=False)  # update must treat gradients as read-only
-        given_params = params if optimizer.needs_params(hp) else None
-        state = optimizer.update(grads, state, given_params, hp, out)
-        for p, d in zip(params, out, strict=True):
-            p += d
-    return dict(zip(names, params, strict=True))
+        run.step(grads, run.needed_params())
+    return run.by_name()
 
 
 def reference(case: Case) -> dict[str, np.ndarray]:
@@ -76,31 +66,18 @@ def assert_update_matches_torch(case: Case) -> None:
 
 def assert_checkpoint_continues_exactly(case: Case, prime: int = 7, more: int = 7) -> None:
     """Flatten the state mid-run, rebuild it, and continue in lockstep with the original."""
-    optimizer, hp = _optimizer_and_hparams(case.config)
-    inputs = make_inputs(case)
-    names = list(case.config["params"])
-    dtype = np.dtype(case.config.get("dtype", "float32"))
-    params = [inputs.initial[n].copy() for n in names]
-    state = optimizer.init([p.shape for p in params], hp, dtype)
-    out = [np.empty_like(p) for p in params]
-    for step_grads in inputs.grads[:prime]:
-        state = optimizer.update([step_grads[n] for n in names], state, params, hp, out)
-        for p, d in zip(params, out, strict=True):
-            p += d
-    arrays, scalars = to_flat(state)
+    run = UpdateRun(case)
+    for grads in run.grads(stop=prime):
+        run.step(grads, run.params)
+    arrays, scalars = to_flat(run.state)
     restored = from_flat(
-        optimizer.state_type, {k: v.copy() for k, v in arrays.items()}, dict(scalars)
+        run.optimizer.state_type, {k: v.copy() for k, v in arrays.items()}, dict(scalars)
     )
-    twin = [p.copy() for p in params]
-    twin_out = [np.empty_like(p) for p in params]
-    for step_grads in inputs.grads[prime : prime + more]:
-        grads = [step_grads[n] for n in names]
-        state = optimizer.update(grads, state, params, hp, out)
-        restored = optimizer.update(grads, restored, twin, hp, twin_out)
-        for p, d, q, e in zip(params, out, twin, twin_out, strict=True):
-            p += d
-            q += e
-    for p, q in zip(params, twin, strict=True):
+    twin = run.fork(restored)
+    for grads in run.grads(prime, prime + more):
+        run.step(grads, run.params)
+        twin.step(grads, twin.params)
+    for p, q in zip(run.params, twin.params, strict=True):
         np.testing.assert_array_equal(p, q)
 
 
@@ -145,3 +122,87 @@ def assert_signature_matches_torch(name: str) -> None:
         and p.name not in ("self", "params", *optimizer.unsupported)
     ]
     assert [a.name for a in optimizer.args][: len(positional)] == positional
+
+
+# Test makers. Each returns a fresh (parametrized) test function; pytest collects it under
+# the name the optimizer's test module binds it to, so test ids read as if written there.
+
+PytestFunction = Callable[..., None]
+Rejection = tuple[dict[str, Any], str, str]
+"""The arguments given, the argument named in the error, and torch's message."""
+
+
+def updates_match_torch(cases: Sequence[Case]) -> PytestFunction:
+    """See :func:`assert_update_matches_torch`, once per case."""
+
+    @pytest.mark.parametrize("case", cases, ids=case_ids(cases))
+    def test(case: Case) -> None:
+        assert_update_matches_torch(case)
+
+    return test
+
+
+def checkpoints_continue_exactly(
+    cases: Sequence[Case], prime: int = 7, more: int = 7
+) -> PytestFunction:
+    """See :func:`assert_checkpoint_continues_exactly`, once per case."""
+
+    @pytest.mark.parametrize("case", cases, ids=case_ids(cases))
+    def test(case: Case) -> None:
+        assert_checkpoint_continues_exactly(case, prime=prime, more=more)
+
+    return test
+
+
+def state_matches_torch(
+    cases: Sequence[Case],
+    *,
+    scalars: Sequence[str],
+    tensors: Sequence[str],
+    tolerance: Mapping[str, tuple[float, float]] | None,
+) -> PytestFunction:
+    """See :func:`assert_state_matches_torch`; skipped without torch (no state fixtures)."""
+
+    @pytest.mark.torch
+    @pytest.mark.skipif(not HAVE_TORCH, reason="compares against torch's state tensors")
+    @pytest.mark.parametrize("case", cases, ids=case_ids(cases))
+    def test(case: Case) -> None:
+        assert_state_matches_torch(case, scalars=scalars, tensors=tensors, tolerance=tolerance)
+
+    return test
+
+
+def signatures_match_torch(*names: str) -> PytestFunction:
+    """One test; parametrized by optimizer when a module covers several."""
+    if len(names) == 1:
+
+        def test_one() -> None:
+            assert_signature_matches_torch(names[0])
+
+        return test_one
+
+    @pytest.mark.parametrize("name", names)
+    def test(name: str) -> None:
+        assert_signature_matches_torch(name)
+
+    return test
+
+
+def invalid_hyperparameters_rejected(table: Mapping[str, Sequence[Rejection]]) -> PytestFunction:
+    """Every row of every optimizer in ``table``; parametrized by optimizer when several."""
+    if len(table) == 1:
+        [(name, rows)] = table.items()
+
+        @pytest.mark.parametrize(("given", "argument", "message"), rows)
+        def test_one(given: Mapping[str, object], argument: str, message: str) -> None:
+            assert_rejected(name, given, argument, message)
+
+        return test_one
+
+    every = [(name, *row) for name, rows in table.items() for row in rows]
+
+    @pytest.mark.parametrize(("name", "given", "argument", "message"), every)
+    def test(name: str, given: Mapping[str, object], argument: str, message: str) -> None:
+        assert_rejected(name, given, argument, message)
+
+    return test

@@ -7,32 +7,25 @@ checkpoint continues from.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from service.core import optimizers
 from tests.core.cases import Case
 from tests.core.parity_inputs import make_inputs
+from tests.core.update_run import UpdateRun
+
+STATE_TOLERANCE = {"float32": (1e-5, 1e-5 / 10), "float64": (1e-10, 1e-10 / 10)}
+"""(rtol, atol) per dtype for moments and averages compared with torch's."""
 
 
 def optserve_state(case: Case) -> Any:
     """The state record after driving ``update`` over every step of the case."""
-    given = dict(case.config["optimizer"])
-    optimizer = optimizers.get(given.pop("name"))
-    hp = optimizer.resolve(given)
-    inputs = make_inputs(case)
-    names = list(case.config["params"])
-    dtype = np.dtype(case.config.get("dtype", "float32"))
-    params = [inputs.initial[n].copy() for n in names]
-    state = optimizer.init([p.shape for p in params], hp, dtype)
-    out = [np.empty_like(p) for p in params]
-    for step_grads in inputs.grads:
-        given_params = params if optimizer.needs_params(hp) else None
-        state = optimizer.update([step_grads[n] for n in names], state, given_params, hp, out)
-        for p, d in zip(params, out, strict=True):
-            p += d
-    return state
+    run = UpdateRun(case)
+    for grads in run.grads():
+        run.step(grads, run.needed_params())
+    return run.state
 
 
 def torch_state(case: Case) -> dict[str, dict[str, Any]]:
@@ -59,3 +52,29 @@ def torch_state(case: Case) -> dict[str, dict[str, Any]]:
         }
         for name, t in tensors.items()
     }
+
+
+def assert_state_matches_torch(
+    case: Case,
+    *,
+    scalars: Sequence[str],
+    tensors: Sequence[str],
+    tolerance: Mapping[str, tuple[float, float]] | None,
+) -> None:
+    """optserve's state after the case against torch's, tensor by tensor.
+
+    ``scalars`` (a step count, float32 factors kept as Python floats) must be equal: the
+    same bits as torch's. ``tensors`` must be close within ``tolerance[dtype]`` (rtol,
+    atol), or equal to the bit where ``tolerance`` is None.
+    """
+    ours, theirs = optserve_state(case), torch_state(case)
+    for i, name in enumerate(case.config["params"]):
+        for key in scalars:
+            assert getattr(ours, key) == theirs[name][key], key
+        for key in tensors:
+            mine, torchs = getattr(ours, key)[i], theirs[name][key]
+            if tolerance is None:
+                np.testing.assert_array_equal(mine, torchs, err_msg=key)
+            else:
+                rtol, atol = tolerance[case.config["dtype"]]
+                np.testing.assert_allclose(mine, torchs, rtol=rtol, atol=atol, err_msg=key)

@@ -10,31 +10,31 @@ import pytest
 from service.core import optimizers
 from service.core.errors import InvalidHyperparameter
 from service.core.plan import plan_from_config
-from tests.core.cases import Case
+from tests.core import optimizer_checks as checks
+from tests.core.cases import Case, case_ids
 from tests.core.cases.adafactor import CASES
-from tests.core.optimizer_checks import (
-    HAVE_TORCH,
-    assert_checkpoint_continues_exactly,
-    assert_rejected,
-    assert_signature_matches_torch,
-    assert_update_matches_torch,
-)
 from tests.core.optimizer_state import optserve_state, torch_state
 
+INVALID: list[checks.Rejection] = [
+    ({"lr": -0.01}, "lr", "Learning rate should be >= 0 but is: -0.01"),
+    ({"beta2_decay": 0.5}, "beta2_decay", "beta2_decay should be <= 0 but is: 0.5"),
+    ({"eps": [-1e-30, 1e-3]}, "eps", "epsilon1 should be >= 0 but is: -1e-30"),
+    ({"eps": [None, -0.001]}, "eps", "epsilon2 should be >= 0 but is: -0.001"),
+    ({"d": 0.5}, "d", "Clipping threshold d should be >= 1 but is: 0.5"),
+    ({"weight_decay": -0.1}, "weight_decay", "weight_decay should be >= 0 but is: -0.1"),
+]
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_update_matches_torch_for_200_steps(case: Case) -> None:
-    assert_update_matches_torch(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_state_round_trip_continues_exactly(case: Case) -> None:
-    assert_checkpoint_continues_exactly(case)
+test_update_matches_torch_for_200_steps = checks.updates_match_torch(CASES)
+test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(CASES)
+test_arguments_and_defaults_are_torchs = checks.signatures_match_torch("Adafactor")
+test_invalid_hyperparameters_name_argument_and_value = checks.invalid_hyperparameters_rejected(
+    {"Adafactor": INVALID}
+)
 
 
 @pytest.mark.torch
-@pytest.mark.skipif(not HAVE_TORCH, reason="compares against torch's state tensors")
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.skipif(not checks.HAVE_TORCH, reason="compares against torch's state tensors")
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_state_matches_torch(case: Case) -> None:
     ours, theirs = optserve_state(case), torch_state(case)
     tol = {"float32": 1e-5, "float64": 1e-10}[case.config["dtype"]]
@@ -49,10 +49,6 @@ def test_state_matches_torch(case: Case) -> None:
         for mine, torchs in pairs:
             # The moments are tiny for small gradients: compare relative to their scale.
             np.testing.assert_allclose(mine, torchs, rtol=tol, atol=tol * np.abs(torchs).max())
-
-
-def test_arguments_and_defaults_are_torchs() -> None:
-    assert_signature_matches_torch("Adafactor")
 
 
 def test_matrices_and_higher_keep_row_and_column_factors_of_the_last_two_dims() -> None:
@@ -109,23 +105,6 @@ def test_always_needs_parameter_values() -> None:
         {"optimizer": {"name": "adafactor"}, "params": {"w": {"shape": [3, 2]}}}
     )
     assert plan.needs_params
-
-
-INVALID: list[tuple[dict[str, Any], str, str]] = [
-    ({"lr": -0.01}, "lr", "Learning rate should be >= 0 but is: -0.01"),
-    ({"beta2_decay": 0.5}, "beta2_decay", "beta2_decay should be <= 0 but is: 0.5"),
-    ({"eps": [-1e-30, 1e-3]}, "eps", "epsilon1 should be >= 0 but is: -1e-30"),
-    ({"eps": [None, -0.001]}, "eps", "epsilon2 should be >= 0 but is: -0.001"),
-    ({"d": 0.5}, "d", "Clipping threshold d should be >= 1 but is: 0.5"),
-    ({"weight_decay": -0.1}, "weight_decay", "weight_decay should be >= 0 but is: -0.1"),
-]
-
-
-@pytest.mark.parametrize(("given", "argument", "message"), INVALID)
-def test_invalid_hyperparameters_name_argument_and_value(
-    given: dict[str, Any], argument: str, message: str
-) -> None:
-    assert_rejected("Adafactor", given, argument, message)
 
 
 @pytest.mark.parametrize("eps", [1e-3, [1e-30], [None, None], ["a", 1e-3], "1e-3", [True, 1e-3]])

@@ -2,34 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
 from service.core import optimizers
-from tests.core.cases import Case
+from tests.core import optimizer_checks as checks
 from tests.core.cases.adagrad import CASES
-from tests.core.optimizer_checks import (
-    assert_checkpoint_continues_exactly,
-    assert_rejected,
-    assert_signature_matches_torch,
-    assert_update_matches_torch,
+
+INVALID: list[checks.Rejection] = [
+    ({"lr": -0.5}, "lr", "Invalid learning rate: -0.5"),
+    ({"lr_decay": -0.1}, "lr_decay", "Invalid lr_decay value: -0.1"),
+    ({"weight_decay": -1.0}, "weight_decay", "Invalid weight_decay value: -1.0"),
+    (
+        {"initial_accumulator_value": -0.3},
+        "initial_accumulator_value",
+        "Invalid initial_accumulator_value value: -0.3",
+    ),
+    ({"eps": -1e-10}, "eps", "Invalid epsilon value: -1e-10"),
+]
+
+test_update_matches_torch_for_200_steps = checks.updates_match_torch(CASES)
+test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(CASES)
+test_arguments_and_defaults_are_torchs = checks.signatures_match_torch("Adagrad")
+test_invalid_hyperparameters_name_argument_and_value = checks.invalid_hyperparameters_rejected(
+    {"Adagrad": INVALID}
 )
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_update_matches_torch_for_200_steps(case: Case) -> None:
-    assert_update_matches_torch(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_state_round_trip_continues_exactly(case: Case) -> None:
-    assert_checkpoint_continues_exactly(case)
-
-
-def test_arguments_and_defaults_are_torchs() -> None:
-    assert_signature_matches_torch("Adagrad")
 
 
 def test_accumulator_starts_at_initial_value() -> None:
@@ -54,23 +51,3 @@ def test_learning_rate_decays_as_lr_over_one_plus_step_minus_one_times_decay() -
     for t, move in enumerate(moves, start=1):
         expected = 0.1 / (1 + (t - 1) * 0.5) / np.sqrt(t)
         assert move == pytest.approx(expected, rel=1e-15)
-
-
-INVALID: list[tuple[dict[str, Any], str, str]] = [
-    ({"lr": -0.5}, "lr", "Invalid learning rate: -0.5"),
-    ({"lr_decay": -0.1}, "lr_decay", "Invalid lr_decay value: -0.1"),
-    ({"weight_decay": -1.0}, "weight_decay", "Invalid weight_decay value: -1.0"),
-    (
-        {"initial_accumulator_value": -0.3},
-        "initial_accumulator_value",
-        "Invalid initial_accumulator_value value: -0.3",
-    ),
-    ({"eps": -1e-10}, "eps", "Invalid epsilon value: -1e-10"),
-]
-
-
-@pytest.mark.parametrize(("given", "argument", "message"), INVALID)
-def test_invalid_hyperparameters_name_argument_and_value(
-    given: dict[str, Any], argument: str, message: str
-) -> None:
-    assert_rejected("Adagrad", given, argument, message)

@@ -8,46 +8,29 @@ import numpy as np
 import pytest
 
 from service.core import optimizers
-from tests.core.cases import Case
+from tests.core import optimizer_checks as checks
 from tests.core.cases.asgd import CASES
-from tests.core.optimizer_checks import (
-    HAVE_TORCH,
-    assert_checkpoint_continues_exactly,
-    assert_rejected,
-    assert_signature_matches_torch,
-    assert_update_matches_torch,
-)
-from tests.core.optimizer_state import optserve_state, torch_state
+from tests.core.optimizer_state import STATE_TOLERANCE
 
 DIRECT = [c for c in CASES if "schedule" not in c.config]
 
+INVALID: list[checks.Rejection] = [
+    ({"lr": -0.01}, "lr", "Invalid learning rate: -0.01"),
+    ({"weight_decay": -0.5}, "weight_decay", "Invalid weight_decay value: -0.5"),
+]
 
-@pytest.mark.parametrize("case", DIRECT, ids=[c.id for c in DIRECT])
-def test_update_matches_torch_for_200_steps(case: Case) -> None:
-    assert_update_matches_torch(case)
-
-
-@pytest.mark.parametrize("case", DIRECT, ids=[c.id for c in DIRECT])
-def test_state_round_trip_continues_exactly(case: Case) -> None:
-    assert_checkpoint_continues_exactly(case, prime=60, more=20)
-
-
-@pytest.mark.torch
-@pytest.mark.skipif(not HAVE_TORCH, reason="compares against torch's state tensors")
-@pytest.mark.parametrize("case", DIRECT, ids=[c.id for c in DIRECT])
-def test_state_matches_torch(case: Case) -> None:
-    ours, theirs = optserve_state(case), torch_state(case)
-    for i, name in enumerate(case.config["params"]):
-        # eta and mu are float32 scalars in torch: the same bits, not just close.
-        assert ours.eta == theirs[name]["eta"]
-        assert ours.mu == theirs[name]["mu"]
-        assert ours.step == theirs[name]["step"]
-        tol = {"float32": 1e-5, "float64": 1e-10}[case.config["dtype"]]
-        np.testing.assert_allclose(ours.ax[i], theirs[name]["ax"], rtol=tol, atol=tol / 10)
-
-
-def test_arguments_and_defaults_are_torchs() -> None:
-    assert_signature_matches_torch("ASGD")
+test_update_matches_torch_for_200_steps = checks.updates_match_torch(DIRECT)
+test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(
+    DIRECT, prime=60, more=20
+)
+# eta and mu are float32 scalars in torch: the same bits, not just close.
+test_state_matches_torch = checks.state_matches_torch(
+    DIRECT, scalars=("eta", "mu", "step"), tensors=("ax",), tolerance=STATE_TOLERANCE
+)
+test_arguments_and_defaults_are_torchs = checks.signatures_match_torch("ASGD")
+test_invalid_hyperparameters_name_argument_and_value = checks.invalid_hyperparameters_rejected(
+    {"ASGD": INVALID}
+)
 
 
 def _run(hp: dict[str, Any], steps: int, dtype: str = "float64") -> tuple[Any, np.ndarray]:
@@ -96,19 +79,6 @@ def test_eta_starts_from_the_lr_of_the_first_step() -> None:
 def test_needs_params_even_without_decay() -> None:
     asgd = optimizers.get("ASGD")
     assert asgd.needs_params(asgd.resolve({"lambd": 0.0, "weight_decay": 0.0}))
-
-
-INVALID: list[tuple[dict[str, Any], str, str]] = [
-    ({"lr": -0.01}, "lr", "Invalid learning rate: -0.01"),
-    ({"weight_decay": -0.5}, "weight_decay", "Invalid weight_decay value: -0.5"),
-]
-
-
-@pytest.mark.parametrize(("given", "argument", "message"), INVALID)
-def test_invalid_hyperparameters_name_argument_and_value(
-    given: dict[str, Any], argument: str, message: str
-) -> None:
-    assert_rejected("ASGD", given, argument, message)
 
 
 def test_fused_is_not_an_asgd_argument() -> None:

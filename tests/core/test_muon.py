@@ -11,43 +11,35 @@ from service.core import optimizers
 from service.core.errors import InvalidHyperparameter
 from service.core.optimizers.muon import NS_COEFFICIENTS, adjusted_lr, lerp, newton_schulz
 from service.core.plan import plan_from_config
-from tests.core.cases import Case
+from tests.core import optimizer_checks as checks
+from tests.core.cases import DTYPES
 from tests.core.cases.muon import CASES
-from tests.core.optimizer_checks import (
-    HAVE_TORCH,
-    assert_checkpoint_continues_exactly,
-    assert_rejected,
-    assert_signature_matches_torch,
-    assert_update_matches_torch,
+
+needs_torch = pytest.mark.skipif(not checks.HAVE_TORCH, reason="compares against torch itself")
+
+INVALID: list[checks.Rejection] = [
+    ({"lr": -0.02}, "lr", "Learning rate should be >= 0 but is: -0.02"),
+    ({"momentum": -0.9}, "momentum", "momentum should be >= 0 but is: -0.9"),
+    ({"weight_decay": -0.1}, "weight_decay", "weight decay should be >= 0 but is: -0.1"),
+    (
+        {"adjust_lr_fn": "sqrt"},
+        "adjust_lr_fn",
+        "Adjust learning rate function sqrt is not supported",
+    ),
+]
+
+test_update_matches_torch_for_200_steps = checks.updates_match_torch(CASES)
+test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(CASES)
+test_momentum_buffers_match_torch = checks.state_matches_torch(
+    CASES,
+    scalars=(),
+    tensors=("momentum_buffer",),
+    tolerance={dtype: (1e-6, 1e-7) for dtype in DTYPES},
 )
-from tests.core.optimizer_state import optserve_state, torch_state
-
-needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="compares against torch itself")
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_update_matches_torch_for_200_steps(case: Case) -> None:
-    assert_update_matches_torch(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_state_round_trip_continues_exactly(case: Case) -> None:
-    assert_checkpoint_continues_exactly(case)
-
-
-@pytest.mark.torch
-@needs_torch
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_momentum_buffers_match_torch(case: Case) -> None:
-    ours, theirs = optserve_state(case), torch_state(case)
-    for i, name in enumerate(case.config["params"]):
-        np.testing.assert_allclose(
-            ours.momentum_buffer[i], theirs[name]["momentum_buffer"], rtol=1e-6, atol=1e-7
-        )
-
-
-def test_arguments_and_defaults_are_torchs() -> None:
-    assert_signature_matches_torch("Muon")
+test_arguments_and_defaults_are_torchs = checks.signatures_match_torch("Muon")
+test_invalid_hyperparameters_name_argument_and_value = checks.invalid_hyperparameters_rejected(
+    {"Muon": INVALID}
+)
 
 
 SHAPES = [(7, 5), (5, 7), (6, 6), (3, 11), (12, 4), (1, 9), (9, 1)]
@@ -127,25 +119,6 @@ def test_other_optimizers_can_take_the_vectors_in_a_separate_session() -> None:
     ).needs_params
 
 
-INVALID: list[tuple[dict[str, Any], str, str]] = [
-    ({"lr": -0.02}, "lr", "Learning rate should be >= 0 but is: -0.02"),
-    ({"momentum": -0.9}, "momentum", "momentum should be >= 0 but is: -0.9"),
-    ({"weight_decay": -0.1}, "weight_decay", "weight decay should be >= 0 but is: -0.1"),
-    (
-        {"adjust_lr_fn": "sqrt"},
-        "adjust_lr_fn",
-        "Adjust learning rate function sqrt is not supported",
-    ),
-]
-
-
-@pytest.mark.parametrize(("given", "argument", "message"), INVALID)
-def test_invalid_hyperparameters_name_argument_and_value(
-    given: dict[str, Any], argument: str, message: str
-) -> None:
-    assert_rejected("Muon", given, argument, message)
-
-
 STEP_TIME_INVALID: list[tuple[dict[str, Any], str, str]] = [
     (
         {"ns_steps": 100},
@@ -170,7 +143,7 @@ def test_newton_schulz_settings_are_checked_at_creation(
     assert caught.value.argument == f"optimizer.{argument}"
     assert str(caught.value) == message
     assert caught.value.value == given[argument]
-    if HAVE_TORCH:
+    if checks.HAVE_TORCH:
         import torch
 
         param = torch.zeros(3, 2, requires_grad=True)

@@ -2,51 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-import pytest
 
 from service.core import optimizers
-from tests.core.cases import Case
+from tests.core import optimizer_checks as checks
 from tests.core.cases.nadam import CASES
-from tests.core.optimizer_checks import (
-    HAVE_TORCH,
-    assert_checkpoint_continues_exactly,
-    assert_rejected,
-    assert_signature_matches_torch,
-    assert_update_matches_torch,
+from tests.core.optimizer_state import STATE_TOLERANCE
+
+INVALID: list[checks.Rejection] = [
+    ({"lr": -0.002}, "lr", "Invalid learning rate: -0.002"),
+    ({"eps": -1e-8}, "eps", "Invalid epsilon value: -1e-08"),
+    ({"betas": [1.0, 0.999]}, "betas", "Invalid beta parameter at index 0: 1.0"),
+    ({"betas": [0.9, -0.1]}, "betas", "Invalid beta parameter at index 1: -0.1"),
+    ({"weight_decay": -0.1}, "weight_decay", "Invalid weight_decay value: -0.1"),
+    ({"momentum_decay": -0.004}, "momentum_decay", "Invalid momentum_decay value: -0.004"),
+]
+
+test_update_matches_torch_for_200_steps = checks.updates_match_torch(CASES)
+test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(CASES)
+test_state_matches_torch = checks.state_matches_torch(
+    CASES,
+    scalars=("mu_product", "step"),
+    tensors=("exp_avg", "exp_avg_sq"),
+    tolerance=STATE_TOLERANCE,
 )
-from tests.core.optimizer_state import optserve_state, torch_state
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_update_matches_torch_for_200_steps(case: Case) -> None:
-    assert_update_matches_torch(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_state_round_trip_continues_exactly(case: Case) -> None:
-    assert_checkpoint_continues_exactly(case)
-
-
-@pytest.mark.torch
-@pytest.mark.skipif(not HAVE_TORCH, reason="compares against torch's state tensors")
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_state_matches_torch(case: Case) -> None:
-    ours, theirs = optserve_state(case), torch_state(case)
-    tol = {"float32": 1e-5, "float64": 1e-10}[case.config["dtype"]]
-    for i, name in enumerate(case.config["params"]):
-        assert ours.mu_product == theirs[name]["mu_product"]
-        assert ours.step == theirs[name]["step"]
-        for key in ("exp_avg", "exp_avg_sq"):
-            np.testing.assert_allclose(
-                getattr(ours, key)[i], theirs[name][key], rtol=tol, atol=tol / 10, err_msg=key
-            )
-
-
-def test_arguments_and_defaults_are_torchs() -> None:
-    assert_signature_matches_torch("NAdam")
+test_arguments_and_defaults_are_torchs = checks.signatures_match_torch("NAdam")
+test_invalid_hyperparameters_name_argument_and_value = checks.invalid_hyperparameters_rejected(
+    {"NAdam": INVALID}
+)
 
 
 def test_mu_product_is_a_float32_product_even_in_float64_sessions() -> None:
@@ -70,20 +53,3 @@ def test_decoupled_decay_shrinks_parameters_before_the_step() -> None:
     param, out = np.array([1.0, -2.0, 4.0]), [np.empty(3)]
     nadam.update([np.zeros(3)], state, [param], hp, out)
     np.testing.assert_array_equal(param + out[0], param * (1 - 0.1 * 0.5))
-
-
-INVALID: list[tuple[dict[str, Any], str, str]] = [
-    ({"lr": -0.002}, "lr", "Invalid learning rate: -0.002"),
-    ({"eps": -1e-8}, "eps", "Invalid epsilon value: -1e-08"),
-    ({"betas": [1.0, 0.999]}, "betas", "Invalid beta parameter at index 0: 1.0"),
-    ({"betas": [0.9, -0.1]}, "betas", "Invalid beta parameter at index 1: -0.1"),
-    ({"weight_decay": -0.1}, "weight_decay", "Invalid weight_decay value: -0.1"),
-    ({"momentum_decay": -0.004}, "momentum_decay", "Invalid momentum_decay value: -0.004"),
-]
-
-
-@pytest.mark.parametrize(("given", "argument", "message"), INVALID)
-def test_invalid_hyperparameters_name_argument_and_value(
-    given: dict[str, Any], argument: str, message: str
-) -> None:
-    assert_rejected("NAdam", given, argument, message)

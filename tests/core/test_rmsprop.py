@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-import pytest
 
 from service.core import optimizers
-from tests.core.cases import Case
+from tests.core import optimizer_checks as checks
 from tests.core.cases.rmsprop import CASES
-from tests.core.optimizer_checks import (
-    assert_checkpoint_continues_exactly,
-    assert_rejected,
-    assert_signature_matches_torch,
-    assert_update_matches_torch,
+
+INVALID: list[checks.Rejection] = [
+    ({"lr": -0.01}, "lr", "Invalid learning rate: -0.01"),
+    ({"eps": -1.0}, "eps", "Invalid epsilon value: -1.0"),
+    ({"momentum": -0.9}, "momentum", "Invalid momentum value: -0.9"),
+    ({"weight_decay": -0.2}, "weight_decay", "Invalid weight_decay value: -0.2"),
+    ({"alpha": -0.99}, "alpha", "Invalid alpha value: -0.99"),
+]
+
+test_update_matches_torch_for_200_steps = checks.updates_match_torch(CASES)
+test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(CASES)
+test_arguments_and_defaults_are_torchs = checks.signatures_match_torch("RMSprop")
+test_invalid_hyperparameters_name_argument_and_value = checks.invalid_hyperparameters_rejected(
+    {"RMSprop": INVALID}
 )
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_update_matches_torch_for_200_steps(case: Case) -> None:
-    assert_update_matches_torch(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_state_round_trip_continues_exactly(case: Case) -> None:
-    assert_checkpoint_continues_exactly(case)
-
-
-def test_arguments_and_defaults_are_torchs() -> None:
-    assert_signature_matches_torch("RMSprop")
 
 
 def test_optional_buffers_exist_only_for_their_variants() -> None:
@@ -49,19 +41,3 @@ def test_eps_is_added_outside_the_square_root() -> None:
     rmsprop.update([np.array([4.0])], state, None, hp, out)
     # alpha=0 makes the average g^2 = 16: the step is 4 / (sqrt(16) + 0.5).
     assert out[0][0] == -4.0 / (4.0 + 0.5)
-
-
-INVALID: list[tuple[dict[str, Any], str, str]] = [
-    ({"lr": -0.01}, "lr", "Invalid learning rate: -0.01"),
-    ({"eps": -1.0}, "eps", "Invalid epsilon value: -1.0"),
-    ({"momentum": -0.9}, "momentum", "Invalid momentum value: -0.9"),
-    ({"weight_decay": -0.2}, "weight_decay", "Invalid weight_decay value: -0.2"),
-    ({"alpha": -0.99}, "alpha", "Invalid alpha value: -0.99"),
-]
-
-
-@pytest.mark.parametrize(("given", "argument", "message"), INVALID)
-def test_invalid_hyperparameters_name_argument_and_value(
-    given: dict[str, Any], argument: str, message: str
-) -> None:
-    assert_rejected("RMSprop", given, argument, message)

@@ -5,46 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 
 from service.core import optimizers
-from tests.core.cases import Case
+from tests.core import optimizer_checks as checks
 from tests.core.cases.rprop import CASES
-from tests.core.optimizer_checks import (
-    HAVE_TORCH,
-    assert_checkpoint_continues_exactly,
-    assert_rejected,
-    assert_signature_matches_torch,
-    assert_update_matches_torch,
-)
-from tests.core.optimizer_state import optserve_state, torch_state
 
 DIRECT = [c for c in CASES if "schedule" not in c.config]
 
+INVALID: list[checks.Rejection] = [
+    ({"lr": -0.01}, "lr", "Invalid learning rate: -0.01"),
+    ({"etas": [1.0, 1.2]}, "etas", "Invalid eta values: 1.0, 1.2"),
+    ({"etas": [0.5, 1.0]}, "etas", "Invalid eta values: 0.5, 1.0"),
+    ({"etas": [0.0, 1.2]}, "etas", "Invalid eta values: 0.0, 1.2"),
+]
 
-@pytest.mark.parametrize("case", DIRECT, ids=[c.id for c in DIRECT])
-def test_update_matches_torch_for_200_steps(case: Case) -> None:
-    assert_update_matches_torch(case)
-
-
-@pytest.mark.parametrize("case", DIRECT, ids=[c.id for c in DIRECT])
-def test_state_round_trip_continues_exactly(case: Case) -> None:
-    assert_checkpoint_continues_exactly(case)
-
-
-@pytest.mark.torch
-@pytest.mark.skipif(not HAVE_TORCH, reason="compares against torch's state tensors")
-@pytest.mark.parametrize("case", DIRECT, ids=[c.id for c in DIRECT])
-def test_state_matches_torch_to_the_bit(case: Case) -> None:
-    ours, theirs = optserve_state(case), torch_state(case)
-    for i, name in enumerate(case.config["params"]):
-        assert ours.step == theirs[name]["step"]
-        np.testing.assert_array_equal(ours.prev[i], theirs[name]["prev"])
-        np.testing.assert_array_equal(ours.step_size[i], theirs[name]["step_size"])
-
-
-def test_arguments_and_defaults_are_torchs() -> None:
-    assert_signature_matches_torch("Rprop")
+test_update_matches_torch_for_200_steps = checks.updates_match_torch(DIRECT)
+test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(DIRECT)
+test_state_matches_torch_to_the_bit = checks.state_matches_torch(
+    DIRECT, scalars=("step",), tensors=("prev", "step_size"), tolerance=None
+)
+test_arguments_and_defaults_are_torchs = checks.signatures_match_torch("Rprop")
+test_invalid_hyperparameters_name_argument_and_value = checks.invalid_hyperparameters_rejected(
+    {"Rprop": INVALID}
+)
 
 
 def _rprop(**given: Any) -> tuple[Any, dict[str, Any], Any]:
@@ -93,18 +76,3 @@ def test_maximize_climbs() -> None:
     out = [np.empty(2)]
     rprop.update([np.array([3.0, -0.5])], state, None, hp, out)
     np.testing.assert_array_equal(out[0], [0.1, -0.1])
-
-
-INVALID: list[tuple[dict[str, Any], str, str]] = [
-    ({"lr": -0.01}, "lr", "Invalid learning rate: -0.01"),
-    ({"etas": [1.0, 1.2]}, "etas", "Invalid eta values: 1.0, 1.2"),
-    ({"etas": [0.5, 1.0]}, "etas", "Invalid eta values: 0.5, 1.0"),
-    ({"etas": [0.0, 1.2]}, "etas", "Invalid eta values: 0.0, 1.2"),
-]
-
-
-@pytest.mark.parametrize(("given", "argument", "message"), INVALID)
-def test_invalid_hyperparameters_name_argument_and_value(
-    given: dict[str, Any], argument: str, message: str
-) -> None:
-    assert_rejected("Rprop", given, argument, message)
