@@ -36,7 +36,7 @@ class Optimizer(ABC, Generic[S]):
     state_type: ClassVar[type[Any]]
     """The dataclass ``init`` returns, for rebuilding state from a checkpoint."""
     unsupported: ClassVar[tuple[str, ...]] = ("foreach", "fused", "capturable", "differentiable")
-    """torch arguments that are accepted (as their defaults) but mean nothing here."""
+    """torch arguments accepted where torch takes them, and ignored: they pick torch kernels."""
 
     def resolve(self, given: Mapping[str, Any], where: str = "") -> dict[str, Any]:
         """Defaults filled in, types checked, ranges validated with torch's messages."""
