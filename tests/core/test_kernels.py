@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,10 +16,13 @@ from service.core.kernels import Lerp, decay_add_square_, elementwise, signed_gr
 
 @pytest.fixture
 def restore_kernel_settings() -> Iterator[None]:
-    block, parallel_min, threads = kernels.BLOCK, kernels.PARALLEL_MIN, kernels._threads
+    saved = (kernels.BLOCK, kernels.PARALLEL_BLOCK, kernels.PARALLEL_MIN, kernels._threads)
+    saved_work = kernels.PARALLEL_MIN_WORK
+    kernels.PARALLEL_MIN_WORK = 0  # small test tensors would otherwise stay on one thread
     yield
-    kernels.BLOCK, kernels.PARALLEL_MIN = block, parallel_min
-    kernels.set_threads(threads)
+    kernels.BLOCK, kernels.PARALLEL_BLOCK, kernels.PARALLEL_MIN = saved[:3]
+    kernels.PARALLEL_MIN_WORK = saved_work
+    kernels.set_threads(saved[3])
 
 
 def _adam_deltas(size: int, steps: int = 3) -> np.ndarray:
@@ -40,9 +45,26 @@ def test_threads_and_blocks_give_bit_identical_results(threads: int) -> None:
     size = 10_007  # not a multiple of any block size: every split has a ragged end
     kernels.set_threads(1)
     serial = _adam_deltas(size)
-    kernels.BLOCK, kernels.PARALLEL_MIN = 512, 1024
+    kernels.BLOCK, kernels.PARALLEL_BLOCK, kernels.PARALLEL_MIN = 512, 640, 1024
     kernels.set_threads(threads)
     np.testing.assert_array_equal(_adam_deltas(size), serial)
+
+
+@pytest.mark.usefixtures("restore_kernel_settings")
+def test_threads_share_blocks_and_cover_each_element_once() -> None:
+    kernels.PARALLEL_BLOCK, kernels.PARALLEL_MIN = 100, 1000
+    kernels.set_threads(2)
+    threads: set[int] = set()
+
+    def kernel(counts: np.ndarray) -> None:
+        threads.add(threading.get_ident())
+        counts += 1
+        time.sleep(0.002)  # long enough for the pool thread to wake and take blocks
+
+    counts = np.zeros(10_050, dtype=np.int64)
+    elementwise(kernel, [counts])
+    np.testing.assert_array_equal(counts, 1)
+    assert len(threads) == 2
 
 
 def test_absent_arrays_reach_the_kernel_as_none() -> None:

@@ -101,7 +101,7 @@ class Adadelta(Optimizer[AdadeltaState]):
                 assert params is not None, "weight decay needs parameter values"
                 p = params[i]
             arrays = [g, p, state.square_avg[i], state.acc_delta[i], out[i]]
-            elementwise(kernel, arrays, n_scratch=3)
+            elementwise(kernel, arrays, n_scratch=3, passes=15)
         state.step += 1
         return state
 

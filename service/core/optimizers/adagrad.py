@@ -96,12 +96,13 @@ class Adagrad(Optimizer[AdagradState]):
             np.multiply(g, neg_clr if sign > 0 else pos_clr, out=d)
             np.divide(d, s, out=d)
 
+        passes = 6 + (2 if wd != 0 else 0)  # ufunc calls per block
         for i, g in enumerate(grads):
             p = None
             if wd != 0:
                 assert params is not None, "weight decay needs parameter values"
                 p = params[i]
-            elementwise(kernel, [g, p, state.sum[i], out[i]], n_scratch=2)
+            elementwise(kernel, [g, p, state.sum[i], out[i]], n_scratch=2, passes=passes)
         state.step = step
         return state
 

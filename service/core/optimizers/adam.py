@@ -155,6 +155,8 @@ class Adam(Optimizer[AdamState]):
                 np.subtract(s, p, out=s)
                 np.add(d, s, out=d)
 
+        # ufunc calls per block: lerp 3, second moment 4, denominator 2, delta 2.
+        passes = 11 + (3 if wd != 0 else 0) + (1 if amsgrad else 0)
         for i, g in enumerate(grads):
             p = None
             if wd != 0:
@@ -168,7 +170,7 @@ class Adam(Optimizer[AdamState]):
                 state.max_exp_avg_sq[i] if amsgrad else None,
                 out[i],
             ]
-            elementwise(kernel, arrays, n_scratch=2)
+            elementwise(kernel, arrays, n_scratch=2, passes=passes)
         state.step = step
         return state
 

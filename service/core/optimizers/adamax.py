@@ -111,7 +111,7 @@ class Adamax(Optimizer[AdamaxState]):
                 assert params is not None, "weight decay needs parameter values"
                 p = params[i]
             arrays = [g, p, state.exp_avg[i], state.exp_inf[i], out[i]]
-            elementwise(kernel, arrays, n_scratch=2)
+            elementwise(kernel, arrays, n_scratch=2, passes=9)
         state.step = step
         return state
 

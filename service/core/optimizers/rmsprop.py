@@ -136,6 +136,8 @@ class RMSprop(Optimizer[RMSpropState]):
                 np.multiply(g, neg_lr if sign > 0 else pos_lr, out=d)
                 np.divide(d, s, out=d)
 
+        # ufunc calls per block: square average 4, denominator 2, delta 2, and extras.
+        passes = 8 + (2 if wd != 0 else 0) + (6 if centered else 0) + (2 if momentum > 0 else 0)
         for i, g in enumerate(grads):
             p = None
             if wd != 0:
@@ -149,7 +151,7 @@ class RMSprop(Optimizer[RMSpropState]):
                 state.momentum_buffer[i] if momentum > 0 else None,
                 out[i],
             ]
-            elementwise(kernel, arrays, n_scratch=2)
+            elementwise(kernel, arrays, n_scratch=2, passes=passes)
         state.step += 1
         return state
 

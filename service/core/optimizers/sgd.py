@@ -115,7 +115,7 @@ class SGD(Optimizer[SGDState]):
             if momentum != 0:
                 arrays.append(state.momentum_buffer[i])
             arrays.append(out[i])
-            elementwise(kernel, arrays, n_scratch=1)
+            elementwise(kernel, arrays, n_scratch=1, passes=3 if momentum != 0 else 1)
         state.step += 1
         return state
 
