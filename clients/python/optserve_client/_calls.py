@@ -8,7 +8,7 @@ the same protocol.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -145,7 +145,7 @@ def preview(
     optimizer: Mapping[str, Any],
     schedule: Mapping[str, Any] | None,
     steps: int,
-    param_groups: list[Mapping[str, Any]] | None,
+    param_groups: Sequence[Mapping[str, Any]] | None,
 ) -> Call:
     body: dict[str, Any] = {"optimizer": dict(optimizer), "steps": steps}
     if schedule is not None:

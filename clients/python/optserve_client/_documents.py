@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from optserve_client import _calls
 from optserve_client._wire import load_json
 from optserve_client.errors import ProtocolError
 
@@ -35,6 +36,23 @@ def session_page(response: httpx.Response) -> tuple[list[dict[str, Any]], str | 
         raise ProtocolError("session list carries no list of sessions")
     cursor = _first(body, "next", "next_cursor", "cursor")
     return [d for d in items if isinstance(d, dict)], (str(cursor) if cursor else None)
+
+
+class SessionPages:
+    """``GET /v1/sessions`` page by page: the call for each next page, until the last."""
+
+    def __init__(self, page_size: int | None) -> None:
+        self.page_size = page_size
+        self.after: str | None = None
+        self.done = False
+
+    def next_call(self) -> _calls.Call | None:
+        return None if self.done else _calls.list_page(self.page_size, self.after)
+
+    def read(self, response: httpx.Response) -> list[dict[str, Any]]:
+        page, self.after = session_page(response)
+        self.done = self.after is None
+        return page
 
 
 def catalog(response: httpx.Response, key: str) -> list[dict[str, Any]]:

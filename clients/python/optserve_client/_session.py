@@ -11,8 +11,16 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from optserve_client import _calls
-from optserve_client._wire import Returns, StepResult, Wire, as_array, parse_step, step_body
+from optserve_client import _calls, _documents
+from optserve_client._wire import (
+    Returns,
+    StepResult,
+    Wire,
+    as_array,
+    parse_step,
+    parse_tensor_reply,
+    step_body,
+)
 from optserve_client.errors import ProtocolError
 
 TensorsIn = Mapping[str, npt.ArrayLike] | npt.ArrayLike
@@ -182,6 +190,17 @@ class SessionView:
             idempotency_key or uuid.uuid4().hex,
             expected,
         )
+
+    def _tensors(self, response: httpx.Response) -> dict[str, np.ndarray]:
+        """The ``{name: array}`` reply of ``GET .../params``, in this session's dtype."""
+        return parse_tensor_reply(
+            response.headers.get("content-type", ""), response.content, self.shapes, self.dtype
+        )
+
+    def _absorb_reply(self, response: httpx.Response) -> None:
+        """Take in what a reply says of the session, if it says anything."""
+        if response.content:
+            self._absorb(_documents.json_body(response))
 
     def _step_result(self, response: httpx.Response, returns: Returns) -> StepResult:
         result = parse_step(

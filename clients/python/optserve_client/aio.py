@@ -14,14 +14,13 @@ import httpx
 import numpy as np
 
 from optserve_client import _calls, _documents
-from optserve_client._retry import RetryPolicy, next_delay
+from optserve_client._connection import Connection, auth_headers
+from optserve_client._retry import RetryPolicy
 from optserve_client._session import ParamsSpec, SessionView, TensorsIn, session_config
-from optserve_client._wire import Returns, StepResult, Wire, parse_tensor_reply
-from optserve_client.client import auth_headers, server_root
-from optserve_client.errors import TransportError, error_from_response
+from optserve_client._wire import Returns, StepResult, Wire
 
 
-class AsyncClient:
+class AsyncClient(Connection):
     """An asyncio connection to an optserve server; see :class:`optserve_client.Client`."""
 
     def __init__(
@@ -34,9 +33,7 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url = server_root(url)
-        self.wire: Wire = wire
-        self.retry = retry or RetryPolicy()
+        super().__init__(url, wire, retry)
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers=auth_headers(api_key),
@@ -60,31 +57,18 @@ class AsyncClient:
 
     async def send(self, call: _calls.Call) -> httpx.Response:
         """Send ``call``, retrying what its safety allows; raise typed errors."""
-        attempt = 0
+        tries = self.tries(call)
+        delay: float | None
         while True:
             try:
-                response = await self._http.request(
-                    call.method,
-                    call.path,
-                    headers=call.headers,
-                    content=call.content,
-                    params=call.params or None,
-                )
+                response = await self._http.send(tries.request(self._http))
             except httpx.TransportError as exc:
-                delay = next_delay(self.retry, call.safety, attempt, exc=exc)
-                if delay is None:
-                    raise TransportError(f"{call.method} {self.url}{call.path}: {exc!r}") from exc
+                delay = tries.after_transport_error(exc)
             else:
-                if response.is_success:
-                    return response
-                error = error_from_response(response)
-                if attempt > 0 and call.gone_ok_on_retry and error.status == 404:
-                    return response
-                delay = next_delay(self.retry, call.safety, attempt, error=error)
+                delay = tries.after_response(response)
                 if delay is None:
-                    raise error
+                    return response
             await asyncio.sleep(delay)
-            attempt += 1
 
     async def create_session(
         self,
@@ -125,14 +109,10 @@ class AsyncClient:
         return AsyncSession(self, _documents.session_document(response))
 
     async def sessions(self, *, page_size: int | None = None) -> AsyncIterator[AsyncSession]:
-        after: str | None = None
-        while True:
-            response = await self.send(_calls.list_page(page_size, after))
-            page, after = _documents.session_page(response)
-            for document in page:
+        pages = _documents.SessionPages(page_size)
+        while (call := pages.next_call()) is not None:
+            for document in pages.read(await self.send(call)):
                 yield AsyncSession(self, document)
-            if after is None:
-                return
 
     async def delete_session(self, session_id: str) -> None:
         await self.send(_calls.delete(session_id))
@@ -150,8 +130,7 @@ class AsyncClient:
         steps: int = 100,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[list[float]]:
-        groups = list(param_groups) if param_groups is not None else None
-        call = _calls.preview(optimizer, schedule, steps, groups)
+        call = _calls.preview(optimizer, schedule, steps, param_groups)
         return _documents.preview(await self.send(call))
 
     async def healthy(self) -> bool:
@@ -188,18 +167,13 @@ class AsyncSession(SessionView):
         return self._step_result(await self.client.send(call), returns)
 
     async def params(self) -> dict[str, np.ndarray]:
-        response = await self.client.send(_calls.params(self.id, self.wire))
-        return parse_tensor_reply(
-            response.headers.get("content-type", ""), response.content, self.shapes, self.dtype
-        )
+        return self._tensors(await self.client.send(_calls.params(self.id, self.wire)))
 
     async def state(self) -> bytes:
         return (await self.client.send(_calls.state(self.id))).content
 
     async def schedule_step(self, metric: float | None = None) -> None:
-        response = await self.client.send(_calls.schedule_step(self.id, metric))
-        if response.content:
-            self._absorb(_documents.json_body(response))
+        self._absorb_reply(await self.client.send(_calls.schedule_step(self.id, metric)))
 
     async def refresh(self) -> AsyncSession:
         self._absorb(_documents.json_body(await self.client.send(_calls.get(self.id))))

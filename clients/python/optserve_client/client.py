@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
@@ -12,26 +11,15 @@ import httpx
 import numpy as np
 
 from optserve_client import _calls, _documents
-from optserve_client._retry import RetryPolicy, next_delay
+from optserve_client._connection import DEFAULT_URL, Connection, auth_headers, server_root
+from optserve_client._retry import RetryPolicy
 from optserve_client._session import ParamsSpec, SessionView, TensorsIn, session_config
-from optserve_client._wire import Returns, StepResult, Wire, parse_tensor_reply
-from optserve_client.errors import TransportError, error_from_response
+from optserve_client._wire import Returns, StepResult, Wire
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def server_root(url: str | None) -> str:
-    """The server's root URL; ``OPTSERVE_URL`` when not given. A trailing ``/v1`` is dropped."""
-    root = (url or os.environ.get("OPTSERVE_URL") or DEFAULT_URL).rstrip("/")
-    return root.removesuffix("/v1")
+__all__ = ["DEFAULT_URL", "Client", "Session", "auth_headers", "server_root"]
 
 
-def auth_headers(api_key: str | None) -> dict[str, str]:
-    key = api_key if api_key is not None else os.environ.get("OPTSERVE_API_KEY")
-    return {"authorization": f"Bearer {key}"} if key else {}
-
-
-class Client:
+class Client(Connection):
     """A connection to an optserve server.
 
     ``wire`` picks the tensor format of steps and params: ``"safetensors"`` (raw bytes,
@@ -50,9 +38,7 @@ class Client:
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url = server_root(url)
-        self.wire: Wire = wire
-        self.retry = retry or RetryPolicy()
+        super().__init__(url, wire, retry)
         self._http = httpx.Client(
             base_url=self.url,
             headers=auth_headers(api_key),
@@ -76,31 +62,18 @@ class Client:
 
     def send(self, call: _calls.Call) -> httpx.Response:
         """Send ``call``, retrying what its safety allows; raise typed errors."""
-        attempt = 0
+        tries = self.tries(call)
+        delay: float | None
         while True:
             try:
-                response = self._http.request(
-                    call.method,
-                    call.path,
-                    headers=call.headers,
-                    content=call.content,
-                    params=call.params or None,
-                )
+                response = self._http.send(tries.request(self._http))
             except httpx.TransportError as exc:
-                delay = next_delay(self.retry, call.safety, attempt, exc=exc)
-                if delay is None:
-                    raise TransportError(f"{call.method} {self.url}{call.path}: {exc!r}") from exc
+                delay = tries.after_transport_error(exc)
             else:
-                if response.is_success:
-                    return response
-                error = error_from_response(response)
-                if attempt > 0 and call.gone_ok_on_retry and error.status == 404:
-                    return response
-                delay = next_delay(self.retry, call.safety, attempt, error=error)
+                delay = tries.after_response(response)
                 if delay is None:
-                    raise error
+                    return response
             time.sleep(delay)
-            attempt += 1
 
     # Sessions
 
@@ -148,13 +121,10 @@ class Client:
 
     def sessions(self, *, page_size: int | None = None) -> Iterator[Session]:
         """Every session of this tenant, fetched page by page."""
-        after: str | None = None
-        while True:
-            page, after = _documents.session_page(self.send(_calls.list_page(page_size, after)))
-            for document in page:
+        pages = _documents.SessionPages(page_size)
+        while (call := pages.next_call()) is not None:
+            for document in pages.read(self.send(call)):
                 yield Session(self, document)
-            if after is None:
-                return
 
     def delete_session(self, session_id: str) -> None:
         self.send(_calls.delete(session_id))
@@ -175,8 +145,8 @@ class Client:
         param_groups: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[list[float]]:
         """The lr of each parameter group at each of ``steps`` steps."""
-        groups = list(param_groups) if param_groups is not None else None
-        return _documents.preview(self.send(_calls.preview(optimizer, schedule, steps, groups)))
+        call = _calls.preview(optimizer, schedule, steps, param_groups)
+        return _documents.preview(self.send(call))
 
     def healthy(self) -> bool:
         """``GET /healthz`` answered 2xx."""
@@ -222,10 +192,7 @@ class Session(SessionView):
 
     def params(self) -> dict[str, np.ndarray]:
         """The parameters a session holds."""
-        response = self.client.send(_calls.params(self.id, self.wire))
-        return parse_tensor_reply(
-            response.headers.get("content-type", ""), response.content, self.shapes, self.dtype
-        )
+        return self._tensors(self.client.send(_calls.params(self.id, self.wire)))
 
     def state(self) -> bytes:
         """A self-describing safetensors checkpoint; ``Client.restore`` continues it."""
@@ -233,9 +200,7 @@ class Session(SessionView):
 
     def schedule_step(self, metric: float | None = None) -> None:
         """Advance a manual schedule (ReduceLROnPlateau needs ``metric``)."""
-        response = self.client.send(_calls.schedule_step(self.id, metric))
-        if response.content:
-            self._absorb(_documents.json_body(response))
+        self._absorb_reply(self.client.send(_calls.schedule_step(self.id, metric)))
 
     def refresh(self) -> Session:
         self._absorb(_documents.json_body(self.client.send(_calls.get(self.id))))
