@@ -58,23 +58,21 @@ def create(wire: Wire, config: Mapping[str, Any], initial: Mapping[str, np.ndarr
             for name, spec in config["params"].items()
         }
         return _json_call("POST", "/v1/sessions", body, safety="unsent")
-    content = safetensors.encode(initial, {"session": json.dumps(dict(config))})
-    return Call(
-        "POST",
-        "/v1/sessions",
-        headers={"content-type": SAFETENSORS, "accept": JSON},
-        content=content,
-        safety="unsent",
-    )
+    return _post_safetensors(safetensors.encode(initial, {"session": json.dumps(dict(config))}))
 
 
 def restore(checkpoint: bytes) -> Call:
     """``POST /v1/sessions`` with a checkpoint from ``GET .../state``: a new session."""
+    return _post_safetensors(checkpoint)
+
+
+def _post_safetensors(body: bytes) -> Call:
+    """``POST /v1/sessions`` with a safetensors body: initial values or a checkpoint."""
     return Call(
         "POST",
         "/v1/sessions",
         headers={"content-type": SAFETENSORS, "accept": JSON},
-        content=checkpoint,
+        content=body,
         safety="unsent",
     )
 
