@@ -23,16 +23,37 @@ SHAPES: dict[str, tuple[int, ...]] = {"w1": (5, 4), "b1": (4,), "w2": (4, 2), "b
 BIASES = ["b1", "b2"]
 MAX_NORM = 1.0
 
-CONFIG: dict[str, Any] = {
-    "optimizer": {"name": "AdamW", "lr": 0.05, "betas": [0.9, 0.98], "weight_decay": 0.1},
-    "schedule": {
+
+def warmup_cosine(warmup: int, steps: int, eta_min: float) -> dict[str, Any]:
+    """A session schedule: lr from 0.1x up over ``warmup`` steps, then cosine to ``eta_min``."""
+    return {
         "name": "SequentialLR",
         "schedulers": [
-            {"name": "LinearLR", "start_factor": 0.1, "total_iters": WARMUP},
-            {"name": "CosineAnnealingLR", "T_max": STEPS - WARMUP, "eta_min": 1e-4},
+            {"name": "LinearLR", "start_factor": 0.1, "total_iters": warmup},
+            {"name": "CosineAnnealingLR", "T_max": steps - warmup, "eta_min": eta_min},
         ],
-        "milestones": [WARMUP],
-    },
+        "milestones": [warmup],
+    }
+
+
+def torch_warmup_cosine(optimizer: Any, warmup: int, steps: int, eta_min: float) -> Any:
+    """:func:`warmup_cosine` as torch's scheduler of ``optimizer``."""
+    import torch
+
+    sched = torch.optim.lr_scheduler
+    return sched.SequentialLR(
+        optimizer,
+        [
+            sched.LinearLR(optimizer, start_factor=0.1, total_iters=warmup),
+            sched.CosineAnnealingLR(optimizer, T_max=steps - warmup, eta_min=eta_min),
+        ],
+        milestones=[warmup],
+    )
+
+
+CONFIG: dict[str, Any] = {
+    "optimizer": {"name": "AdamW", "lr": 0.05, "betas": [0.9, 0.98], "weight_decay": 0.1},
+    "schedule": warmup_cosine(WARMUP, STEPS, eta_min=1e-4),
     "param_groups": [{"params": BIASES, "weight_decay": 0.0}],
     "clip_grad_norm": {"max_norm": MAX_NORM},
     "dtype": "float64",
@@ -76,15 +97,7 @@ def torch_reference() -> tuple[dict[str, np.ndarray], np.ndarray]:
         betas=(0.9, 0.98),
         weight_decay=0.1,
     )
-    sched = torch.optim.lr_scheduler
-    scheduler = sched.SequentialLR(
-        optimizer,
-        [
-            sched.LinearLR(optimizer, start_factor=0.1, total_iters=WARMUP),
-            sched.CosineAnnealingLR(optimizer, T_max=STEPS - WARMUP, eta_min=1e-4),
-        ],
-        milestones=[WARMUP],
-    )
+    scheduler = torch_warmup_cosine(optimizer, WARMUP, STEPS, eta_min=1e-4)
     lrs = []
     for step in range(STEPS):
         lrs.append([g["lr"] for g in optimizer.param_groups])

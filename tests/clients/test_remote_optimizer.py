@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.clients.client_parity import torch_warmup_cosine, warmup_cosine
+
 torch = pytest.importorskip("torch")
 
 from optserve_client import Client  # noqa: E402
@@ -77,28 +79,12 @@ def local_adamw(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
         betas=(0.9, 0.98),
         weight_decay=0.05,
     )
-    sched = torch.optim.lr_scheduler
-    scheduler = sched.SequentialLR(
-        optimizer,
-        [
-            sched.LinearLR(optimizer, start_factor=0.1, total_iters=WARMUP),
-            sched.CosineAnnealingLR(optimizer, T_max=STEPS - WARMUP, eta_min=1e-5),
-        ],
-        milestones=[WARMUP],
-    )
-    return optimizer, scheduler
+    return optimizer, torch_warmup_cosine(optimizer, WARMUP, STEPS, eta_min=1e-5)
 
 
 REMOTE_ADAMW: dict[str, Any] = {
     "optimizer": {"name": "AdamW", "lr": LR, "betas": [0.9, 0.98], "weight_decay": 0.05},
-    "schedule": {
-        "name": "SequentialLR",
-        "schedulers": [
-            {"name": "LinearLR", "start_factor": 0.1, "total_iters": WARMUP},
-            {"name": "CosineAnnealingLR", "T_max": STEPS - WARMUP, "eta_min": 1e-5},
-        ],
-        "milestones": [WARMUP],
-    },
+    "schedule": warmup_cosine(WARMUP, STEPS, eta_min=1e-5),
     "clip_grad_norm": {"max_norm": MAX_NORM},
 }
 
