@@ -150,7 +150,10 @@ def elementwise(
         _run_blocks(*args)  # the caller works too, from the first block on
     finally:
         for f in futures:
-            f.result()
+            # A helper that has not started yet (still waking, or busy with another
+            # session's tensor) is not waited for: the caller has done its blocks.
+            if not f.cancel():
+                f.result()
 
 
 # Block-level building blocks. Each mirrors one of torch's in-place tensor ops, in torch's
