@@ -32,5 +32,5 @@ class Connection:
         self.wire: Wire = wire
         self.retry = retry or RetryPolicy()
 
-    def tries(self, call: Call) -> Tries:
+    def _tries(self, call: Call) -> Tries:
         return Tries(call, self.retry, self.url)

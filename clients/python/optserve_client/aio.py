@@ -57,7 +57,7 @@ class AsyncClient(Connection):
 
     async def send(self, call: _calls.Call) -> httpx.Response:
         """Send ``call``, retrying what its safety allows; raise typed errors."""
-        tries = self.tries(call)
+        tries = self._tries(call)
         delay: float | None
         while True:
             try:

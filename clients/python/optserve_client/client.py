@@ -62,7 +62,7 @@ class Client(Connection):
 
     def send(self, call: _calls.Call) -> httpx.Response:
         """Send ``call``, retrying what its safety allows; raise typed errors."""
-        tries = self.tries(call)
+        tries = self._tries(call)
         delay: float | None
         while True:
             try:
