@@ -23,21 +23,22 @@ BLOCK = 1 << 16
 """Elements per block on one thread: 256 KiB of float32 per array, so a kernel's arrays
 and scratch stay in a 2 MiB L2 between its passes."""
 
-PARALLEL_BLOCK = 1 << 17
-"""Elements per block when threads share a tensor. Larger than ``BLOCK``: each ufunc call
-hands the GIL back and forth between the threads, so fewer, longer calls measured faster
-(Adam on 1M and 10M float32 elements, 2 threads) despite spilling out of L2."""
+PARALLEL_BLOCK = 1 << 18
+"""Elements per block when threads share a tensor. Larger than ``BLOCK``: between ufunc
+calls the threads hand the GIL back and forth, so fewer, longer calls measured faster
+(1M-element Adam, RMSprop, Adagrad on 2 threads: 10-15% over 64K blocks; 10M: even)."""
 
-PARALLEL_MIN = 1 << 18
-"""Tensors smaller than this always run on the calling thread."""
+PARALLEL_MIN = 2 * PARALLEL_BLOCK
+"""Tensors smaller than this run on the calling thread: two blocks at least to share."""
 
-PARALLEL_MIN_WORK = 10_000_000
+PARALLEL_MIN_WORK = 4_000_000
 """Elements times ufunc passes below which a tensor runs on the calling thread.
 
 Waking a pool thread costs tens of microseconds here, and two threads contend for the
-GIL between ufunc calls, so threads only pay off for heavy kernels or large tensors:
-measured on 2 cores, 1M-element SGD (3 passes) and RMSprop (8) ran faster on one thread,
-1M-element Adam (11) about 12% faster on two, and every kernel at 10M faster on two."""
+GIL between ufunc calls, so threads pay off for heavy kernels or large tensors: on 2
+cores, 1M-element SGD with momentum (3 passes) ran as fast on one thread as on two,
+Adagrad (6), RMSprop (8) and Adam (11) 10-20% faster on two, every kernel at 10M
+elements 20-50% faster on two."""
 
 _threads = max(1, min(4, os.cpu_count() or 1))
 _pool: ThreadPoolExecutor | None = None
