@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from service.core.hparams import Arg, check
+from service.core.hparams import Arg
 from service.core.kernels import Lerp, constants, decay_add_square_, elementwise, signed_grad
+from service.core.optimizers.adam_args import adam_args, validate_adam_args
 from service.core.optimizers.base import Optimizer, Shape, register
 
 
@@ -28,10 +29,7 @@ class AdamState:
 
 def _betas_args(default_lr: float, default_wd: float) -> tuple[Arg, ...]:
     return (
-        Arg("lr", "float", default_lr, "learning rate"),
-        Arg("betas", "float_pair", (0.9, 0.999), "decay rates of the first and second moments"),
-        Arg("eps", "float", 1e-8, "added to the denominator for numerical stability"),
-        Arg("weight_decay", "float", default_wd, "weight decay coefficient"),
+        *adam_args(default_lr, default_wd),
         Arg("amsgrad", "bool", False, "use the running maximum of the second moment"),
         Arg("maximize", "bool", False, "maximize the objective instead of minimizing"),
     )
@@ -67,22 +65,7 @@ class Adam(Optimizer[AdamState]):
         return bool(hp["decoupled_weight_decay"])
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
-        lr, eps, (beta1, beta2), wd = hp["lr"], hp["eps"], hp["betas"], hp["weight_decay"]
-        check(lr >= 0.0, f"{where}lr", f"Invalid learning rate: {lr}", lr)
-        check(eps >= 0.0, f"{where}eps", f"Invalid epsilon value: {eps}", eps)
-        check(
-            0.0 <= beta1 < 1.0,
-            f"{where}betas",
-            f"Invalid beta parameter at index 0: {beta1}",
-            hp["betas"],
-        )
-        check(
-            0.0 <= beta2 < 1.0,
-            f"{where}betas",
-            f"Invalid beta parameter at index 1: {beta2}",
-            hp["betas"],
-        )
-        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+        validate_adam_args(hp, where)
 
     def init(
         self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]

@@ -1,4 +1,4 @@
-"""The arguments NAdam and RAdam share with Adam: declarations and torch's range checks."""
+"""The arguments Adam, AdamW, Adamax, NAdam and RAdam share: declarations and torch's checks."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Any
 from service.core.hparams import Arg, check
 
 
-def adam_args(lr: float) -> tuple[Arg, ...]:
+def adam_args(lr: float, weight_decay: float = 0.0) -> tuple[Arg, ...]:
     """``lr, betas, eps, weight_decay`` in torch's order, with torch's defaults."""
     return (
         Arg("lr", "float", lr, "learning rate"),
         Arg("betas", "float_pair", (0.9, 0.999), "decay rates of the first and second moments"),
         Arg("eps", "float", 1e-8, "added to the denominator for numerical stability"),
-        Arg("weight_decay", "float", 0.0, "weight decay coefficient"),
+        Arg("weight_decay", "float", weight_decay, "weight decay coefficient"),
     )
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from service.core.hparams import Arg, check
+from service.core.hparams import Arg
 from service.core.kernels import Lerp, constants, elementwise, signed_grad
+from service.core.optimizers.adam_args import validate_adam_args
 from service.core.optimizers.base import Optimizer, Shape, register
 
 
@@ -42,22 +43,7 @@ class Adamax(Optimizer[AdamaxState]):
     unsupported = ("foreach", "differentiable", "capturable")
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
-        lr, eps, (beta1, beta2), wd = hp["lr"], hp["eps"], hp["betas"], hp["weight_decay"]
-        check(lr >= 0.0, f"{where}lr", f"Invalid learning rate: {lr}", lr)
-        check(eps >= 0.0, f"{where}eps", f"Invalid epsilon value: {eps}", eps)
-        check(
-            0.0 <= beta1 < 1.0,
-            f"{where}betas",
-            f"Invalid beta parameter at index 0: {beta1}",
-            hp["betas"],
-        )
-        check(
-            0.0 <= beta2 < 1.0,
-            f"{where}betas",
-            f"Invalid beta parameter at index 1: {beta2}",
-            hp["betas"],
-        )
-        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+        validate_adam_args(hp, where)
 
     def init(
         self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]
