@@ -10,7 +10,12 @@ import numpy as np
 
 from service.core.hparams import Arg
 from service.core.kernels import elementwise
-from service.core.optimizers.adam_args import adam_args, validate_adam_args
+from service.core.optimizers.adam_args import (
+    Moments,
+    adam_args,
+    moment_arrays,
+    validate_adam_args,
+)
 from service.core.optimizers.base import Optimizer, Shape, register
 
 RHO_THRESHOLD = 5.0
@@ -97,24 +102,11 @@ class RAdam(Optimizer[RAdamState]):
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         rect = rectification(beta2, step)
-        w1, w2 = 1 - beta1, 1 - beta2
+        moments = Moments(sign, wd if coupled_wd else None, beta1, beta2)
 
         def kernel(*views: np.ndarray) -> None:
             g, m, v, d, s, t = views[0], *views[-5:]
-            # t <- the effective gradient.
-            np.multiply(g, sign, out=t)
-            if coupled_wd:
-                np.multiply(views[1], wd, out=s)
-                t += s
-            # m <- m + w1 (t - m), torch's lerp_.
-            np.subtract(t, m, out=s)
-            s *= w1
-            m += s
-            # v <- beta2 v + (1 - beta2) t^2, torch's mul_ then addcmul_.
-            v *= beta2
-            np.multiply(t, w2, out=s)
-            s *= t
-            v += s
+            moments.update_(g, views[1] if needs_p else None, m, v, s, t)
             # t <- m / bc1 * lr (* sqrt(bc2) / (sqrt(v) + eps) * rect), torch's product order.
             np.divide(m, bias_correction1, out=t)
             t *= lr
@@ -136,12 +128,7 @@ class RAdam(Optimizer[RAdamState]):
             else:
                 np.negative(t, out=d)
 
-        for i, g in enumerate(grads):
-            arrays = [g]
-            if needs_p:
-                assert params is not None
-                arrays.append(params[i])
-            arrays += [state.exp_avg[i], state.exp_avg_sq[i], out[i]]
+        for arrays in moment_arrays(grads, params, state.exp_avg, state.exp_avg_sq, out, needs_p):
             elementwise(kernel, arrays, n_scratch=2)
         state.step += 1
         return state
