@@ -135,3 +135,15 @@ def check(condition: bool, argument: str, message: str, value: Any = None) -> No
     """Raise :class:`InvalidHyperparameter` unless ``condition`` holds."""
     if not condition:
         raise InvalidHyperparameter(argument, message, value)
+
+
+_RANGE_MESSAGES = {"lr": "Invalid learning rate: {}", "eps": "Invalid epsilon value: {}"}
+"""torch's wording where it is not ``Invalid <name> value: <value>``."""
+
+
+def check_non_negative(hp: Mapping[str, Any], names: Sequence[str], where: str = "") -> None:
+    """torch's ``0.0 <= value`` checks on ``names``, in the given order, with its messages."""
+    for name in names:
+        value = hp[name]
+        message = _RANGE_MESSAGES.get(name, f"Invalid {name} value: {{}}").format(value)
+        check(value >= 0.0, f"{where}{name}", message, value)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core.hparams import Arg, check
+from service.core.hparams import Arg, check, check_non_negative
 from service.core.kernels import constants, decay_add_square_, elementwise, signed_grad
 from service.core.optimizers.base import Optimizer, Shape, register
 
@@ -43,11 +43,10 @@ class Adadelta(Optimizer[AdadeltaState]):
     unsupported = ("foreach", "capturable", "differentiable")
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
-        lr, rho, eps, wd = hp["lr"], hp["rho"], hp["eps"], hp["weight_decay"]
-        check(lr >= 0.0, f"{where}lr", f"Invalid learning rate: {lr}", lr)
+        rho = hp["rho"]
+        check_non_negative(hp, ("lr",), where)
         check(0.0 <= rho <= 1.0, f"{where}rho", f"Invalid rho value: {rho}", rho)
-        check(eps >= 0.0, f"{where}eps", f"Invalid epsilon value: {eps}", eps)
-        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+        check_non_negative(hp, ("eps", "weight_decay"), where)
 
     def init(
         self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core.hparams import Arg, check
+from service.core.hparams import Arg, check_non_negative
 from service.core.kernels import constants, elementwise, signed_grad
 from service.core.optimizers.base import Optimizer, Shape, register
 
@@ -45,18 +45,8 @@ class Adagrad(Optimizer[AdagradState]):
     unsupported = ("foreach", "differentiable", "fused")
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
-        lr, lr_decay, wd = hp["lr"], hp["lr_decay"], hp["weight_decay"]
-        initial, eps = hp["initial_accumulator_value"], hp["eps"]
-        check(lr >= 0.0, f"{where}lr", f"Invalid learning rate: {lr}", lr)
-        check(lr_decay >= 0.0, f"{where}lr_decay", f"Invalid lr_decay value: {lr_decay}", lr_decay)
-        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
-        check(
-            initial >= 0.0,
-            f"{where}initial_accumulator_value",
-            f"Invalid initial_accumulator_value value: {initial}",
-            initial,
-        )
-        check(eps >= 0.0, f"{where}eps", f"Invalid epsilon value: {eps}", eps)
+        names = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
+        check_non_negative(hp, names, where)
 
     def init(
         self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core.hparams import Arg, check
+from service.core.hparams import Arg, check, check_non_negative
 
 
 def adam_args(lr: float, weight_decay: float = 0.0) -> tuple[Arg, ...]:
@@ -23,9 +23,8 @@ def adam_args(lr: float, weight_decay: float = 0.0) -> tuple[Arg, ...]:
 
 def validate_adam_args(hp: Mapping[str, Any], where: str = "") -> None:
     """torch's checks, in torch's order, with torch's messages."""
-    lr, eps, (beta1, beta2), wd = hp["lr"], hp["eps"], hp["betas"], hp["weight_decay"]
-    check(lr >= 0.0, f"{where}lr", f"Invalid learning rate: {lr}", lr)
-    check(eps >= 0.0, f"{where}eps", f"Invalid epsilon value: {eps}", eps)
+    beta1, beta2 = hp["betas"]
+    check_non_negative(hp, ("lr", "eps"), where)
     check(
         0.0 <= beta1 < 1.0,
         f"{where}betas",
@@ -38,7 +37,7 @@ def validate_adam_args(hp: Mapping[str, Any], where: str = "") -> None:
         f"Invalid beta parameter at index 1: {beta2}",
         hp["betas"],
     )
-    check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+    check_non_negative(hp, ("weight_decay",), where)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core.hparams import Arg, check
+from service.core.hparams import Arg, check, check_non_negative
 from service.core.kernels import elementwise, signed_grad
 from service.core.optimizers.base import Optimizer, Shape, register
 
@@ -44,12 +44,9 @@ class SGD(Optimizer[SGDState]):
     unsupported = ("foreach", "differentiable", "fused")
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
-        lr, momentum, wd = hp["lr"], hp["momentum"], hp["weight_decay"]
-        check(lr >= 0.0, f"{where}lr", f"Invalid learning rate: {lr}", lr)
-        check(momentum >= 0.0, f"{where}momentum", f"Invalid momentum value: {momentum}", momentum)
-        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+        check_non_negative(hp, ("lr", "momentum", "weight_decay"), where)
         check(
-            not hp["nesterov"] or (momentum > 0 and hp["dampening"] == 0),
+            not hp["nesterov"] or (hp["momentum"] > 0 and hp["dampening"] == 0),
             f"{where}nesterov",
             "Nesterov momentum requires a momentum and zero dampening",
             hp["nesterov"],
