@@ -2,7 +2,7 @@
 
 import { encode, type TensorInput } from "./safetensors.js";
 import { Session } from "./session.js";
-import { Transport, type FetchLike, type RetryEvent } from "./transport.js";
+import { Transport, type TransportOptions } from "./transport.js";
 import type {
   CatalogEntry,
   ListOptions,
@@ -14,27 +14,10 @@ import type {
 } from "./types.js";
 import { JSON_TYPE, SAFETENSORS_TYPE, parseJson, toJson, toTypedArray } from "./wire.js";
 
-export interface ClientOptions {
-  /** Server root, e.g. "http://127.0.0.1:8000". */
-  baseUrl: string;
-  /** Sent as `Authorization: Bearer <apiKey>`; leave out for a server running open. */
-  apiKey?: string;
-  /** Extra attempts after the first on retryable failures; 0 disables. Default 3. */
-  retries?: number;
-  /** Per-attempt timeout in milliseconds. Default 60 000. */
-  timeoutMs?: number;
-  /** First retry delay (doubling, with jitter). Default 200 ms. */
-  backoffMs?: number;
-  /** Longest single retry delay. Default 10 000 ms. */
-  maxBackoffMs?: number;
+/** The transport's options (server, key, retries, timeouts, fetch) and the default format. */
+export interface ClientOptions extends TransportOptions {
   /** How tensors travel by default. Default "safetensors". */
   format?: WireFormat;
-  /** A fetch implementation, when the global one will not do. */
-  fetch?: FetchLike;
-  /** Headers added to every request. */
-  headers?: Record<string, string>;
-  /** Called before each automatic retry. */
-  onRetry?: (event: RetryEvent) => void;
 }
 
 export interface CreateOptions {

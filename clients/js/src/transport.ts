@@ -21,7 +21,7 @@ export type FetchLike = (input: string, init: RequestInit) => Promise<Response>;
 export interface TransportOptions {
   /** Server root, e.g. "http://127.0.0.1:8000" (the /v1 prefix is added per request). */
   baseUrl: string;
-  /** Sent as `Authorization: Bearer <apiKey>`. */
+  /** Sent as `Authorization: Bearer <apiKey>`; leave out for a server running open. */
   apiKey?: string;
   /** Extra attempts after the first; 0 disables retrying. Default 3. */
   retries?: number;
