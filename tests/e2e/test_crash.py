@@ -14,23 +14,19 @@ number of times. Afterwards:
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from service.codec import safetensors
+from tests.e2e.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +35,6 @@ SHAPES = {"w": (200, 200), "b": (200,)}  # 320 KB of float64 per step: the overl
 LR, MOMENTUM, WEIGHT_DECAY, DAMPENING = 0.01, 0.9, 1e-3, 0.1
 KILLS = 4
 MIN_STEPS = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def gradients(i: int) -> dict[str, np.ndarray]:
@@ -57,62 +46,11 @@ def initial() -> dict[str, np.ndarray]:
     return {k: v * 0.1 for k, v in gradients(10_000).items()}
 
 
-class Server:
-    """The real server in a subprocess, stopped by PID."""
-
-    def __init__(self, data_dir: Path, log: IO[bytes]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = data_dir
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
-        self.start_seconds: list[float] = []
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "OPTSERVE_ACCESS_LOG": "false",
-            "OPTSERVE_LOG_LEVEL": "warning",
-            "OPTSERVE_SNAPSHOT_EVERY": "7",
-            "OPTSERVE_IDEMPOTENCY_WINDOW": "4",
-        }
-        env.pop("OPTSERVE_API_KEYS", None)
-        env.pop("OPTSERVE_STORAGE", None)
-        command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
-        command += ["--data-dir", str(self.data_dir)]
-        began = time.monotonic()
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=self.log, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the server exited at start"
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    self.start_seconds.append(time.monotonic() - began)
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("the server did not become ready")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
     with open(tmp_path / "server.log", "wb") as log:
-        running = Server(tmp_path / "data", log)
+        env = {"OPTSERVE_SNAPSHOT_EVERY": "7", "OPTSERVE_IDEMPOTENCY_WINDOW": "4"}
+        running = ServerProcess(tmp_path / "data", log, env)
         running.start()
         try:
             yield running
@@ -120,14 +58,13 @@ def server(tmp_path: Path) -> Iterator[Server]:
             running.stop()
 
 
-def killer(server: Server, done: threading.Event, errors: list[BaseException]) -> None:
+def killer(server: ServerProcess, done: threading.Event, errors: list[BaseException]) -> None:
     rng = random.Random(1234)
     try:
         for _ in range(KILLS):
             time.sleep(rng.uniform(0.05, 0.6))
             server.kill()
             server.start()
-            server.restarts += 1
     except BaseException as exc:  # surfaced by the test
         errors.append(exc)
     finally:
@@ -135,7 +72,7 @@ def killer(server: Server, done: threading.Event, errors: list[BaseException]) -
 
 
 def send_step(
-    client: httpx.Client, server: Server, sid: str, i: int
+    client: httpx.Client, server: ServerProcess, sid: str, i: int
 ) -> tuple[int, dict[str, np.ndarray], bool]:
     """POST step ``i`` until it is answered; retries keep its idempotency key."""
     body = safetensors.encode(gradients(i))
@@ -197,7 +134,7 @@ def torch_sgd(count: int) -> dict[str, np.ndarray] | None:
     return {k: v.numpy() for k, v in tensors.items()}
 
 
-def test_every_acknowledged_step_survives_sigkill_exactly_once(server: Server) -> None:
+def test_every_acknowledged_step_survives_sigkill_exactly_once(server: ServerProcess) -> None:
     config: dict[str, Any] = {
         "optimizer": {
             "name": "SGD",

@@ -5,14 +5,9 @@ timeout passed while the server was down closes when it comes back."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
@@ -22,63 +17,10 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.codec import safetensors
 from service.config import Settings
+from tests.e2e.server_process import ServerProcess
 
-REPO = Path(__file__).resolve().parents[2]
 SAFETENSORS = "application/vnd.optserve.safetensors"
 SHAPES = {"w": (8, 5), "b": (5,)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Server:
-    """``python -m service serve`` on a data directory, stopped by PID."""
-
-    def __init__(self, data_dir: Path, log: IO[bytes]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = data_dir
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "OPTSERVE_ACCESS_LOG": "false", "OPTSERVE_LOG_LEVEL": "warning"}
-        env.pop("OPTSERVE_API_KEYS", None)
-        command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
-        command += ["--data-dir", str(self.data_dir), "--storage", "disk"]
-        self.process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=self.log, stderr=self.log
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the server exited"
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("the server did not become ready")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
 
 
 def session_config(aggregation: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +61,7 @@ def params_of(http: Any, base: str) -> dict[str, np.ndarray]:
 @pytest.fixture
 def server(tmp_path: Path) -> Any:
     with (tmp_path / "server.log").open("wb") as log:
-        running = Server(tmp_path / "data", log)
+        running = ServerProcess(tmp_path / "data", log, args=["--storage", "disk"])
         running.start()
         try:
             yield running
@@ -127,7 +69,7 @@ def server(tmp_path: Path) -> Any:
             running.stop()
 
 
-def test_sigkill_mid_round_loses_no_accepted_update(server: Server) -> None:
+def test_sigkill_mid_round_loses_no_accepted_update(server: ServerProcess) -> None:
     aggregation = {"mode": "rounds", "clients_per_round": 3}
     config = session_config(aggregation)
     # The same rounds in process, never interrupted: what the params must end as.
@@ -159,7 +101,9 @@ def test_sigkill_mid_round_loses_no_accepted_update(server: Server) -> None:
     assert [len(r["participants"]) for r in history] == [3, 3]
 
 
-def test_a_timeout_that_passes_while_down_closes_the_round_on_restart(server: Server) -> None:
+def test_a_timeout_that_passes_while_down_closes_the_round_on_restart(
+    server: ServerProcess,
+) -> None:
     aggregation = {"mode": "rounds", "clients_per_round": 5, "min_clients": 2, "round_timeout_s": 2}
     sid = httpx.post(server.url + "/v1/sessions", json=session_config(aggregation)).json()["id"]
     base = f"{server.url}/v1/sessions/{sid}"
