@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.api.problems import InvalidRequest
-from service.api.wire import parse_json_object
+from service.api.wire import parse_json_object, reject_unknown_fields
 from service.codec import safetensors
 from service.codec.json_tensors import array_from_json, array_to_json
 from service.sessions.federated.models import RoundParams, UpdateRequest
@@ -62,12 +62,7 @@ def _one_form(present: list[str]) -> str:
 
 def update_from_json(body: bytes) -> UpdateRequest:
     document = parse_json_object(body)
-    unknown = sorted(set(document) - UPDATE_KEYS)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown update fields: {', '.join(unknown)}",
-            [(name, "unknown field") for name in unknown],
-        )
+    reject_unknown_fields(document, UPDATE_KEYS, "update fields")
     form = _one_form([f for f in FORMS if f in document])
     raw = document[form]
     if not isinstance(raw, dict):

@@ -43,6 +43,18 @@ def parse_json_object(body: bytes, what: str = "request body") -> dict[str, Any]
     return value
 
 
+def reject_unknown_fields(
+    document: dict[str, Any], known: frozenset[str] | set[str], what: str = "fields"
+) -> None:
+    """An InvalidRequest naming every field of ``document`` outside ``known``, sorted."""
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown {what}: {', '.join(unknown)}",
+            [(name, "unknown field") for name in unknown],
+        )
+
+
 def _number(value: Any, field: str) -> float | None:
     if value is None:
         return None
@@ -78,12 +90,7 @@ def _tensor_map(raw: Any, field: str, check_bools: bool) -> dict[str, np.ndarray
 
 def step_from_json(body: bytes) -> StepBody:
     document = parse_json_object(body)
-    unknown = sorted(set(document) - STEP_KEYS)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown step fields: {', '.join(unknown)}",
-            [(name, "unknown field") for name in unknown],
-        )
+    reject_unknown_fields(document, STEP_KEYS, "step fields")
     if "grads" not in document:
         raise InvalidRequest("a step needs 'grads'", [("grads", "required")])
     # Booleans are the one non-number numpy would accept silently; only scan for them

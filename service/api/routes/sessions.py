@@ -19,7 +19,12 @@ from service.api.responses import (
     safetensors_response,
     session_response,
 )
-from service.api.wire import parse_json_object, session_config_from_json, tensors_json_document
+from service.api.wire import (
+    parse_json_object,
+    reject_unknown_fields,
+    session_config_from_json,
+    tensors_json_document,
+)
 from service.codec import safetensors
 from service.sessions.models import SessionInfo
 
@@ -31,11 +36,7 @@ _CHECKPOINT_ARRAYS_PER_TENSOR = 8
 
 
 def _metric(document: dict[str, Any]) -> float | None:
-    unknown = sorted(set(document) - {"metric"})
-    if unknown:
-        raise InvalidRequest(
-            f"unknown fields: {', '.join(unknown)}", [(name, "unknown field") for name in unknown]
-        )
+    reject_unknown_fields(document, {"metric"})
     value = document.get("metric")
     if value is None:
         return None
@@ -134,6 +135,15 @@ async def _params_at_one_step(
     return info, tensors
 
 
+async def _safetensors_answer(
+    tensors: dict[str, np.ndarray], metadata: dict[str, str], headers: dict[str, str]
+) -> Response:
+    """A safetensors response, encoded off the event loop when it is large."""
+    size = offload.tensor_bytes(tensors)
+    body = await offload.by_size(size, safetensors.encode, tensors, metadata)
+    return safetensors_response(body, headers)
+
+
 @router.get(
     SESSION + "/params",
     summary="The parameters a session holds",
@@ -145,12 +155,11 @@ async def get_params(
     answer = response_wire(request, Wire.JSON)
     info, tensors = await _params_at_one_step(service, tenant, session_id)
     headers = {"ETag": info.etag}
-    size = offload.tensor_bytes(tensors)
     if answer is Wire.JSON:
+        size = offload.tensor_bytes(tensors)
         text = await offload.by_size(size, tensors_json_document, info.step, tensors)
         return raw_json_response(text, headers)
-    body = await offload.by_size(size, safetensors.encode, tensors, {"step": str(info.step)})
-    return safetensors_response(body, headers)
+    return await _safetensors_answer(tensors, {"step": str(info.step)}, headers)
 
 
 @router.get(
@@ -166,9 +175,7 @@ async def export_state(
     headers = {}
     if "step" in metadata:
         headers["ETag"] = f'"{metadata["step"]}"'
-    size = offload.tensor_bytes(arrays)
-    body = await offload.by_size(size, safetensors.encode, arrays, metadata)
-    return safetensors_response(body, headers)
+    return await _safetensors_answer(arrays, metadata, headers)
 
 
 @router.post(
