@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from service.api import federated_schemas as docs
-from service.api.body import read_body
+from service.api.body import tensor_body
 from service.api.deps import ServiceDep, SettingsDep, TenantDep
 from service.api.federated_wire import (
     round_params_json,
@@ -16,7 +16,7 @@ from service.api.federated_wire import (
     update_from_json,
     update_from_safetensors,
 )
-from service.api.media import Wire, request_wire, require_json_answer, response_wire
+from service.api.media import Wire, require_json_answer, response_wire
 from service.api.responses import json_response, raw_json_response, safetensors_response
 from service.sessions.federated.coordinator import MAX_PAGE, MAX_WAIT_S
 
@@ -78,9 +78,7 @@ async def post_update(
     service: ServiceDep,
     settings: SettingsDep,
 ) -> Response:
-    wire = request_wire(request)
-    require_json_answer(request)
-    body = await read_body(request)
+    wire, body = await tensor_body(request)
     if wire is Wire.JSON:
         update = update_from_json(body)
     else:

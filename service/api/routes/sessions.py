@@ -9,9 +9,9 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from service.api import offload, schemas
-from service.api.body import json_object, read_body
+from service.api.body import json_object, tensor_body
 from service.api.deps import MetricsDep, ServiceDep, SettingsDep, TenantDep
-from service.api.media import Wire, request_wire, require_json_answer, response_wire
+from service.api.media import Wire, require_json_answer, response_wire
 from service.api.problems import InvalidRequest
 from service.api.responses import (
     json_response,
@@ -59,9 +59,7 @@ async def create_session(
     settings: SettingsDep,
     metrics: MetricsDep,
 ) -> Response:
-    wire = request_wire(request)
-    require_json_answer(request)
-    body = await read_body(request)
+    wire, body = await tensor_body(request)
     info: SessionInfo
     if wire is Wire.JSON:
         document = await offload.by_size(len(body), parse_json_object, body)
