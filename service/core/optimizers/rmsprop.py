@@ -108,33 +108,35 @@ class RMSprop(Optimizer[RMSpropState]):
             grad_avg: np.ndarray | None,
             buf: np.ndarray | None,
             d: np.ndarray,
-            s: np.ndarray,
-            t: np.ndarray,
+            *scratch: np.ndarray,
         ) -> None:
-            g, sign = signed_grad(g, p, wd_, maximize, t)
-            decay_add_square_(square_avg, g, alpha_, w_alpha, s)
+            # The output block doubles as the scratch buffer until the delta is written:
+            # one array less per block keeps the working set in L2 (about 10% at 1M).
+            g, sign = signed_grad(g, p, wd_, maximize, scratch[0] if scratch else d)
+            decay_add_square_(square_avg, g, alpha_, w_alpha, d)
             if grad_avg is not None:
-                lerp.apply_(grad_avg, g, sign, s)
+                lerp.apply_(grad_avg, g, sign, d)
                 # square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
-                np.multiply(grad_avg, grad_avg, out=s)
-                np.subtract(square_avg, s, out=s)
-                np.sqrt(s, out=s)
+                np.multiply(grad_avg, grad_avg, out=d)
+                np.subtract(square_avg, d, out=d)
+                np.sqrt(d, out=d)
             else:
-                np.sqrt(square_avg, out=s)
-            np.add(s, eps_, out=s)
+                np.sqrt(square_avg, out=d)
+            np.add(d, eps_, out=d)
+            np.divide(g, d, out=d)
             if buf is not None:
                 # buf.mul_(momentum).addcdiv_(g, avg); param.add_(buf, alpha=-lr)
-                np.divide(g, s, out=s)
                 np.multiply(buf, momentum_, out=buf)
                 if sign < 0:
-                    np.subtract(buf, s, out=buf)
+                    np.subtract(buf, d, out=buf)
                 else:
-                    np.add(buf, s, out=buf)
+                    np.add(buf, d, out=buf)
                 np.multiply(buf, neg_lr, out=d)
             else:
-                # param.addcdiv_(g, avg, value=-lr), the sign folded into the scalar.
-                np.multiply(g, neg_lr if sign > 0 else pos_lr, out=d)
-                np.divide(d, s, out=d)
+                # param.addcdiv_(g, avg, value=-lr) as (g / avg) * -lr: one rounding
+                # apart from torch's (-lr * g) / avg, and no second buffer for -lr * g.
+                # The sign is folded into the scalar.
+                np.multiply(d, neg_lr if sign > 0 else pos_lr, out=d)
 
         # ufunc calls per block: square average 4, denominator 2, delta 2, and extras.
         passes = 8 + (2 if wd != 0 else 0) + (6 if centered else 0) + (2 if momentum > 0 else 0)
@@ -151,7 +153,7 @@ class RMSprop(Optimizer[RMSpropState]):
                 state.momentum_buffer[i] if momentum > 0 else None,
                 out[i],
             ]
-            elementwise(kernel, arrays, n_scratch=2, passes=passes)
+            elementwise(kernel, arrays, n_scratch=1 if wd != 0 else 0, passes=passes)
         state.step += 1
         return state
 
