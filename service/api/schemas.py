@@ -198,6 +198,11 @@ COMPONENTS: dict[str, Any] = {
             "schedule": {"anyOf": [_ref("NamedConfig"), {"type": "null"}]},
             "steps": {"type": "integer", "minimum": 1, "maximum": 100_000},
             "param_groups": {"type": "array", "items": _OBJECT},
+            "metrics": {
+                "type": "array",
+                "items": {"type": "number"},
+                "description": "one monitored value per step, for ReduceLROnPlateau",
+            },
         },
         "additionalProperties": False,
     },

@@ -739,9 +739,10 @@ class SessionService:
         schedule: Mapping[str, Any] | None,
         steps: int,
         param_groups: builtins.list[Any] | None = None,
+        metrics: builtins.list[float] | None = None,
     ) -> builtins.list[builtins.list[float]]:
         """The lr of every group before each step: the default group first, then the
-        ``param_groups`` in order."""
+        ``param_groups`` in order. ``metrics`` feeds ReduceLROnPlateau, one per step."""
         if (
             not isinstance(steps, int)
             or isinstance(steps, bool)
@@ -769,7 +770,7 @@ class SessionService:
         if param_groups is not None:
             config["param_groups"] = param_groups
         plan = plan_from_config(config)
-        return core_preview(plan, steps)
+        return core_preview(plan, steps, metrics)
 
     def catalog_optimizers(self) -> builtins.list[dict[str, Any]]:
         return [o.describe() for o in optimizers.all_optimizers()]

@@ -70,3 +70,25 @@ def test_preview_validation(client: TestClient) -> None:
     problem(client.post("/v1/schedules/preview", json=bad_schedule), 422, "invalid-hyperparameter")
     too_long = {"optimizer": {"name": "SGD"}, "steps": 10**9}
     problem(client.post("/v1/schedules/preview", json=too_long), 422)
+
+
+def test_preview_of_reduce_on_plateau_follows_the_metrics(client: TestClient) -> None:
+    # The metric improves for 3 steps, then stalls: with patience 1 the lr falls by
+    # `factor` after the second non-improving step, and again two steps later.
+    metrics = [3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    body = {
+        "optimizer": {"name": "SGD", "lr": 1.0},
+        "schedule": {"name": "ReduceLROnPlateau", "patience": 1, "factor": 0.5},
+        "steps": len(metrics),
+        "metrics": metrics,
+    }
+    response = client.post("/v1/schedules/preview", json=body)
+    assert response.status_code == 200, response.text
+    lrs = [row[0] for row in response.json()["lr"]]
+    assert lrs == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25]
+    short = {**body, "metrics": metrics[:3]}
+    problem(client.post("/v1/schedules/preview", json=short), 422)
+    not_numbers = {**body, "metrics": ["a"] * len(metrics)}
+    assert problem(client.post("/v1/schedules/preview", json=not_numbers), 422)["errors"] == [
+        {"field": "metrics", "message": "must be a list of finite numbers, one per step"}
+    ]

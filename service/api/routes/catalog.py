@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +19,7 @@ from service.api.responses import json_response
 router = APIRouter(tags=["catalog"])
 
 MAX_PREVIEW_STEPS = 100_000
-PREVIEW_KEYS = frozenset({"optimizer", "schedule", "steps", "param_groups"})
+PREVIEW_KEYS = frozenset({"optimizer", "schedule", "steps", "param_groups", "metrics"})
 
 
 @router.get(
@@ -41,7 +42,9 @@ async def schedules(request: Request, tenant: TenantDep, service: ServiceDep) ->
     return json_response({"schedules": service.catalog_schedules()})
 
 
-def _preview_args(document: dict[str, Any]) -> tuple[dict[str, Any], Any, int, Any]:
+def _preview_args(
+    document: dict[str, Any],
+) -> tuple[dict[str, Any], Any, int, Any, list[float] | None]:
     problems: list[tuple[str, str]] = []
     problems += [(name, "unknown field") for name in sorted(set(document) - PREVIEW_KEYS)]
     optimizer = document.get("optimizer")
@@ -53,10 +56,19 @@ def _preview_args(document: dict[str, Any]) -> tuple[dict[str, Any], Any, int, A
     groups = document.get("param_groups")
     if groups is not None and not isinstance(groups, list):
         problems.append(("param_groups", "must be a list of groups"))
+    metrics = document.get("metrics")
+    if metrics is not None and not (
+        isinstance(metrics, list)
+        and all(
+            isinstance(m, int | float) and not isinstance(m, bool) and math.isfinite(m)
+            for m in metrics
+        )
+    ):
+        problems.append(("metrics", "must be a list of finite numbers, one per step"))
     if problems:
         raise InvalidRequest("; ".join(f"{f}: {m}" for f, m in problems), problems)
     assert isinstance(optimizer, dict) and isinstance(steps, int)
-    return optimizer, document.get("schedule"), steps, groups
+    return optimizer, document.get("schedule"), steps, groups, metrics
 
 
 @router.post(
@@ -67,7 +79,7 @@ def _preview_args(document: dict[str, Any]) -> tuple[dict[str, Any], Any, int, A
 )
 async def preview(request: Request, tenant: TenantDep, service: ServiceDep) -> Response:
     require_json_answer(request)
-    optimizer, schedule, steps, groups = _preview_args(await json_object(request))
+    optimizer, schedule, steps, groups, metrics = _preview_args(await json_object(request))
     # Up to 100k schedule steps of Python: keep them off the event loop.
-    lrs = await run_in_threadpool(service.preview, optimizer, schedule, steps, groups)
+    lrs = await run_in_threadpool(service.preview, optimizer, schedule, steps, groups, metrics)
     return json_response({"lr": lrs})
