@@ -13,6 +13,7 @@ from service.core.schedules.group_values import (
     momentum_key,
     per_group,
     set_momentum,
+    start_momentum_cycle,
 )
 from service.core.schedules.lr_scheduler import LAST_EPOCH, LRSchedule, State
 
@@ -99,12 +100,7 @@ class CyclicLR(LRSchedule):
             base_momentums = per_group("base_momentum", config["base_momentum"], groups, where)
             max_momentums = per_group("max_momentum", config["max_momentum"], groups, where)
             if last_epoch == -1:
-                for m_momentum, b_momentum, group in zip(
-                    max_momentums, base_momentums, groups, strict=True
-                ):
-                    set_momentum(group, m_momentum, use_beta1)
-                    group["max_momentum"] = m_momentum
-                    group["base_momentum"] = b_momentum
+                start_momentum_cycle(groups, max_momentums, base_momentums, use_beta1)
             state.update(
                 use_beta1=use_beta1, base_momentums=base_momentums, max_momentums=max_momentums
             )

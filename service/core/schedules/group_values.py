@@ -79,6 +79,17 @@ def set_momentum(group: dict[str, Any], value: float, use_beta1: bool) -> None:
         group["momentum"] = value
 
 
+def start_momentum_cycle(
+    groups: Groups, max_momentums: list[float], base_momentums: list[float], use_beta1: bool
+) -> None:
+    """What CyclicLR's and OneCycleLR's constructors do to fresh groups: start each at its
+    max momentum (or beta1) and record both bounds in the group, where torch keeps them."""
+    for m_momentum, b_momentum, group in zip(max_momentums, base_momentums, groups, strict=True):
+        set_momentum(group, m_momentum, use_beta1)
+        group["max_momentum"] = m_momentum
+        group["base_momentum"] = b_momentum
+
+
 def lrs_of(groups: Groups) -> list[float]:
     """torch's ``_param_groups_val_list(optimizer, "lr")``."""
     return [group["lr"] for group in groups]
