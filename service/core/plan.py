@@ -35,6 +35,7 @@ CONFIG_KEYS = (
     "clip_grad_norm",
     "clip_grad_value",
     "nonfinite",
+    "missing_grads",
 )
 SCHEDULE_OPTIONS = (
     Arg(
@@ -94,6 +95,9 @@ class Plan:
     clip_grad_norm: Mapping[str, Any] | None
     clip_grad_value: Mapping[str, Any] | None
     nonfinite: str
+    missing_grads: str = "error"
+    """``"skip"``: a step may leave tensors out, as torch skips a parameter whose ``grad``
+    is None (:mod:`service.core.partial`); ``"error"``: every tensor must be sent."""
 
     @property
     def needs_params(self) -> bool:
@@ -139,6 +143,7 @@ class Plan:
             "clip_grad_norm": _jsonable(self.clip_grad_norm) if self.clip_grad_norm else None,
             "clip_grad_value": _jsonable(self.clip_grad_value) if self.clip_grad_value else None,
             "nonfinite": self.nonfinite,
+            "missing_grads": self.missing_grads,
         }
 
     def resolved_groups(self) -> list[dict[str, Any]]:
@@ -315,6 +320,13 @@ def plan_from_config(config: Mapping[str, Any], *, ignore: Collection[str] = ())
         f"nonfinite must be 'error' or 'skip', got {nonfinite!r}",
         nonfinite,
     )
+    missing_grads = config.get("missing_grads", "error")
+    check(
+        missing_grads in ("error", "skip"),
+        "missing_grads",
+        f"missing_grads must be 'error' or 'skip', got {missing_grads!r}",
+        missing_grads,
+    )
     schedule = parse_schedule(config.get("schedule"))
     if schedule is not None:
         # Per-group lists and momentum cycling depend on the optimizer's groups.
@@ -332,4 +344,5 @@ def plan_from_config(config: Mapping[str, Any], *, ignore: Collection[str] = ())
             config.get("clip_grad_value"), CLIP_VALUE_ARGS, "clip_grad_value"
         ),
         nonfinite=nonfinite,
+        missing_grads=missing_grads,
     )

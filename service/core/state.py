@@ -37,7 +37,7 @@ def to_flat(record: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], dict[
             for i, v in enumerate(value):
                 arrays[f"{prefix}{f.name}.{i}"] = v
             layout[f.name] = len(value)
-        elif isinstance(value, list) and not value and _declared_array_list(f):
+        elif isinstance(value, list) and not value and is_array_list(f):
             layout[f.name] = 0
         else:
             scalars[f.name] = _json_scalar(value, f.name)
@@ -62,7 +62,8 @@ def from_flat(
     return cls(**values)
 
 
-def _declared_array_list(f: dataclasses.Field[Any]) -> bool:
+def is_array_list(f: dataclasses.Field[Any]) -> bool:
+    """Whether a state field is declared as a list of arrays (one entry per tensor)."""
     return "ndarray" in str(f.type) and "list" in str(f.type)
 
 

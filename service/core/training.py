@@ -21,6 +21,7 @@ import numpy as np
 
 from service.core.clipping import clip_grad_norm, clip_grad_value
 from service.core.errors import InvalidInput
+from service.core.partial import Parts, update_group
 from service.core.plan import Plan
 from service.core.state import from_flat, to_flat
 
@@ -65,10 +66,12 @@ def current_lrs(state: TrainState) -> list[float]:
     return [float(g["lr"]) for g in state.groups]
 
 
-def _check_arrays(plan: Plan, arrays: Sequence[np.ndarray], what: str) -> None:
+def _check_arrays(plan: Plan, arrays: Sequence[np.ndarray | None], what: str) -> None:
     if len(arrays) != len(plan.tensors):
         raise InvalidInput(f"expected {len(plan.tensors)} {what} tensors, got {len(arrays)}", what)
     for spec, a in zip(plan.tensors, arrays, strict=True):
+        if a is None:
+            continue
         if a.shape != spec.shape:
             raise InvalidInput(
                 f"{what} {spec.name!r} has shape {list(a.shape)}, expected {list(spec.shape)}",
@@ -81,14 +84,14 @@ def _check_arrays(plan: Plan, arrays: Sequence[np.ndarray], what: str) -> None:
             )
 
 
-def first_nonfinite(plan: Plan, arrays: Sequence[np.ndarray]) -> str | None:
-    """Name of the first tensor holding NaN or Inf, or None.
+def first_nonfinite(plan: Plan, arrays: Sequence[np.ndarray | None]) -> str | None:
+    """Name of the first tensor holding NaN or Inf, or None. Absent tensors are skipped.
 
     min and max propagate NaN and expose Inf without allocating a mask the size of the
     tensor, which matters at 10M parameters.
     """
     for spec, a in zip(plan.tensors, arrays, strict=True):
-        if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
+        if a is not None and a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
             return spec.name
     return None
 
@@ -105,9 +108,10 @@ def _schedule_metric(plan: Plan, loss: float | None) -> None:
 
 def validate_step(
     plan: Plan,
-    grads: Sequence[np.ndarray],
-    params: Sequence[np.ndarray] | None,
+    grads: Sequence[np.ndarray | None],
+    params: Sequence[np.ndarray | None] | None,
     loss: float | None = None,
+    reads_params: bool | None = None,
 ) -> str | None:
     """Check a step's inputs without touching state. Returns the skip reason, if any.
 
@@ -115,7 +119,10 @@ def validate_step(
     non-finite gradients are to be skipped (``nonfinite: "skip"``).
     """
     _check_arrays(plan, grads, "grads")
-    if plan.needs_params and params is None:
+    if plan.missing_grads == "error" and any(g is None for g in grads):
+        missing = next(s.name for s, g in zip(plan.tensors, grads, strict=True) if g is None)
+        raise InvalidInput(f"grads lacks tensor {missing!r}", f"grads.{missing}")
+    if (plan.needs_params if reads_params is None else reads_params) and params is None:
         raise InvalidInput("this optimizer's update reads parameter values: send 'params'")
     if params is not None:
         _check_arrays(plan, params, "params")
@@ -136,19 +143,28 @@ def validate_step(
     return reason
 
 
+def needs_params(plan: Plan, state: TrainState) -> bool:
+    """Whether a step reads parameter values, with the groups' current hyperparameters
+    (an edit may turn weight decay on or off)."""
+    return plan.ask_tell or any(plan.optimizer.needs_params(hp) for hp in state.groups)
+
+
 def apply_step(
     plan: Plan,
     state: TrainState,
-    grads: list[np.ndarray],
-    params: list[np.ndarray] | None,
-    out: list[np.ndarray],
+    grads: Sequence[np.ndarray | None],
+    params: Sequence[np.ndarray | None] | None,
+    out: Sequence[np.ndarray],
     loss: float | None = None,
 ) -> StepOutcome:
     """Validate, clip (scaling ``grads`` in place), update every group, advance the schedule.
 
-    ``out`` receives each tensor's delta. On a skipped step ``out`` is zeroed.
+    ``out`` receives each tensor's delta. On a skipped step ``out`` is zeroed. A ``None``
+    gradient (``missing_grads: "skip"``) is a tensor torch leaves out of ``step()``: its
+    state does not move and its delta is zero (see :mod:`service.core.partial`); rules that
+    keep one state over all tensors (LBFGS) read zeros for it, as torch's do.
     """
-    reason = validate_step(plan, grads, params, loss)
+    reason = validate_step(plan, grads, params, loss, needs_params(plan, state))
     if reason is not None:
         state.skipped += 1
         for d in out:
@@ -160,10 +176,17 @@ def apply_step(
         # before the optimizer's state changes.
         assert state.schedule_state is not None
         spec.schedule.check_step(spec.config, state.schedule_state, state.groups, loss)
-    if plan.clip_grad_value is not None:
-        clip_grad_value(grads, plan.clip_grad_value["clip_value"])
-    if plan.clip_grad_norm is not None:
-        clip_grad_norm(grads, plan.clip_grad_norm["max_norm"], plan.clip_grad_norm["norm_type"])
+    if not plan.optimizer.per_tensor_state:
+        grads = [
+            np.zeros(t.shape, plan.dtype) if g is None else g
+            for t, g in zip(plan.tensors, grads, strict=True)
+        ]
+    present = [g for g in grads if g is not None]
+    # With no gradient at all torch's clipping does nothing (and returns a norm of 0).
+    if plan.clip_grad_value is not None and present:
+        clip_grad_value(present, plan.clip_grad_value["clip_value"])
+    if plan.clip_grad_norm is not None and present:
+        clip_grad_norm(present, plan.clip_grad_norm["max_norm"], plan.clip_grad_norm["norm_type"])
     evaluate, completed = False, True
     for gi, group in enumerate(plan.groups):
         g = [grads[i] for i in group.indices]
@@ -175,7 +198,18 @@ def apply_step(
             told = plan.optimizer.tell(loss, g, state.opt_states[gi], p, hp, o)  # type: ignore[attr-defined]
             evaluate, completed = bool(told.evaluate), bool(told.completed)
         else:
-            state.opt_states[gi] = plan.optimizer.update(g, state.opt_states[gi], p, hp, o)
+            shapes = [plan.tensors[i].shape for i in group.indices]
+            stepped = tuple(k for k, grad in enumerate(g) if grad is not None)
+            state.opt_states[gi] = update_group(
+                plan.optimizer,
+                shapes,
+                state.opt_states[gi],
+                stepped,
+                g,
+                p,
+                hp,
+                o,
+            )
     if completed:
         state.step += 1
         if plan.schedule is not None and plan.schedule.interval == "step":
@@ -229,13 +263,26 @@ def preview(plan: Plan, steps: int, metrics: Sequence[float] | None = None) -> l
 
 
 def state_to_flat(plan: Plan, state: TrainState) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Every state array under ``state/group<i>/...`` plus the JSON rest."""
+    """Every state array under ``state/group<i>/...`` plus the JSON rest.
+
+    A group split by partial steps keeps each part under ``state/group<i>/part<k>/``, and
+    its JSON entry is ``{"parts": [{"positions": [...], "state": {...}}, ...]}``.
+    """
     arrays: dict[str, np.ndarray] = {}
     scalars: list[dict[str, Any]] = []
     for gi, record in enumerate(state.opt_states):
-        a, s = to_flat(record, prefix=f"state/group{gi}/")
-        arrays.update(a)
-        scalars.append(s)
+        prefix = f"state/group{gi}/"
+        if isinstance(record, Parts):
+            parts = []
+            for k, (positions, part) in enumerate(record.parts):
+                a, s = to_flat(part, prefix=f"{prefix}part{k}/")
+                arrays.update(a)
+                parts.append({"positions": list(positions), "state": s})
+            scalars.append({"parts": parts})
+        else:
+            a, s = to_flat(record, prefix=prefix)
+            arrays.update(a)
+            scalars.append(s)
     meta = {
         "step": state.step,
         "groups": [_plain(g) for g in state.groups],
@@ -245,6 +292,26 @@ def state_to_flat(plan: Plan, state: TrainState) -> tuple[dict[str, np.ndarray],
         "since_schedule": state.since_schedule,
     }
     return arrays, meta
+
+
+def _group_from_flat(
+    plan: Plan, gi: int, arrays: dict[str, np.ndarray], scalars: dict[str, Any]
+) -> Any:
+    cls, prefix = plan.optimizer.state_type, f"state/group{gi}/"
+    if "parts" not in scalars:
+        return from_flat(cls, arrays, scalars, prefix=prefix)
+    size = len(plan.groups[gi].indices)
+    parts = [
+        (
+            tuple(int(p) for p in entry["positions"]),
+            from_flat(cls, arrays, entry["state"], prefix=f"{prefix}part{k}/"),
+        )
+        for k, entry in enumerate(scalars["parts"])
+    ]
+    covered = sorted(p for positions, _ in parts for p in positions)
+    if covered != list(range(size)) or not plan.optimizer.per_tensor_state:
+        raise InvalidInput(f"checkpoint state of group {gi} does not cover its tensors", "state")
+    return Parts(parts)
 
 
 def _plain(group: dict[str, Any]) -> dict[str, Any]:
@@ -267,14 +334,9 @@ def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, A
             ref = fresh_arrays.get(name)
             if a.dtype != plan.dtype or (ref is not None and ref.shape != a.shape):
                 raise InvalidInput(f"checkpoint array {name!r} does not fit the config", name)
+        owned = {k: np.array(v, copy=True) for k, v in arrays.items()}
         records = [
-            from_flat(
-                plan.optimizer.state_type,
-                {k: np.array(v, copy=True) for k, v in arrays.items()},
-                opt_scalars[gi],
-                prefix=f"state/group{gi}/",
-            )
-            for gi in range(len(plan.groups))
+            _group_from_flat(plan, gi, owned, opt_scalars[gi]) for gi in range(len(plan.groups))
         ]
         return TrainState(
             step=int(meta["step"]),

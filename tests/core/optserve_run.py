@@ -20,7 +20,10 @@ def run_optserve(config: Mapping[str, Any], inputs: Inputs) -> dict[str, np.ndar
     out = [np.empty_like(p) for p in params]
     spec = plan.schedule
     for n in range(inputs.steps):
-        grads = [inputs.grads[n][t.name].copy() for t in plan.tensors]
+        grads = [
+            None if t.name not in inputs.grads[n] else inputs.grads[n][t.name].copy()
+            for t in plan.tensors
+        ]
         metric = inputs.losses[n] if spec is not None and spec.schedule.needs_metric else None
         apply_step(plan, state, grads, params if plan.needs_params else None, out, metric)
         for p, d in zip(params, out, strict=True):

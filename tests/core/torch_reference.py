@@ -72,7 +72,8 @@ def run_torch(config: Mapping[str, Any], inputs: Inputs) -> dict[str, np.ndarray
     needs_metric = schedule is not None and schedule["name"].lower() == "reducelronplateau"
     for n in range(inputs.steps):
         for name, t in tensors.items():
-            t.grad = torch.tensor(inputs.grads[n][name], dtype=dtype)
+            given = inputs.grads[n].get(name)
+            t.grad = None if given is None else torch.tensor(given, dtype=dtype)
         grads = [t.grad for t in tensors.values()]
         if config.get("clip_grad_value"):
             torch.nn.utils.clip_grad_value_(

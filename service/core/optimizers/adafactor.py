@@ -119,6 +119,12 @@ class Adafactor(Optimizer[AdafactorState]):
         # The step size scales with the parameters' RMS.
         return True
 
+    def list_members(self, field: str, shapes: Sequence[Shape]) -> list[int]:
+        factored = [i for i, shape in enumerate(shapes) if _factored(shape)]
+        if field in ("row_var", "col_var"):
+            return factored
+        return [i for i in range(len(shapes)) if i not in factored]
+
     def init(
         self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]
     ) -> AdafactorState:

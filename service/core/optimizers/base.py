@@ -35,6 +35,10 @@ class Optimizer(ABC, Generic[S]):
     """Constructor arguments in torch's order, with torch's defaults."""
     state_type: ClassVar[type[Any]]
     """The dataclass ``init`` returns, for rebuilding state from a checkpoint."""
+    per_tensor_state: ClassVar[bool] = True
+    """Whether the state is kept per tensor, as torch keeps it per parameter, so that a
+    tensor without a gradient can be left out of a step. False for rules that keep one
+    state over all of a group's tensors (LBFGS)."""
     unsupported: ClassVar[tuple[str, ...]] = ("foreach", "fused", "capturable", "differentiable")
     """torch arguments accepted where torch takes them, and ignored: they pick torch kernels."""
 
@@ -53,6 +57,14 @@ class Optimizer(ABC, Generic[S]):
     def needs_params(self, hp: Mapping[str, Any]) -> bool:
         """Whether ``update`` reads parameter values (any weight decay, by default)."""
         return bool(hp.get("weight_decay", 0.0))
+
+    def list_members(self, field: str, shapes: Sequence[Shape]) -> list[int]:
+        """Which tensors of the group a list-of-arrays state field has entries for, in order.
+
+        Every tensor by default; a rule that keeps some state only for some tensors (Adafactor's
+        factored moments) says which, so a partial step can split and merge its state.
+        """
+        return list(range(len(shapes)))
 
     def check_shapes(self, shapes: Sequence[Shape]) -> None:
         """Reject tensor shapes the rule cannot handle (Muon: 2-D only)."""

@@ -126,6 +126,7 @@ class LBFGS(Optimizer[LBFGSState]):
     ``history_size`` below 1, with which torch never moves or fails inside ``step()``.
     """
 
+    per_tensor_state = False
     name = "LBFGS"
     args = (
         Arg("lr", "float", 1.0, "learning rate"),
