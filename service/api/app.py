@@ -15,7 +15,7 @@ from service.api import errors, schemas
 from service.api.auth import KeyTable
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
-from service.api.routes import catalog, federated, health, sessions, steps
+from service.api.routes import catalog, federated, groups, health, sessions, steps
 from service.config import Settings
 from service.sessions.models import Limits
 from service.sessions.service import SessionService
@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
     # included routers would be matched level by level on every request.
     routes = [
         route
-        for module in (steps, sessions, federated, catalog, health)
+        for module in (steps, sessions, groups, federated, catalog, health)
         for route in module.router.routes
     ]
     app = FastAPI(

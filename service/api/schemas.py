@@ -110,6 +110,11 @@ COMPONENTS: dict[str, Any] = {
                 ]
             },
             "nonfinite": {"enum": ["error", "skip"]},
+            "missing_grads": {
+                "enum": ["error", "skip"],
+                "description": "skip: a step may leave tensors out, as torch skips a "
+                "parameter whose grad is None",
+            },
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
             "aggregation": {
                 "description": "federated: aggregate client updates (docs/federated.md)",
@@ -139,6 +144,7 @@ COMPONENTS: dict[str, Any] = {
             "holds_params": {"type": "boolean"},
             "dtype": {"type": "string"},
             "nonfinite": {"type": "string"},
+            "missing_grads": {"type": "string"},
             "skipped_steps": {"type": "integer"},
             "created_at": {"type": "string"},
             "updated_at": {"type": "string"},
@@ -184,6 +190,43 @@ COMPONENTS: dict[str, Any] = {
         "type": "object",
         "required": ["step", "params"],
         "properties": {"step": {"type": "integer"}, "params": _ref("TensorMap")},
+    },
+    "GroupEdit": {
+        "type": "object",
+        "description": "hyperparameters of the group's optimizer to set, and an optional "
+        "reason recorded in the change log",
+        "properties": {"reason": {"type": ["string", "null"]}},
+        "additionalProperties": True,
+    },
+    "GroupAdd": {
+        "type": "object",
+        "required": ["params"],
+        "description": "torch's add_param_group: the new tensors and the group's options",
+        "properties": {
+            "params": {"type": "object", "additionalProperties": _ref("TensorSpec")},
+            "reason": {"type": ["string", "null"]},
+        },
+        "additionalProperties": True,
+    },
+    "Change": {
+        "type": "object",
+        "properties": {
+            "seq": {"type": "integer"},
+            "step": {"type": "integer"},
+            "group": {"type": "integer"},
+            "field": {"type": "string"},
+            "old": {},
+            "new": {},
+            "time": {"type": "string"},
+            "reason": {"type": ["string", "null"]},
+        },
+    },
+    "ChangeList": {
+        "type": "object",
+        "properties": {
+            "changes": {"type": "array", "items": _ref("Change")},
+            "next": {"type": ["integer", "null"]},
+        },
     },
     "ScheduleStep": {
         "type": "object",
@@ -309,6 +352,21 @@ def step_request() -> dict[str, Any]:
 
 def schedule_step_request() -> dict[str, Any]:
     return _request({JSON_TYPE: {"schema": _ref("ScheduleStep")}}, required=False)
+
+
+def group_edit_request() -> dict[str, Any]:
+    return _request({JSON_TYPE: {"schema": _ref("GroupEdit")}})
+
+
+def group_add_request() -> dict[str, Any]:
+    return _request({JSON_TYPE: {"schema": _ref("GroupAdd")}})
+
+
+def changes_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"description": "One page of the change log", "content": _json("ChangeList")},
+        **_problems(*_COMMON, 404, 503),
+    }
 
 
 def preview_request() -> dict[str, Any]:

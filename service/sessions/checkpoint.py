@@ -9,7 +9,9 @@ session; the disk store's snapshots are the same thing. Layout:
 - metadata: ``format`` (:data:`FORMAT`), ``session`` (the config as created, JSON),
   ``state`` (the JSON part of the training state), ``labels`` (JSON), ``step`` and
   ``holds_params`` (for humans and quick checks; ``state`` is authoritative), and for a
-  federated session ``federated`` (the round and its history, JSON).
+  federated session ``federated`` (the round and its history, JSON), and once a group
+  was edited or added ``changes`` (the change log, JSON). ``session`` is the config as
+  it is now: groups added since the creation are in it.
 
 Arrays are stored in the session's dtype and come back bit for bit, so a restored
 session continues exactly where the exported one was.
@@ -18,8 +20,8 @@ session continues exactly where the exported one was.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from service.core.plan import Plan, plan_from_config
 from service.core.training import TrainState, state_from_flat, state_to_flat
 from service.sessions.errors import InvalidCheckpoint, ParamsRequired
 from service.sessions.federated import state as federated
+from service.sessions.models import Change
 
 FORMAT = "optserve.checkpoint/1"
 PARAMS_PREFIX = "params/"
@@ -48,6 +51,7 @@ def export(
     state: TrainState,
     held: list[np.ndarray] | None,
     federation: Federation | None = None,
+    changes: Sequence[Change] = (),
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The checkpoint of a session. Arrays are the live ones: copy them to keep them."""
     arrays, meta = state_to_flat(plan, state)
@@ -63,6 +67,8 @@ def export(
         "step": str(state.step),
         "holds_params": "true" if held is not None else "false",
     }
+    if changes:
+        metadata["changes"] = json.dumps([c.to_json() for c in changes], separators=(",", ":"))
     if federation is not None:
         federated_arrays, federated_metadata = federated.export(federation)
         arrays.update(federated_arrays)
@@ -78,6 +84,7 @@ class Restored:
     state: TrainState
     held: list[np.ndarray] | None
     federation: Federation | None = None
+    changes: list[Change] = field(default_factory=list)
 
 
 def _json(metadata: Mapping[str, str], key: str) -> Any:
@@ -136,7 +143,17 @@ def restore(
         federation = federated.restore(config, plan, holds, federated_arrays, metadata)
     except ParamsRequired as exc:
         raise InvalidCheckpoint(str(exc)) from exc
-    return Restored(config, labels, plan, state, held, federation)
+    return Restored(config, labels, plan, state, held, federation, _changes(metadata))
+
+
+def _changes(metadata: Mapping[str, str]) -> list[Change]:
+    if "changes" not in metadata:
+        return []
+    raw = _json(metadata, "changes")
+    try:
+        return [Change.from_json(entry) for entry in raw]
+    except (TypeError, ValueError) as exc:
+        raise InvalidCheckpoint(f"checkpoint 'changes' is malformed: {exc}") from exc
 
 
 def _held(plan: Plan, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:

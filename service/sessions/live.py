@@ -8,7 +8,7 @@ recovery reproduce the acknowledged state bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,18 +16,25 @@ import numpy as np
 
 from service.core.errors import InvalidInput
 from service.core.federated.rounds import Federation
-from service.core.plan import Plan
+from service.core.groups import GroupEdit, add_group, apply_edit, extended_config, plan_edit
+from service.core.plan import Plan, TensorSpec, plan_from_config
 from service.core.training import (
     TrainState,
     apply_step,
     current_lrs,
+    needs_params,
     schedule_step,
 )
 from service.sessions import checkpoint
 from service.sessions.errors import ParamsRequired
+from service.sessions.federated import state as federated_state
 from service.sessions.federated.errors import StepsNotAccepted
-from service.sessions.models import WANTS, SessionInfo, StepReply
+from service.sessions.models import WANTS, Change, SessionInfo, StepReply
 from service.sessions.store.base import SessionRecord
+
+MAX_CHANGES = 10_000
+"""The change log keeps this many of the newest changes (a client-side scheduler that
+edits lr before every step makes one per step); older ones are dropped from it."""
 
 
 @dataclass
@@ -37,18 +44,25 @@ class Prepared:
     grads: dict[str, np.ndarray]
     """What the log keeps: the gradients as received (cast), before any clipping."""
     sent_params: dict[str, np.ndarray] | None
-    work_grads: list[np.ndarray]
-    """What the update reads; copies when clipping scales them in place."""
-    params: list[np.ndarray] | None
+    work_grads: Sequence[np.ndarray | None]
+    """What the update reads, None for a tensor left out; copies when clipping scales them
+    in place."""
+    params: Sequence[np.ndarray | None] | None
     """What the update reads: held or sent values, or None if the rule ignores them."""
     loss: float | None
     want: str
 
 
-def _tensors(
-    plan: Plan, given: Mapping[str, Any], what: str
-) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    names = {spec.name for spec in plan.tensors}
+def checked_tensors(
+    specs: Sequence[TensorSpec],
+    dtype: np.dtype[Any],
+    given: Mapping[str, Any],
+    what: str,
+    optional: bool = False,
+) -> tuple[dict[str, np.ndarray], list[np.ndarray | None]]:
+    """``given`` checked against ``specs``, cast to ``dtype``, in order. With ``optional``
+    a tensor may be left out (its entry is None), as a partial step leaves it out."""
+    names = {spec.name for spec in specs}
     for name in given:
         if name not in names:
             raise InvalidInput(
@@ -57,9 +71,12 @@ def _tensors(
                 f"{what}.{name}",
             )
     by_name: dict[str, np.ndarray] = {}
-    ordered: list[np.ndarray] = []
-    for spec in plan.tensors:
+    ordered: list[np.ndarray | None] = []
+    for spec in specs:
         if spec.name not in given:
+            if optional:
+                ordered.append(None)
+                continue
             raise InvalidInput(f"{what} lacks tensor {spec.name!r}", f"{what}.{spec.name}")
         values = np.asarray(given[spec.name])
         if values.dtype.kind not in "fiu":
@@ -78,21 +95,40 @@ def _tensors(
                     f"{what}.{spec.name}",
                 )
         # asarray, not ascontiguousarray: the latter turns a 0-d tensor into shape (1,).
-        values = np.asarray(values, dtype=plan.dtype, order="C")
+        values = np.asarray(values, dtype=dtype, order="C")
         by_name[spec.name] = values
         ordered.append(values)
     return by_name, ordered
 
 
-def initial_params(plan: Plan, given: Mapping[str, Any]) -> list[np.ndarray]:
-    """Initial values for a parameter-holding session: every tensor, finite, owned."""
-    _, ordered = _tensors(plan, given, "params")
+def all_tensors(plan: Plan, given: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
+    """Every tensor of the plan, checked and cast (:func:`checked_tensors`), by name."""
+    by_name, _ = checked_tensors(plan.tensors, plan.dtype, given, what)
+    return by_name
+
+
+def initial_params(
+    specs: Sequence[TensorSpec], dtype: np.dtype[Any], given: Mapping[str, Any]
+) -> list[np.ndarray]:
+    """Initial values of a parameter-holding session's tensors: every one, finite, owned."""
+    by_name, _ = checked_tensors(specs, dtype, given, "params")
     held = []
-    for spec, values in zip(plan.tensors, ordered, strict=True):
+    for spec in specs:
+        values = by_name[spec.name]
         if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
             raise InvalidInput(f"params {spec.name!r} holds NaN or Inf", f"params.{spec.name}")
         held.append(np.array(values, copy=True))
     return held
+
+
+@dataclass(frozen=True)
+class AddedGroup:
+    """A checked ``add_param_group``: the session's next config and plan, new values."""
+
+    config: dict[str, Any]
+    plan: Plan
+    values: list[np.ndarray] | None
+    """Initial values of the added tensors, for a session that holds its parameters."""
 
 
 class LiveSession:
@@ -105,21 +141,29 @@ class LiveSession:
         seq: int,
         updated_at: float,
         federation: Federation | None = None,
+        config: Mapping[str, Any] | None = None,
+        changes: list[Change] | None = None,
     ) -> None:
         self.record = record
         self.plan = plan
         self.state = state
         self.held = held
         self.seq = seq
-        """How many events (steps and manual schedule steps) the store holds for this
+        """How many events (steps, schedule steps, group changes) the store holds for this
         session; the service advances it once an event is durable."""
         self.updated_at = updated_at
         self.federation = federation
         """Aggregation state when the session takes client updates instead of steps."""
-        self._resolved = plan.describe()
-        if federation is not None:
-            self._resolved["aggregation"] = federation.spec.describe()
-        self._groups = plan.resolved_groups()
+        self.config: dict[str, Any] = dict(config if config is not None else record.config)
+        """The config as it is now: the created one plus the groups added since."""
+        self.changes: list[Change] = list(changes or [])
+        """The audit trail of group edits and added groups, oldest first (bounded)."""
+        self._describe()
+
+    def _describe(self) -> None:
+        self._resolved = self.plan.describe()
+        if self.federation is not None:
+            self._resolved["aggregation"] = self.federation.spec.describe()
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -133,23 +177,33 @@ class LiveSession:
         """Check names, shapes and what the step needs; cast to the session's dtype.
 
         Changes nothing. Core checks the values themselves (finiteness) in :meth:`apply`.
+        A session with ``missing_grads: "skip"`` takes a subset of its tensors; sent
+        params then need to cover (at least) the tensors that have a gradient.
         """
         if self.federation is not None:
             raise StepsNotAccepted(self.record.id)
         plan = self.plan
         if want not in WANTS:
             raise InvalidInput(f"return must be one of {', '.join(WANTS)}, got {want!r}", "return")
-        grads_by_name, grads_list = _tensors(plan, grads, "grads")
+        partial = plan.missing_grads == "skip"
+        specs, dtype = plan.tensors, plan.dtype
+        grads_by_name, grads_list = checked_tensors(specs, dtype, grads, "grads", partial)
         sent: dict[str, np.ndarray] | None = None
-        sent_list: list[np.ndarray] | None = None
+        values: Sequence[np.ndarray | None] | None = self.held
         if params is not None:
             if self.held is not None:
                 raise InvalidInput(
                     "this session holds its parameters; do not send 'params'", "params"
                 )
-            sent, sent_list = _tensors(plan, params, "params")
-        values = self.held if self.held is not None else sent_list
-        if plan.needs_params and values is None:
+            sent, values = checked_tensors(specs, dtype, params, "params", partial)
+            for spec, g, v in zip(plan.tensors, grads_list, values, strict=True):
+                if g is not None and v is None:
+                    raise InvalidInput(
+                        f"params lacks tensor {spec.name!r}, which has a gradient",
+                        f"params.{spec.name}",
+                    )
+        reads = needs_params(plan, self.state)
+        if reads and values is None:
             raise ParamsRequired(
                 "this session's update reads parameter values (weight decay or a line "
                 "search): send 'params' with each step, or create the session with initial "
@@ -160,7 +214,6 @@ class LiveSession:
                 "return=params needs parameter values: send 'params', or create the "
                 "session with initial values"
             )
-        update_params = values if plan.needs_params else None
         if loss is not None:
             if not isinstance(loss, int | float) or isinstance(loss, bool):
                 raise InvalidInput(f"loss must be a number, got {loss!r}", "loss")
@@ -168,34 +221,41 @@ class LiveSession:
         # Finiteness and the rest of core's checks happen in apply(), before it changes
         # anything: a second pass over every gradient here would cost as much again.
         clips = plan.clip_grad_norm is not None or plan.clip_grad_value is not None
-        work = [g.copy() for g in grads_list] if clips else grads_list
-        return Prepared(grads_by_name, sent, work, update_params, loss, want)
+        work = [None if g is None else g.copy() for g in grads_list] if clips else grads_list
+        return Prepared(grads_by_name, sent, work, values if reads else None, loss, want)
 
     def apply(self, prepared: Prepared) -> StepReply:
         """Apply a prepared step; the reply carries what ``want`` asked for.
 
         Raises core's ``CoreError`` (non-finite input, a schedule that cannot advance)
-        before changing anything.
+        before changing anything. The reply has a tensor for every tensor that was sent,
+        and for every tensor when the rule moves them all (LBFGS reads zeros for a
+        missing gradient and still moves the tensor, as torch's does).
         """
         plan = self.plan
         out = [np.empty(spec.shape, dtype=plan.dtype) for spec in plan.tensors]
         outcome = apply_step(
             plan, self.state, prepared.work_grads, prepared.params, out, prepared.loss
         )
+        every = not plan.optimizer.per_tensor_state
+        moved = [
+            (i, spec) for i, spec in enumerate(plan.tensors) if every or spec.name in prepared.grads
+        ]
         if outcome.applied and self.held is not None:
-            for values, delta in zip(self.held, out, strict=True):
-                values += delta
+            for i, _ in moved:
+                self.held[i] += out[i]
         tensors: dict[str, np.ndarray] | None = None
         if prepared.want == "delta":
-            tensors = {spec.name: d for spec, d in zip(plan.tensors, out, strict=True)}
+            tensors = {spec.name: out[i] for i, spec in moved}
         elif prepared.want == "params":
             if self.held is not None:
-                tensors = {s.name: v.copy() for s, v in zip(plan.tensors, self.held, strict=True)}
+                tensors = {spec.name: self.held[i].copy() for i, spec in moved}
             else:
                 assert prepared.sent_params is not None
                 tensors = {
-                    spec.name: prepared.sent_params[spec.name] + d
-                    for spec, d in zip(plan.tensors, out, strict=True)
+                    spec.name: prepared.sent_params[spec.name] + out[i]
+                    for i, spec in moved
+                    if spec.name in prepared.sent_params
                 }
         return StepReply(
             step=self.state.step,
@@ -210,17 +270,81 @@ class LiveSession:
         """A manual ``scheduler.step(metric)``."""
         schedule_step(self.plan, self.state, None if metric is None else float(metric))
 
+    # -- group edits and added groups ------------------------------------------------------
+
+    def plan_edit(self, index: Any, changes: Mapping[str, Any]) -> GroupEdit:
+        """Check an edit of ``param_groups[index]``; changes nothing."""
+        if self.federation is not None:
+            raise StepsNotAccepted(self.record.id)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise InvalidInput(f"a group index is an integer, got {index!r}", "index")
+        return plan_edit(self.plan, self.state, index, changes)
+
+    def apply_edit(self, edit: GroupEdit, at: float, seq: int, reason: str | None) -> None:
+        apply_edit(self.plan, self.state, edit)
+        for name, new in edit.new.items():
+            self._record(
+                Change(seq, self.state.step, edit.index, name, edit.old[name], new, at, reason)
+            )
+
+    def plan_add(
+        self, tensors: Mapping[str, Any], data: Mapping[str, Any] | None, options: Mapping[str, Any]
+    ) -> AddedGroup:
+        """Check ``add_param_group``: the extended config and plan, the new tensors' values."""
+        if self.federation is not None:
+            raise StepsNotAccepted(self.record.id)
+        config = extended_config(self.config, tensors, options)
+        plan = plan_from_config(config, ignore=federated_state.OUTER_KEYS)
+        added = plan.tensors[len(self.plan.tensors) :]
+        values: list[np.ndarray] | None = None
+        if self.held is not None:
+            if data is None:
+                raise ParamsRequired(
+                    "this session holds its parameters: give every added tensor its 'data'"
+                )
+            values = initial_params(added, plan.dtype, data)
+        elif data is not None:
+            raise InvalidInput(
+                "this session does not hold its parameters; add tensors without 'data'",
+                "params",
+            )
+        return AddedGroup(config, plan, values)
+
+    def apply_add(self, added: AddedGroup, at: float, seq: int, reason: str | None) -> None:
+        add_group(added.plan, self.state)
+        if self.held is not None:
+            assert added.values is not None
+            self.held.extend(np.array(v, copy=True) for v in added.values)
+        self.plan, self.config = added.plan, added.config
+        self._describe()
+        index = len(self.state.groups) - 1
+        names = [added.plan.tensors[i].name for i in added.plan.groups[-1].indices]
+        self._record(Change(seq, self.state.step, index, "params", None, names, at, reason))
+
+    def _record(self, change: Change) -> None:
+        self.changes.append(change)
+        if len(self.changes) > MAX_CHANGES:
+            del self.changes[: len(self.changes) - MAX_CHANGES]
+
     # -- views ---------------------------------------------------------------------------
 
     def info(self) -> SessionInfo:
+        known = [a.name for a in self.plan.optimizer.args]
+        groups = [
+            {
+                "params": [self.plan.tensors[i].name for i in group.indices],
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in hp.items() if k in known},
+            }
+            for group, hp in zip(self.plan.groups, self.state.groups, strict=True)
+        ]
         return SessionInfo(
             id=self.record.id,
             step=self.state.step,
             lr=current_lrs(self.state),
             resolved=self._resolved,
-            param_groups=self._groups,
+            param_groups=groups,
             holds_params=self.held is not None,
-            needs_params=self.plan.needs_params,
+            needs_params=needs_params(self.plan, self.state),
             ask_tell=self.plan.ask_tell,
             skipped_steps=self.state.skipped,
             created_at=self.record.created_at,
@@ -232,11 +356,12 @@ class LiveSession:
         """The session as a checkpoint, arrays live (copy before letting go of the lock)."""
         return checkpoint.export(
             self.plan,
-            self.record.config,
+            self.config,
             self.record.labels,
             self.state,
             self.held,
             self.federation,
+            self.changes,
         )
 
     def state_bytes(self) -> int:

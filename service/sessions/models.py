@@ -47,6 +47,52 @@ class StepReply:
     """Why the step was not applied (non-finite input with ``nonfinite: "skip"``)."""
 
 
+@dataclass(frozen=True)
+class Change:
+    """One entry of a session's change log: a group edit (one per field) or an added group
+    (``field`` is ``"params"``, ``new`` the added tensor names)."""
+
+    seq: int
+    """The event that made the change (pages of the log are keyed by it)."""
+    step: int
+    """The session's step when it was made: it applies from the next step on."""
+    group: int
+    field: str
+    old: Any
+    new: Any
+    at: float
+    reason: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "step": self.step,
+            "group": self.group,
+            "field": self.field,
+            "old": self.old,
+            "new": self.new,
+            "time": timestamp(self.at),
+            "reason": self.reason,
+        }
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.seq,
+            self.step,
+            self.group,
+            self.field,
+            self.old,
+            self.new,
+            self.at,
+            self.reason,
+        ]
+
+    @classmethod
+    def from_json(cls, raw: list[Any]) -> Change:
+        seq, step, group, field_, old, new, at, reason = raw
+        return cls(int(seq), int(step), int(group), str(field_), old, new, float(at), reason)
+
+
 def timestamp(unix: float) -> str:
     """RFC 3339 in UTC with milliseconds."""
     moment = datetime.fromtimestamp(unix, UTC)
@@ -92,6 +138,7 @@ class SessionInfo:
             "ask_tell": self.ask_tell,
             "dtype": r["dtype"],
             "nonfinite": r["nonfinite"],
+            "missing_grads": r["missing_grads"],
             "clip_grad_norm": r["clip_grad_norm"],
             "clip_grad_value": r["clip_grad_value"],
             "aggregation": r.get("aggregation"),

@@ -57,9 +57,17 @@ from service.sessions.federated import state as federated_state
 from service.sessions.federated.coordinator import Coordinator
 from service.sessions.federated.session import FEDERATED_EVENTS
 from service.sessions.federated.session import replay as replay_federated
+from service.sessions.groups import (
+    GROUP_EVENTS,
+    AddGroupRequest,
+    GroupEditRequest,
+    add_event,
+    edit_event,
+    replay_group_change,
+)
 from service.sessions.ids import new_id
 from service.sessions.live import LiveSession, initial_params
-from service.sessions.models import Limits, SessionInfo, StepReply, StepRequest
+from service.sessions.models import Change, Limits, SessionInfo, StepReply, StepRequest
 from service.sessions.store.base import (
     Event,
     KeyRecord,
@@ -283,7 +291,7 @@ class SessionService:
         self._check_size(len(plan.tensors), plan.size)
         held = None
         if params is not None:
-            held = await self._run(lambda: initial_params(plan, params))
+            held = await self._run(lambda: initial_params(plan.tensors, plan.dtype, params))
         federation = federated_state.begin(
             core.get("aggregation"), plan, held is not None, self._clock()
         )
@@ -331,6 +339,8 @@ class SessionService:
                     0,
                     record.created_at,
                     restored.federation,
+                    core,
+                    restored.changes,
                 )
                 self._store_new(live)
                 return live
@@ -583,6 +593,61 @@ class SessionService:
             self._trim_window(entry)
             return entry.info
 
+    async def edit_group(self, tenant: str, session_id: str, edit: GroupEditRequest) -> SessionInfo:
+        """``param_groups[index].update(values)``: checked, logged, applied from the next step."""
+        return await self._change_groups(
+            tenant, session_id, edit.if_match, lambda live: edit_event(live, edit, self._clock())
+        )
+
+    async def add_group(self, tenant: str, session_id: str, add: AddGroupRequest) -> SessionInfo:
+        """``add_param_group``: new tensors in a new last group, checked, logged, applied."""
+
+        def event(live: LiveSession) -> tuple[Event, Callable[[], None]]:
+            logged, apply = add_event(live, add, self._clock())
+            plan = apply.planned.plan
+            self._check_size(len(plan.tensors), plan.size)
+            return logged, apply
+
+        info = await self._change_groups(tenant, session_id, add.if_match, event)
+        entry = self._entry(tenant, session_id)
+        entry.state_bytes = await self._run(entry.live.state_bytes)
+        return info
+
+    async def _change_groups(
+        self,
+        tenant: str,
+        session_id: str,
+        if_match: int | None,
+        make: Callable[[LiveSession], tuple[Event, Callable[[], None]]],
+    ) -> SessionInfo:
+        """Under the session's lock: check the change (``make`` plans it and raises for a
+        bad one, changing nothing), log it durably, then apply it."""
+        entry = self._entry(tenant, session_id)
+        async with entry.lock:
+            entry = self._entry(tenant, session_id)
+            if if_match is not None and if_match != entry.info.step:
+                raise PreconditionFailed(if_match, entry.info.etag)
+
+            def run() -> tuple[None, int]:
+                event, apply = make(entry.live)
+                return self._commit(entry, event, apply)
+
+            _, written = await self._run(run)
+            self._after_event(entry, written)
+            self._trim_window(entry)
+            return entry.info
+
+    async def changes(
+        self, tenant: str, session_id: str, after: int | None, limit: int
+    ) -> tuple[builtins.list[Change], int | None]:
+        """The change log, oldest first, from the event after ``after``; and the cursor."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", "limit")
+        entry = self._entry(tenant, session_id)
+        log_ = [c for c in entry.live.changes if after is None or c.seq > after]
+        page = log_[:limit]
+        return page, (page[-1].seq if len(log_) > limit else None)
+
     async def params(self, tenant: str, session_id: str) -> dict[str, np.ndarray]:
         entry = self._entry(tenant, session_id)
         if entry.live.held is None:
@@ -676,18 +741,23 @@ class SessionService:
     # -- recovery ------------------------------------------------------------------------
 
     def _recover(self, stored: StoredSession) -> _Entry:
-        """Rebuild a session from its base snapshot and replay the events after it."""
+        """Rebuild a session from its base snapshot and replay the events after it.
+
+        The snapshot's config is the session's as of the snapshot (groups added before it
+        are in it); the record's is the one it was created with.
+        """
         record, snapshot = stored.record, stored.snapshot
-        plan = plan_from_config(record.config, ignore=federated_state.OUTER_KEYS)
-        restored = checkpoint.restore(snapshot.arrays, snapshot.metadata, plan)
+        restored = checkpoint.restore(snapshot.arrays, snapshot.metadata)
         live = LiveSession(
             record,
-            plan,
+            restored.plan,
             restored.state,
             restored.held,
             snapshot.seq,
             snapshot.at,
             restored.federation,
+            restored.config,
+            restored.changes,
         )
         entry = _Entry(live, live.info(), base_seq=snapshot.seq)
         entry.later_snapshots = list(stored.later_snapshots)
@@ -711,13 +781,16 @@ class SessionService:
 
     @staticmethod
     def _replay(live: LiveSession, event: Event) -> StepReply | None:
-        """Apply a logged event again; None for a schedule step or a refused event."""
+        """Apply a logged event again; None for anything but a step, or a refused event."""
         try:
             if event.kind in FEDERATED_EVENTS:
                 replay_federated(live, event)
                 return None
             if event.kind == "schedule":
                 live.schedule(event.metric)
+                return None
+            if event.kind in GROUP_EVENTS:
+                replay_group_change(live, event)
                 return None
             prepared = live.prepare(event.grads, event.params, event.loss, event.want)
             return live.apply(prepared)

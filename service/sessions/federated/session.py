@@ -31,7 +31,7 @@ from service.sessions.federated.errors import (
     UpdateTooStale,
 )
 from service.sessions.federated.models import RoundParams, UpdateReply, UpdateRequest
-from service.sessions.live import LiveSession, _tensors
+from service.sessions.live import LiveSession, all_tensors
 from service.sessions.models import timestamp
 from service.sessions.store.base import Event
 
@@ -90,7 +90,8 @@ def fingerprint(request: UpdateRequest, ordered: Sequence[np.ndarray]) -> str:
 def _parse(
     live: LiveSession, request: UpdateRequest
 ) -> tuple[dict[str, np.ndarray], list[np.ndarray], str]:
-    by_name, ordered = _tensors(live.plan, request.tensors, request.form)
+    by_name = all_tensors(live.plan, request.tensors, request.form)
+    ordered = [by_name[spec.name] for spec in live.plan.tensors]
     bad = first_nonfinite(live.plan, ordered)
     if bad is not None:
         raise InvalidInput(f"{request.form} {bad!r} holds NaN or Inf", f"{request.form}.{bad}")

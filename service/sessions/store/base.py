@@ -33,8 +33,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-EventKind = Literal["step", "schedule", "update", "close"]
-"""``update`` and ``close`` are a federated session's client updates and round closings."""
+EventKind = Literal["step", "schedule", "update", "close", "edit", "add_group"]
+"""``update`` and ``close`` are a federated session's client updates and round closings;
+``edit`` and ``add_group`` change param groups (:mod:`service.sessions.groups`)."""
 
 
 @dataclass(frozen=True)
