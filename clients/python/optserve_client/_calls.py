@@ -131,6 +131,45 @@ def schedule_step(session_id: str, metric: float | None) -> Call:
     return _json_call("POST", _session_path(session_id, "/schedule/step"), body, safety="unsent")
 
 
+def edit_group(
+    session_id: str,
+    index: int,
+    values: Mapping[str, Any],
+    reason: str | None,
+    if_match: int | None,
+) -> Call:
+    """``PATCH .../param_groups/{index}``: set hyperparameters of one group."""
+    body = {**values, **({"reason": reason} if reason is not None else {})}
+    call = _json_call("PATCH", _session_path(session_id, f"/param_groups/{int(index)}"), body)
+    if if_match is not None:
+        call.headers["if-match"] = f'"{if_match}"'
+    # Setting the same values twice is the same as once: safe to retry.
+    return call
+
+
+def add_group(
+    session_id: str,
+    specs: Mapping[str, Any],
+    initial: Mapping[str, np.ndarray] | None,
+    options: Mapping[str, Any],
+    reason: str | None,
+) -> Call:
+    """``POST .../param_groups``: torch's ``add_param_group``."""
+    params = {
+        name: {**spec, **({"data": initial[name].tolist()} if initial is not None else {})}
+        for name, spec in specs.items()
+    }
+    body = {"params": params, **options, **({"reason": reason} if reason is not None else {})}
+    return _json_call("POST", _session_path(session_id, "/param_groups"), body, safety="unsent")
+
+
+def changes(session_id: str, after: int | None) -> Call:
+    query = {"limit": "1000", **({"after": str(after)} if after is not None else {})}
+    return Call(
+        "GET", _session_path(session_id, "/changes"), headers={"accept": JSON}, params=query
+    )
+
+
 def optimizers() -> Call:
     return Call("GET", "/v1/optimizers", headers={"accept": JSON})
 

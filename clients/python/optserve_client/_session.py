@@ -41,6 +41,7 @@ def session_config(
     nonfinite: str | None,
     labels: Mapping[str, str] | None,
     hold_params: bool | None,
+    missing_grads: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """The create body (without tensor data) and the initial values, if the session holds them.
 
@@ -88,6 +89,8 @@ def session_config(
         )
     if nonfinite is not None:
         config["nonfinite"] = nonfinite
+    if missing_grads is not None:
+        config["missing_grads"] = missing_grads
     if labels:
         config["labels"] = dict(labels)
     holds = bool(initial) and hold_params is not False
@@ -146,19 +149,47 @@ class SessionView:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} step={self.step_count} lr={self.lr}>"
 
+    @property
+    def skips_missing(self) -> bool:
+        """Whether a step may leave tensors out (the session's ``missing_grads: "skip"``)."""
+        return self.document.get("missing_grads") == "skip"
+
     def _named(self, values: TensorsIn, what: str) -> dict[str, np.ndarray]:
         if not isinstance(values, Mapping):
             if len(self.shapes) != 1:
                 raise ValueError(f"{what}: pass {{name: array}}; this session has several tensors")
             values = {next(iter(self.shapes)): values}
         unknown = sorted(set(values) - set(self.shapes))
-        missing = sorted(set(self.shapes) - set(values))
+        missing = [] if self.skips_missing else sorted(set(self.shapes) - set(values))
         if unknown or missing:
             raise ValueError(f"{what}: unknown tensors {unknown}, missing tensors {missing}")
         return {
             name: as_array(values[name], self.dtype, shape, name)
             for name, shape in self.shapes.items()
+            if name in values
         }
+
+    def _edit_call(
+        self, index: int, values: Mapping[str, Any], reason: str | None, if_match: int | None
+    ) -> _calls.Call:
+        return _calls.edit_group(self.id, index, values, reason, if_match)
+
+    def _add_call(
+        self, params: ParamsSpec, options: Mapping[str, Any], reason: str | None
+    ) -> _calls.Call:
+        specs, initial = session_config(
+            optimizer={},
+            params=params,
+            schedule=None,
+            param_groups=None,
+            dtype=str(self.dtype),
+            clip_grad_norm=None,
+            clip_grad_value=None,
+            nonfinite=None,
+            labels=None,
+            hold_params=self.holds_params,
+        )
+        return _calls.add_group(self.id, specs["params"], initial, options, reason)
 
     def _step_call(
         self,

@@ -83,6 +83,7 @@ class AsyncClient(Connection):
         nonfinite: str | None = None,
         labels: Mapping[str, str] | None = None,
         hold_params: bool | None = None,
+        missing_grads: str | None = None,
     ) -> AsyncSession:
         """See :meth:`optserve_client.Client.create_session`."""
         config, initial = session_config(
@@ -96,6 +97,7 @@ class AsyncClient(Connection):
             nonfinite=nonfinite,
             labels=labels,
             hold_params=hold_params,
+            missing_grads=missing_grads,
         )
         response = await self.send(_calls.create(self.wire, config, initial))
         return AsyncSession(self, _documents.session_document(response))
@@ -178,6 +180,37 @@ class AsyncSession(SessionView):
     async def refresh(self) -> AsyncSession:
         self._absorb(_documents.json_body(await self.client.send(_calls.get(self.id))))
         return self
+
+    async def edit_group(
+        self,
+        index: int,
+        values: Mapping[str, Any],
+        *,
+        reason: str | None = None,
+        if_match: int | None = None,
+    ) -> AsyncSession:
+        """:meth:`optserve_client.Session.edit_group`, awaited."""
+        call = self._edit_call(index, values, reason, if_match)
+        self._absorb_reply(await self.client.send(call))
+        return self
+
+    async def add_group(
+        self, params: ParamsSpec, *, reason: str | None = None, **options: Any
+    ) -> AsyncSession:
+        """:meth:`optserve_client.Session.add_group`, awaited."""
+        self._absorb_reply(await self.client.send(self._add_call(params, options, reason)))
+        return self
+
+    async def changes(self) -> list[dict[str, Any]]:
+        """:meth:`optserve_client.Session.changes`, awaited."""
+        entries: list[dict[str, Any]] = []
+        after: int | None = None
+        while True:
+            page = _documents.json_body(await self.client.send(_calls.changes(self.id, after)))
+            entries.extend(page["changes"])
+            after = page.get("next")
+            if after is None:
+                return entries
 
     async def delete(self) -> None:
         await self.client.delete_session(self.id)

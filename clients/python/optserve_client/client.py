@@ -90,12 +90,14 @@ class Client(Connection):
         nonfinite: str | None = None,
         labels: Mapping[str, str] | None = None,
         hold_params: bool | None = None,
+        missing_grads: str | None = None,
     ) -> Session:
         """Create a session. ``params`` maps names to shapes (tuples) or initial arrays.
 
         With arrays the session holds the parameters (unless ``hold_params=False``): it
         applies its own deltas, steps need no parameter values, ``Session.params()``
-        serves them.
+        serves them. ``missing_grads="skip"`` lets a step leave tensors out, as torch
+        skips a parameter without a gradient.
         """
         config, initial = session_config(
             optimizer=optimizer,
@@ -108,6 +110,7 @@ class Client(Connection):
             nonfinite=nonfinite,
             labels=labels,
             hold_params=hold_params,
+            missing_grads=missing_grads,
         )
         response = self.send(_calls.create(self.wire, config, initial))
         return Session(self, _documents.session_document(response))
@@ -205,6 +208,38 @@ class Session(SessionView):
     def refresh(self) -> Session:
         self._absorb(_documents.json_body(self.client.send(_calls.get(self.id))))
         return self
+
+    def edit_group(
+        self,
+        index: int,
+        values: Mapping[str, Any],
+        *,
+        reason: str | None = None,
+        if_match: int | None = None,
+    ) -> Session:
+        """Set hyperparameters of ``param_groups[index]`` from the next step on (torch's
+        ``optimizer.param_groups[index][key] = value``); recorded in :meth:`changes`."""
+        self._absorb_reply(self.client.send(self._edit_call(index, values, reason, if_match)))
+        return self
+
+    def add_group(
+        self, params: ParamsSpec, *, reason: str | None = None, **options: Any
+    ) -> Session:
+        """Add tensors as a new last group with ``options`` (torch's ``add_param_group``).
+        A session that holds its parameters needs initial arrays for them."""
+        self._absorb_reply(self.client.send(self._add_call(params, options, reason)))
+        return self
+
+    def changes(self) -> list[dict[str, Any]]:
+        """The change log: every group edit (one entry per field) and added group."""
+        entries: list[dict[str, Any]] = []
+        after: int | None = None
+        while True:
+            page = _documents.json_body(self.client.send(_calls.changes(self.id, after)))
+            entries.extend(page["changes"])
+            after = page.get("next")
+            if after is None:
+                return entries
 
     def delete(self) -> None:
         self.client.delete_session(self.id)

@@ -26,7 +26,6 @@ fresh session. ``from_torch`` and ``to_torch`` move a run between a local torch 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -112,6 +111,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     nonfinite=nonfinite,
                     labels=labels,
                     hold_params=self._holds,
+                    # torch leaves a parameter whose grad is None out of step(); so does this
+                    # session, rather than stepping it with a zero gradient.
+                    missing_grads="skip",
                 )
             elif isinstance(session, str):
                 session = self.client.session(session)
@@ -132,18 +134,34 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._constructing = True
         super().__init__(torch_groups, resolved)
         self._constructing = False
-        self._send_params = not self._holds and bool(session.document.get("needs_params"))
-        self._sync_lrs(session.lr)
+        self._absorb_session()
 
     # torch.optim.Optimizer API
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not getattr(self, "_constructing", True):
-            raise RuntimeError(
-                "a RemoteOptimizer's tensors are fixed when its session is created; "
-                "create a new RemoteOptimizer to optimize more tensors"
-            )
-        super().add_param_group(param_group)
+        """torch's ``add_param_group``; after construction the tensors join the session as
+        a new group (with their values, when the session holds the parameters)."""
+        if getattr(self, "_constructing", True):
+            super().add_param_group(param_group)
+            return
+        given = dict(param_group)
+        members = given.pop("params")
+        tensors = [members] if isinstance(members, torch.Tensor) else list(members)
+        names = given.pop("param_names", None) or self._fresh_names(len(tensors))
+        options = {k: _plain(v) for k, v in given.items()}
+        super().add_param_group({**param_group, "param_names": list(names)})
+        try:
+            if self._holds:
+                values = _initial_values(names, tensors, self.session.dtype.name)
+                self.session.add_group(dict(values), **options)
+            else:
+                self.session.add_group(_shapes(names, tensors), **options)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        self.names.extend(names)
+        self._tensor_of.update(zip(names, tensors, strict=True))
+        self._absorb_session()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -158,6 +176,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._send_group_edits()
         self._exchange(loss)
         return loss
 
@@ -242,6 +261,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             clip_grad_value=clip_grad_value,
             nonfinite=nonfinite,
             labels=labels,
+            missing_grads="skip",
         )
         try:
             arrays, metadata = safetensors.decode(template.state())
@@ -305,32 +325,63 @@ class RemoteOptimizer(torch.optim.Optimizer):
         old, owned = self.session, self._owns_session
         self.session, self._owns_session = session, True
         self._holds = session.holds_params
-        self._send_params = not self._holds and bool(session.document.get("needs_params"))
-        self._sync_lrs(session.lr)
+        self._absorb_session()
         if owned and old.id != session.id:
             old.delete()
 
+    def _absorb_session(self) -> None:
+        """Take the session document's groups as what the server has: ``param_groups``
+        get its lrs, and later edits of any hyperparameter are found against it."""
+        document = self.session.document
+        self._send_params = not self._holds and bool(document.get("needs_params"))
+        self._server_hparams = [hparams for _, hparams in _server_groups(self.session)]
+        self._sync_lrs(self.session.lr)
+
     def _sync_lrs(self, lrs: Sequence[float]) -> None:
         if len(lrs) == len(self.param_groups):
-            for group, lr in zip(self.param_groups, lrs, strict=True):
+            for group, server, lr in zip(self.param_groups, self._server_hparams, lrs, strict=True):
                 group["lr"] = lr
+                server["lr"] = lr
+
+    def _send_group_edits(self) -> None:
+        """Send what the loop changed in ``param_groups`` since the server last said (a hand
+        edit, or any torch scheduler stepping this optimizer): torch's last writer wins."""
+        for index, (group, server) in enumerate(
+            zip(self.param_groups, self._server_hparams, strict=True)
+        ):
+            changed = {
+                key: _plain(group[key])
+                for key in server
+                if key in group and _plain(group[key]) != server[key]
+            }
+            if changed:
+                self.session.edit_group(index, changed)
+                self._absorb_session()
+
+    def _fresh_names(self, count: int) -> list[str]:
+        names: list[str] = []
+        n = len(self.names)
+        while len(names) < count:
+            if f"param{n}" not in self._tensor_of:
+                names.append(f"param{n}")
+            n += 1
+        return names
 
     def _grads(self) -> dict[str, np.ndarray]:
+        """The gradients there are: torch leaves a tensor whose grad is None out of the step."""
         grads: dict[str, np.ndarray] = {}
         missing = []
         for name in self.names:
             tensor = self._tensor_of[name]
             if tensor.grad is None:
                 missing.append(name)
-                grads[name] = np.zeros(tuple(tensor.shape), dtype=self.session.dtype)
             else:
                 grads[name] = _to_numpy(tensor.grad, self._torch_dtype)
-        if missing:
-            # torch skips such tensors; a session steps all of its tensors together.
-            warnings.warn(
-                f"no gradient for {missing}: sending zeros (torch would skip these tensors)",
-                RuntimeWarning,
-                stacklevel=3,
+        if missing and not self.session.skips_missing:
+            raise RuntimeError(
+                f"no gradient for {missing}, and session {self.session.id} was created with "
+                "missing_grads 'error', so it cannot leave them out as torch would; create "
+                'it with missing_grads="skip" (RemoteOptimizer does unless given a session)'
             )
         return grads
 
@@ -360,6 +411,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def _ask_tell_step(self, closure: Callable[[], Any] | None) -> Any:
         if closure is None:
             raise RuntimeError("LBFGS needs a closure that re-evaluates the model and the loss")
+        self._send_group_edits()
         with torch.enable_grad():
             first_loss = closure()
         loss = first_loss
@@ -371,6 +423,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 return first_loss
             with torch.enable_grad():
                 loss = closure()
+
+
+def _plain(value: Any) -> Any:
+    """A hyperparameter as JSON has it: tuples as lists, tensors and numpy scalars as numbers."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _loss_value(loss: Any) -> float | None:
