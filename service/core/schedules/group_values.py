@@ -95,9 +95,9 @@ def added_group_error(schedule: str, values: int, groups: int, what: str = "lrs"
     param group it was created with, and ``zip(..., strict=True)`` raises on the longer
     ``param_groups`` a later ``add_param_group`` left."""
     return InvalidInput(
-        f"{schedule} cannot step {groups} param groups: torch's {schedule} computes {what} "
-        f"for the {values} param groups it was created with here, and raises for a param "
-        "group added after it (add_param_group)",
+        f"{schedule} cannot step {groups} param groups: at this step torch's {schedule} "
+        f"computes {what} for only the {values} param groups it was created with, and raises "
+        "for a param group added after it (add_param_group)",
         "param_groups",
     )
 
