@@ -286,8 +286,18 @@ def _parse_clip(raw: Any, args: tuple[Arg, ...], field: str) -> dict[str, Any] |
     return out
 
 
-def plan_from_config(config: Mapping[str, Any], *, ignore: Collection[str] = ()) -> Plan:
-    """Validate a whole session config; ``ignore`` lists keys owned by outer layers."""
+def plan_from_config(
+    config: Mapping[str, Any],
+    *,
+    ignore: Collection[str] = (),
+    schedule_groups: int | None = None,
+) -> Plan:
+    """Validate a whole session config; ``ignore`` lists keys owned by outer layers.
+
+    ``schedule_groups`` is for a config extended by param groups added while the session
+    ran (``add_param_group``): the schedule was created with only that many groups, and
+    its per-group arguments are checked against them, not against the added ones.
+    """
     config = _mapping(config, "config")
     for key in config:
         check(
@@ -330,7 +340,7 @@ def plan_from_config(config: Mapping[str, Any], *, ignore: Collection[str] = ())
     schedule = parse_schedule(config.get("schedule"))
     if schedule is not None:
         # Per-group lists and momentum cycling depend on the optimizer's groups.
-        hparams = [dict(g.hparams) for g in groups]
+        hparams = [dict(g.hparams) for g in groups[:schedule_groups]]
         schedule.schedule.validate_groups(schedule.config, hparams, where="schedule.")
     return Plan(
         tensors=tensors,

@@ -75,6 +75,22 @@ class Schedule(ABC):
         it mutates anything else, so a refused step is never half applied."""
         self.step(config, clone(state), clone(groups), metric)
 
+    def check_groups(
+        self, config: Mapping[str, Any], state: dict[str, Any], groups: Groups
+    ) -> None:
+        """Raise :class:`InvalidInput` if torch's scheduler could not take its next step on
+        ``groups``: the session's groups with a param group appended (``add_param_group``)
+        or a hyperparameter edited by hand, before the change is made. Changes nothing.
+
+        It is a dry run of the next step on copies, so it refuses exactly where torch would
+        raise at that step (CyclicLR, OneCycleLR and CosineAnnealingWarmRestarts compute one
+        value per group they were created with; so does the closed form SequentialLR
+        switches to at a milestone). A step that torch can take now but not later
+        (CosineAnnealingLR's step after ``T_max``, a SequentialLR milestone further on) is
+        refused when it comes, as torch raises there, and that refusal changes nothing either.
+        """
+        self.check_step(config, state, groups)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -11,7 +11,7 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from typing import Any, cast
 
-from service.core.errors import InvalidHyperparameter, UnknownName
+from service.core.errors import InvalidHyperparameter, InvalidInput, UnknownName
 from service.core.hparams import Arg
 from service.core.schedules.base import Groups, get, register
 from service.core.schedules.group_values import lrs_of
@@ -158,7 +158,13 @@ class SequentialLR(Composite):
         index = bisect_right(milestones, epoch)
         child, sub, sub_state = self.children(config, state)[index]
         if index > 0 and milestones[index - 1] == epoch:
-            child.restart(sub, sub_state, groups)
+            try:
+                child.restart(sub, sub_state, groups)
+            except InvalidInput as exc:
+                raise InvalidInput(
+                    f"SequentialLR cannot switch to {child.name} at milestone {epoch}: {exc}",
+                    exc.field,
+                ) from exc
         else:
             child.advance(sub, sub_state, groups, initial=False)
         state["last_lr"] = list(sub_state["last_lr"])

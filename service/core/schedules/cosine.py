@@ -8,7 +8,7 @@ from typing import Any
 
 from service.core.hparams import Arg, check
 from service.core.schedules.base import Groups, register
-from service.core.schedules.group_values import lrs_of
+from service.core.schedules.group_values import check_count, lrs_of
 from service.core.schedules.lr_scheduler import LAST_EPOCH, LRSchedule, State
 
 
@@ -43,11 +43,14 @@ class CosineAnnealingLR(LRSchedule):
         if initial:
             return lrs_of(groups)
         if state["step_count"] == 1 and epoch > 0:
+            check_count(self.name, state["base_lrs"], groups, "its lrs from base_lrs")
             return [
                 eta_min + (base_lr - eta_min) * (1 + math.cos((epoch) * math.pi / t_max)) / 2
                 for base_lr in state["base_lrs"]
             ]
         if (epoch - 1 - t_max) % (2 * t_max) == 0:
+            # torch zips base_lrs with the groups, strictly, on the step after each trough.
+            check_count(self.name, state["base_lrs"], groups, "its lrs from base_lrs")
             return [
                 group["lr"] + (base_lr - eta_min) * (1 - math.cos(math.pi / t_max)) / 2
                 for base_lr, group in zip(state["base_lrs"], groups, strict=True)

@@ -9,6 +9,7 @@ from typing import Any
 from service.core.hparams import Arg, check
 from service.core.schedules.base import Groups, register
 from service.core.schedules.group_values import (
+    check_count,
     float_or_list,
     momentum_key,
     per_group,
@@ -133,6 +134,7 @@ class CyclicLR(LRSchedule):
             lrs.append(base_lr + base_height * scale)
 
         if config["cycle_momentum"]:
+            check_count(self.name, state["max_momentums"], groups, "momentums")
             for base_momentum, max_momentum, group in zip(
                 state["base_momentums"], state["max_momentums"], groups, strict=True
             ):

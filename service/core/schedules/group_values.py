@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from service.core.errors import InvalidHyperparameter
+from service.core.errors import InvalidHyperparameter, InvalidInput
 
 Groups = list[dict[str, Any]]
 
@@ -88,6 +88,24 @@ def start_momentum_cycle(
         set_momentum(group, m_momentum, use_beta1)
         group["max_momentum"] = m_momentum
         group["base_momentum"] = b_momentum
+
+
+def added_group_error(schedule: str, values: int, groups: int, what: str = "lrs") -> InvalidInput:
+    """The refusal for a step torch's scheduler cannot take: it computed one value per
+    param group it was created with, and ``zip(..., strict=True)`` raises on the longer
+    ``param_groups`` a later ``add_param_group`` left."""
+    return InvalidInput(
+        f"{schedule} cannot step {groups} param groups: at this step torch's {schedule} "
+        f"computes {what} for only the {values} param groups it was created with, and raises "
+        "for a param group added after it (add_param_group)",
+        "param_groups",
+    )
+
+
+def check_count(schedule: str, values: list[Any], groups: Groups, what: str = "lrs") -> None:
+    """torch's ``zip(param_groups, values, strict=True)``: one value per group, or refuse."""
+    if len(values) != len(groups):
+        raise added_group_error(schedule, len(values), len(groups), what)
 
 
 def lrs_of(groups: Groups) -> list[float]:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from service.core.errors import CoreError, InvalidHyperparameter, InvalidInput
 from service.core.hparams import Arg
 from service.core.schedules.base import Groups, Schedule
-from service.core.schedules.group_values import clone, lrs_of
+from service.core.schedules.group_values import check_count, clone, lrs_of
 
 State = dict[str, Any]
 
@@ -183,8 +183,9 @@ class LRSchedule(TorchSchedule):
     def undo(self, config: Mapping[str, Any], state: State) -> None:
         state["last_epoch"] -= 1
 
-    @staticmethod
-    def apply(state: State, groups: Groups, lrs: list[float]) -> None:
+    def apply(self, state: State, groups: Groups, lrs: list[float]) -> None:
+        """torch's ``_update_lr`` tail: one lr per param group (``zip(..., strict=True)``)."""
+        check_count(self.name, lrs, groups)
         for group, lr in zip(groups, lrs, strict=True):
             group["lr"] = lr
         state["last_lr"] = lrs_of(groups)

@@ -172,10 +172,14 @@ class OneCycleLR(LRSchedule):
         anneal = _annealing_cos if config["anneal_strategy"] == "cos" else _annealing_linear
         phases = _phases(config)
         lrs = []
-        for group in groups:
+        for index, group in enumerate(groups):
             start_step = 0.0
             for i, (end_step, start_lr, end_lr, start_m, end_m) in enumerate(phases):
                 if step_num <= end_step or i == len(phases) - 1:
+                    read: tuple[str, ...] = (start_lr, end_lr)
+                    if config["cycle_momentum"]:
+                        read += (start_m, end_m)
+                    _check_cycle_keys(group, index, read)
                     pct = (step_num - start_step) / (end_step - start_step)
                     lrs.append(anneal(group[start_lr], group[end_lr], pct))
                     if config["cycle_momentum"]:
@@ -184,6 +188,20 @@ class OneCycleLR(LRSchedule):
                     break
                 start_step = end_step
         return lrs
+
+
+def _check_cycle_keys(group: Mapping[str, Any], index: int, keys: tuple[str, ...]) -> None:
+    """torch's OneCycleLR reads its bounds from each group, where its constructor wrote
+    them: a group added later (add_param_group) has none, and torch raises KeyError."""
+    missing = [key for key in dict.fromkeys(keys) if key not in group]
+    if missing:
+        raise InvalidInput(
+            f"OneCycleLR cannot step param_groups[{index}]: torch's OneCycleLR reads "
+            f"{', '.join(missing)} from every param group, which its constructor writes into "
+            "the groups it was created with, and raises for a param group added after it "
+            "(add_param_group)",
+            "param_groups",
+        )
 
 
 def _total_steps(config: Mapping[str, Any]) -> int:

@@ -88,29 +88,67 @@ class ReduceLROnPlateau(Schedule):
         if metric is None:
             raise InvalidInput("ReduceLROnPlateau needs a metric to step", "metric")
         current = float(metric)
-        state["last_epoch"] += 1
-
-        if self._is_better(config, current, decode_float(state["best"])):
-            state["best"] = encode_float(current)
-            state["num_bad_epochs"] = 0
+        # Worked out on locals and committed at the end: a reduction torch cannot make
+        # (param groups added since, with one min_lr per group) leaves the state as it was.
+        best = decode_float(state["best"])
+        num_bad_epochs = state["num_bad_epochs"]
+        cooldown_counter = state["cooldown_counter"]
+        if self._is_better(config, current, best):
+            best = current
+            num_bad_epochs = 0
         else:
-            state["num_bad_epochs"] += 1
+            num_bad_epochs += 1
 
-        if state["cooldown_counter"] > 0:
-            state["cooldown_counter"] -= 1
-            state["num_bad_epochs"] = 0  # bad epochs in cooldown do not count
+        if cooldown_counter > 0:
+            cooldown_counter -= 1
+            num_bad_epochs = 0  # bad epochs in cooldown do not count
 
-        if state["num_bad_epochs"] > config["patience"]:
-            self._reduce_lr(config, state, groups)
-            state["cooldown_counter"] = config["cooldown"]
-            state["num_bad_epochs"] = 0
+        min_lrs = None
+        if num_bad_epochs > config["patience"]:
+            min_lrs = self._min_lrs_now(config, state, groups)
+            cooldown_counter = config["cooldown"]
+            num_bad_epochs = 0
 
+        if min_lrs is not None:
+            self._reduce_lr(config, min_lrs, groups)
+            state["min_lrs"] = min_lrs
+        state["last_epoch"] += 1
+        state["best"] = encode_float(best)
+        state["num_bad_epochs"] = num_bad_epochs
+        state["cooldown_counter"] = cooldown_counter
         state["last_lr"] = lrs_of(groups)
         return state
 
+    def check_groups(
+        self, config: Mapping[str, Any], state: dict[str, Any], groups: Groups
+    ) -> None:
+        """Refuse an added param group when ``min_lr`` is a list: torch raises at its next
+        reduction, which a plateau brings sooner or later, and asks for ``min_lrs`` to be
+        extended by hand, which a session cannot do. With one ``min_lr`` for all groups torch
+        extends the list, and so does this schedule."""
+        self._min_lrs_now(config, state, groups)
+
     @staticmethod
-    def _reduce_lr(config: Mapping[str, Any], state: dict[str, Any], groups: Groups) -> None:
-        for group, min_lr in zip(groups, state["min_lrs"], strict=True):
+    def _min_lrs_now(
+        config: Mapping[str, Any], state: dict[str, Any], groups: Groups
+    ) -> list[float]:
+        """torch's ``_reduce_lr`` preamble: one min_lr per group as the groups are now."""
+        min_lrs: list[float] = list(state["min_lrs"])
+        if len(min_lrs) == len(groups):
+            return min_lrs
+        if isinstance(config["min_lr"], list):
+            raise InvalidInput(
+                f"ReduceLROnPlateau cannot reduce {len(groups)} param groups: it was created "
+                f"with {len(min_lrs)} per-group min_lr values, and torch's ReduceLROnPlateau "
+                "raises at its next reduction when a param group was added after it "
+                "(add_param_group); give min_lr as one number to let it cover added groups",
+                "param_groups",
+            )
+        return [config["min_lr"]] * len(groups)
+
+    @staticmethod
+    def _reduce_lr(config: Mapping[str, Any], min_lrs: list[float], groups: Groups) -> None:
+        for group, min_lr in zip(groups, min_lrs, strict=True):
             old_lr = float(group["lr"])
             new_lr = max(old_lr * config["factor"], min_lr)
             if old_lr - new_lr > config["eps"]:
