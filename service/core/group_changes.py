@@ -5,19 +5,25 @@ created (unfreezing layers) and may rewrite ``param_groups[i]["lr"]`` (or ``mome
 ``betas``, ``weight_decay``, ...) between steps. The schedule then keeps running on the
 longer or edited groups, with torch's numbers: see ``docs/torch-compatibility.md``.
 
-Both changes are checked before they are made. :func:`check_groups` refuses groups the
-schedule could not take its next step on (torch would raise there); :func:`add_group`
-checks, then appends the group's hyperparameters and optimizer state to a
+Both changes are checked before they are made, so that a session can log a change
+durably between the check and the change: :func:`plan_edit` checks an edit and
+:func:`apply_edit` makes it; :func:`check_groups` refuses groups the schedule could not
+take its next step on (torch would raise there); :func:`check_add` checks an added group
+and :func:`add_group` checks, then appends the group's hyperparameters and optimizer state to a
 :class:`TrainState`. A refusal changes nothing.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from service.core.errors import InvalidInput
+from service.core.errors import InvalidHyperparameter, InvalidInput
 from service.core.plan import Plan
 from service.core.schedules.group_values import clone
+from service.core.state import to_flat
 from service.core.training import TrainState
 
 
@@ -52,14 +58,19 @@ def add_group(before: Plan, after: Plan, state: TrainState) -> None:
     group of new tensors, or when the schedule could not take its next step with the
     group added (:func:`check_groups`).
     """
-    _check_extends(before, after, state)
+    check_add(before, after, state)
     added = after.groups[-1]
     hparams = dict(added.hparams)
-    check_groups(before, state, [*state.groups, hparams])
     shapes = [after.tensors[i].shape for i in added.indices]
     opt_state = after.optimizer.init(shapes, hparams, after.dtype)
     state.groups.append(hparams)
     state.opt_states.append(opt_state)
+
+
+def check_add(before: Plan, after: Plan, state: TrainState) -> None:
+    """Everything :func:`add_group` checks, changing nothing."""
+    _check_extends(before, after, state)
+    check_groups(before, state, [*state.groups, dict(after.groups[-1].hparams)])
 
 
 def _check_extends(before: Plan, after: Plan, state: TrainState) -> None:
@@ -89,3 +100,109 @@ def _schedule_of(plan: Plan) -> tuple[str, Any, str, int] | None:
     if spec is None:
         return None
     return (spec.schedule.name, spec.config, spec.interval, spec.every)
+
+
+@dataclass(frozen=True)
+class GroupEdit:
+    """A checked edit of one group: the new values and the ones they replace."""
+
+    index: int
+    new: dict[str, Any]
+    old: dict[str, Any]
+    fresh_state: bool
+    """The group has not stepped and the edit changes what state it keeps (``amsgrad``):
+    its state is made again, as torch makes it lazily at the first step."""
+
+
+def _hparams(plan: Plan, group: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimizer's hyperparameters of a group (without what schedules add)."""
+    return {a.name: group[a.name] for a in plan.optimizer.args if a.name in group}
+
+
+def _layout(plan: Plan, index: int, hp: Mapping[str, Any]) -> Any:
+    shapes = [plan.tensors[i].shape for i in plan.groups[index].indices]
+    _, scalars = to_flat(plan.optimizer.init(shapes, hp, plan.dtype))
+    return scalars["__layout__"]
+
+
+def plan_edit(plan: Plan, state: TrainState, index: int, changes: Mapping[str, Any]) -> GroupEdit:
+    """Check ``param_groups[index].update(changes)``; raises with torch's messages."""
+    if not 0 <= index < len(state.groups):
+        raise InvalidInput(
+            f"param_groups[{index}] does not exist; the session has {len(state.groups)} "
+            f"group{'s' if len(state.groups) != 1 else ''} (0 to {len(state.groups) - 1})",
+            "index",
+        )
+    if not changes:
+        raise InvalidInput("the edit changes nothing: name at least one hyperparameter", "body")
+    known = [a.name for a in plan.optimizer.args]
+    where = f"param_groups[{index}]."
+    for name in changes:
+        if name not in known:
+            raise InvalidHyperparameter(
+                f"{where}{name}",
+                f"{plan.optimizer.name} has no hyperparameter {name!r}; a group has "
+                f"{', '.join(known)}",
+                name,
+            )
+    current = _hparams(plan, state.groups[index])
+    resolved = plan.optimizer.resolve({**current, **changes}, where=where)
+    probe = getattr(plan.optimizer, "ask_tell", None)
+    if probe is not None and probe(resolved) != probe(current):
+        raise InvalidHyperparameter(
+            f"{where}max_iter",
+            "the edit would switch LBFGS between one evaluation per step and ask/tell "
+            "(a line search or max_iter > 1); create a new session for that",
+        )
+    edited = [dict(g) for g in state.groups]
+    edited[index].update(resolved)
+    check_groups(plan, state, edited)
+    fresh = _layout(plan, index, resolved) != _layout(plan, index, current)
+    if fresh and state.step > 0:
+        fields = ", ".join(sorted(changes))
+        raise InvalidHyperparameter(
+            f"{where}{next(iter(changes))}",
+            f"changing {fields} after the first step changes the state {plan.optimizer.name} "
+            "keeps per tensor (torch fails at the next step of such a group); create a new "
+            "session, or continue with the setting the group started with",
+        )
+    return GroupEdit(
+        index,
+        {k: resolved[k] for k in changes},
+        {k: copy.deepcopy(state.groups[index].get(k)) for k in changes},
+        fresh,
+    )
+
+
+def apply_edit(plan: Plan, state: TrainState, edit: GroupEdit) -> None:
+    group = state.groups[edit.index]
+    group.update(copy.deepcopy(edit.new))
+    if edit.fresh_state:
+        shapes = [plan.tensors[i].shape for i in plan.groups[edit.index].indices]
+        state.opt_states[edit.index] = plan.optimizer.init(
+            shapes, _hparams(plan, group), plan.dtype
+        )
+
+
+def extended_config(
+    config: Mapping[str, Any], tensors: Mapping[str, Any], options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The session config with ``tensors`` (name -> ``{"shape": [...]}``) added as a new
+    last group with ``options``; :func:`service.core.plan.plan_from_config` checks it."""
+    extended = copy.deepcopy(dict(config))
+    params = extended.get("params")
+    existing = params if isinstance(params, Mapping) else {}
+    for name in tensors:
+        if name in existing:
+            raise InvalidHyperparameter(
+                f"params.{name}",
+                f"some parameters appear in more than one parameter group ({name!r} exists)",
+                name,
+            )
+    if not tensors:
+        raise InvalidHyperparameter("params", "the new group must name at least one tensor")
+    extended["params"] = {**existing, **copy.deepcopy(dict(tensors))}
+    groups = list(extended.get("param_groups") or [])
+    groups.append({**copy.deepcopy(dict(options)), "params": list(tensors)})
+    extended["param_groups"] = groups
+    return extended

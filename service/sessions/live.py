@@ -16,7 +16,14 @@ import numpy as np
 
 from service.core.errors import InvalidInput
 from service.core.federated.rounds import Federation
-from service.core.groups import GroupEdit, add_group, apply_edit, extended_config, plan_edit
+from service.core.group_changes import (
+    GroupEdit,
+    add_group,
+    apply_edit,
+    check_add,
+    extended_config,
+    plan_edit,
+)
 from service.core.plan import Plan, TensorSpec, plan_from_config
 from service.core.training import (
     TrainState,
@@ -294,7 +301,10 @@ class LiveSession:
         if self.federation is not None:
             raise StepsNotAccepted(self.record.id)
         config = extended_config(self.config, tensors, options)
-        plan = plan_from_config(config, ignore=federated_state.OUTER_KEYS)
+        plan = plan_from_config(
+            config, ignore=federated_state.OUTER_KEYS, schedule_groups=len(self.state.groups)
+        )
+        check_add(self.plan, plan, self.state)
         added = plan.tensors[len(self.plan.tensors) :]
         values: list[np.ndarray] | None = None
         if self.held is not None:
@@ -311,7 +321,7 @@ class LiveSession:
         return AddedGroup(config, plan, values)
 
     def apply_add(self, added: AddedGroup, at: float, seq: int, reason: str | None) -> None:
-        add_group(added.plan, self.state)
+        add_group(self.plan, added.plan, self.state)
         if self.held is not None:
             assert added.values is not None
             self.held.extend(np.array(v, copy=True) for v in added.values)
