@@ -330,11 +330,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
             old.delete()
 
     def _absorb_session(self) -> None:
-        """Take the session document's groups as what the server has: ``param_groups``
-        get its lrs, and later edits of any hyperparameter are found against it."""
+        """Take the session document's groups as what the server has: ``param_groups`` get
+        its hyperparameters, and later edits of any of them are found against it."""
         document = self.session.document
         self._send_params = not self._holds and bool(document.get("needs_params"))
         self._server_hparams = [hparams for _, hparams in _server_groups(self.session)]
+        for group, server in zip(self.param_groups, self._server_hparams, strict=True):
+            for key, value in server.items():
+                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
         self._sync_lrs(self.session.lr)
 
     def _sync_lrs(self, lrs: Sequence[float]) -> None:
@@ -346,17 +349,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def _send_group_edits(self) -> None:
         """Send what the loop changed in ``param_groups`` since the server last said (a hand
         edit, or any torch scheduler stepping this optimizer): torch's last writer wins."""
-        for index, (group, server) in enumerate(
-            zip(self.param_groups, self._server_hparams, strict=True)
-        ):
-            changed = {
-                key: _plain(group[key])
-                for key in server
-                if key in group and _plain(group[key]) != server[key]
-            }
-            if changed:
-                self.session.edit_group(index, changed)
-                self._absorb_session()
+        edits = [
+            (index, changed)
+            for index, (group, server) in enumerate(
+                zip(self.param_groups, self._server_hparams, strict=True)
+            )
+            if (changed := _edited(group, server))
+        ]
+        for index, changed in edits:
+            self.session.edit_group(index, changed)
+        if edits:
+            # Only once every edit is in: the document's lrs are then the loop's own.
+            self._absorb_session()
 
     def _fresh_names(self, count: int) -> list[str]:
         names: list[str] = []
@@ -423,6 +427,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 return first_loss
             with torch.enable_grad():
                 loss = closure()
+
+
+def _edited(group: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a torch group that differ from the server's, as JSON."""
+    changed = {}
+    for key, known in server.items():
+        value = _plain(group.get(key, known))
+        if value != known:
+            changed[key] = value
+    return changed
 
 
 def _plain(value: Any) -> Any:
