@@ -289,3 +289,28 @@ def test_a_checkpoint_after_edits_and_an_added_group_resumes_exactly(client: Cli
     train(local, opt)
     train(resumed_model, resumed)
     assert_same(local, resumed_model)
+
+
+def test_per_tensor_step_counts_move_to_torch_and_back(client: Client) -> None:
+    """A head skipped on some steps has its own Adam step count, on either side."""
+    local, far = twins()
+    every_third = lambda n: n % 3 == 0  # noqa: E731
+    opt = torch.optim.Adam(local.parameters(), lr=0.01)
+    train(local, opt, use_b=every_third)
+    ropt = remote(far, client, {"name": "Adam", "lr": 0.01})
+    train(far, ropt, use_b=every_third)
+    steps = {int(s["step"]) for s in opt.state.values()}
+    assert len(steps) == 2  # the skipped head is behind
+
+    moved = copy.deepcopy(local)
+    moved_opt = torch.optim.Adam(moved.parameters(), lr=0.01)
+    moved_opt.load_state_dict(opt.state_dict())
+    up = RemoteOptimizer.from_torch(moved_opt, client=client)
+    back, _ = ropt.to_torch()
+    for state, ours in zip(opt.state.values(), back.state.values(), strict=True):
+        assert int(state["step"]) == int(ours["step"])
+    train(local, opt, use_b=every_third)
+    train(moved, up, use_b=every_third)
+    train(far, back, use_b=every_third)
+    assert_same(local, moved)
+    assert_same(local, far)

@@ -122,40 +122,64 @@ def checkpoint_from_torch(
     scheduler: Any,
     dtype: np.dtype[Any],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Fill a fresh session's checkpoint state (arrays, ``state`` JSON) from torch's."""
+    """Fill a fresh session's checkpoint state (arrays, ``state`` JSON) from torch's.
+
+    torch keeps state per parameter; where the parameters of a group have diverged (a
+    parameter left out of some steps has a smaller ``step``), the group becomes *parts*
+    of parameters with equal scalars, as the server keeps such a group.
+    """
     template_arrays, template_meta = template
     meta = copy.deepcopy(template_meta)
     # Held parameters were uploaded with the template: they are the current values.
     arrays = {n: a for n, a in template_arrays.items() if not n.startswith("state/")}
     for gi, group in enumerate(optimizer.param_groups):
         prefix = f"state/group{gi}/"
-        record = meta["optimizer_state"][gi]
-        layout = record[LAYOUT]
-        states = [optimizer.state.get(p, {}) for p in group["params"]]
-        for field, kind in list(layout.items()):
-            values = [s[field] for s in states if s.get(field) is not None]
-            if kind == "array" or not values:
-                keep = [n for n in template_arrays if n.startswith(prefix + field)]
-                arrays.update({n: template_arrays[n] for n in keep})
-                continue
-            layout[field] = len(values)
-            for k, value in enumerate(values):
-                arrays[f"{prefix}{field}.{k}"] = _array(value, dtype)
-        for field, current in list(record.items()):
-            if field == LAYOUT:
-                continue
-            values = [s[field] for s in states if field in s]
-            if values:
-                record[field] = _json_like(values[0], current)
-            elif field == "step" and any(states):
-                # torch's SGD keeps no step count, only its buffers; the count matters only
-                # as "not the first step", so the scheduler's count (or 1) stands in.
-                record[field] = max(1, _scheduler_steps(scheduler))
+        template_record = meta["optimizer_state"][gi]
+        params = group["params"]
+        states = [optimizer.state.get(p, {}) for p in params]
+        fresh_arrays = _per_param_arrays(template_record, template_arrays, prefix, params)
+        scalars = [_scalars_from_torch(template_record, s, scheduler) for s in states]
+        parts: dict[str, list[int]] = {}
+        for position, signature in enumerate(scalars):
+            parts.setdefault(repr(sorted(signature.items())), []).append(position)
+        entries = []
+        for k, positions in enumerate(parts.values()):
+            record = copy.deepcopy(template_record)
+            record.update(scalars[positions[0]])
+            part_prefix = prefix if len(parts) == 1 else f"{prefix}part{k}/"
+            for field, kind in list(record[LAYOUT].items()):
+                if kind == "array" or not kind:
+                    if kind == "array":
+                        arrays[part_prefix + field] = template_arrays[prefix + field]
+                    continue
+                owners = [p for p in positions if _ONLY_FOR.get(field, _any)(params[p])]
+                found = [
+                    _array(states[p][field], dtype)
+                    if states[p].get(field) is not None
+                    else fresh_arrays[p].get(field)
+                    for p in owners
+                ]
+                kept = [a for a in found if a is not None]
+                record[LAYOUT][field] = len(kept)
+                if kept and len(kept) != len(found):
+                    raise ConversionError(f"some tensors of group {gi} lack {field!r}")
+                for j, array in enumerate(kept):
+                    arrays[f"{part_prefix}{field}.{j}"] = array
+            entries.append({"positions": positions, "state": record})
+        if len(entries) == 1:
+            meta["optimizer_state"][gi] = entries[0]["state"]
+        else:
+            meta["optimizer_state"][gi] = {"parts": entries}
         hparams = meta["groups"][gi]
         for key in hparams:
             if key in group:
                 hparams[key] = _plain(group[key])
-    steps = [r.get("step") for r in meta["optimizer_state"] if isinstance(r.get("step"), int)]
+    steps = [
+        int(r["step"])
+        for record in meta["optimizer_state"]
+        for r in _records(record)
+        if isinstance(r.get("step"), int)
+    ]
     meta["step"] = max(steps) if steps else 0
     meta["since_schedule"] = 0
     if scheduler is not None:
@@ -165,6 +189,47 @@ def checkpoint_from_torch(
             meta["schedule_state"], scheduler.state_dict()
         )
     return arrays, meta
+
+
+def _records(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A group's state records: the one record, or each part's."""
+    if "parts" in record:
+        return [entry["state"] for entry in record["parts"]]
+    return [record]
+
+
+def _scalars_from_torch(
+    template: Mapping[str, Any], state: Mapping[str, Any], scheduler: Any
+) -> dict[str, Any]:
+    """The JSON scalars of one parameter's torch state, in the template's fields."""
+    values: dict[str, Any] = {}
+    for field, current in template.items():
+        if field == LAYOUT:
+            continue
+        if field in state:
+            values[field] = _json_like(state[field], current)
+        elif field == "step" and state:
+            # torch's SGD keeps no step count, only its buffers; the count matters only
+            # as "not the first step", so the scheduler's count (or 1) stands in.
+            values[field] = max(1, _scheduler_steps(scheduler))
+    return values
+
+
+def _per_param_arrays(
+    record: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    prefix: str,
+    params: Sequence[torch.Tensor],
+) -> list[dict[str, np.ndarray]]:
+    """A fresh group's arrays (the template's), by parameter position and field."""
+    per_param: list[dict[str, np.ndarray]] = [{} for _ in params]
+    for field, count in record[LAYOUT].items():
+        if count == "array" or not count:
+            continue
+        owners = [k for k, p in enumerate(params) if _ONLY_FOR.get(field, _any)(p)]
+        for j, owner in enumerate(owners[:count]):
+            per_param[owner][field] = arrays[f"{prefix}{field}.{j}"]
+    return per_param
 
 
 def _scheduler_steps(scheduler: Any) -> int:
@@ -235,31 +300,39 @@ def load_into_torch(
     index = 0
     # Never stepped: keep what the constructor made (Adagrad fills its accumulators there;
     # SGD must see no momentum buffer on its first step).
-    fresh = all(r.get("step", 0) == 0 for r in meta["optimizer_state"])
+    fresh = all(
+        r.get("step", 0) == 0 for record in meta["optimizer_state"] for r in _records(record)
+    )
+    # torch keeps step counts (and ASGD's eta, mu) as 0-d tensors of this dtype.
+    scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     for gi, group in enumerate(optimizer.param_groups):
         prefix = f"state/group{gi}/"
         record = meta["optimizer_state"][gi]
         params = group["params"]
         per_param: list[dict[str, Any]] = [{} for _ in params]
-        for field, count in record[LAYOUT].items():
-            if count == "array" or not count:
-                continue
-            owners = [k for k, p in enumerate(params) if _ONLY_FOR.get(field, _any)(p)]
-            if len(owners) != count:
-                raise ConversionError(f"cannot tell which tensors {field!r} belongs to")
-            for k, owner in enumerate(owners):
-                per_param[owner][field] = torch.from_numpy(
-                    np.array(arrays[f"{prefix}{field}.{k}"], copy=True)
-                )
-        # torch keeps step counts (and ASGD's eta, mu) as 0-d tensors of this dtype.
-        scalar_dtype = (
-            torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        )
-        for field, value in record.items():
-            if field == LAYOUT or isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            for entry in per_param:
-                entry[field] = torch.tensor(float(value), dtype=scalar_dtype)
+        if "parts" in record:
+            parts = [
+                ([int(p) for p in entry["positions"]], entry["state"], f"{prefix}part{k}/")
+                for k, entry in enumerate(record["parts"])
+            ]
+        else:
+            parts = [(list(range(len(params))), record, prefix)]
+        for positions, part, part_prefix in parts:
+            for field, count in part[LAYOUT].items():
+                if count == "array" or not count:
+                    continue
+                owners = [p for p in positions if _ONLY_FOR.get(field, _any)(params[p])]
+                if len(owners) != count:
+                    raise ConversionError(f"cannot tell which tensors {field!r} belongs to")
+                for k, owner in enumerate(owners):
+                    per_param[owner][field] = torch.from_numpy(
+                        np.array(arrays[f"{part_prefix}{field}.{k}"], copy=True)
+                    )
+            for field, value in part.items():
+                if field == LAYOUT or isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                for p in positions:
+                    per_param[p][field] = torch.tensor(float(value), dtype=scalar_dtype)
         for entry in per_param:
             state[index] = entry
             index += 1
