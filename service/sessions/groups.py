@@ -54,9 +54,12 @@ class PlannedAdd:
 
 def edit_event(
     live: LiveSession, request: GroupEditRequest, at: float
-) -> tuple[Event, Callable[[], None]]:
-    """The event of a checked edit, and what applies it (raises for a bad edit)."""
+) -> tuple[Event, Callable[[], None]] | None:
+    """The event of a checked edit, and what applies it (raises for a bad edit); None when
+    it sets every value to what it is already (a retried edit changes nothing again)."""
     edit = live.plan_edit(request.index, request.values)
+    if _jsonable(edit.new) == _jsonable(edit.old):
+        return None
     seq = live.seq + 1
     event = Event(
         seq=seq,

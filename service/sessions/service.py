@@ -618,22 +618,24 @@ class SessionService:
         tenant: str,
         session_id: str,
         if_match: int | None,
-        make: Callable[[LiveSession], tuple[Event, Callable[[], None]]],
+        make: Callable[[LiveSession], tuple[Event, Callable[[], None]] | None],
     ) -> SessionInfo:
         """Under the session's lock: check the change (``make`` plans it and raises for a
-        bad one, changing nothing), log it durably, then apply it."""
+        bad one, changing nothing; None: nothing to change), log it durably, apply it."""
         entry = self._entry(tenant, session_id)
         async with entry.lock:
             entry = self._entry(tenant, session_id)
             if if_match is not None and if_match != entry.info.step:
                 raise PreconditionFailed(if_match, entry.info.etag)
 
-            def run() -> tuple[None, int]:
-                event, apply = make(entry.live)
-                return self._commit(entry, event, apply)
+            def run() -> tuple[None, int] | None:
+                change = make(entry.live)
+                return None if change is None else self._commit(entry, *change)
 
-            _, written = await self._run(run)
-            self._after_event(entry, written)
+            committed = await self._run(run)
+            if committed is None:
+                return entry.info
+            self._after_event(entry, committed[1])
             self._trim_window(entry)
             return entry.info
 

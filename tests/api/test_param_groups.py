@@ -274,3 +274,13 @@ def test_a_checkpoint_carries_edits_added_groups_and_split_state(client: TestCli
         a, b = _step(client, sid, grads), _step(client, rid, grads)
         assert a["deltas"] == b["deltas"]
     assert len(client.get(f"/v1/sessions/{rid}/changes").json()["changes"]) == 2
+
+
+def test_an_edit_repeated_changes_nothing_again(client: TestClient) -> None:
+    sid = _create(client, {"optimizer": {"name": "Adam", "lr": 0.01}}, _initial())
+    url = f"/v1/sessions/{sid}/param_groups/0"
+    for _ in range(3):
+        response = client.patch(url, json={"lr": 0.02, "betas": [0.8, 0.9]})
+        assert response.status_code == 200, response.text
+    changes = client.get(f"/v1/sessions/{sid}/changes").json()["changes"]
+    assert [(c["field"], c["new"]) for c in changes] == [("lr", 0.02), ("betas", [0.8, 0.9])]
