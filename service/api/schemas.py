@@ -143,6 +143,12 @@ COMPONENTS: dict[str, Any] = {
             "created_at": {"type": "string"},
             "updated_at": {"type": "string"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "health": {
+                "enum": ["ok", "damaged"],
+                "description": "damaged: the stored history does not read back; steps and "
+                "reads answer 503 session-damaged until an operator repairs it",
+            },
+            "damage": {"type": ["string", "null"], "description": "why it is damaged"},
         },
         "additionalProperties": True,
     },

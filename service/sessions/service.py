@@ -48,6 +48,7 @@ from service.sessions.errors import (
     ParamsNotHeld,
     ParamsRequired,
     PreconditionFailed,
+    SessionDamaged,
     SessionError,
     SessionNotFound,
     StepInFlight,
@@ -69,7 +70,7 @@ from service.sessions.store.base import (
     StoredSession,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("optserve.sessions")
 
 T = TypeVar("T")
 
@@ -129,6 +130,8 @@ class _Entry:
     deleted: bool = False
     broken: str | None = None
     """Set when the store failed and the session could not be reloaded."""
+    damaged: str | None = None
+    """Why the stored history does not read back: nothing is applied or served."""
 
     @property
     def tenant(self) -> str:
@@ -213,6 +216,8 @@ class SessionService:
         entry = self._sessions.get(session_id)
         if entry is None or entry.tenant != tenant or entry.deleted:
             raise SessionNotFound(session_id)
+        if entry.damaged is not None:
+            raise SessionDamaged(session_id, entry.damaged)
         if entry.broken is not None:
             raise StorageError(entry.broken)
         return entry
@@ -248,9 +253,20 @@ class SessionService:
         while (item := await self._run_io(lambda: next(stored, None))) is not None:
             try:
                 entry = await self._run(functools.partial(self._recover, item))
-            except Exception:
-                log.exception("session %s could not be recovered; skipping it", item.record.id)
-                continue
+            except Exception as exc:
+                # What the disk returned does not replay: keep the session, refuse it.
+                log.exception(
+                    "session could not be recovered; it is marked damaged",
+                    extra={"session": item.record.id},
+                )
+                damaged = dataclasses.replace(item, damage=f"replay failed: {exc}")
+                try:
+                    entry = await self._run(functools.partial(self._recover, damaged))
+                except Exception:
+                    log.exception(
+                        "damaged session cannot be listed", extra={"session": item.record.id}
+                    )
+                    continue
             self._sessions[item.record.id] = entry
             self._per_tenant[entry.tenant] += 1
         self._started = True
@@ -359,7 +375,10 @@ class SessionService:
         return entry.info
 
     async def get(self, tenant: str, session_id: str) -> SessionInfo:
-        return self._entry(tenant, session_id).info
+        entry = self._entry_even_broken(tenant, session_id)
+        if entry.damaged is None and entry.broken is not None:
+            raise StorageError(entry.broken)
+        return entry.info
 
     async def list(
         self, tenant: str, limit: int, after: str | None
@@ -377,6 +396,9 @@ class SessionService:
 
     async def delete(self, tenant: str, session_id: str) -> None:
         entry = self._entry_even_broken(tenant, session_id)
+        if entry.damaged is not None:
+            # Its files are evidence: only an operator's repair changes them.
+            raise SessionDamaged(session_id, entry.damaged)
         async with entry.lock:
             if entry.deleted:
                 raise SessionNotFound(session_id)
@@ -526,6 +548,8 @@ class SessionService:
             if stored is None:
                 raise KeyError(sid)
             fresh = self._recover(stored)
+            if fresh.damaged is not None:
+                entry.damaged = entry.broken = fresh.damaged
         except Exception as exc:
             log.exception("session %s could not be reloaded from the store", sid)
             entry.broken = f"session {sid} is unavailable until the server restarts ({exc})"
@@ -676,8 +700,14 @@ class SessionService:
     # -- recovery ------------------------------------------------------------------------
 
     def _recover(self, stored: StoredSession) -> _Entry:
-        """Rebuild a session from its base snapshot and replay the events after it."""
+        """Rebuild a session from its base snapshot and replay the events after it.
+
+        A damaged session is rebuilt as far as it reads (to show where it stood) and
+        marked so; it is never appended to or served."""
+        if stored.damage is not None:
+            return self._recover_damaged(stored)
         record, snapshot = stored.record, stored.snapshot
+        assert snapshot is not None
         plan = plan_from_config(record.config, ignore=federated_state.OUTER_KEYS)
         restored = checkpoint.restore(snapshot.arrays, snapshot.metadata, plan)
         live = LiveSession(
@@ -691,6 +721,8 @@ class SessionService:
         )
         entry = _Entry(live, live.info(), base_seq=snapshot.seq)
         entry.later_snapshots = list(stored.later_snapshots)
+        for known in stored.known_keys:
+            entry.keys[known.key] = known
         last = stored.events[-1].seq if stored.events else snapshot.seq
         keep_from = last - self.window
         for event in stored.events:
@@ -709,6 +741,33 @@ class SessionService:
         entry.state_bytes = live.state_bytes()
         return entry
 
+    def _recover_damaged(self, stored: StoredSession) -> _Entry:
+        record = stored.record
+        damage = stored.damage or "damaged"
+        plan = plan_from_config(record.config, ignore=federated_state.OUTER_KEYS)
+        snapshot = stored.snapshot
+        if snapshot is None:
+            live = LiveSession(record, plan, initial_state(plan), None, 0, record.created_at)
+        else:
+            restored = checkpoint.restore(snapshot.arrays, snapshot.metadata, plan)
+            live = LiveSession(
+                record,
+                plan,
+                restored.state,
+                restored.held,
+                snapshot.seq,
+                snapshot.at,
+                restored.federation,
+            )
+            with contextlib.suppress(Exception):
+                for event in stored.events:
+                    self._replay(live, event)
+                    live.updated_at = event.at
+        entry = _Entry(live, dataclasses.replace(live.info(), damage=damage), damaged=damage)
+        # Also "broken": whatever works on live sessions in the background leaves it alone.
+        entry.broken = damage
+        return entry
+
     @staticmethod
     def _replay(live: LiveSession, event: Event) -> StepReply | None:
         """Apply a logged event again; None for a schedule step or a refused event."""
@@ -725,7 +784,8 @@ class SessionService:
             # Refused before it changed anything, as it was when it was logged (a crash
             # came between its append and its retraction): it is a no-op.
             log.warning(
-                "session %s: event %d is refused again (%s)", live.record.id, event.seq, exc
+                "a replayed event is refused again, as it was when logged; skipping it",
+                extra={"session": live.record.id, "seq": event.seq, "reason": str(exc)},
             )
             return None
         finally:
