@@ -138,6 +138,8 @@ class DiskStore(Store):
         self._lock_fd: int | None = None
         self.unlisted: dict[str, str] = {}
         """Session directories the catalog lacks and cannot take in, and why."""
+        self.restored: list[str] = []
+        """Sessions the catalog lacked on open and took back in from their directories."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -233,6 +235,7 @@ class DiskStore(Store):
             return
         keys, _ = history.read_keys(directory)
         self._insert(record, keys)
+        self.restored.append(session_id)
         log.warning(
             "session was missing from the catalog; added back from its directory",
             extra={"session": session_id, "archived_keys": len(keys)},
@@ -539,6 +542,18 @@ class DiskStore(Store):
         for start in seqs(directory, "log-", ".bin"):
             if start < base_seq:
                 os.unlink(directory / log_name(start))
+
+    def archived_keys(self, session_id: str) -> list[KeyRecord]:
+        """Every key the catalog archived for the session."""
+        with self._db_lock:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT key, fingerprint, step, seq FROM keys WHERE session = ?", (session_id,)
+                )
+                .fetchall()
+            )
+        return [KeyRecord(*row) for row in rows]
 
     def find_key(self, session_id: str, key: str) -> KeyRecord | None:
         with self._db_lock:

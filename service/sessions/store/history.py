@@ -164,7 +164,7 @@ def encode_snapshot(snapshot: Snapshot, session_id: str) -> bytes:
     }
     data = bytearray(safetensors.encode(snapshot.arrays, metadata))
     start, end = _checksum_span(data)
-    data[start:end] = checksum.hexdigest(data).encode()
+    data[start:end] = checksum.hexdigest(memoryview(data)).encode()
     return bytes(data)
 
 
@@ -247,6 +247,16 @@ class History:
     """The base is the newest snapshot and has no segment yet (a crash right after it)."""
     reachable: list[tuple[int, int]] = field(default_factory=list)
     """Ranges ``(first, last)`` of event counts that intact data can rebuild."""
+    broken: dict[int, str] = field(default_factory=dict)
+    """Segments (by start) that do not read back whole, and why."""
+
+    def events_after(self, base_seq: int) -> list[Event]:
+        """The intact events after the snapshot at ``base_seq``, up to the first gap."""
+        return _events_from(self.segments, self.broken, base_seq)[0]
+
+    def intact_events(self) -> list[Event]:
+        """Every intact event of every segment, the ones past a damaged part included."""
+        return [e for seg in self.segments for e in [*seg.scan.events, *seg.scan.beyond]]
 
     @property
     def last_seq(self) -> int:
@@ -279,8 +289,8 @@ def read(directory: Path, session_id: str, record: SessionRecord | None = None) 
         try:
             data = logfile.read_file(path)
         except OSError as exc:
-            why = f"{path.name} unreadable ({exc.strerror})"
-            segments.append(Segment(start, logfile.Scan([], 0, False, why), 0))
+            unreadable = f"unreadable ({exc.strerror})"
+            segments.append(Segment(start, logfile.Scan([], 0, False, unreadable), 0))
             continue
         segments.append(Segment(start, logfile.scan(data, session_id), data.size))
     newest_start = segment_starts[-1] if segment_starts else None
@@ -289,7 +299,7 @@ def read(directory: Path, session_id: str, record: SessionRecord | None = None) 
     broken_segments: dict[int, str] = {}
     for i, seg in enumerate(segments):
         name = log_name(seg.start)
-        why = seg.scan.damage
+        why: str | None = seg.scan.damage
         if seg.scan.torn and seg.start != newest_start:
             why = "a record is cut short, and it is not the newest segment"
         expected = seg.start + 1
@@ -313,22 +323,7 @@ def read(directory: Path, session_id: str, record: SessionRecord | None = None) 
             head = max(head, event.seq)
 
     def events_from(base_seq: int) -> tuple[list[Event], str | None]:
-        """The events after ``base_seq`` and the first reason they stop short of the end."""
-        chain = [s for s in segments if s.start >= base_seq]
-        out: list[Event] = []
-        if chain and chain[0].start != base_seq:
-            return out, f"no log segment starts at event {base_seq}"
-        for seg in chain:
-            if seg.start in broken_segments:
-                good = seg.start + 1
-                for event in seg.scan.events:
-                    if event.seq != good:
-                        break
-                    out.append(event)
-                    good += 1
-                return out, broken_segments[seg.start]
-            out.extend(seg.scan.events)
-        return out, None
+        return _events_from(segments, broken_segments, base_seq)
 
     base: Snapshot | None = None
     base_events: list[Event] = []
@@ -365,14 +360,12 @@ def read(directory: Path, session_id: str, record: SessionRecord | None = None) 
             damage.append("no snapshot is readable: " + "; ".join(bad_snaps))
         else:
             damage.append("no snapshot is stored")
-        for why in bad_snaps:
-            if why not in damage[-1]:
-                problems.append(why)
-        start, events = (fallback[0], fallback[1]) if fallback else (None, [])
+        problems.extend(bad for bad in bad_snaps if bad not in damage[-1])
+        begin, events = (fallback[0], fallback[1]) if fallback else (None, [])
         later: list[int] = []
         earlier: list[Event] = []
     else:
-        start, events = base, base_events
+        begin, events = base, base_events
         later = [s for s in snap_seqs if s > base.seq and snapshots.get(s) is None]
         earlier = [
             e
@@ -389,7 +382,7 @@ def read(directory: Path, session_id: str, record: SessionRecord | None = None) 
     history = History(
         session_id,
         record,
-        start,
+        begin,
         events,
         earlier,
         later,
@@ -399,6 +392,7 @@ def read(directory: Path, session_id: str, record: SessionRecord | None = None) 
         "; ".join(damage) or None,
         problems,
         reachable=_merge(reachable),
+        broken=broken_segments,
     )
     if record is None and history.damage is None:
         history.damage = "no record of the session is readable"
@@ -408,6 +402,28 @@ def read(directory: Path, session_id: str, record: SessionRecord | None = None) 
             history.torn = (newest.start, newest.scan.valid_bytes)
         history.needs_segment = base.seq not in segment_starts
     return history
+
+
+def _events_from(
+    segments: list[Segment], broken: dict[int, str], base_seq: int
+) -> tuple[list[Event], str | None]:
+    """The intact events after ``base_seq``, without a gap, and why they stop short of the
+    end of the newest segment (None if they do not)."""
+    chain = [s for s in segments if s.start >= base_seq]
+    out: list[Event] = []
+    if chain and chain[0].start != base_seq:
+        return out, f"no log segment starts at event {base_seq}"
+    for seg in chain:
+        if seg.start in broken:
+            good = seg.start + 1
+            for event in seg.scan.events:
+                if event.seq != good:
+                    break
+                out.append(event)
+                good += 1
+            return out, broken[seg.start]
+        out.extend(seg.scan.events)
+    return out, None
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
