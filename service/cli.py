@@ -11,12 +11,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from service.api.auth import KeyFileError, KeyTable
 from service.config import Settings
+
+if TYPE_CHECKING:
+    from service.sessions.integrity import Report
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,7 +120,7 @@ def _ranges(ranges: list[tuple[int, int]]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges) or "none"
 
 
-def _describe(report: Any) -> list[str]:
+def _describe(report: Report) -> list[str]:
     where = "" if report.last_step is None else f" at step {report.last_step}"
     tenant = f" (tenant {report.tenant})" if report.tenant is not None else ""
     if report.damage is None:

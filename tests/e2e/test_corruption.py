@@ -20,11 +20,13 @@ exactly like a torch replay of its first steps followed by the new ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -134,9 +136,24 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
                     for name, sid in ids.items():
                         response = step(client, sid, name, i, f"k{i}")
                         assert response.status_code == 200 and response.json()["step"] == i
+                    if i % 10 == 0:
+                        # Snapshots are written in the background; one still being written
+                        # would put the next off. Wait, so that the layout is always the same.
+                        wait_for(functools.partial(snapshots_exist, root / "data", ids, i))
         finally:
             server.stop()
     return root / "data", ids
+
+
+def snapshots_exist(data: Path, ids: dict[str, str], seq: int) -> bool:
+    return all(snap_of(data, sid, seq).exists() for sid in ids.values())
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def sessions_dir(data: Path, sid: str) -> Path:
