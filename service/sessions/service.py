@@ -561,7 +561,7 @@ class SessionService:
         entry.later_snapshots = fresh.later_snapshots
         entry.events_since_snapshot = fresh.events_since_snapshot
         entry.bytes_since_snapshot = fresh.bytes_since_snapshot
-        entry.info = fresh.live.info()
+        entry.info = fresh.info
 
     def _after_event(self, entry: _Entry, event_bytes: int) -> None:
         entry.info = entry.live.info()
