@@ -219,3 +219,25 @@ def test_a_data_directory_has_one_writer(tmp_path: Path) -> None:
     first.close()
     second = opened(tmp_path)  # the lock went with the first store
     second.close()
+
+
+def test_an_unfinished_line_of_archived_keys_is_cut_before_the_next(tmp_path: Path) -> None:
+    store = opened(tmp_path)
+    store.create(record(), snapshot(0, 1.0))
+    for seq in (1, 2, 3, 4):
+        store.append("s1", event(seq, key=f"k{seq}"))
+        if seq % 2 == 0:
+            store.snapshot("s1", snapshot(seq, float(seq)))()
+            store.compact("s1", seq, [KeyRecord(f"k{s}", f"fp{s}", s, s) for s in (seq - 1, seq)])
+        if seq == 2:
+            with open(session_dir(tmp_path) / "keys", "ab") as f:
+                f.write(b'0123456789abcdef {"keys": [[')  # a compaction cut short
+    store.close()
+    (tmp_path / disk.DB_NAME).unlink()
+    store = opened(tmp_path)
+    assert [store.find_key("s1", f"k{s}") for s in (1, 2, 3, 4)] == [
+        KeyRecord(f"k{s}", f"fp{s}", s, s) for s in (1, 2, 3, 4)
+    ]
+    loaded = store.load_session("s1")
+    assert loaded is not None and loaded.damage is None
+    store.close()

@@ -585,15 +585,23 @@ def _append_line(path: Path, line: bytes) -> None:
     """Append one checksummed line durably, after cutting an unfinished one."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        size = os.fstat(fd).st_size
-        if size:
-            tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
-            keep = size - len(tail) + tail.rfind(b"\n") + 1
-            if keep != size:
-                os.ftruncate(fd, keep)
-            size = keep
+        size = _end_of_last_line(fd, os.fstat(fd).st_size)
+        os.ftruncate(fd, size)
         os.pwrite(fd, line, size)
         os.fsync(fd)
     finally:
         os.close(fd)
     fsync_dir(path.parent)
+
+
+def _end_of_last_line(fd: int, size: int) -> int:
+    """Where the last complete line ends (a compaction cut short leaves a partial one)."""
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        chunk = os.pread(fd, end - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
