@@ -172,8 +172,13 @@ def repair(root: str | os.PathLike[str], session_id: str, to_step: int) -> tuple
             )
         # The latest state at that step (a manual schedule step may follow the step).
         target = max(targets)
+        # The newest intact snapshot whose events reach the target.
         base, events = max(
-            ((s, e) for s, e in _bases(store, found) if s.seq <= target),
+            (
+                (snapshot, after)
+                for snapshot, after in _bases(store, found)
+                if snapshot.seq == target or any(e.seq == target for e in after)
+            ),
             key=lambda pair: pair[0].seq,
         )
         kept = [e for e in events if e.seq <= target]
