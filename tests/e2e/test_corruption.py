@@ -362,3 +362,28 @@ def test_repair_brings_a_damaged_session_back_to_a_chosen_step(
     finally:
         server.stop()
         log.close()
+
+
+def test_a_server_rebuilds_a_lost_catalog_itself(
+    damaged_copy: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    data, ids = damaged_copy
+    delete_database(data, ids)
+    server, log = serve(data, tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for name, sid in ids.items():
+                doc = client.get(f"/v1/sessions/{sid}").json()
+                assert doc["health"] == "ok" and doc["labels"] == {"name": name}
+                assert_params(client, sid, name, list(range(1, STEPS + 1)))
+                # Keys in the log, and keys archived (compacted) before the database was lost.
+                for i in (12, 5):
+                    refused = step(client, sid, name, i, f"k{i}")
+                    assert refused.status_code == 409, refused.text
+                    assert refused.json()["applied_at_step"] == i
+    finally:
+        server.stop()
+        log.close()
+    lines = [json.loads(x) for x in (tmp_path / "server.log").read_text().splitlines() if x]
+    restored = {x["session"] for x in lines if "catalog" in x["msg"] and x["level"] == "warning"}
+    assert restored == set(ids.values())
