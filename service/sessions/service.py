@@ -746,10 +746,14 @@ class SessionService:
         damage = stored.damage or "damaged"
         plan = plan_from_config(record.config, ignore=federated_state.OUTER_KEYS)
         snapshot = stored.snapshot
-        if snapshot is None:
+        restored = None
+        if snapshot is not None:
+            with contextlib.suppress(Exception):
+                restored = checkpoint.restore(snapshot.arrays, snapshot.metadata, plan)
+        if snapshot is None or restored is None:
+            # Nothing of its state reads back: show it as created, refuse it all the same.
             live = LiveSession(record, plan, initial_state(plan), None, 0, record.created_at)
         else:
-            restored = checkpoint.restore(snapshot.arrays, snapshot.metadata, plan)
             live = LiveSession(
                 record,
                 plan,
