@@ -1,4 +1,9 @@
-"""``optserve serve``: run the HTTP server (``python -m service serve`` is the same)."""
+"""The ``optserve`` command (``python -m service`` is the same).
+
+- ``optserve serve``: run the HTTP server;
+- ``optserve check``: read every stored session back, report what is damaged;
+- ``optserve repair SESSION --to-step N``: rebuild a session as it was after N steps.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from service.api.auth import KeyFileError, KeyTable
 from service.config import Settings
+
+if TYPE_CHECKING:
+    from service.sessions.integrity import Report
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,18 +47,30 @@ def _parser() -> argparse.ArgumentParser:
         help="allow a non-loopback address with no API keys configured",
     )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    check = commands.add_parser(
+        "check",
+        help="verify every stored session (the server must be stopped)",
+        description="Read every session of the data directory back: every snapshot, every "
+        "log record, replayed to the end. Prints one line per session and exits 1 if "
+        "anything is damaged.",
+    )
+    check.add_argument("--data-dir", type=Path, help="the server's data directory")
+    repair = commands.add_parser(
+        "repair",
+        help="rebuild a session as it was after N steps (the server must be stopped)",
+        description="Bring SESSION back to the state after exactly N steps, from intact "
+        "snapshots and log records; what comes after is dropped, and the old files are "
+        "moved to quarantine/ in the data directory.",
+    )
+    repair.add_argument("session", help="the session id")
+    repair.add_argument("--to-step", type=int, required=True, metavar="N")
+    repair.add_argument("--data-dir", type=Path, help="the server's data directory")
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    flags: dict[str, Any] = {
-        "host": args.host,
-        "port": args.port,
-        "data_dir": args.data_dir,
-        "storage": args.storage,
-        "insecure": args.insecure,
-        "log_level": args.log_level,
-    }
+    names = ("host", "port", "data_dir", "storage", "insecure", "log_level")
+    flags: dict[str, Any] = {name: getattr(args, name, None) for name in names}
     return Settings(**{k: v for k, v in flags.items() if v is not None})
 
 
@@ -96,6 +116,75 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def _ranges(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges) or "none"
+
+
+def _describe(report: Report) -> list[str]:
+    where = "" if report.last_step is None else f" at step {report.last_step}"
+    tenant = f" (tenant {report.tenant})" if report.tenant is not None else ""
+    if report.damage is None:
+        lines = [f"{report.session_id}{tenant}: ok{where}"]
+    else:
+        good = (
+            "no state reads back"
+            if report.last_step is None
+            else (f"last good step {report.last_step}")
+        )
+        lines = [
+            f"{report.session_id}{tenant}: DAMAGED, {good}: {report.damage}",
+            f"  repair can rebuild steps: {_ranges(report.rebuildable())}",
+        ]
+    lines += [f"  damaged file (not needed): {problem}" for problem in report.problems]
+    return lines
+
+
+def _in_use(data_dir: Path) -> str:
+    return (
+        f"optserve: {data_dir} is in use by a running optserve server; stop it first "
+        "(check and repair need the data directory to themselves)"
+    )
+
+
+def run_check(data_dir: Path) -> int:
+    from service.sessions import integrity
+    from service.sessions.store.disk import DataDirInUse
+
+    if not data_dir.is_dir():
+        print(f"optserve: no data directory at {data_dir}", file=sys.stderr)
+        return 2
+    try:
+        reports = integrity.check(data_dir)
+    except DataDirInUse:
+        print(_in_use(data_dir), file=sys.stderr)
+        return 2
+    for report in reports:
+        print("\n".join(_describe(report)))
+    bad = [r for r in reports if not r.ok]
+    print(f"{len(reports)} sessions, {len(bad)} with damage")
+    return 1 if bad else 0
+
+
+def run_repair(data_dir: Path, session_id: str, to_step: int) -> int:
+    from service.sessions import integrity
+    from service.sessions.store.disk import DataDirInUse
+
+    if not data_dir.is_dir():
+        print(f"optserve: no data directory at {data_dir}", file=sys.stderr)
+        return 2
+    try:
+        report, aside = integrity.repair(data_dir, session_id, to_step)
+    except DataDirInUse:
+        print(_in_use(data_dir), file=sys.stderr)
+        return 2
+    except integrity.RepairRefused as exc:
+        print(f"optserve: {exc}", file=sys.stderr)
+        return 1
+    print(f"the old files of {session_id} are in {aside}")
+    print("\n".join(_describe(report)))
+    return 0 if report.damage is None else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -105,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(settings)
+    if args.command == "check":
+        return run_check(settings.data_dir)
+    if args.command == "repair":
+        return run_repair(settings.data_dir, args.session, args.to_step)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

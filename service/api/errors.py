@@ -144,6 +144,9 @@ MAPPINGS: dict[type[Exception], Mapping] = {
     domain.ParamsNotHeld: Mapping(409, "params-not-held", "Session does not hold parameters"),
     domain.LimitExceeded: Mapping(422, "limit-exceeded", "Limit exceeded", details=_limit),
     domain.InvalidCheckpoint: Mapping(422, "invalid-checkpoint", "Invalid checkpoint"),
+    domain.SessionDamaged: Mapping(
+        503, "session-damaged", "Session damaged", details=lambda e: {"damage": e.damage}
+    ),
     domain.StorageError: Mapping(
         503, "storage-unavailable", "Storage unavailable", headers=lambda e: {"Retry-After": "1"}
     ),

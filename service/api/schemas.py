@@ -149,6 +149,12 @@ COMPONENTS: dict[str, Any] = {
             "created_at": {"type": "string"},
             "updated_at": {"type": "string"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "health": {
+                "enum": ["ok", "damaged"],
+                "description": "damaged: the stored history does not read back; steps and "
+                "reads answer 503 session-damaged until an operator repairs it",
+            },
+            "damage": {"type": ["string", "null"], "description": "why it is damaged"},
         },
         "additionalProperties": True,
     },
@@ -289,7 +295,7 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Body larger than the configured limit",
         415: "Unsupported Content-Type",
         422: "Invalid request (fields named in errors)",
-        503: "Store unavailable",
+        503: "Store unavailable, or the session is damaged (session-damaged)",
     }
     return {s: {"description": described[s], "content": content} for s in statuses}
 
@@ -414,14 +420,14 @@ def params_responses() -> dict[int | str, dict[str, Any]]:
             "description": "The held parameters",
             "content": {**_json("Params"), SAFETENSORS_TYPE: {"schema": _BINARY}},
         },
-        **_problems(*_COMMON, 404, 409),
+        **_problems(*_COMMON, 404, 409, 503),
     }
 
 
 def state_responses() -> dict[int | str, dict[str, Any]]:
     return {
         200: {"description": "Checkpoint", "content": {SAFETENSORS_TYPE: {"schema": _BINARY}}},
-        **_problems(*_COMMON, 404),
+        **_problems(*_COMMON, 404, 503),
     }
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "ParamsNotHeld",
     "ParamsRequired",
     "PreconditionFailed",
+    "SessionDamaged",
     "SessionError",
     "SessionNotFound",
     "StepInFlight",
@@ -120,3 +121,18 @@ class StorageError(SessionError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
+
+
+class SessionDamaged(StorageError):
+    """The session's stored history does not read back (503 until an operator repairs it).
+
+    Nothing is applied to it and nothing of it is served: its state could be wrong, and
+    a step could repeat one already acknowledged."""
+
+    def __init__(self, session_id: str, damage: str) -> None:
+        super().__init__(
+            f"session {session_id!r} is damaged and refuses steps and reads until an "
+            f"operator repairs it (optserve check, optserve repair): {damage}"
+        )
+        self.session_id = session_id
+        self.damage = damage

@@ -117,6 +117,8 @@ class SessionInfo:
     created_at: float
     updated_at: float
     labels: dict[str, str] = field(default_factory=dict)
+    damage: str | None = None
+    """Why the session's stored history does not read back; None for a healthy one."""
 
     @property
     def etag(self) -> str:
@@ -146,4 +148,6 @@ class SessionInfo:
             "created_at": timestamp(self.created_at),
             "updated_at": timestamp(self.updated_at),
             "labels": dict(self.labels),
+            "health": "ok" if self.damage is None else "damaged",
+            "damage": self.damage,
         }

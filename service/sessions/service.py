@@ -48,6 +48,7 @@ from service.sessions.errors import (
     ParamsNotHeld,
     ParamsRequired,
     PreconditionFailed,
+    SessionDamaged,
     SessionError,
     SessionNotFound,
     StepInFlight,
@@ -77,7 +78,7 @@ from service.sessions.store.base import (
     StoredSession,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("optserve.sessions")
 
 T = TypeVar("T")
 
@@ -137,6 +138,8 @@ class _Entry:
     deleted: bool = False
     broken: str | None = None
     """Set when the store failed and the session could not be reloaded."""
+    damaged: str | None = None
+    """Why the stored history does not read back: nothing is applied or served."""
 
     @property
     def tenant(self) -> str:
@@ -221,6 +224,8 @@ class SessionService:
         entry = self._sessions.get(session_id)
         if entry is None or entry.tenant != tenant or entry.deleted:
             raise SessionNotFound(session_id)
+        if entry.damaged is not None:
+            raise SessionDamaged(session_id, entry.damaged)
         if entry.broken is not None:
             raise StorageError(entry.broken)
         return entry
@@ -256,9 +261,20 @@ class SessionService:
         while (item := await self._run_io(lambda: next(stored, None))) is not None:
             try:
                 entry = await self._run(functools.partial(self._recover, item))
-            except Exception:
-                log.exception("session %s could not be recovered; skipping it", item.record.id)
-                continue
+            except Exception as exc:
+                # What the disk returned does not replay: keep the session, refuse it.
+                log.exception(
+                    "session could not be recovered; it is marked damaged",
+                    extra={"session": item.record.id},
+                )
+                damaged = dataclasses.replace(item, damage=f"replay failed: {exc}")
+                try:
+                    entry = await self._run(functools.partial(self._recover, damaged))
+                except Exception:
+                    log.exception(
+                        "damaged session cannot be listed", extra={"session": item.record.id}
+                    )
+                    continue
             self._sessions[item.record.id] = entry
             self._per_tenant[entry.tenant] += 1
         self._started = True
@@ -369,7 +385,10 @@ class SessionService:
         return entry.info
 
     async def get(self, tenant: str, session_id: str) -> SessionInfo:
-        return self._entry(tenant, session_id).info
+        entry = self._entry_even_broken(tenant, session_id)
+        if entry.damaged is None and entry.broken is not None:
+            raise StorageError(entry.broken)
+        return entry.info
 
     async def list(
         self, tenant: str, limit: int, after: str | None
@@ -387,6 +406,9 @@ class SessionService:
 
     async def delete(self, tenant: str, session_id: str) -> None:
         entry = self._entry_even_broken(tenant, session_id)
+        if entry.damaged is not None:
+            # Its files are evidence: only an operator's repair changes them.
+            raise SessionDamaged(session_id, entry.damaged)
         async with entry.lock:
             if entry.deleted:
                 raise SessionNotFound(session_id)
@@ -536,6 +558,8 @@ class SessionService:
             if stored is None:
                 raise KeyError(sid)
             fresh = self._recover(stored)
+            if fresh.damaged is not None:
+                entry.damaged = entry.broken = fresh.damaged
         except Exception as exc:
             log.exception("session %s could not be reloaded from the store", sid)
             entry.broken = f"session {sid} is unavailable until the server restarts ({exc})"
@@ -547,7 +571,7 @@ class SessionService:
         entry.later_snapshots = fresh.later_snapshots
         entry.events_since_snapshot = fresh.events_since_snapshot
         entry.bytes_since_snapshot = fresh.bytes_since_snapshot
-        entry.info = fresh.live.info()
+        entry.info = fresh.info
 
     def _after_event(self, entry: _Entry, event_bytes: int) -> None:
         entry.info = entry.live.info()
@@ -642,13 +666,20 @@ class SessionService:
     async def changes(
         self, tenant: str, session_id: str, after: int | None, limit: int
     ) -> tuple[builtins.list[Change], int | None]:
-        """The change log, oldest first, from the event after ``after``; and the cursor."""
+        """The change log, oldest first, from the event after ``after``; and the cursor.
+
+        A page may hold more than ``limit`` entries: it ends with every entry of its last
+        event (the cursor is an event), so that no entry of an edit falls between pages."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", "limit")
         entry = self._entry(tenant, session_id)
         log_ = [c for c in entry.live.changes if after is None or c.seq > after]
-        page = log_[:limit]
-        return page, (page[-1].seq if len(log_) > limit else None)
+        end = min(limit, len(log_))
+        # An edit of several fields is one event: a page ends with all of its entries.
+        while 0 < end < len(log_) and log_[end].seq == log_[end - 1].seq:
+            end += 1
+        page = log_[:end]
+        return page, (page[-1].seq if len(log_) > end else None)
 
     async def params(self, tenant: str, session_id: str) -> dict[str, np.ndarray]:
         entry = self._entry(tenant, session_id)
@@ -746,9 +777,14 @@ class SessionService:
         """Rebuild a session from its base snapshot and replay the events after it.
 
         The snapshot's config is the session's as of the snapshot (groups added before it
-        are in it); the record's is the one it was created with.
+        are in it); the record's is the one it was created with. A damaged session is
+        rebuilt as far as it reads (to show where it stood) and marked so; it is never
+        appended to or served.
         """
+        if stored.damage is not None:
+            return self._recover_damaged(stored)
         record, snapshot = stored.record, stored.snapshot
+        assert snapshot is not None
         restored = checkpoint.restore(snapshot.arrays, snapshot.metadata)
         live = LiveSession(
             record,
@@ -763,6 +799,8 @@ class SessionService:
         )
         entry = _Entry(live, live.info(), base_seq=snapshot.seq)
         entry.later_snapshots = list(stored.later_snapshots)
+        for known in stored.known_keys:
+            entry.keys[known.key] = known
         last = stored.events[-1].seq if stored.events else snapshot.seq
         keep_from = last - self.window
         for event in stored.events:
@@ -779,6 +817,39 @@ class SessionService:
                 entry.bytes_since_snapshot += _event_size(event)
         entry.info = live.info()
         entry.state_bytes = live.state_bytes()
+        return entry
+
+    def _recover_damaged(self, stored: StoredSession) -> _Entry:
+        record = stored.record
+        damage = stored.damage or "damaged"
+        snapshot = stored.snapshot
+        restored = None
+        if snapshot is not None:
+            with contextlib.suppress(Exception):
+                restored = checkpoint.restore(snapshot.arrays, snapshot.metadata)
+        if snapshot is None or restored is None:
+            # Nothing of its state reads back: show it as created, refuse it all the same.
+            plan = plan_from_config(record.config, ignore=federated_state.OUTER_KEYS)
+            live = LiveSession(record, plan, initial_state(plan), None, 0, record.created_at)
+        else:
+            live = LiveSession(
+                record,
+                restored.plan,
+                restored.state,
+                restored.held,
+                snapshot.seq,
+                snapshot.at,
+                restored.federation,
+                restored.config,
+                restored.changes,
+            )
+            with contextlib.suppress(Exception):
+                for event in stored.events:
+                    self._replay(live, event)
+                    live.updated_at = event.at
+        entry = _Entry(live, dataclasses.replace(live.info(), damage=damage), damaged=damage)
+        # Also "broken": whatever works on live sessions in the background leaves it alone.
+        entry.broken = damage
         return entry
 
     @staticmethod
@@ -800,7 +871,8 @@ class SessionService:
             # Refused before it changed anything, as it was when it was logged (a crash
             # came between its append and its retraction): it is a no-op.
             log.warning(
-                "session %s: event %d is refused again (%s)", live.record.id, event.seq, exc
+                "a replayed event is refused again, as it was when logged; skipping it",
+                extra={"session": live.record.id, "seq": event.seq, "reason": str(exc)},
             )
             return None
         finally:

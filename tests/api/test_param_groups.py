@@ -284,3 +284,15 @@ def test_an_edit_repeated_changes_nothing_again(client: TestClient) -> None:
         assert response.status_code == 200, response.text
     changes = client.get(f"/v1/sessions/{sid}/changes").json()["changes"]
     assert [(c["field"], c["new"]) for c in changes] == [("lr", 0.02), ("betas", [0.8, 0.9])]
+
+
+def test_change_log_pages_keep_every_field_of_an_edit(client: TestClient) -> None:
+    sid = _create(client, {"optimizer": {"name": "SGD", "lr": 0.1}}, _initial())
+    url = f"/v1/sessions/{sid}/param_groups/0"
+    client.patch(url, json={"lr": 0.2, "momentum": 0.5})
+    client.patch(url, json={"lr": 0.3})
+    first = client.get(f"/v1/sessions/{sid}/changes", params={"limit": 1}).json()
+    assert [c["field"] for c in first["changes"]] == ["lr", "momentum"]
+    rest = client.get(f"/v1/sessions/{sid}/changes", params={"after": first["next"]}).json()
+    assert [(c["field"], c["new"]) for c in rest["changes"]] == [("lr", 0.3)]
+    assert rest["next"] is None

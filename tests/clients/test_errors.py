@@ -43,6 +43,7 @@ def response(status: int, body: object = None, content: bytes | None = None) -> 
         (429, "about:blank", errors.TooManyRequests),
         (500, "about:blank", errors.ServerError),
         (503, "/problems/storage-unavailable", errors.ServerError),
+        (503, "/problems/session-damaged", errors.SessionDamaged),
         (418, "about:blank", errors.APIError),
     ],
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.sessions.store import DiskStore, disk, logfile
+from service.sessions.store import DiskStore, KeyRecord, disk, logfile
 from service.sessions.store.disk import SESSIONS_DIR
 from tests.sessions.test_store_contract import event, record, snapshot
 
@@ -53,27 +53,43 @@ def test_a_torn_last_record_is_dropped_and_the_log_goes_on(tmp_path: Path) -> No
     store.close()
 
 
-def test_garbage_after_the_last_record_is_cut_off(tmp_path: Path) -> None:
+def test_zeros_after_the_last_record_are_cut_off(tmp_path: Path) -> None:
+    # An append that extended the file but whose data never reached the disk.
     store = opened(tmp_path)
     store.create(record(), snapshot(0, 1.0))
     store.append("s1", event(1))
     store.close()
     size = only_log(tmp_path).stat().st_size
     with open(only_log(tmp_path), "ab") as f:
-        f.write(os.urandom(100))
+        f.write(bytes(4096))
     store = opened(tmp_path)
     loaded = store.load_session("s1")
-    assert loaded is not None and [e.seq for e in loaded.events] == [1]
+    assert loaded is not None and loaded.damage is None and [e.seq for e in loaded.events] == [1]
     assert only_log(tmp_path).stat().st_size == size
     store.close()
 
 
-def test_a_session_directory_without_a_row_is_removed(tmp_path: Path) -> None:
+def test_garbage_after_the_last_record_is_damage_and_is_kept(tmp_path: Path) -> None:
+    store = opened(tmp_path)
+    store.create(record(), snapshot(0, 1.0))
+    store.append("s1", event(1))
+    store.close()
+    with open(only_log(tmp_path), "ab") as f:
+        f.write(os.urandom(100))
+    before = only_log(tmp_path).read_bytes()
+    store = opened(tmp_path)
+    loaded = store.load_session("s1")
+    assert loaded is not None and loaded.damage is not None
+    assert only_log(tmp_path).read_bytes() == before
+    store.close()
+
+
+def test_a_half_created_session_is_removed(tmp_path: Path) -> None:
     store = opened(tmp_path)
     store.create(record(), snapshot(0, 1.0))
     store.close()
-    # A crash after the directory was made but before the row was committed.
-    orphan = session_dir(tmp_path, "orphan")
+    # A crash while the directory was being built: it was never renamed into place.
+    orphan = session_dir(tmp_path, disk.CREATING + "orphan")
     orphan.mkdir()
     (orphan / "snap-00000000000000000000.safetensors").write_bytes(b"partial")
     (session_dir(tmp_path) / "snap-00000000000000000007.safetensors.tmp").write_bytes(b"half")
@@ -84,15 +100,49 @@ def test_a_session_directory_without_a_row_is_removed(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_row_without_its_state_is_forgotten(tmp_path: Path) -> None:
+def test_a_lost_catalog_is_rebuilt_from_the_session_directories(tmp_path: Path) -> None:
+    store = opened(tmp_path)
+    store.create(record("s1"), snapshot(0, 1.0))
+    store.create(record("s2", tenant="u", created_at=2.0), snapshot(0, 3.0))
+    for seq in (1, 2):
+        store.append("s2", event(seq, key=f"k{seq}"))
+    store.snapshot("s2", snapshot(2, 4.0))()
+    store.compact("s2", 2, [KeyRecord("k1", "fp1", 1, 1), KeyRecord("k2", "fp2", 2, 2)])
+    store.close()
+    (tmp_path / disk.DB_NAME).unlink()
+    store = opened(tmp_path)
+    loaded = {s.record.id: s for s in store.load()}
+    assert loaded.keys() == {"s1", "s2"}
+    assert loaded["s2"].record == record("s2", tenant="u", created_at=2.0)
+    assert loaded["s2"].damage is None and loaded["s2"].snapshot is not None
+    assert loaded["s2"].snapshot.seq == 2
+    assert store.find_key("s2", "k1") == KeyRecord("k1", "fp1", 1, 1)
+    store.close()
+
+
+def test_a_directory_without_a_readable_record_is_kept_and_reported(tmp_path: Path) -> None:
+    store = opened(tmp_path)
+    store.create(record("s1"), snapshot(0, 1.0))
+    store.close()
+    (tmp_path / disk.DB_NAME).unlink()
+    (session_dir(tmp_path) / "record").write_bytes(b"garbage")
+    store = opened(tmp_path)
+    assert list(store.load()) == []
+    assert session_dir(tmp_path).is_dir()
+    assert "s1" in store.unlisted and store.session_ids() == ["s1"]
+    store.close()
+
+
+def test_a_row_without_its_state_is_damaged_not_forgotten(tmp_path: Path) -> None:
     store = opened(tmp_path)
     store.create(record("s1"), snapshot(0, 1.0))
     store.create(record("s2", created_at=2.0), snapshot(0, 1.0))
     store.close()
-    for path in session_dir(tmp_path, "s1").iterdir():
-        path.unlink()
+    for path in session_dir(tmp_path, "s1").glob("snap-*"):
+        path.write_bytes(b"")
     store = opened(tmp_path)
-    assert [s.record.id for s in store.load()] == ["s2"]
+    loaded = list(store.load())
+    assert [(s.record.id, s.damage is None) for s in loaded] == [("s1", False), ("s2", True)]
     store.close()
 
 
@@ -169,3 +219,25 @@ def test_a_data_directory_has_one_writer(tmp_path: Path) -> None:
     first.close()
     second = opened(tmp_path)  # the lock went with the first store
     second.close()
+
+
+def test_an_unfinished_line_of_archived_keys_is_cut_before_the_next(tmp_path: Path) -> None:
+    store = opened(tmp_path)
+    store.create(record(), snapshot(0, 1.0))
+    for seq in (1, 2, 3, 4):
+        store.append("s1", event(seq, key=f"k{seq}"))
+        if seq % 2 == 0:
+            store.snapshot("s1", snapshot(seq, float(seq)))()
+            store.compact("s1", seq, [KeyRecord(f"k{s}", f"fp{s}", s, s) for s in (seq - 1, seq)])
+        if seq == 2:
+            with open(session_dir(tmp_path) / "keys", "ab") as f:
+                f.write(b'0123456789abcdef {"keys": [[')  # a compaction cut short
+    store.close()
+    (tmp_path / disk.DB_NAME).unlink()
+    store = opened(tmp_path)
+    assert [store.find_key("s1", f"k{s}") for s in (1, 2, 3, 4)] == [
+        KeyRecord(f"k{s}", f"fp{s}", s, s) for s in (1, 2, 3, 4)
+    ]
+    loaded = store.load_session("s1")
+    assert loaded is not None and loaded.damage is None
+    store.close()

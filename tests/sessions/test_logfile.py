@@ -92,21 +92,47 @@ def test_a_frame_cut_inside_its_own_bytes_is_dropped() -> None:
         assert scan.torn == (cut > 0)
 
 
-@pytest.mark.parametrize("where", ["length", "header", "data", "last"])
-def test_a_flipped_bit_ends_the_log_before_the_damaged_frame(where: str) -> None:
+@pytest.mark.parametrize("where", ["header", "data", "last"])
+def test_a_flipped_bit_in_a_whole_last_frame_is_damage_not_a_tear(where: str) -> None:
     first, second = frame_bytes(sample(1)), bytearray(frame_bytes(sample(2)))
     length = unpadded_length(sample(2))
-    position = {
-        "length": 5,
-        "header": logfile.PREFIX_SIZE + 3,
-        "data": length // 2,
-        "last": length - 1,
-    }[where]
+    position = {"header": logfile.PREFIX_SIZE + 3, "data": length // 2, "last": length - 1}[where]
     second[position] ^= 0x10
     data = np.frombuffer(first + bytes(second), dtype=np.uint8)
     scan = logfile.scan(data)
     assert [e.seq for e in scan.events] == [1]
-    assert scan.torn
+    assert not scan.torn and scan.damage is not None and "checksum" in scan.damage
+
+
+def test_a_flipped_length_of_the_last_frame_reads_as_a_write_cut_short() -> None:
+    # Its frame then ends past the file: that cannot be told from an interrupted append.
+    first, second = frame_bytes(sample(1)), bytearray(frame_bytes(sample(2)))
+    second[9] ^= 0x10  # data length
+    scan = logfile.scan(np.frombuffer(first + bytes(second), dtype=np.uint8))
+    assert [e.seq for e in scan.events] == [1] and scan.torn
+
+
+def test_a_bad_frame_with_intact_frames_after_it_is_damage() -> None:
+    frames = [bytearray(frame_bytes(sample(i))) for i in (1, 2, 3)]
+    frames[1][logfile.PREFIX_SIZE + 3] ^= 0x01
+    scan = logfile.scan(np.frombuffer(b"".join(frames), dtype=np.uint8))
+    assert [e.seq for e in scan.events] == [1]
+    assert not scan.torn and scan.damage is not None
+    assert [e.seq for e in scan.beyond] == [3]
+
+
+def test_a_last_frame_with_a_sector_never_written_is_torn() -> None:
+    first, second = frame_bytes(sample(1)), bytearray(frame_bytes(sample(2)))
+    second[:512] = bytes(512)
+    scan = logfile.scan(np.frombuffer(first + bytes(second), dtype=np.uint8))
+    assert [e.seq for e in scan.events] == [1] and scan.torn
+
+
+def test_a_frame_of_another_session_is_damage() -> None:
+    raw = b"".join(bytes(b) for b in logfile.encode(sample(1), "other"))
+    scan = logfile.scan(np.frombuffer(raw, dtype=np.uint8), "mine")
+    assert scan.events == [] and scan.damage is not None and "other" in scan.damage
+    assert [e.seq for e in logfile.scan(np.frombuffer(raw, dtype=np.uint8), "other").events] == [1]
 
 
 def test_zeroed_tail_is_not_a_frame() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.core.errors import CoreError
-from service.sessions.errors import StorageError
+from service.sessions.errors import IdempotencyExpired, SessionDamaged, StorageError
 from service.sessions.models import StepRequest
 from service.sessions.service import SessionService
 from service.sessions.store import DiskStore, Event, MemoryStore
@@ -210,3 +210,56 @@ async def test_a_refused_step_leaves_nothing_in_the_log(store_factory: StoreFact
         assert await exported(service, sid) == before
         with pytest.raises(CoreError):  # refused again, not answered from a stored reply
             await service.step("t", sid, key_request(3))
+
+
+async def test_a_damaged_log_is_listed_and_refused_not_served(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    async with running(DiskStore(root)) as service:
+        sid = (await service.create("t", CONFIG, START)).id
+        for i in range(1, 6):
+            await service.step("t", sid, key_request(i))
+    path = log_files(root, sid)[-1]
+    raw = bytearray(path.read_bytes())
+    raw[4096 + 300] ^= 0x01  # event 2 of 5: intact events follow it
+    path.write_bytes(bytes(raw))
+    async with running(DiskStore(root)) as service:
+        info = await service.get("t", sid)
+        assert info.damage is not None and info.document()["health"] == "damaged"
+        assert info.step == 1  # as far as it reads back
+        [listed], _ = await service.list("t", 10, None)
+        assert listed.damage == info.damage
+        for call in (
+            service.step("t", sid, key_request(5)),
+            service.step("t", sid, key_request(6)),
+            service.params("t", sid),
+            service.export_state("t", sid),
+            service.schedule_step("t", sid, None),
+            service.delete("t", sid),
+        ):
+            with pytest.raises(SessionDamaged):
+                await call
+    assert path.read_bytes() == bytes(raw)
+
+
+async def test_a_damaged_base_snapshot_falls_back_and_keeps_the_older_keys(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    async with running(DiskStore(root), snapshot_every=3, idempotency_window=2) as service:
+        sid = (await service.create("t", CONFIG, START)).id
+        for i in range(1, 8):
+            await service.step("t", sid, key_request(i))
+            await settle(service)
+    snaps = sorted((root / SESSIONS_DIR / sid).glob("snap-*"))
+    assert len(snaps) >= 2
+    raw = bytearray(snaps[0].read_bytes())
+    raw[-3] ^= 0x01
+    snaps[0].write_bytes(bytes(raw))
+    async with running(DiskStore(root), snapshot_every=3, idempotency_window=2) as service:
+        info = await service.get("t", sid)
+        assert info.damage is None and info.step == 7
+        want = core_params(CONFIG, START, [step_grads(i) for i in range(1, 8)])
+        held = await service.params("t", sid)
+        assert all(np.array_equal(held[k], want[k]) for k in SHAPES)
+        # Step 4 sits before the new base: not replayed, but never applied again.
+        with pytest.raises(IdempotencyExpired):
+            await service.step("t", sid, key_request(4))
+        assert (await service.step("t", sid, key_request(7))).replayed

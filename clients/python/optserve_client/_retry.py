@@ -20,7 +20,7 @@ from typing import Literal
 
 import httpx
 
-from optserve_client.errors import APIError, StepInFlight
+from optserve_client.errors import APIError, SessionDamaged, StepInFlight
 
 Safety = Literal["idempotent", "unsent"]
 
@@ -55,6 +55,8 @@ class RetryPolicy:
         return safety == "idempotent" or isinstance(exc, _UNSENT_ERRORS)
 
     def retries_error(self, safety: Safety, error: APIError) -> bool:
+        if isinstance(error, SessionDamaged):
+            return False  # it stays damaged until an operator repairs it
         if error.status in (429, 503):
             return True
         if safety != "idempotent":

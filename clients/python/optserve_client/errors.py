@@ -62,6 +62,7 @@ __all__ = [
     "PreconditionFailed",
     "ProtocolError",
     "ServerError",
+    "SessionDamaged",
     "SessionNotFound",
     "StepInFlight",
     "TooManyRequests",
@@ -231,6 +232,11 @@ class ServerError(APIError):
     pass
 
 
+class SessionDamaged(ServerError):
+    """503: the session's stored history does not read back; the server refuses it until
+    an operator repairs it (``optserve check``, ``optserve repair``). Not retried."""
+
+
 _BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequest,
     401: Unauthorized,
@@ -258,6 +264,7 @@ _BY_TYPE: dict[str, type[APIError]] = {
     "unknown-name": UnknownName,
     "invalid-input": InvalidInput,
     "invalid-checkpoint": InvalidCheckpoint,
+    "session-damaged": SessionDamaged,
 }
 
 

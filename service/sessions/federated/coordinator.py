@@ -28,7 +28,7 @@ from service.sessions.federated.models import RoundParams, UpdateReply, UpdateRe
 if TYPE_CHECKING:
     from service.sessions.service import SessionService, _Entry
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("optserve.federated")
 
 MAX_WAIT_S = 60.0
 """Longest long poll; clients poll again after an empty answer."""

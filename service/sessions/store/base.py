@@ -96,11 +96,20 @@ class StoredSession:
     """One session as the store holds it: what recovery starts from."""
 
     record: SessionRecord
-    snapshot: Snapshot
+    snapshot: Snapshot | None
+    """The base state; None only for a damaged session with no readable state at all."""
     events: list[Event]
     """The events after ``snapshot.seq``, in order."""
     later_snapshots: list[int]
     """Event counts of the stored snapshots newer than ``snapshot`` (compaction targets)."""
+    known_keys: list[KeyRecord] = field(default_factory=list)
+    """Keys of stored events before ``snapshot`` (not replayed, still not to be applied
+    again); their ``step`` is the event's number, as their replies are not recomputed."""
+    damage: str | None = None
+    """Why the history cannot be read back to its last acknowledged event, or None.
+
+    A damaged session's ``snapshot`` and ``events`` are the longest history that can be
+    read (to show where it stood), and nothing of it may be appended to or changed."""
 
 
 class Store(ABC):

@@ -2,9 +2,12 @@
 
 Layout under the data directory::
 
-    optserve.sqlite3                 session records and archived idempotency keys
-    sessions/<id>/snap-<seq>.safetensors   the state after <seq> events (a checkpoint)
-    sessions/<id>/log-<seq>.bin            the events after <seq>, one frame each
+    optserve.sqlite3                 the catalog: an index of the session directories
+    sessions/<id>/record             tenant, config, labels, creation time (checksummed)
+    sessions/<id>/snap-<seq>.safetensors   the state after <seq> events (checksummed)
+    sessions/<id>/log-<seq>.bin            the events after <seq>, one checksummed frame each
+    sessions/<id>/keys               idempotency keys of compacted events (checksummed lines)
+    quarantine/                      what ``optserve repair`` set aside
 
 Why this shape (docs/storage.md has the measurements): a step's durable cost is one
 append of its inputs plus one ``fdatasync``. The state itself (several times the size
@@ -14,11 +17,14 @@ whole or absent. SQLite holds what is small and must be queried (who owns a sess
 which keys were used long ago); it is never on a step's path, because a commit there
 costs as much as the append itself.
 
-Commit points: a session exists once its SQLite row is committed (its directory with
-the first snapshot is made durable before); an event exists once its frame is fsynced;
-a snapshot exists once it is renamed into place with the directory fsynced. Whatever a
-crash leaves outside these (a directory without a row, a ``.tmp`` file, a torn frame at
-the end of a log) is removed or truncated on the next start.
+Commit points: a session exists once its directory (record, first snapshot, first
+segment) is renamed from ``.creating-<id>`` to ``<id>`` and the parent fsynced; an event
+exists once its frame is fsynced; a snapshot exists once it is renamed into place with
+the directory fsynced. The session directories are the truth; SQLite is rebuilt from them
+when it lacks a session (or is lost). What a crash leaves outside the commit points (a
+``.creating-`` directory, a ``.tmp`` file, a torn frame at the end of the newest segment)
+is removed or cut on the next start; anything else that does not read back marks the
+session damaged (``history``), and its files are left exactly as they are.
 """
 
 from __future__ import annotations
@@ -30,13 +36,12 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.codec import safetensors
-from service.codec.errors import MalformedBody
-from service.sessions.store import appender, logfile
+from service.sessions.store import appender, history, logfile
 from service.sessions.store.base import (
     Event,
     KeyRecord,
@@ -45,14 +50,18 @@ from service.sessions.store.base import (
     Store,
     StoredSession,
 )
+from service.sessions.store.history import History, log_name, seqs, snap_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("optserve.store")
 
 DB_NAME = "optserve.sqlite3"
 LOCK_NAME = "lock"
 SESSIONS_DIR = "sessions"
-_SEQ_KEY = "optserve.store.seq"
-_AT_KEY = "optserve.store.at"
+QUARANTINE_DIR = "quarantine"
+CREATING = ".creating-"
+"""Prefix of a session directory being created: never acknowledged, removed on start."""
+REPAIRING = ".repairing-"
+"""Prefix of a session directory being rebuilt by a repair, swapped in when whole."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -71,24 +80,6 @@ CREATE TABLE IF NOT EXISTS keys (
     PRIMARY KEY (session, key)
 ) WITHOUT ROWID;
 """
-
-
-def _snap_name(seq: int) -> str:
-    return f"snap-{seq:020d}.safetensors"
-
-
-def _log_name(seq: int) -> str:
-    return f"log-{seq:020d}.bin"
-
-
-def _seqs(directory: Path, prefix: str, suffix: str) -> list[int]:
-    found = []
-    for entry in os.listdir(directory):
-        if entry.startswith(prefix) and entry.endswith(suffix):
-            middle = entry[len(prefix) : -len(suffix)]
-            if middle.isdigit():
-                found.append(int(middle))
-    return sorted(found)
 
 
 def fsync_dir(path: Path) -> None:
@@ -145,6 +136,10 @@ class DiskStore(Store):
         self._logs: dict[str, _Log] = {}
         self._logs_lock = threading.Lock()
         self._lock_fd: int | None = None
+        self.unlisted: dict[str, str] = {}
+        """Session directories the catalog lacks and cannot take in, and why."""
+        self.restored: list[str] = []
+        """Sessions the catalog lacked on open and took back in from their directories."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -201,22 +196,72 @@ class DiskStore(Store):
         return self._db
 
     def _remove_debris(self) -> None:
-        """Undo what a crash left half-done: sessions without a row, rows without data."""
+        """Undo what a crash left half-done, and make the catalog know every session.
+
+        A ``.creating-`` directory is a create that never committed (it was never
+        answered); a ``.repairing-`` one is a repair cut short, finished or dropped. A
+        session directory the catalog lacks (the database was lost, or a crash came
+        between the directory's commit and the row's) is added back from its record
+        file, with its archived keys: a session directory is never removed for it.
+        """
         with self._db_lock:
             ids = {row[0] for row in self._conn().execute("SELECT id FROM sessions")}
-        for entry in os.listdir(self._sessions_dir):
+        for entry in sorted(os.listdir(self._sessions_dir)):
             path = self._sessions_dir / entry
-            if entry not in ids:
+            if entry.startswith(CREATING):
                 shutil.rmtree(path, ignore_errors=True)
+                continue
+            if entry.startswith(REPAIRING):
+                self._finish_repair(entry[len(REPAIRING) :])
+                continue
+            if not path.is_dir():
                 continue
             for name in os.listdir(path):
                 if name.endswith(".tmp"):
                     os.unlink(path / name)
-        for session_id in ids:
-            directory = self._sessions_dir / session_id
-            if not directory.is_dir() or not _seqs(directory, "snap-", ".safetensors"):
-                log.error("session %s has no stored state; forgetting it", session_id)
-                self._forget(session_id)
+            if entry not in ids:
+                self._add_to_catalog(entry, path)
+
+    def _add_to_catalog(self, session_id: str, directory: Path) -> None:
+        try:
+            record = history.read_record(directory, session_id)
+        except history.Damaged as exc:
+            # Without its record the tenant is unknown: keep it for check and repair.
+            self.unlisted[session_id] = str(exc)
+            log.error(
+                "session directory is not in the catalog and cannot be added back",
+                extra={"session": session_id, "damage": str(exc)},
+            )
+            return
+        keys, _ = history.read_keys(directory)
+        self._insert(record, keys)
+        self.restored.append(session_id)
+        log.warning(
+            "session was missing from the catalog; added back from its directory",
+            extra={"session": session_id, "archived_keys": len(keys)},
+        )
+
+    def _insert(self, record: SessionRecord, keys: Sequence[KeyRecord] = ()) -> None:
+        with self._db_lock:
+            db = self._conn()
+            db.execute("BEGIN")
+            db.execute(
+                "INSERT OR REPLACE INTO sessions (id, tenant, config, labels, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.tenant,
+                    json.dumps(record.config),
+                    json.dumps(record.labels),
+                    record.created_at,
+                ),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO keys (session, key, fingerprint, step, seq) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(record.id, k.key, k.fingerprint, k.step, k.seq) for k in keys],
+            )
+            db.execute("COMMIT")
 
     def _forget(self, session_id: str) -> None:
         with self._db_lock:
@@ -234,30 +279,31 @@ class DiskStore(Store):
             exists = (
                 self._conn().execute("SELECT 1 FROM sessions WHERE id = ?", (record.id,)).fetchone()
             )
-        if exists:
+        if exists or directory.exists():
             raise KeyError(f"session {record.id!r} already stored")
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir()
-        write_durably(directory / _snap_name(snapshot.seq), _encode_snapshot(snapshot))
-        fd, direct = self._new_segment(directory, snapshot.seq)
-        fsync_dir(self._sessions_dir)
+        building = self._sessions_dir / (CREATING + record.id)
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir()
         try:
-            with self._db_lock:
-                self._conn().execute(
-                    "INSERT INTO sessions (id, tenant, config, labels, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (
-                        record.id,
-                        record.tenant,
-                        json.dumps(record.config),
-                        json.dumps(record.labels),
-                        record.created_at,
-                    ),
-                )
+            write_durably(building / history.RECORD_NAME, history.encode_record(record))
+            write_durably(
+                building / snap_name(snapshot.seq),
+                history.encode_snapshot(snapshot, record.id),
+            )
+            os.close(self._new_segment(building, snapshot.seq)[0])
+            # The commit point: the whole directory appears at once.
+            os.rename(building, directory)
+            fsync_dir(self._sessions_dir)
         except BaseException:
-            os.close(fd)
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        try:
+            self._insert(record)
+        except BaseException:
+            # Not acknowledged: take the session back rather than leave it half known.
             shutil.rmtree(directory, ignore_errors=True)
             raise
+        fd, direct = appender.open_log(directory / log_name(snapshot.seq), create=False)
         with self._logs_lock:
             self._logs[record.id] = _Log(fd, direct, snapshot.seq, 0, snapshot.seq)
 
@@ -269,98 +315,141 @@ class DiskStore(Store):
             os.close(entry.fd)
         shutil.rmtree(self._sessions_dir / session_id, ignore_errors=True)
 
-    def load(self) -> Iterator[StoredSession]:
+    def _rows(self, session_id: str | None = None) -> list[SessionRecord]:
+        query = "SELECT id, tenant, config, labels, created_at FROM sessions"
         with self._db_lock:
-            rows = (
-                self._conn()
-                .execute(
-                    "SELECT id, tenant, config, labels, created_at FROM sessions "
-                    "ORDER BY created_at, id"
-                )
-                .fetchall()
-            )
-        for row in rows:
-            loaded = self._load_one(_record(row))
-            if loaded is not None:
-                yield loaded
+            if session_id is None:
+                rows = self._conn().execute(query + " ORDER BY created_at, id").fetchall()
+            else:
+                rows = self._conn().execute(query + " WHERE id = ?", (session_id,)).fetchall()
+        return [_record(row) for row in rows]
+
+    def load(self) -> Iterator[StoredSession]:
+        for record in self._rows():
+            yield self._load_one(record)
 
     def load_session(self, session_id: str) -> StoredSession | None:
-        with self._db_lock:
-            row = (
-                self._conn()
-                .execute(
-                    "SELECT id, tenant, config, labels, created_at FROM sessions WHERE id = ?",
-                    (session_id,),
-                )
-                .fetchone()
-            )
-        if row is None:
-            return None
-        return self._load_one(_record(row))
+        rows = self._rows(session_id)
+        return self._load_one(rows[0]) if rows else None
 
-    def _load_one(self, record: SessionRecord) -> StoredSession | None:
+    def inspect(self, session_id: str) -> History:
+        """Read one session back and verify everything, changing nothing."""
+        rows = self._rows(session_id)
+        return history.read(self._sessions_dir / session_id, session_id, rows[0] if rows else None)
+
+    def session_ids(self) -> list[str]:
+        """Every session: the catalog's, then directories it could not take in."""
+        listed = [r.id for r in self._rows()]
+        return listed + sorted(set(self.unlisted) - set(listed))
+
+    def _load_one(self, record: SessionRecord) -> StoredSession:
         directory = self._sessions_dir / record.id
-        snaps = _seqs(directory, "snap-", ".safetensors")
-        segments = _seqs(directory, "log-", ".bin")
-        base: Snapshot | None = None
-        for seq in snaps:
-            # The base must be followed by its own segment (or be the newest snapshot):
-            # a compaction cut short may have removed older segments but not snapshots.
-            if seq not in segments and seq != snaps[-1]:
-                continue
-            try:
-                base = _decode_snapshot(directory / _snap_name(seq))
-            except (OSError, MalformedBody, ValueError, KeyError) as exc:
-                log.error("session %s: snapshot %d unreadable (%s)", record.id, seq, exc)
-                continue
-            break
-        if base is None:
-            log.error("session %s: no readable snapshot; skipping it", record.id)
-            return None
-        events: list[Event] = []
-        expected = base.seq + 1
-        chain = [s for s in segments if s >= base.seq]
-        if not chain or chain[0] != base.seq:
+        found = history.read(directory, record.id, record)
+        for problem in found.problems:
+            log.error(
+                "damaged file not needed by the session's history; left as it is",
+                extra={"session": record.id, "damage": problem},
+            )
+        keys = [
+            KeyRecord(e.key, e.fingerprint, e.seq, e.seq)
+            for e in found.earlier
+            if e.key is not None
+        ]
+        if found.damage is not None or found.base is None:
+            log.error(
+                "session is damaged: its steps and reads are refused until it is repaired",
+                extra={"session": record.id, "damage": found.damage},
+            )
+            return StoredSession(
+                record, found.base, found.events, [], keys, found.damage or "no state"
+            )
+        base = found.base
+        if found.torn is not None:
+            start, valid = found.torn
+            path = directory / log_name(start)
+            # The tail never completed, so it was never acknowledged: cut it off.
+            log.warning(
+                "dropping a torn record at the end of the newest log segment",
+                extra={"session": record.id, "segment": path.name, "offset": valid},
+            )
+            os.truncate(path, valid)
+            _fsync_file(path)
+        if found.needs_segment:
             os.close(self._new_segment(directory, base.seq)[0])
-            chain.insert(0, base.seq)
-        last_segment, last_size = chain[0], 0
-        for i, start in enumerate(chain):
-            path = directory / _log_name(start)
-            found = logfile.scan(logfile.read_file(path))
-            good = found.events
-            ok = start == expected - 1 and all(e.seq == expected + k for k, e in enumerate(good))
-            if not ok:
-                log.error("session %s: log %s does not continue the history", record.id, path)
-                self._drop_segments(directory, chain[i:])
-                break
-            events.extend(good)
-            expected += len(good)
-            last_segment, last_size = start, found.valid_bytes
-            if found.torn:
-                # The tail never completed, so it was never acknowledged: cut it off.
-                log.warning("session %s: dropping a torn record at the end of %s", record.id, path)
-            if found.torn or path.stat().st_size != found.valid_bytes:
-                os.truncate(path, found.valid_bytes)
-                _fsync_file(path)
-            if found.torn:
-                self._drop_segments(directory, chain[i + 1 :])
-                break
-        fd, direct = appender.open_log(directory / _log_name(last_segment), create=False)
+        last_segment = max(s for s in seqs(directory, "log-", ".bin") if s >= base.seq)
+        size = (directory / log_name(last_segment)).stat().st_size
+        fd, direct = appender.open_log(directory / log_name(last_segment), create=False)
         with self._logs_lock:
             old = self._logs.pop(record.id, None)
             if old is not None:
                 os.close(old.fd)
-            self._logs[record.id] = _Log(fd, direct, last_segment, last_size, expected - 1)
-        later = [s for s in snaps if s > base.seq]
-        return StoredSession(record, base, events, later)
+            self._logs[record.id] = _Log(fd, direct, last_segment, size, found.last_seq)
+        return StoredSession(record, base, found.events, found.later_snapshots, keys)
 
-    def _drop_segments(self, directory: Path, starts: Sequence[int]) -> None:
-        for start in starts:
-            if (directory / _log_name(start)).exists():
-                log.error("removing log segment %s after a gap", directory / _log_name(start))
-                os.unlink(directory / _log_name(start))
-        if starts:
-            fsync_dir(directory)
+    # -- repair ------------------------------------------------------------------------
+
+    def rewrite(
+        self,
+        session_id: str,
+        base: Snapshot,
+        events: Sequence[Event],
+        keys: Sequence[KeyRecord],
+    ) -> Path:
+        """Replace a session's history by ``base`` and ``events`` (an operator's repair).
+
+        The new directory is built aside and swapped in; the old one is moved, whole, to
+        ``quarantine/`` (returned), never deleted. ``keys`` are archived with it: the
+        keys of every stored event the new history does not replay.
+        """
+        rows = self._rows(session_id)
+        directory = self._sessions_dir / session_id
+        record = rows[0] if rows else history.read_record(directory, session_id)
+        building = self._sessions_dir / (REPAIRING + session_id)
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir()
+        write_durably(building / history.RECORD_NAME, history.encode_record(record))
+        write_durably(building / snap_name(base.seq), history.encode_snapshot(base, session_id))
+        fd, direct = self._new_segment(building, base.seq)
+        try:
+            offset = 0
+            for event in events:
+                offset += appender.append(fd, direct, offset, logfile.encode(event, session_id))
+        finally:
+            os.close(fd)
+        if keys:
+            write_durably(building / history.KEYS_NAME, history.encode_keys(list(keys)))
+        with self._logs_lock:
+            old = self._logs.pop(session_id, None)
+        if old is not None:
+            os.close(old.fd)
+        quarantine = self.root / QUARANTINE_DIR
+        quarantine.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = quarantine / f"{session_id}-{stamp}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = quarantine / f"{session_id}-{stamp}-{n}"
+        if directory.exists():
+            os.rename(directory, aside)
+            fsync_dir(quarantine)
+        self._finish_repair(session_id)
+        with self._db_lock:
+            self._conn().execute("DELETE FROM keys WHERE session = ?", (session_id,))
+        self._insert(record, keys)
+        self.unlisted.pop(session_id, None)
+        return aside
+
+    def _finish_repair(self, session_id: str) -> None:
+        """Swap a rebuilt directory in, once the damaged one has been moved aside."""
+        building = self._sessions_dir / (REPAIRING + session_id)
+        directory = self._sessions_dir / session_id
+        if directory.exists():
+            # The repair did not get to move the old directory aside: it is untouched.
+            shutil.rmtree(building, ignore_errors=True)
+            return
+        os.rename(building, directory)
+        fsync_dir(self._sessions_dir)
 
     # -- history -----------------------------------------------------------------------
 
@@ -377,7 +466,7 @@ class DiskStore(Store):
         return entry
 
     def _new_segment(self, directory: Path, start: int) -> tuple[int, bool]:
-        opened = appender.open_log(directory / _log_name(start), create=True)
+        opened = appender.open_log(directory / log_name(start), create=True)
         fsync_dir(directory)
         return opened
 
@@ -385,7 +474,7 @@ class DiskStore(Store):
         entry = self._log(session_id)
         if event.seq != entry.last_seq + 1:
             raise ValueError(f"event {event.seq} does not follow event {entry.last_seq}")
-        buffers = logfile.encode(event)
+        buffers = logfile.encode(event, session_id)
         try:
             written = appender.append(entry.fd, entry.direct, entry.size, buffers)
         except BaseException:
@@ -411,7 +500,7 @@ class DiskStore(Store):
         entry = self._log(session_id)
         if snapshot.seq != entry.last_seq:
             raise ValueError(f"snapshot at {snapshot.seq} but the log ends at {entry.last_seq}")
-        data = _encode_snapshot(snapshot)
+        data = history.encode_snapshot(snapshot, session_id)
         directory = self._sessions_dir / session_id
         # Events from now on go to a new segment that starts where the snapshot ends.
         fd, direct = self._new_segment(directory, snapshot.seq)
@@ -422,14 +511,18 @@ class DiskStore(Store):
             os.close(old.fd)
 
         def write() -> None:
-            write_durably(directory / _snap_name(snapshot.seq), data)
+            write_durably(directory / snap_name(snapshot.seq), data)
 
         return write
 
     def compact(self, session_id: str, base_seq: int, keys: Sequence[KeyRecord]) -> None:
         directory = self._sessions_dir / session_id
-        if not (directory / _snap_name(base_seq)).exists():
+        if not (directory / snap_name(base_seq)).exists():
             raise ValueError(f"no snapshot at event {base_seq}")
+        if keys:
+            # The keys go into the session's own directory first (so that the catalog can
+            # be rebuilt from it), then into the catalog, before their events are dropped.
+            _append_line(directory / history.KEYS_NAME, history.encode_keys(list(keys)))
         with self._db_lock:
             db = self._conn()
             db.execute("BEGIN")
@@ -441,14 +534,26 @@ class DiskStore(Store):
             db.execute("COMMIT")
         # Snapshots go first (and durably), so that a crash midway never leaves an old
         # snapshot whose following events are already gone.
-        old_snaps = [s for s in _seqs(directory, "snap-", ".safetensors") if s < base_seq]
+        old_snaps = [s for s in seqs(directory, "snap-", ".safetensors") if s < base_seq]
         for seq in old_snaps:
-            os.unlink(directory / _snap_name(seq))
+            os.unlink(directory / snap_name(seq))
         if old_snaps:
             fsync_dir(directory)
-        for start in _seqs(directory, "log-", ".bin"):
+        for start in seqs(directory, "log-", ".bin"):
             if start < base_seq:
-                os.unlink(directory / _log_name(start))
+                os.unlink(directory / log_name(start))
+
+    def archived_keys(self, session_id: str) -> list[KeyRecord]:
+        """Every key the catalog archived for the session."""
+        with self._db_lock:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT key, fingerprint, step, seq FROM keys WHERE session = ?", (session_id,)
+                )
+                .fetchall()
+            )
+        return [KeyRecord(*row) for row in rows]
 
     def find_key(self, session_id: str, key: str) -> KeyRecord | None:
         with self._db_lock:
@@ -476,13 +581,27 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _encode_snapshot(snapshot: Snapshot) -> bytes:
-    metadata = {**snapshot.metadata, _SEQ_KEY: str(snapshot.seq), _AT_KEY: repr(snapshot.at)}
-    return safetensors.encode(snapshot.arrays, metadata)
+def _append_line(path: Path, line: bytes) -> None:
+    """Append one checksummed line durably, after cutting an unfinished one."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        size = _end_of_last_line(fd, os.fstat(fd).st_size)
+        os.ftruncate(fd, size)
+        os.pwrite(fd, line, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
 
 
-def _decode_snapshot(path: Path) -> Snapshot:
-    arrays, metadata = safetensors.decode(logfile.read_file(path).data)
-    seq = int(metadata.pop(_SEQ_KEY))
-    at = float(metadata.pop(_AT_KEY))
-    return Snapshot(seq, arrays, metadata, at)
+def _end_of_last_line(fd: int, size: int) -> int:
+    """Where the last complete line ends (a compaction cut short leaves a partial one)."""
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        chunk = os.pread(fd, end - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0

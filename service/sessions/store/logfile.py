@@ -3,14 +3,22 @@
 One frame per event, each starting on a 4096-byte boundary (zeros in between, so that
 frames can be written with ``O_DIRECT``; see ``appender``)::
 
-    magic "OSL1" | u32 header_len | u64 data_len | u32 crc32 | u32 zero
-    header (JSON, header_len bytes, padded to 8)
+    magic "OSL2" | u32 header_len | u64 data_len | u64 xxh3 checksum
+    header (JSON, header_len bytes, padded to 8; names the session it belongs to)
     data   (each tensor's raw little-endian bytes, each padded to 8)
 
-The CRC covers both lengths, the header and the data, so a frame whose tail never reached
-the disk (a crash mid-write, a torn page after power loss) fails the check and is
-dropped with everything after it: the log ends at the last complete event, which is the
-last one that was acknowledged (appends are fsynced before the step is answered).
+The checksum covers both lengths, the header and the data. Reading a log tells three
+endings apart:
+
+- *clean*: the file ends after its last whole frame;
+- *torn*: what follows the last whole frame is one write that never completed (shorter
+  than its frame says, or with a sector that never reached the disk, all zeros) and
+  nothing intact comes after it. A crash mid-append leaves this, and since appends are
+  fsynced before the step is answered, the event was never acknowledged: it may go;
+- *damaged*: anything else (a frame that is whole but fails its checksum, intact frames
+  after a bad one, bytes that are no frame, a frame of another session). Something that
+  was acknowledged may be lost: the store must say so, not cut it away.
+
 Tensors are written straight from their buffers with ``writev`` (no staging copy) and read
 back as views of the file's bytes.
 """
@@ -20,21 +28,26 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from service.sessions.store.appender import aligned
+from service.sessions.store import checksum
+from service.sessions.store.appender import BLOCK, aligned
 from service.sessions.store.base import Event
 
-MAGIC = b"OSL1"
-_PREFIX = struct.Struct("<4sIQII")
+MAGIC = b"OSL2"
+_PREFIX = struct.Struct("<4sIQQ")
 PREFIX_SIZE = _PREFIX.size
 ALIGN = 8
 _ZEROS = bytes(ALIGN)
+SECTOR = 512
+"""The smallest unit a disk writes: a torn write leaves whole sectors unwritten (zeros)."""
+MAX_HEADER = 1 << 26
+"""No header is this long (a tensor table of the largest session is a few MB): a longer
+one is a damaged length, not a write cut short."""
 
 
 def _pad(n: int) -> int:
@@ -49,8 +62,8 @@ def _raw(array: np.ndarray) -> memoryview:
     return a.reshape(-1).view(np.uint8).data
 
 
-def encode(event: Event) -> list[bytes | memoryview]:
-    """The frame for ``event`` as a list of buffers, ready for ``writev``."""
+def encode(event: Event, session: str = "") -> list[bytes | memoryview]:
+    """The frame for ``event`` of ``session`` as a list of buffers, ready for ``writev``."""
     tensors: list[list[Any]] = []
     payload: list[memoryview] = []
     offset = 0
@@ -64,6 +77,7 @@ def encode(event: Event) -> list[bytes | memoryview]:
             offset += raw.nbytes + _pad(raw.nbytes)
     header = json.dumps(
         {
+            "session": session,
             "seq": event.seq,
             "kind": event.kind,
             "at": event.at,
@@ -81,18 +95,14 @@ def encode(event: Event) -> list[bytes | memoryview]:
     ).encode()
     head_pad = _ZEROS[: _pad(len(header))]
     lengths = struct.pack("<IQ", len(header), offset)
-    crc = zlib.crc32(lengths)
-    crc = zlib.crc32(header, crc)
-    crc = zlib.crc32(head_pad, crc)
     body: list[bytes | memoryview] = []
     for raw in payload:
-        crc = zlib.crc32(raw, crc)
         body.append(raw)
         pad = _ZEROS[: _pad(raw.nbytes)]
         if pad:
-            crc = zlib.crc32(pad, crc)
             body.append(pad)
-    prefix = _PREFIX.pack(MAGIC, len(header), offset, crc, 0)
+    check = checksum.digest([lengths, header, head_pad, *body])
+    prefix = _PREFIX.pack(MAGIC, len(header), offset, check)
     return [prefix, header, head_pad, *body]
 
 
@@ -116,52 +126,129 @@ def write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> int:
 
 @dataclass(frozen=True)
 class Scan:
-    """What reading a log file found: its whole events and where the valid part ends."""
+    """What reading a log file found: its whole events and how the file ends after them."""
 
     events: list[Event]
+    """The intact frames from the start of the file, up to the first bad one."""
     valid_bytes: int
     """Where the next frame goes: the block boundary after the last whole frame."""
     torn: bool
-    """True when bytes after ``valid_bytes`` were not a whole, intact frame."""
+    """True when the bytes after ``valid_bytes`` are one interrupted write (may be cut)."""
+    damage: str | None = None
+    """Why the bytes after ``valid_bytes`` are not a torn write; None if they are, or
+    if there are none."""
+    beyond: tuple[Event, ...] = ()
+    """Intact frames found after the damaged part (their events cannot be replayed, but
+    they say what was acknowledged)."""
+
+    @property
+    def clean(self) -> bool:
+        return not self.torn and self.damage is None
 
 
-def scan(data: np.ndarray) -> Scan:
-    """Parse frames from a log file's bytes (a uint8 array), stopping at the first bad one."""
+def scan(data: np.ndarray, session: str | None = None) -> Scan:
+    """Parse frames from a log file's bytes (a uint8 array) up to the first bad one, and
+    say how the file ends after them. With ``session``, a frame of another session is
+    damage."""
     events: list[Event] = []
     pos = 0
     end = data.size
     buf = data.data
-    for event, size in _frames(data, buf, end):
+    while pos < end:
+        found = _frame_at(data, buf, pos, end)
+        if not isinstance(found, tuple):
+            break
+        event, size, owner = found
+        if session is not None and owner != session:
+            return _damaged(
+                data, buf, pos, end, events, f"record at byte {pos} is of session {owner!r}"
+            )
         events.append(event)
         pos += size
-    return Scan(events, pos, pos < end)
+    if pos >= end:
+        return Scan(events, pos, False)
+    why = _not_torn(data, buf, pos, end)
+    if why is None and not _intact_after(data, buf, pos, end):
+        return Scan(events, pos, True)
+    return _damaged(data, buf, pos, end, events, why or f"record at byte {pos} is unreadable")
 
 
-def _frames(data: np.ndarray, buf: memoryview, end: int) -> Iterator[tuple[Event, int]]:
-    pos = 0
-    while pos + PREFIX_SIZE <= end:
-        magic, header_len, data_len, crc, _ = _PREFIX.unpack_from(buf, pos)
-        if magic != MAGIC:
-            return
-        head_start = pos + PREFIX_SIZE
-        data_start = head_start + header_len + _pad(header_len)
-        frame_end = data_start + data_len
-        if frame_end > end:
-            return
-        check = zlib.crc32(buf[pos + 4 : pos + 16])
-        check = zlib.crc32(buf[head_start:frame_end], check)
-        if check != crc:
-            return
-        try:
-            event = _decode(bytes(buf[head_start : head_start + header_len]), data, data_start)
-        except (ValueError, KeyError, TypeError, IndexError):
-            return
-        yield event, aligned(frame_end) - pos
-        pos = aligned(frame_end)
+def _damaged(
+    data: np.ndarray, buf: memoryview, pos: int, end: int, events: list[Event], why: str
+) -> Scan:
+    beyond: list[Event] = []
+    at = aligned(pos + 1)
+    while at < end:
+        found = _frame_at(data, buf, at, end)
+        if isinstance(found, tuple):
+            beyond.append(found[0])
+            at += found[1]
+        else:
+            at += BLOCK
+    if beyond:
+        why += f"; {len(beyond)} intact records follow it"
+    return Scan(events, pos, False, why, tuple(beyond))
 
 
-def _decode(header_bytes: bytes, data: np.ndarray, data_start: int) -> Event:
-    header = json.loads(header_bytes)
+def _not_torn(data: np.ndarray, buf: memoryview, pos: int, end: int) -> str | None:
+    """Why the bytes from ``pos`` on cannot be an interrupted final append (None if they
+    can): a write cut short leaves fewer bytes than its frame declares, or sectors of
+    zeros that never reached the disk, and nothing after its own frame."""
+    if pos + PREFIX_SIZE > end:
+        return None
+    magic, header_len, data_len, _ = _PREFIX.unpack_from(buf, pos)
+    if magic != MAGIC:
+        if not data[pos : min(pos + SECTOR, end)].any():
+            return None
+        return f"bytes at {pos} are not a record"
+    if header_len > MAX_HEADER:
+        return f"record at byte {pos} declares an impossible header length"
+    frame_end = pos + PREFIX_SIZE + header_len + _pad(header_len) + data_len
+    if frame_end >= end:
+        return None
+    if aligned(frame_end) < end:
+        return f"record at byte {pos} is followed by more data"
+    for sector in range(pos, frame_end, SECTOR):
+        if not data[sector : min(sector + SECTOR, frame_end)].any():
+            return None
+    return f"record at byte {pos} fails its checksum"
+
+
+def _intact_after(data: np.ndarray, buf: memoryview, pos: int, end: int) -> bool:
+    at = aligned(pos + 1)
+    while at < end:
+        if isinstance(_frame_at(data, buf, at, end), tuple):
+            return True
+        at += BLOCK
+    return False
+
+
+def _frame_at(
+    data: np.ndarray, buf: memoryview, pos: int, end: int
+) -> tuple[Event, int, str] | None:
+    """The intact frame at ``pos``: its event, its size with padding, its session."""
+    if pos + PREFIX_SIZE > end:
+        return None
+    magic, header_len, data_len, check = _PREFIX.unpack_from(buf, pos)
+    if magic != MAGIC or header_len > MAX_HEADER:
+        return None
+    head_start = pos + PREFIX_SIZE
+    data_start = head_start + header_len + _pad(header_len)
+    frame_end = data_start + data_len
+    if frame_end > end:
+        return None
+    if checksum.digest([buf[pos + 4 : pos + 16], buf[head_start:frame_end]]) != check:
+        return None
+    try:
+        header = json.loads(bytes(buf[head_start : head_start + header_len]))
+        event = _decode(header, data, data_start)
+        owner = str(header["session"])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    return event, aligned(frame_end) - pos, owner
+
+
+def _decode(header: dict[str, Any], data: np.ndarray, data_start: int) -> Event:
     grads: dict[str, np.ndarray] = {}
     params: dict[str, np.ndarray] = {}
     for group, name, dtype, shape, offset, nbytes in header["tensors"]:
