@@ -3,9 +3,13 @@
 import { encode, type FloatArray, type TensorInput } from "./safetensors.js";
 import { errorFromResponse, type Transport } from "./transport.js";
 import type {
+  AddGroupOptions,
+  Change,
+  GroupEditOptions,
   SessionDocument,
   StepOptions,
   StepResult,
+  TensorSpec,
   Values,
   WireFormat,
 } from "./types.js";
@@ -23,6 +27,8 @@ import {
 
 /** Tensors named `params/<name>` in a step body or response are parameter values. */
 const PARAMS_PREFIX = "params/";
+/** The most change-log entries one page may hold (the server's limit). */
+const CHANGES_PAGE = 1000;
 
 export interface SessionContext {
   transport: Transport;
@@ -57,6 +63,11 @@ export class Session {
     return this.document.holds_params === true;
   }
 
+  /** Whether a step may leave tensors out (the session's `missing_grads: "skip"`). */
+  get skipsMissing(): boolean {
+    return this.document.missing_grads === "skip";
+  }
+
   /** Tensor name -> shape. */
   get shapes(): Record<string, number[]> {
     const shapes: Record<string, number[]> = {};
@@ -77,18 +88,21 @@ export class Session {
    * Send one step's gradients; returns the deltas (or new params) as typed arrays of the
    * session's dtype. A session with a single tensor also takes a bare typed array.
    *
+   * A session created with `missing_grads: "skip"` takes any subset of its tensors (those
+   * left out are skipped, as torch skips a parameter whose grad is null) and answers with
+   * deltas for the sent ones only; any other session needs every tensor, and a missing one
+   * is refused here, before anything is sent.
+   *
    * The request carries an Idempotency-Key, reused by every automatic retry of this call, so
    * a retry after a lost response gets the stored answer and the step applies exactly once.
    */
   async step(grads: Record<string, FloatArray> | FloatArray, options: StepOptions = {}): Promise<StepResult> {
     const named = this.nameGrads(grads);
+    this.checkComplete(named);
     const format = options.format ?? this.context.format;
     const returnMode = options.return ?? "delta";
     const idempotencyKey = options.idempotencyKey ?? randomUUID();
-    const headers: Record<string, string> = { "Idempotency-Key": idempotencyKey };
-    if (options.ifMatch !== undefined && options.ifMatch !== false) {
-      headers["If-Match"] = `"${options.ifMatch === true ? this.currentStep : options.ifMatch}"`;
-    }
+    const headers: Record<string, string> = { "Idempotency-Key": idempotencyKey, ...this.precondition(options.ifMatch) };
 
     const shapes = this.shapes;
     let body: Uint8Array<ArrayBuffer> | string;
@@ -140,6 +154,24 @@ export class Session {
     return { [names[0] as string]: grads };
   }
 
+  /** The `If-Match` header for a step number, or for the step last seen (`true`). */
+  private precondition(ifMatch: number | boolean | undefined): Record<string, string> {
+    if (ifMatch === undefined || ifMatch === false) return {};
+    return { "If-Match": `"${ifMatch === true ? this.currentStep : ifMatch}"` };
+  }
+
+  /** A session that does not skip missing gradients needs one for each of its tensors. */
+  private checkComplete(named: Record<string, FloatArray>): void {
+    if (this.skipsMissing) return;
+    const missing = Object.keys(this.document.tensors ?? {}).filter((name) => !(name in named));
+    if (missing.length === 0) return;
+    throw new TypeError(
+      `no gradient for ${missing.map((name) => JSON.stringify(name)).join(", ")}: session ${this.id} ` +
+        `has missing_grads "${this.document.missing_grads ?? "error"}", so each step sends every tensor; ` +
+        `create it with missing_grads: "skip" to leave tensors out as torch skips a parameter whose grad is null`,
+    );
+  }
+
   private parseStep(
     body: Uint8Array,
     contentType: string | null,
@@ -171,7 +203,8 @@ export class Session {
           (deltas ??= {})[name] = data;
         }
       }
-      if (returnMode === "delta" && deltas === null && Object.keys(this.shapes).length === 0) deltas = {};
+      // A delta reply always names its tensors; with none sent (a partial step) it names none.
+      if (returnMode === "delta" && deltas === null) deltas = {};
     } else {
       const json = parseJson(new TextDecoder().decode(body)) as Record<string, unknown>;
       step = Number(json["step"]);
@@ -241,6 +274,91 @@ export class Session {
       ...(options.signal ? { signal: options.signal } : {}),
     });
     return this.adopt(response.body);
+  }
+
+  /**
+   * Set hyperparameters of `param_groups[index]` from the next step on, as torch's
+   * `optimizer.param_groups[index][key] = value` does (a running schedule continues from
+   * the edited value). Recorded in `changes()`; returns the new session document.
+   * Setting the same values twice is the same as once, so this call is retried like a GET.
+   */
+  async editGroup(index: number, values: Record<string, unknown>, options: GroupEditOptions = {}): Promise<SessionDocument> {
+    if (!Number.isInteger(index) || index < 0) {
+      throw new TypeError(`a param group index is a non-negative integer, got ${String(index)}`);
+    }
+    const response = await this.context.transport.request({
+      method: "PATCH",
+      path: `${this.path}/param_groups/${index}`,
+      body: toJson({ ...values, reason: options.reason }),
+      contentType: JSON_TYPE,
+      accept: JSON_TYPE,
+      headers: this.precondition(options.ifMatch),
+      idempotent: true,
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+    return this.adopt(response.body);
+  }
+
+  /**
+   * Add tensors as a new last param group, as torch's `add_param_group` does: `params` maps
+   * each new name to its shape and, for a session that holds its parameters, its initial
+   * `data` (as createSession takes them); `groupOptions` are the group's own hyperparameters
+   * (the optimizer's are the default). Returns the new session document, whose `tensors`
+   * and `param_groups` include the added ones. Not retried once it may have been sent.
+   */
+  async addGroup(
+    params: Record<string, TensorSpec>,
+    groupOptions: Record<string, unknown> = {},
+    options: AddGroupOptions = {},
+  ): Promise<SessionDocument> {
+    if ("params" in groupOptions || "reason" in groupOptions) {
+      throw new TypeError("pass the tensors as addGroup's first argument and the reason in its last");
+    }
+    const specs = Object.entries(params);
+    const withoutData = specs.filter(([, spec]) => spec.data === undefined).map(([name]) => name);
+    if (this.holdsParams && withoutData.length > 0) {
+      throw new TypeError(
+        `session ${this.id} holds its parameters: give the added tensors their initial data (missing for ${withoutData.join(", ")})`,
+      );
+    }
+    if (!this.holdsParams && withoutData.length < specs.length) {
+      throw new TypeError(`session ${this.id} does not hold its parameters: add tensors with a shape and no data`);
+    }
+    const tensors: Record<string, { shape: number[]; data?: FloatArray }> = {};
+    for (const [name, spec] of specs) {
+      tensors[name] = spec.data === undefined ? { shape: spec.shape } : { shape: spec.shape, data: toTypedArray(spec.data, this.dtype) };
+    }
+    const response = await this.context.transport.request({
+      method: "POST",
+      path: `${this.path}/param_groups`,
+      body: toJson({ ...groupOptions, params: tensors, reason: options.reason }),
+      contentType: JSON_TYPE,
+      accept: JSON_TYPE,
+      headers: this.precondition(options.ifMatch),
+      idempotent: false,
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+    return this.adopt(response.body);
+  }
+
+  /** The whole change log, oldest first: every group edit (one entry per field) and added group. */
+  async changes(options: { signal?: AbortSignal } = {}): Promise<Change[]> {
+    const entries: Change[] = [];
+    let after: number | undefined;
+    for (;;) {
+      const response = await this.context.transport.request({
+        method: "GET",
+        path: `${this.path}/changes`,
+        query: { limit: CHANGES_PAGE, after },
+        accept: JSON_TYPE,
+        idempotent: true,
+        ...(options.signal ? { signal: options.signal } : {}),
+      });
+      const page = parseJson(new TextDecoder().decode(response.body)) as { changes?: Change[]; next?: number | null };
+      entries.push(...(page.changes ?? []));
+      if (typeof page.next !== "number") return entries;
+      after = page.next;
+    }
   }
 
   /** Re-read the session document. */

@@ -2,7 +2,8 @@
  * HTTP with retries. One place decides what may be sent twice:
  *
  * - a request marked `idempotent` (GET, DELETE, a step carrying an Idempotency-Key, a pure
- *   computation like preview) is retried on network errors, timeouts and 5xx;
+ *   computation like preview, a group edit that sets values) is retried on network errors,
+ *   timeouts and 5xx;
  * - any request is retried when the server says it did not act on it: 429, 503, or the
  *   connection was refused before anything was sent;
  * - a request with an Idempotency-Key is retried on the 409 that means "the first attempt

@@ -45,9 +45,17 @@ export interface SessionConfig {
   clip_grad_norm?: { max_norm: number; norm_type?: number } | null;
   clip_grad_value?: { clip_value: number } | number | null;
   nonfinite?: "error" | "skip";
+  /**
+   * "error" (the default): every step sends every tensor, so a typo cannot silently freeze
+   * one. "skip": a step may leave tensors out, as torch skips a parameter whose `grad` is
+   * null (their state does not move).
+   */
+  missing_grads?: MissingGrads;
   labels?: Record<string, string>;
   [key: string]: unknown;
 }
+
+export type MissingGrads = "error" | "skip";
 
 /** The session document the server returns (unknown extra members are kept). */
 export interface SessionDocument {
@@ -62,6 +70,7 @@ export interface SessionDocument {
   holds_params: boolean;
   dtype: "float32" | "float64";
   nonfinite?: "error" | "skip";
+  missing_grads?: MissingGrads;
   clip_grad_norm?: unknown;
   clip_grad_value?: unknown;
   skipped_steps?: number;
@@ -107,13 +116,52 @@ export interface StepResult {
   skipped: string | null;
   /** True when the server answered from its idempotency record (nothing applied again). */
   replayed: boolean;
-  /** new - old per tensor (return "delta"). */
+  /**
+   * new - old per tensor (return "delta"): the tensors the step sent (a partial step names
+   * only those; LBFGS moves every tensor, so it names all).
+   */
   deltas: Record<string, FloatArray> | null;
   /** New values (return "params"), or the point to evaluate next (LBFGS ask/tell). */
   params: Record<string, FloatArray> | null;
   idempotencyKey: string;
   /** HTTP attempts used, retries included. */
   attempts: number;
+}
+
+/** Options of `session.editGroup(index, values, options)`. */
+export interface GroupEditOptions {
+  /** Recorded with the change in the log (`session.changes()`). */
+  reason?: string;
+  /** As for a step: only apply at this step (`true`: the step this Session object last saw). */
+  ifMatch?: number | boolean;
+  signal?: AbortSignal;
+}
+
+/** Options of `session.addGroup(params, groupOptions, options)`. */
+export interface AddGroupOptions {
+  /** Recorded with the change in the log (`session.changes()`). */
+  reason?: string;
+  /** As for a step: only apply at this step (`true`: the step this Session object last saw). */
+  ifMatch?: number | boolean;
+  signal?: AbortSignal;
+}
+
+/**
+ * One entry of a session's change log: a hyperparameter edit (one entry per field) or an
+ * added group (`field` "params", `new` the added tensor names, `old` null).
+ */
+export interface Change {
+  /** The event that made the change; entries of one edit share it. */
+  seq: number;
+  /** The session's step when the change was made; it applies from the next step on. */
+  step: number;
+  group: number;
+  field: string;
+  old: unknown;
+  new: unknown;
+  /** RFC 3339, UTC. */
+  time: string;
+  reason: string | null;
 }
 
 export interface ListOptions {

@@ -10,7 +10,8 @@ export class ReferenceAdam {
 
   constructor(
     size: number,
-    private readonly lr: number,
+    /** Mutable, as a param group's lr is (an edit or a schedule changes it). */
+    public lr: number,
     private readonly beta1 = 0.9,
     private readonly beta2 = 0.999,
     private readonly eps = 1e-8,
@@ -40,8 +41,9 @@ export class ReferenceSGD {
   private buffer: Float64Array | null = null;
 
   constructor(
-    private readonly lr: number,
-    private readonly momentum = 0,
+    /** Mutable, as a param group's values are. */
+    public lr: number,
+    public momentum = 0,
     private readonly weightDecay = 0,
     private readonly dampening = 0,
     private readonly nesterov = false,
