@@ -189,6 +189,8 @@ export class Transport {
   }
 
   private retryableStatus(error: OptserveError, idempotent: boolean, keyed: boolean): boolean {
+    // A damaged session stays damaged until an operator repairs it: waiting cannot help.
+    if (isDamaged(error)) return false;
     if (error.status === 429 || error.status === 503) return true;
     if (error.status >= 500) return idempotent;
     if (error.status === 409) return keyed && isInFlight(error);
@@ -221,6 +223,11 @@ export function isInFlight(error: OptserveError): boolean {
   // an untyped one (a proxy, an older server) is judged by its words.
   if (error.type !== "about:blank") return false;
   return /in[-_ ]?flight|in[-_ ]progress/i.test(`${error.title} ${error.detail}`);
+}
+
+/** 503 session-damaged: the session's stored history does not read back (docs/storage.md). */
+export function isDamaged(error: OptserveError): boolean {
+  return /(^|\/)session-damaged$/.test(error.type);
 }
 
 /** A refused connection never reached the server, so even a non-idempotent request is safe. */

@@ -150,6 +150,17 @@ describe("retries", () => {
     assert.equal(server.requests.length, 1);
   });
 
+  it("does not retry the 503 of a damaged session, but does retry other 503s", async () => {
+    const s = await session(client());
+    server.queue(problem(503, { type: "https://optserve.dev/problems/session-damaged", title: "Session damaged" }));
+    await assert.rejects(s.step(grads), ServerError);
+    assert.equal(server.requests.length, 1);
+
+    server.requests.length = 0;
+    server.queue(problem(503, { type: "https://optserve.dev/problems/storage-unavailable" }), stepReply(1));
+    assert.equal((await s.step(grads)).attempts, 2);
+  });
+
   it("gives up after `retries` extra attempts and throws the last error", async () => {
     const s = await session(client({ retries: 2 }));
     server.queue(problem(502, {}), problem(502, {}), problem(500, { title: "Internal", detail: "boom" }));
