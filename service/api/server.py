@@ -88,6 +88,8 @@ class GatheringTransport:
             and self._transport.can_write_eof()
         ):
             self._transport.write_eof()
+            # uvicorn may have paused reading (a full body buffer); drain from now on.
+            self._transport.resume_reading()
             self._loop.call_later(LINGER_S, self._transport.close)
         else:
             self._transport.close()
