@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     idempotency_window: int = Field(
         default=16, ge=1, description="step responses kept per session for idempotent replay"
     )
+    idempotency_window_bytes: int = Field(
+        default=1 * MiB,
+        ge=0,
+        description="tensor bytes kept per session in older step responses; the newest "
+        "keyed response is always kept whole, older ones past this are answered 409",
+    )
     snapshot_every: int = Field(
         default=100, ge=1, description="steps between full snapshots of a session (disk storage)"
     )

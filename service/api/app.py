@@ -66,6 +66,7 @@ def build_service(settings: Settings) -> SessionService:
         store,
         limits,
         idempotency_window=settings.idempotency_window,
+        idempotency_window_bytes=settings.idempotency_window_bytes,
         snapshot_every=settings.snapshot_every,
     )
 
