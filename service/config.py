@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     max_idle_connections: int = Field(
         default=256,
         ge=1,
-        description="idle connections kept open; past it, the longest idle one is closed",
+        description="idle keep-alive connections kept open; past it, the one idle longest "
+        "is closed",
     )
     max_connections: int = Field(
         default=2048,

@@ -11,7 +11,9 @@ Guards, which uvicorn lacks:
 - a header timeout: a connection must deliver a request's headers within
   ``header_timeout_s`` of connecting or of the request's first byte, or it is closed
   (with a 408 if part of a request had arrived);
-- a cap on idle connections: past ``max_idle_connections``, the one idle longest is closed;
+- a cap on idle keep-alive connections (answered, waiting for their next request): past
+  ``max_idle_connections``, the one idle longest is closed (a connection that has sent
+  nothing yet is the header timeout's);
 - a lingering close: when the server closes a connection whose request is still arriving
   (a 413 or 408 mid-body), it sends its answer and a FIN, then reads and drops what the
   client still sends for up to :data:`LINGER_S`. Closing at once would answer the
@@ -128,7 +130,7 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
         return "auto"
     limits = guards or ConnectionGuards()
     idle: OrderedDict[GuardedHttpToolsProtocol, None] = OrderedDict()
-    """This server's idle connections, longest idle first."""
+    """This server's idle keep-alive connections, longest idle first."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -139,7 +141,6 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
             gathering = GatheringTransport(transport, self.loop, lambda: self._receiving)
             super().connection_made(cast(asyncio.Transport, gathering))
             self._arm_header_timer()
-            self._mark_idle()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_header_timer()
