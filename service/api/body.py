@@ -24,7 +24,8 @@ def _declared_length(request: Request) -> int | None:
 
 
 async def read_body(request: Request, limit: int | None = None, why: str = "") -> bytes:
-    """The whole body. Past ``limit`` bytes (declared or received) it is 413 at once;
+    """The whole body. ``limit`` is a step's own bound (``step_body_bytes``, explained by
+    ``why``): past it, declared or received, the request is 413 at once. The server-wide
     ``max_body_bytes`` is counted by the RequestContext middleware as the chunks arrive."""
     if limit is not None:
         declared = _declared_length(request)
