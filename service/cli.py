@@ -90,7 +90,7 @@ def serve(settings: Settings) -> int:
 
     from service.api import logs
     from service.api.app import create_app
-    from service.api.server import http_protocol
+    from service.api.server import ConnectionGuards, http_protocol
 
     try:
         keys = KeyTable.from_settings(settings.api_keys, settings.api_keys_file)
@@ -102,16 +102,18 @@ def serve(settings: Settings) -> int:
         print(f"optserve: {refusal}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    guards = ConnectionGuards(settings.header_timeout_s, settings.max_idle_connections)
     uvicorn.run(
         create_app(settings),
-        http=http_protocol(),
+        http=http_protocol(guards),
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,  # the app logs each request itself, with its request id
         server_header=False,
         proxy_headers=False,  # nothing here reads the client address; skip the rewrite
-        timeout_keep_alive=30,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        limit_concurrency=settings.max_connections,
     )
     return 0
 

@@ -9,7 +9,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -40,6 +40,43 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest request body, counted while streaming (413)",
     )
+    max_body_bytes_in_flight: int = Field(
+        default=1024 * MiB,
+        ge=1024,
+        description="request body bytes held at once across all requests; a request that "
+        "would exceed it waits up to body_budget_wait_s, then gets 503 with Retry-After "
+        "(at least max_body_bytes)",
+    )
+    body_budget_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="how long a request body waits for room in max_body_bytes_in_flight",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="longest wait for a request's headers, from connect or its first byte; "
+        "the connection is then closed",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="longest wait for the next part of a request body (408, connection closed)",
+    )
+    keep_alive_timeout_s: int = Field(
+        default=30, ge=1, description="idle seconds after which a keep-alive connection is closed"
+    )
+    max_idle_connections: int = Field(
+        default=256,
+        ge=1,
+        description="idle keep-alive connections kept open; past it, the one idle longest "
+        "is closed",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description="open connections (and requests in progress) past which a request gets 503",
+    )
     max_tensors_per_session: int = Field(default=1024, ge=1, description="tensors per session")
     max_elements_per_session: int = Field(
         default=100_000_000,
@@ -49,6 +86,12 @@ class Settings(BaseSettings):
     max_sessions_per_tenant: int = Field(default=1000, ge=1, description="live sessions per tenant")
     idempotency_window: int = Field(
         default=16, ge=1, description="step responses kept per session for idempotent replay"
+    )
+    idempotency_window_bytes: int = Field(
+        default=1 * MiB,
+        ge=0,
+        description="tensor bytes kept per session in older step responses; the newest "
+        "keyed response is always kept whole, older ones past this are answered 409",
     )
     snapshot_every: int = Field(
         default=100, ge=1, description="steps between full snapshots of a session (disk storage)"
@@ -62,6 +105,15 @@ class Settings(BaseSettings):
         "none by default",
     )
     access_log: bool = Field(default=True, description="log one JSON line per request")
+
+    @model_validator(mode="after")
+    def _budget_holds_one_body(self) -> Settings:
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                "max_body_bytes_in_flight must be at least max_body_bytes, "
+                "or the largest allowed body could never be read"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

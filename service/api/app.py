@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from service.api import errors, schemas
 from service.api.auth import KeyTable
+from service.api.inflight import BodyBudget
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
 from service.api.routes import catalog, federated, groups, health, sessions, steps
@@ -65,6 +66,7 @@ def build_service(settings: Settings) -> SessionService:
         store,
         limits,
         idempotency_window=settings.idempotency_window,
+        idempotency_window_bytes=settings.idempotency_window_bytes,
         snapshot_every=settings.snapshot_every,
     )
 
@@ -116,6 +118,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         access_log=settings.access_log,
+        budget=BodyBudget(settings.max_body_bytes_in_flight, settings.body_budget_wait_s),
     )
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:

@@ -88,11 +88,27 @@ MAPPINGS: dict[type[Exception], Mapping] = {
     problems.Unauthorized: Mapping(
         401, "unauthorized", "Missing or invalid API key", headers=_unauthorized_headers
     ),
+    # The rest of the body is still on its way, so these answers close the connection.
     problems.BodyTooLarge: Mapping(
         413,
         "body-too-large",
         "Request body too large",
-        details=lambda e: {"limit": "max_body_bytes", "maximum": e.limit},
+        details=lambda e: {"limit": e.name, "maximum": e.limit},
+        headers=lambda e: {"Connection": "close"},
+    ),
+    problems.BodyTimeout: Mapping(
+        408,
+        "body-timeout",
+        "Request body timed out",
+        details=lambda e: {"limit": "body_timeout_s", "seconds": e.seconds},
+        headers=lambda e: {"Connection": "close"},
+    ),
+    problems.Busy: Mapping(
+        503,
+        "busy",
+        "Too many request bodies in flight",
+        details=lambda e: {"limit": "max_body_bytes_in_flight", "maximum": e.budget},
+        headers=lambda e: {"Retry-After": str(e.retry_after), "Connection": "close"},
     ),
     problems.UnsupportedMediaType: Mapping(
         415,

@@ -21,13 +21,14 @@ _DESCRIBED = {
     401: "Missing or invalid API key",
     404: "No such session for this tenant",
     406: "No acceptable response type",
+    408: "The body stopped arriving (body_timeout_s); the connection is closed",
     409: "Conflict: not a federated session, a round not open yet, another update by the "
     "same client for the same round",
     410: "Gone: the round has closed, or the update is too stale",
     413: "Body larger than the configured limit",
     415: "Unsupported Content-Type",
     422: "Invalid request (fields named in errors)",
-    503: "Store unavailable",
+    503: "Store unavailable, or too many request bodies in flight (Retry-After)",
 }
 
 
@@ -150,7 +151,7 @@ def update_request() -> dict[str, Any]:
 def update_responses() -> dict[int | str, dict[str, Any]]:
     return {
         200: {"description": "Accepted (or accepted before)", "content": _json(UPDATE_REPLY)},
-        **_problems(400, 401, 404, 406, 409, 410, 413, 415, 422, 503),
+        **_problems(400, 401, 404, 406, 408, 409, 410, 413, 415, 422, 503),
     }
 
 

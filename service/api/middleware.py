@@ -5,7 +5,8 @@ adds a few microseconds, not a task and a queue per request.
 
 The body limit is enforced twice: a declared ``Content-Length`` over the limit is refused
 before any byte is read, and the bytes actually received are counted as they stream in, so
-a chunked body or a lying ``Content-Length`` is cut off at the limit too (413).
+a chunked body or a lying ``Content-Length`` is cut off at the limit too (413). The bytes
+received are also held against the server-wide :class:`BodyBudget` until the request ends.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import errors
+from service.api.inflight import BodyBudget
 from service.api.metrics import Metrics
 from service.api.problems import BodyTooLarge
 
@@ -42,11 +44,19 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, access_log: bool):
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        access_log: bool,
+        budget: BodyBudget,
+    ):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,15 +79,21 @@ class RequestContext:
             await send(message)
 
         limit = self.max_body_bytes
+        budget = self.budget
         received = 0
+        held = 0
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, held
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                received += size
                 if received > limit:
                     raise BodyTooLarge(limit)
+                if size:
+                    await budget.take(size)
+                    held += size
             return message
 
         try:
@@ -88,6 +104,7 @@ class RequestContext:
             else:
                 await self.app(scope, limited_receive, send_with_id)
         finally:
+            budget.give(held)
             self._record(scope, status, time.perf_counter() - started, request_id)
 
     def _record(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:

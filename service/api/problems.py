@@ -18,9 +18,32 @@ class Unauthorized(ApiError):
 
 
 class BodyTooLarge(ApiError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body exceeds the limit of {limit} bytes")
+    def __init__(self, limit: int, name: str = "max_body_bytes", why: str = "") -> None:
+        super().__init__(f"request body exceeds the limit of {limit} bytes{why}")
         self.limit = limit
+        self.name = name
+
+
+class BodyTimeout(ApiError):
+    """The client stopped sending its body: nothing arrived for ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"no part of the request body arrived for {seconds:g} seconds; the request is dropped"
+        )
+        self.seconds = seconds
+
+
+class Busy(ApiError):
+    """The server holds as many request bodies as it allows: try again shortly."""
+
+    def __init__(self, budget: int, retry_after: int) -> None:
+        super().__init__(
+            f"the server is reading {budget} bytes of request bodies, its limit; "
+            f"retry in {retry_after} s"
+        )
+        self.budget = budget
+        self.retry_after = retry_after
 
 
 class UnsupportedMediaType(ApiError):

@@ -290,18 +290,21 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "Missing or invalid API key",
         404: "No such session for this tenant",
         406: "No acceptable response type",
+        408: "The body stopped arriving (body_timeout_s); the connection is closed",
         409: "Conflict (step in flight, key applied long ago, params not held)",
         412: "If-Match names another step",
         413: "Body larger than the configured limit",
         415: "Unsupported Content-Type",
         422: "Invalid request (fields named in errors)",
-        503: "Store unavailable, or the session is damaged (session-damaged)",
+        503: "Store unavailable, the session is damaged (session-damaged), or too many "
+        "request bodies in flight (Retry-After)",
     }
     return {s: {"description": described[s], "content": content} for s in statuses}
 
 
 _COMMON = (401, 406, 422)
-_BODY = (400, 413, 415)
+_BODY = (400, 408, 413, 415, 503)
+"""What any route that reads a body may answer, besides its own."""
 
 
 def _request(content: dict[str, Any], required: bool = True) -> dict[str, Any]:

@@ -1,28 +1,69 @@
-"""uvicorn's httptools protocol, sending each response in one system call.
+"""uvicorn's httptools protocol, with one system call per response and guards on connections.
 
-uvicorn writes a response's status line and headers, then its body, as two transport
-writes: two system calls and, with TCP_NODELAY, two TCP segments that wake the client
-twice. Here the writes made within one event-loop iteration are gathered and handed to the
-transport as one ``writelines`` (one ``writev``). For a small step reply that is a
-measurable share of the server's time per request.
+Gathering writes: uvicorn writes a response's status line and headers, then its body, as
+two transport writes: two system calls and, with TCP_NODELAY, two TCP segments that wake
+the client twice. Here the writes made within one event-loop iteration are gathered and
+handed to the transport as one ``writelines`` (one ``writev``). For a small step reply
+that is a measurable share of the server's time per request.
+
+Guards, which uvicorn lacks:
+
+- a header timeout: a connection must deliver a request's headers within
+  ``header_timeout_s`` of connecting or of the request's first byte, or it is closed
+  (with a 408 if part of a request had arrived);
+- a cap on idle keep-alive connections (answered, waiting for their next request): past
+  ``max_idle_connections``, the one idle longest is closed (a connection that has sent
+  nothing yet is the header timeout's);
+- a lingering close: when the server closes a connection whose request is still arriving
+  (a 413 or 408 mid-body), it sends its answer and a FIN, then reads and drops what the
+  client still sends for up to :data:`LINGER_S`. Closing at once would answer the
+  unread bytes with a reset, which can destroy the answer before the client reads it.
+
+The body read timeout is the body reader's (``service/api/body.py``), and the keep-alive
+timeout and the connection limit are uvicorn's own (``timeout_keep_alive``,
+``limit_concurrency``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
+
+LINGER_S = 2.0
+"""How long a closed connection still drains what its client sends."""
+
+
+@dataclass(frozen=True)
+class ConnectionGuards:
+    header_timeout_s: float = 10.0
+    max_idle_connections: int = 256
 
 
 class GatheringTransport:
-    """A transport proxy that batches ``write`` calls until the end of the loop iteration."""
+    """A transport proxy that batches ``write`` calls until the end of the loop iteration.
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    ``linger`` says, at close, whether a request is still arriving: then the close is a
+    lingering one (see the module's doc).
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        linger: Callable[[], bool] | None = None,
+    ) -> None:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        self._linger = linger
+        self._closing = False
 
     def write(self, data: bytes) -> None:
-        if not data:
+        if not data or self._closing:
             return
         if not self._pending:
             self._loop.call_soon(self._flush)
@@ -39,23 +80,120 @@ class GatheringTransport:
 
     def close(self) -> None:
         self._flush()
-        self._transport.close()
+        if self._closing:
+            return
+        self._closing = True
+        if (
+            self._linger is not None
+            and self._linger()
+            and not self._transport.is_closing()
+            and self._transport.can_write_eof()
+        ):
+            self._transport.write_eof()
+            # uvicorn may have paused reading (a full body buffer); drain from now on.
+            self._transport.resume_reading()
+            self._loop.call_later(LINGER_S, self._transport.close)
+        else:
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
 
-def http_protocol() -> Any:
-    """The protocol class for ``uvicorn.run(http=...)``: gathering writes over httptools, or
-    uvicorn's own choice when httptools is not installed."""
+def _timeout_response() -> bytes:
+    body = json.dumps(
+        {
+            "type": "/problems/header-timeout",
+            "title": "Request headers timed out",
+            "status": 408,
+            "detail": "the request's headers did not arrive in time; the connection is closed",
+        }
+    ).encode()
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\n"
+        "content-type: application/problem+json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def http_protocol(guards: ConnectionGuards | None = None) -> Any:
+    """The protocol class for ``uvicorn.run(http=...)``: gathering writes and connection
+    guards over httptools, or uvicorn's own choice when httptools is not installed."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return "auto"
+    limits = guards or ConnectionGuards()
+    idle: OrderedDict[GuardedHttpToolsProtocol, None] = OrderedDict()
+    """This server's idle keep-alive connections, longest idle first."""
 
-    class GatheringHttpToolsProtocol(HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _receiving = False
+        """A request has begun arriving and has not arrived whole."""
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            gathering = cast(asyncio.Transport, GatheringTransport(transport, self.loop))
-            super().connection_made(gathering)
+            gathering = GatheringTransport(transport, self.loop, lambda: self._receiving)
+            super().connection_made(cast(asyncio.Transport, gathering))
+            self._arm_header_timer()
 
-    return GatheringHttpToolsProtocol
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_header_timer()
+            idle.pop(self, None)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return  # lingering: drain, never answer
+            super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            self._receiving = True
+            idle.pop(self, None)
+            if self._header_timer is None:
+                self._arm_header_timer()
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._disarm_header_timer()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._receiving = False
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and not self.pipeline:
+                self._mark_idle()
+
+        def _mark_idle(self) -> None:
+            idle[self] = None
+            while len(idle) > limits.max_idle_connections:
+                oldest, _ = idle.popitem(last=False)
+                oldest.transport.close()
+
+        def _arm_header_timer(self) -> None:
+            self._header_timer = self.loop.call_later(
+                limits.header_timeout_s, self._headers_timed_out
+            )
+
+        def _disarm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_timed_out(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            if self._receiving:
+                self.transport.write(_timeout_response())
+            self.transport.close()
+
+    return GuardedHttpToolsProtocol

@@ -55,6 +55,17 @@ def reject_unknown_fields(
         )
 
 
+def finite_number(value: Any) -> bool:
+    """Whether a JSON value is a number that is finite as a float (an integer too large
+    for a float is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(value: Any, field: str) -> float | None:
     if value is None:
         return None

@@ -53,6 +53,11 @@ _NAMES: dict[np.dtype[Any], str] = {
 }
 
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+MAX_DIMS = 64
+"""numpy's limit on an array's dimensions."""
+MAX_ARRAY_ELEMENTS = 2**60
+"""numpy refuses a shape whose nonzero dimensions' product times the item size leaves a
+signed 64-bit integer, even when another dimension is 0."""
 
 
 def dtype_name(dtype: np.dtype[Any]) -> str:
@@ -195,6 +200,12 @@ def _parse_entry(name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise MalformedBody(
             f"tensor {name!r} shape must be a list of non-negative integers", field=name
+        )
+    if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) >= MAX_ARRAY_ELEMENTS:
+        raise MalformedBody(
+            f"tensor {name!r} shape cannot be an array: at most {MAX_DIMS} dimensions, "
+            "whose nonzero ones multiply to less than 2**60",
+            field=name,
         )
     if (
         not isinstance(offsets, list)

@@ -39,10 +39,12 @@ def clip_grad_norm(grads: Sequence[np.ndarray], max_norm: float, norm_type: floa
     dtype so float32 sessions round exactly where torch rounds.
     """
     dt = grads[0].dtype.type
-    norm = total_norm(grads, norm_type)
-    coef = min(dt(max_norm) / (norm + dt(1e-6)), dt(1.0))
-    for g in grads:
-        g *= coef
+    # Huge gradients overflow the norm to inf, and the scaled gradients to NaN, as in torch.
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = total_norm(grads, norm_type)
+        coef = min(dt(max_norm) / (norm + dt(1e-6)), dt(1.0))
+        for g in grads:
+            g *= coef
     return float(norm)
 
 

@@ -51,6 +51,45 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+INT_MIN = -(2**63)
+INT_MAX = 2**63 - 1
+"""Integer hyperparameters are 64-bit, as torch's are once they reach a tensor or C++."""
+
+
+def shown(value: Any) -> str:
+    """``repr`` for a message, with an integer too long to print usefully summarized."""
+    if _is_int(value) and not -(10**20) < value < 10**20:
+        try:
+            return f"an integer of {len(str(abs(value)))} digits"
+        except ValueError:  # beyond Python's limit on converting an int to text
+            return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
+def as_float(value: Any, field: str) -> float:
+    """A JSON number as a float: an integer beyond the float range is refused, not an
+    ``OverflowError``."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidHyperparameter(
+            field, f"{field} is too large for a float: {shown(value)}", value
+        ) from None
+
+
+def as_int(value: Any, field: str) -> int:
+    """A JSON integer that fits in 64 bits."""
+    if not INT_MIN <= value <= INT_MAX:
+        raise InvalidHyperparameter(
+            field, f"{field} must fit in a 64-bit integer, got {shown(value)}", value
+        )
+    return int(value)
+
+
+def _shown_list(values: Sequence[Any]) -> str:
+    return "[" + ", ".join(shown(v) for v in values) + "]"
+
+
 def coerce(arg: Arg, value: Any, where: str = "") -> Any:
     """Check ``value`` against ``arg`` and return it in canonical Python form."""
     field = f"{where}{arg.name}"
@@ -60,8 +99,10 @@ def coerce(arg: Arg, value: Any, where: str = "") -> Any:
         raise InvalidHyperparameter(field, f"{field} must not be null", value)
     if arg.kind == "float":
         if not _is_number(value):
-            raise InvalidHyperparameter(field, f"{field} must be a number, got {value!r}", value)
-        number = float(value)
+            raise InvalidHyperparameter(
+                field, f"{field} must be a number, got {shown(value)}", value
+            )
+        number = as_float(value, field)
         if math.isnan(number):
             raise InvalidHyperparameter(field, f"Invalid {arg.name} value: {value}", value)
         return number
@@ -69,15 +110,21 @@ def coerce(arg: Arg, value: Any, where: str = "") -> Any:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise InvalidHyperparameter(field, f"{field} must be an integer, got {value!r}", value)
-        return value
+            raise InvalidHyperparameter(
+                field, f"{field} must be an integer, got {shown(value)}", value
+            )
+        return as_int(value, field)
     if arg.kind == "bool":
         if not isinstance(value, bool):
-            raise InvalidHyperparameter(field, f"{field} must be a boolean, got {value!r}", value)
+            raise InvalidHyperparameter(
+                field, f"{field} must be a boolean, got {shown(value)}", value
+            )
         return value
     if arg.kind == "str":
         if not isinstance(value, str):
-            raise InvalidHyperparameter(field, f"{field} must be a string, got {value!r}", value)
+            raise InvalidHyperparameter(
+                field, f"{field} must be a string, got {shown(value)}", value
+            )
         if arg.choices is not None and value not in arg.choices:
             allowed = ", ".join(arg.choices)
             raise InvalidHyperparameter(
@@ -86,19 +133,23 @@ def coerce(arg: Arg, value: Any, where: str = "") -> Any:
         return value
     if arg.kind in ("float_pair", "float_list", "int_list"):
         if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-            raise InvalidHyperparameter(field, f"{field} must be a list, got {value!r}", value)
+            raise InvalidHyperparameter(field, f"{field} must be a list, got {shown(value)}", value)
         item_ok = _is_int if arg.kind == "int_list" else _is_number
         if not all(item_ok(v) for v in value):
-            raise InvalidHyperparameter(field, f"{field} has a non-numeric entry: {value!r}", value)
+            raise InvalidHyperparameter(
+                field, f"{field} has a non-numeric entry: {_shown_list(value)}", value
+            )
         if arg.kind == "float_pair":
             if len(value) != 2:
                 raise InvalidHyperparameter(
-                    field, f"{field} must have exactly two entries, got {value!r}", value
+                    field,
+                    f"{field} must have exactly two entries, got {_shown_list(value)}",
+                    value,
                 )
-            return (float(value[0]), float(value[1]))
+            return (as_float(value[0], field), as_float(value[1], field))
         if arg.kind == "int_list":
-            return [int(v) for v in value]
-        return [float(v) for v in value]
+            return [as_int(v, field) for v in value]
+        return [as_float(v, field) for v in value]
     return value
 
 

@@ -200,8 +200,31 @@ def parse_tensors(raw: Any) -> tuple[TensorSpec, ...]:
             shape,
         )
         assert isinstance(shape, list)
+        _check_array_shape(shape, f"{field}.shape")
         specs.append(TensorSpec(name, tuple(shape)))
     return tuple(specs)
+
+
+MAX_DIMS = 64
+"""numpy's limit on the dimensions of an array."""
+MAX_ARRAY_ELEMENTS = 2**60
+"""numpy refuses a shape whose nonzero dimensions' product times the item size (8 bytes
+for float64) leaves a signed 64-bit integer, even when another dimension is 0."""
+
+
+def _check_array_shape(shape: list[int], field: str) -> None:
+    check(
+        len(shape) <= MAX_DIMS,
+        field,
+        f"{field} has {len(shape)} dimensions; at most {MAX_DIMS} are supported",
+        len(shape),
+    )
+    check(
+        math.prod(d for d in shape if d) < MAX_ARRAY_ELEMENTS,
+        field,
+        f"{field} is too large for an array: its nonzero dimensions multiply to 2**60 or more",
+        shape,
+    )
 
 
 def _parse_groups(

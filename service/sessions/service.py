@@ -108,13 +108,31 @@ def _event_size(event: Event) -> int:
     return sum(a.nbytes for a in [*event.grads.values(), *(event.params or {}).values()])
 
 
+IDEMPOTENCY_WINDOW_BYTES = 1 << 20
+"""Tensor bytes of older kept replies per session, beyond the newest (which is kept whole)."""
+
+
+def _reply_bytes(reply: StepReply) -> int:
+    return sum(a.nbytes for a in (reply.tensors or {}).values())
+
+
 @dataclass
 class _Kept:
-    """A reply kept for idempotent retries."""
+    """A reply kept for idempotent retries.
+
+    The newest keyed reply of a session is kept whole: it is the one a client retries
+    after a timeout. Older ones keep their tensors only while they fit in the service's
+    ``window_bytes``; past it their tensors are shed, oldest first, and a retry of one of
+    those is refused with the step it was applied at (:class:`IdempotencyExpired`).
+    """
 
     seq: int
     fingerprint: str
     reply: StepReply
+    nbytes: int = 0
+    """Tensor bytes the reply still holds."""
+    shed: bool = False
+    """Its tensors were dropped: it can no longer be answered."""
 
 
 @dataclass
@@ -189,6 +207,7 @@ class SessionService:
         limits: Limits,
         *,
         idempotency_window: int = 16,
+        idempotency_window_bytes: int = IDEMPOTENCY_WINDOW_BYTES,
         snapshot_every: int = 1000,
         snapshot_log_ratio: float = SNAPSHOT_LOG_RATIO,
         workers: int = 4,
@@ -201,6 +220,7 @@ class SessionService:
         self.store = store
         self.limits = limits
         self.window = idempotency_window
+        self.window_bytes = idempotency_window_bytes
         self.snapshot_every = snapshot_every
         self.snapshot_log_ratio = snapshot_log_ratio
         self._clock = clock
@@ -468,6 +488,8 @@ class SessionService:
         if kept is not None:
             if kept.fingerprint != fingerprint:
                 raise IdempotencyKeyReused(key)
+            if kept.shed:
+                raise IdempotencyExpired(key, kept.reply.step)
             return dataclasses.replace(kept.reply, replayed=True)
         record = entry.keys.get(key)
         if record is not None:
@@ -581,9 +603,24 @@ class SessionService:
 
     def _keep(self, entry: _Entry, key: str, fingerprint: str, reply: StepReply) -> None:
         seq = entry.live.seq
-        entry.window[key] = _Kept(seq, fingerprint, reply)
+        self._remember(entry, key, _Kept(seq, fingerprint, reply))
         entry.keys[key] = KeyRecord(key, fingerprint, reply.step, seq)
         self._trim_window(entry)
+
+    def _remember(self, entry: _Entry, key: str, kept: _Kept) -> None:
+        """Add the newest reply whole; shed older ones' tensors past ``window_bytes``."""
+        kept.nbytes = _reply_bytes(kept.reply)
+        entry.window[key] = kept
+        older = list(entry.window.values())[:-1]
+        held = sum(k.nbytes for k in older)
+        for old in older:
+            if held <= self.window_bytes:
+                break
+            if old.nbytes:
+                held -= old.nbytes
+                old.reply = dataclasses.replace(old.reply, tensors=None)
+                old.nbytes = 0
+                old.shed = True
 
     def _trim_window(self, entry: _Entry) -> None:
         oldest = entry.live.seq - self.window
@@ -811,7 +848,7 @@ class SessionService:
                     event.key, event.fingerprint, reply.step, event.seq
                 )
                 if event.seq > keep_from:
-                    entry.window[event.key] = _Kept(event.seq, event.fingerprint, reply)
+                    self._remember(entry, event.key, _Kept(event.seq, event.fingerprint, reply))
             if event.seq > max(stored.later_snapshots, default=snapshot.seq):
                 entry.events_since_snapshot += 1
                 entry.bytes_since_snapshot += _event_size(event)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.codec import safetensors
-from tests.api.conftest import SAFETENSORS, grads, make_client, st_body
+from tests.api.conftest import SAFETENSORS, grads, make_client, problem, st_body
 
 LIMIT = 64 * 1024
 CONFIG: dict[str, Any] = {
@@ -183,3 +183,115 @@ def test_fuzzed_steps_are_4xx_and_change_nothing_or_2xx(
         assert (
             safetensors.decode(response.content) if content_type == SAFETENSORS else response.json()
         )
+
+
+# -- numbers that do not fit -------------------------------------------------------------
+
+TOO_BIG = "1" + "0" * 400
+"""A JSON integer beyond the float range (Python's json reads it as an exact int)."""
+
+
+SGD = '{"name": "SGD", "lr": 0.1}'
+
+
+def _config_text(optimizer: str = SGD, extra: str = "", shape: Any = (2,)) -> str:
+    params = json.dumps({"w": {"shape": list(shape)}})
+    return f'{{"optimizer": {optimizer}, "params": {params}{extra}}}'
+
+
+def _schedule_text(schedule: str) -> str:
+    return _config_text(extra=f', "schedule": {schedule}')
+
+
+OVERSIZED_NUMBERS = [
+    ("optimizer.lr", _config_text(f'{{"name": "SGD", "lr": {TOO_BIG}}}')),
+    ("optimizer.momentum", _config_text(f'{{"name": "SGD", "lr": 0.1, "momentum": {TOO_BIG}}}')),
+    ("optimizer.betas", _config_text(f'{{"name": "Adam", "betas": [0.9, {TOO_BIG}]}}')),
+    ("schedule.gamma", _schedule_text(f'{{"name": "ExponentialLR", "gamma": {TOO_BIG}}}')),
+    ("schedule.T_max", _schedule_text(f'{{"name": "CosineAnnealingLR", "T_max": {TOO_BIG}}}')),
+    (
+        "schedule.max_lr",
+        _schedule_text(f'{{"name": "OneCycleLR", "max_lr": [{TOO_BIG}], "total_steps": 9}}'),
+    ),
+    (
+        "clip_grad_norm.max_norm",
+        _config_text(extra=f', "clip_grad_norm": {{"max_norm": {TOO_BIG}}}'),
+    ),
+    ("clip_grad_value.clip_value", _config_text(extra=f', "clip_grad_value": {TOO_BIG}')),
+    ("params.w.shape", _config_text(shape=[1] * 65)),
+    ("params.w.shape", _config_text(shape=[2**62, 2**62, 0])),
+    ("params.w.shape", _config_text(shape=[2**70, 0])),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "body"), OVERSIZED_NUMBERS, ids=[f for f, _ in OVERSIZED_NUMBERS]
+)
+def test_numbers_too_large_for_their_type_are_refused_by_field(field: str, body: str) -> None:
+    with make_client() as client:
+        response = client.post("/v1/sessions", content=body, headers=JSON)
+        document = problem(response, 422, "invalid-hyperparameter")
+        assert [e["field"] for e in document["errors"]] == [field]
+        assert field in document["detail"]
+        assert client.get("/v1/sessions").json()["sessions"] == []
+
+
+@pytest.mark.parametrize(
+    ("field", "body"),
+    [
+        ("optimizer.lr", f'{{"optimizer": {{"name": "SGD", "lr": {TOO_BIG}}}, "steps": 3}}'),
+        (
+            "schedule.gamma",
+            f'{{"optimizer": {{"name": "SGD", "lr": 0.1}}, "steps": 3, '
+            f'"schedule": {{"name": "ExponentialLR", "gamma": {TOO_BIG}}}}}',
+        ),
+        (
+            "metrics",
+            f'{{"optimizer": {{"name": "SGD", "lr": 0.1}}, "steps": 2, '
+            f'"schedule": {{"name": "ReduceLROnPlateau"}}, "metrics": [{TOO_BIG}, 1]}}',
+        ),
+    ],
+)
+def test_preview_refuses_numbers_too_large(field: str, body: str) -> None:
+    with make_client() as client:
+        response = client.post("/v1/schedules/preview", content=body, headers=JSON)
+        document = problem(response, 422)
+        assert [e["field"] for e in document["errors"]] == [field]
+
+
+def test_a_metric_too_large_for_a_float_is_refused() -> None:
+    config = {
+        "optimizer": {"name": "SGD", "lr": 0.1},
+        "schedule": {"name": "ReduceLROnPlateau", "interval": "manual"},
+        "params": {"w": {"shape": [2]}},
+    }
+    with make_client() as client:
+        sid = client.post("/v1/sessions", json=config).json()["id"]
+        before = _state(client, sid)
+        response = client.post(
+            f"/v1/sessions/{sid}/schedule/step", content=f'{{"metric": {TOO_BIG}}}', headers=JSON
+        )
+        assert problem(response, 422)["errors"][0]["field"] == "metric"
+        assert _state(client, sid) == before
+
+
+def _safetensors_with_shape(shape: list[int], nbytes: int) -> bytes:
+    header = json.dumps({"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, nbytes]}})
+    raw = header.encode()
+    return len(raw).to_bytes(8, "little") + raw + b"\0" * nbytes
+
+
+@pytest.mark.parametrize(
+    ("shape", "nbytes"), [([1] * 65, 4), ([2**62, 2**62, 0], 0), ([2**63, 0], 0)]
+)
+def test_safetensors_shapes_numpy_cannot_hold_are_malformed(
+    primed: tuple[TestClient, str], shape: list[int], nbytes: int
+) -> None:
+    client, sid = primed
+    before = _state(client, sid)
+    body = _safetensors_with_shape(shape, nbytes)
+    response = client.post(f"/v1/sessions/{sid}/step", content=body, headers=ST)
+    assert problem(response, 400, "malformed-body")["errors"][0]["field"] == "w"
+    created = client.post("/v1/sessions", content=body, headers=ST)
+    assert problem(created, 400, "malformed-body")["errors"][0]["field"] == "w"
+    assert _state(client, sid) == before

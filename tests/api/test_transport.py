@@ -61,6 +61,6 @@ def test_nothing_is_written_to_a_closing_transport() -> None:
     assert asyncio.run(scenario()) == []
 
 
-def test_protocol_class_is_the_gathering_httptools_one() -> None:
+def test_protocol_class_is_the_guarded_httptools_one() -> None:
     protocol = http_protocol()
-    assert protocol == "auto" or protocol.__name__ == "GatheringHttpToolsProtocol"
+    assert protocol == "auto" or protocol.__name__ == "GuardedHttpToolsProtocol"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -187,3 +188,67 @@ async def test_concurrent_steps_of_one_session_are_serialized() -> None:
         )
         assert sorted(r.step for r in replies) == list(range(1, 21))
         assert (await service.get("t", sid)).step == 20
+
+
+async def test_only_the_newest_reply_keeps_its_tensors_past_the_window_bytes(
+    store_factory: StoreFactory,
+) -> None:
+    options = {"idempotency_window": 8, "idempotency_window_bytes": 0}
+    async with running(store_factory(), **options) as service:
+        sid = (await service.create("t", CONFIG, {"w": np.zeros(5)})).id
+        quiet = await service.step("t", sid, request(1, "k1", want="none"))
+        await service.step("t", sid, request(2, "k2"))
+        newest = await service.step("t", sid, request(3, "k3"))
+        retried = await service.step("t", sid, request(3, "k3"))
+        assert retried.replayed and retried.step == newest.step == 3
+        assert newest.tensors is not None and retried.tensors is not None
+        np.testing.assert_array_equal(retried.tensors["w"], newest.tensors["w"])
+        # An older reply that carried tensors is refused with its step; one without
+        # tensors costs nothing to keep and is still answered.
+        with pytest.raises(IdempotencyExpired) as shed:
+            await service.step("t", sid, request(2, "k2"))
+        assert shed.value.step == 2
+        with pytest.raises(IdempotencyKeyReused):
+            await service.step("t", sid, request(99, "k2"))
+        assert (await service.step("t", sid, request(1, "k1", want="none"))).step == quiet.step
+        assert (await service.get("t", sid)).step == 3
+    # A restart rebuilds the window the same way: the newest answer, exactly.
+    async with running(store_factory(), **options) as service:
+        again = await service.step("t", sid, request(3, "k3"))
+        assert again.replayed and again.tensors is not None
+        np.testing.assert_array_equal(again.tensors["w"], newest.tensors["w"])
+        with pytest.raises(IdempotencyExpired):
+            await service.step("t", sid, request(2, "k2"))
+
+
+async def test_older_replies_within_the_window_bytes_are_answered_whole() -> None:
+    async with running(MemoryStore(), idempotency_window_bytes=1 << 20) as service:
+        sid = (await service.create("t", CONFIG, {"w": np.zeros(5)})).id
+        first = await service.step("t", sid, request(1, "k1"))
+        await service.step("t", sid, request(2, "k2"))
+        again = await service.step("t", sid, request(1, "k1"))
+        assert again.replayed and again.tensors is not None and first.tensors is not None
+        np.testing.assert_array_equal(again.tensors["w"], first.tensors["w"])
+
+
+async def test_the_window_of_a_large_session_holds_one_reply_not_sixteen() -> None:
+    size = 10_000_000
+    config = {"optimizer": {"name": "Adam", "lr": 1e-3}, "params": {"w": {"shape": [size]}}}
+    grads = {"w": np.full(size, 0.5, np.float32)}
+    tracemalloc.start()
+    try:
+        async with running(MemoryStore(keep_history=False), idempotency_window=16) as service:
+            empty = tracemalloc.get_traced_memory()[0]
+            sid = (await service.create("t", config, {"w": np.zeros(size, np.float32)})).id
+            # One step first, so that every state tensor exists.
+            await service.step("t", sid, StepRequest(grads=grads))
+            state = tracemalloc.get_traced_memory()[0] - empty
+            for i in range(20):
+                step = StepRequest(grads=grads, idempotency_key=f"k{i}", fingerprint=f"b{i}")
+                await service.step("t", sid, step)
+            held = tracemalloc.get_traced_memory()[0] - empty
+            assert (await service.step("t", sid, step)).replayed
+    finally:
+        tracemalloc.stop()
+    assert state >= 3 * 4 * size  # params, exp_avg, exp_avg_sq
+    assert held < 1.5 * state, f"{held / state:.2f}x the session's state"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,6 +14,7 @@ from service.api.deps import ServiceDep, TenantDep
 from service.api.media import require_json_answer
 from service.api.problems import InvalidRequest
 from service.api.responses import json_response
+from service.api.wire import finite_number
 
 router = APIRouter(tags=["catalog"])
 
@@ -58,17 +58,14 @@ def _preview_args(
         problems.append(("param_groups", "must be a list of groups"))
     metrics = document.get("metrics")
     if metrics is not None and not (
-        isinstance(metrics, list)
-        and all(
-            isinstance(m, int | float) and not isinstance(m, bool) and math.isfinite(m)
-            for m in metrics
-        )
+        isinstance(metrics, list) and all(finite_number(m) for m in metrics)
     ):
         problems.append(("metrics", "must be a list of finite numbers, one per step"))
     if problems:
         raise InvalidRequest("; ".join(f"{f}: {m}" for f, m in problems), problems)
     assert isinstance(optimizer, dict) and isinstance(steps, int)
-    return optimizer, document.get("schedule"), steps, groups, metrics
+    floats = None if metrics is None else [float(m) for m in metrics]
+    return optimizer, document.get("schedule"), steps, groups, floats
 
 
 @router.post(

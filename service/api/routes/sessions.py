@@ -42,7 +42,12 @@ def _metric(document: dict[str, Any]) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest("metric must be a number", [("metric", "must be a number")])
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidRequest(
+            "metric is too large for a float", [("metric", "too large for a float")]
+        ) from None
 
 
 @router.post(

@@ -14,6 +14,7 @@ from service.api.media import Wire, request_wire, response_wire
 from service.api.problems import BadRequest, InvalidRequest
 from service.api.responses import raw_json_response, safetensors_response
 from service.api.routing import RequestRoute
+from service.api.step_limit import StepBodyBounds
 from service.api.wire import (
     StepBody,
     fingerprint,
@@ -31,6 +32,8 @@ router = APIRouter(tags=["steps"], route_class=RequestRoute)
 _ETAG = re.compile(r'\s*(?:W/)?"(\d{1,18})"\s*')
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
 RETURN_MODES = ("delta", "params", "none")
+_BOUNDS = StepBodyBounds()
+_BOUND_REASON = ", the most a step of this session can need (its tensors and a header)"
 
 
 def parse_if_match(value: str | None) -> int | None:
@@ -92,7 +95,12 @@ async def step(request: Request) -> Response:
     returns = parse_return(request.query_params.get("return"))
     key = parse_idempotency_key(request.headers.get("idempotency-key"))
     expected = parse_if_match(request.headers.get("if-match"))
-    body = await read_body(request)
+    info = await ctx.service.get(ctx.tenant, session_id)
+    bound = _BOUNDS.bound(info.resolved["params"], wire)
+    # Past max_body_bytes the middleware refuses, under that limit's name.
+    body = await read_body(
+        request, bound if bound < ctx.settings.max_body_bytes else None, _BOUND_REASON
+    )
     parsed: StepBody
     if wire is Wire.JSON:
         parsed = await offload.by_size(len(body), step_from_json, body)

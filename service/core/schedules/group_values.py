@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from service.core.errors import InvalidHyperparameter, InvalidInput
+from service.core.hparams import as_float
 
 Groups = list[dict[str, Any]]
 
@@ -23,11 +24,11 @@ def float_or_list(config: Mapping[str, Any], name: str, where: str) -> float | l
     if isinstance(value, bool):
         raise InvalidHyperparameter(field, f"{field} must be a number or a list of numbers", value)
     if isinstance(value, int | float):
-        return _finite_or_inf(float(value), field, value)
+        return _finite_or_inf(as_float(value, field), field, value)
     if isinstance(value, list | tuple) and all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in value
     ):
-        return [_finite_or_inf(float(v), field, value) for v in value]
+        return [_finite_or_inf(as_float(v, field), field, value) for v in value]
     raise InvalidHyperparameter(field, f"{field} must be a number or a list of numbers", value)
 
 
