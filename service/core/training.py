@@ -52,7 +52,11 @@ def initial_state(plan: Plan) -> TrainState:
     """Fresh optimizer state, then the schedule's constructor applied to the groups."""
     groups = [dict(g.hparams) for g in plan.groups]
     opt_states = [
-        plan.optimizer.init([plan.tensors[i].shape for i in g.indices], g.hparams, plan.dtype)
+        plan.optimizer.init(
+            [plan.tensors[i].shape for i in g.indices],
+            plan.optimizer.init_hparams(g.hparams, plan.optimizer_config),
+            plan.dtype,
+        )
         for g in plan.groups
     ]
     schedule_state = None
