@@ -169,6 +169,7 @@ def apply_step(
     if plan.clip_grad_norm is not None:
         clip_grad_norm(grads, plan.clip_grad_norm["max_norm"], plan.clip_grad_norm["norm_type"])
     evaluate, completed = False, True
+    metric = loss
     for gi, group in enumerate(plan.groups):
         g = [grads[i] for i in group.indices]
         p = [params[i] for i in group.indices] if params is not None else None
@@ -178,6 +179,10 @@ def apply_step(
             assert loss is not None
             told = plan.optimizer.tell(loss, g, state.opt_states[gi], p, hp, o)  # type: ignore[attr-defined]
             evaluate, completed = bool(told.evaluate), bool(told.completed)
+            if told.loss is not None:
+                # torch's idiom is scheduler.step(optimizer.step(closure)): the metric is
+                # what step() returns, the loss of its first closure call.
+                metric = told.loss
         else:
             state.opt_states[gi] = plan.optimizer.update(g, state.opt_states[gi], p, hp, o)
     if completed:
@@ -186,7 +191,7 @@ def apply_step(
             state.since_schedule += 1
             if state.since_schedule >= plan.schedule.every:
                 state.since_schedule = 0
-                _advance(plan, state, loss)
+                _advance(plan, state, metric)
     return StepOutcome(applied=True, evaluate=evaluate, completed=completed)
 
 

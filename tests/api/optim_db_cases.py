@@ -97,13 +97,14 @@ def _torch_kwargs(case: Case) -> dict[str, Any]:
     torch computes with a Tensor lr in the tensor's dtype (a schedule's new lr, Muon's
     ``1 - lr * weight_decay``), so optim_db's float32 tensor on float64 params rounds those
     to float32. optserve's lr is a number in the session's dtype: torch's numbers with a
-    Tensor lr of that dtype (docs/torch-compatibility.md).
+    Tensor lr of that dtype (docs/torch-compatibility.md). LBFGS is compared with a float
+    lr: its state's step length *is* a Tensor lr, which a scheduler then rewrites in place.
     """
-    return {
-        k: v.to(torch.float64) if isinstance(v, torch.Tensor) else v
-        for k, v in case.kwargs.items()
-        if k not in DEVICE_FLAGS
-    }
+    kwargs = {k: v for k, v in case.kwargs.items() if k not in DEVICE_FLAGS}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            kwargs[k] = float(v.item()) if case.is_lbfgs else v.to(torch.float64)
+    return kwargs
 
 
 def second_group_lr(case: Case) -> float:
