@@ -2,7 +2,7 @@
 
 Every CPU input of every optimizer in ``torch.testing._internal.common_optimizers.optim_db``
 (see :mod:`tests.api.optim_db_cases`), with and without param groups and with each of its
-scheduler inputs, trains the same float64 tensors for ``STEPS`` steps (LBFGS: ``LBFGS_STEPS``) twice: with
+scheduler inputs, trains the same float64 tensors for ``STEPS`` steps twice: with
 torch.optim and torch's schedulers, and through the HTTP API (a session holding the
 params; LBFGS answering every evaluation it asks for). The final params must agree within
 float64 parity (``rtol=1e-10, atol=1e-12``). A case the server refuses must be a refusal
@@ -31,8 +31,6 @@ from tests.api import optim_db_cases as db  # noqa: E402
 pytestmark = pytest.mark.torch
 
 STEPS = 12
-LBFGS_STEPS = 20
-"""LBFGS converges within a few steps; ReduceLROnPlateau (patience 10) then gets to act."""
 RTOL, ATOL = 1e-10, 1e-12
 DOC = Path(__file__).resolve().parents[2] / "docs" / "torch-compatibility.md"
 CASES = db.cases()
@@ -50,10 +48,6 @@ def tally(request: pytest.FixtureRequest) -> dict[str, int]:
     return counts
 
 
-def steps(case: db.Case) -> int:
-    return LBFGS_STEPS if case.is_lbfgs else STEPS
-
-
 def start(case: db.Case) -> tuple[dict[str, np.ndarray], list[Any]]:
     """Initial params and the objective's targets, seeded by nothing but the shapes."""
     rng = np.random.default_rng(7)
@@ -65,7 +59,7 @@ def start(case: db.Case) -> tuple[dict[str, np.ndarray], list[Any]]:
 def run_server(
     server: TestClient, case: db.Case, initial: dict[str, np.ndarray], targets: list[Any]
 ) -> dict[str, np.ndarray] | dict[str, Any]:
-    """The session's params after its steps, or the problem document refusing it."""
+    """The session's params after ``STEPS`` steps, or the problem document refusing it."""
     created = server.post("/v1/sessions", json=db.session_config(case, initial))
     if created.status_code == 422:
         problem: dict[str, Any] = created.json()
@@ -73,7 +67,7 @@ def run_server(
     assert created.status_code == 201, created.text
     url = f"/v1/sessions/{created.json()['id']}/step?return=params"
     values = {n: a.copy() for n, a in initial.items()}
-    for step in range(1, steps(case) + 1):
+    for step in range(1, STEPS + 1):
         while True:  # LBFGS asks for evaluations until torch's step() would return
             loss, grads = db.loss_and_grads(values, targets)
             body = {"grads": {n: g.tolist() for n, g in grads.items()}, "loss": loss}
@@ -102,7 +96,7 @@ def test_optim_db_case(server: TestClient, tally: dict[str, int], case: db.Case)
         tally["refused"] = tally.get("refused", 0) + 1
         return
     assert "detail" not in got, got
-    expected = db.run_torch(case, initial, targets, steps(case))
+    expected = db.run_torch(case, initial, targets, STEPS)
     tally["run"] = tally.get("run", 0) + 1
     try:
         for name, want in expected.items():
