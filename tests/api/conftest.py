@@ -56,7 +56,7 @@ def check_strict_body(response: Any) -> None:
 class StrictJSONClient(TestClient):
     """TestClient whose every response is checked by :func:`check_strict_body`."""
 
-    def request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def request(self, *args: Any, **kwargs: Any) -> Any:
         response = super().request(*args, **kwargs)
         check_strict_body(response)
         return response

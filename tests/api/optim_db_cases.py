@@ -180,7 +180,7 @@ def loss_and_grads(
     tensors = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values.values()]
     loss = objective(tensors, targets)
     loss.backward()
-    grads = {n: t.grad.numpy() for n, t in zip(values, tensors, strict=True)}  # type: ignore[union-attr]
+    grads = {n: t.grad.numpy() for n, t in zip(values, tensors, strict=True)}
     return float(loss.item()), grads
 
 
@@ -192,8 +192,8 @@ def build_torch_optimizer(case: Case, tensors: list[torch.Tensor]) -> torch.opti
             {"params": tensors[:FIRST_GROUP], **kwargs},
             {"params": tensors[FIRST_GROUP:], "lr": second_group_lr(case)},
         ]
-        return cls(groups)  # type: ignore[no-any-return]
-    return cls(tensors, **kwargs)  # type: ignore[no-any-return]
+        return cls(groups)
+    return cls(tensors, **kwargs)
 
 
 def run_torch(
@@ -226,7 +226,9 @@ def run_torch(
 
 def torch_refusal(case: Case) -> str | None:
     """torch's message when its constructor refuses the case, else None."""
-    tensors = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in case.shapes.values()]
+    tensors = [
+        torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in case.shapes.values()
+    ]
     try:
         opt = build_torch_optimizer(case, tensors)
         for make in case.schedulers:

@@ -15,6 +15,7 @@ import {
   SAFETENSORS_TYPE,
   decodeFloatTensors,
   isSafetensors,
+  numbersFrom,
   parseJson,
   shapeFor,
   toJson,
@@ -42,7 +43,7 @@ export class Session {
     this.context = context;
     this.document = document;
     this.currentStep = document.step;
-    this.lr = document.lr;
+    this.lr = numbersFrom(document.lr);
   }
 
   get id(): string {
@@ -157,7 +158,7 @@ export class Session {
     if (isSafetensors(contentType)) {
       const { tensors, metadata } = decodeFloatTensors(body);
       step = Number(metadata["step"]);
-      lr = metadata["lr"] !== undefined ? (parseJson(metadata["lr"]) as number[]) : [];
+      lr = metadata["lr"] !== undefined ? numbersFrom(parseJson(metadata["lr"])) : [];
       applied = metadata["applied"] !== "false";
       evaluate = metadata["evaluate"] === "true";
       skipped = metadata["skipped"] ?? null;
@@ -175,7 +176,7 @@ export class Session {
     } else {
       const json = parseJson(new TextDecoder().decode(body)) as Record<string, unknown>;
       step = Number(json["step"]);
-      lr = (json["lr"] as number[] | undefined) ?? [];
+      lr = numbersFrom(json["lr"]);
       applied = json["applied"] !== false;
       evaluate = json["evaluate"] === true;
       skipped = typeof json["skipped"] === "string" ? json["skipped"] : null;
@@ -274,7 +275,7 @@ export class Session {
     const document = parseJson(new TextDecoder().decode(body)) as SessionDocument;
     this.document = document;
     this.currentStep = document.step;
-    this.lr = document.lr;
+    this.lr = numbersFrom(document.lr);
     return document;
   }
 }
