@@ -15,8 +15,9 @@ combinations torch steps it with. Each input becomes cases that differ in
   and each of its schedulers also runs alone.
 
 The device-only flags torch's helper adds (``differentiable``, ``fused`` where the CPU has
-a fused kernel) run without groups or schedule: the server gets the flag, torch runs its
-default implementation, whose numbers the flag does not change.
+a fused kernel) run without groups or schedule: the server gets the flag (and ignores it:
+the flags choose torch's kernels, not the update rule), torch runs its default
+implementation.
 
 Importing this module needs torch and its test utilities (``expecttest``).
 """
@@ -280,9 +281,8 @@ def cases() -> list[Case]:
         name = info.optim_cls.__name__
         if name == "SparseAdam":
             continue  # optserve's gradients are dense
-        inputs = _get_optim_inputs_including_global_cliquey_kwargs(
-            "cpu", torch.float64, info, skip=("foreach",)
-        )
+        # On the CPU torch's helper adds `differentiable`, and `fused` where there is a kernel.
+        inputs = _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float64, info)
         variants = _schedule_variants(info)
         for number, given in enumerate(inputs):
             kwargs = copy.deepcopy(given.kwargs)
