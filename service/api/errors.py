@@ -8,7 +8,6 @@ logged 500, which the fuzz tests exist to make impossible.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service.api import problems
+from service.codec import strict_json
 from service.codec.errors import InvalidValues, MalformedBody, TooManyTensors
 from service.sessions import errors as domain
 from service.sessions.federated import errors as federated
@@ -244,7 +244,7 @@ def problem_response(
         if request_id:
             body["request_id"] = request_id
     body.update(extra)
-    content = json.dumps(body, default=str, allow_nan=False).encode()
+    content = strict_json.dumps(body, separators=(", ", ": "), default=str).encode()
     return Response(content, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 

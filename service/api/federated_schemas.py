@@ -45,7 +45,7 @@ ROUND = {
         "aggregation": _OBJECT,
         "version": {"type": "integer", "description": "the session's step"},
         "client_lr": {"type": ["number", "null"], "description": "eta_l of Flower presets"},
-        "lr": {"type": "array", "items": _NUMBER},
+        "lr": {"type": "array", "items": {"$ref": "#/components/schemas/Float"}},
         "round": {"type": "integer"},
         "status": {"enum": ["open", "overdue"]},
         "opened_at": {"type": "string"},

@@ -19,7 +19,7 @@ import numpy as np
 
 from service.api.problems import InvalidRequest
 from service.api.wire import parse_json_object, reject_unknown_fields
-from service.codec import safetensors
+from service.codec import safetensors, strict_json
 from service.codec.json_tensors import array_from_json, array_to_json
 from service.sessions.federated.models import RoundParams, UpdateRequest
 
@@ -123,7 +123,7 @@ def _head(params: RoundParams) -> dict[str, Any]:
 
 
 def round_params_json(params: RoundParams) -> bytes:
-    head = json.dumps(_head(params), separators=(",", ":"))[:-1]
+    head = strict_json.dumps(_head(params))[:-1]
     parts = [
         json.dumps(name).encode() + b":" + array_to_json(array)
         for name, array in params.tensors.items()

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.responses import Response
 
 from service.api.media import JSON_TYPE, SAFETENSORS_TYPE
+from service.codec import strict_json
 from service.sessions.models import SessionInfo
 
 
 def json_response(
     document: Any, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    # Non-finite floats (a norm_type of inf) are written as JSON's common extension
-    # Infinity/NaN, which the create body accepts back.
-    body = json.dumps(document, separators=(",", ":")).encode()
+    # Non-finite floats (a norm_type of inf) are written "inf", "-inf", "nan", which every
+    # JSON parser reads and the create body accepts back.
+    body = strict_json.dumps(document).encode()
     return Response(body, status_code=status_code, headers=headers, media_type=JSON_TYPE)
 
 

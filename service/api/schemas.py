@@ -18,11 +18,26 @@ def _ref(name: str) -> dict[str, str]:
 
 
 _NUMBER = {"type": "number"}
+_FLOAT = {"$ref": "#/components/schemas/Float"}
 _NULLABLE_NUMBER = {"type": ["number", "null"]}
 _OBJECT = {"type": "object", "additionalProperties": True}
 _BINARY = {"type": "string", "format": "binary"}
 
 COMPONENTS: dict[str, Any] = {
+    "Float": {
+        "description": (
+            'a number; a non-finite one is the string "inf", "-inf" or "nan" (JSON has no '
+            'token for it). Requests may also write "Infinity" (any case) or the NaN and '
+            "Infinity tokens"
+        ),
+        "anyOf": [
+            _NUMBER,
+            {
+                "type": "string",
+                "pattern": "^[+-]?([Ii][Nn][Ff]([Ii][Nn][Ii][Tt][Yy])?|[Nn][Aa][Nn])$",
+            },
+        ],
+    },
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem document",
@@ -49,8 +64,11 @@ COMPONENTS: dict[str, Any] = {
         "additionalProperties": True,
     },
     "TensorValues": {
-        "description": "numbers nested to the tensor's shape, or flat in row-major order",
-        "anyOf": [_NUMBER, {"type": "array", "items": _ref("TensorValues")}],
+        "description": (
+            "numbers nested to the tensor's shape, or flat in row-major order; in replies a "
+            'non-finite element (an update that overflowed) is "inf", "-inf" or "nan"'
+        ),
+        "anyOf": [_FLOAT, {"type": "array", "items": _ref("TensorValues")}],
     },
     "TensorMap": {
         "type": "object",
@@ -94,7 +112,7 @@ COMPONENTS: dict[str, Any] = {
                     {
                         "type": "object",
                         "required": ["max_norm"],
-                        "properties": {"max_norm": _NUMBER, "norm_type": _NUMBER},
+                        "properties": {"max_norm": _FLOAT, "norm_type": _FLOAT},
                     },
                     {"type": "null"},
                 ]
@@ -104,7 +122,7 @@ COMPONENTS: dict[str, Any] = {
                     {
                         "type": "object",
                         "required": ["clip_value"],
-                        "properties": {"clip_value": _NUMBER},
+                        "properties": {"clip_value": _FLOAT},
                     },
                     {"type": "null"},
                 ]
@@ -136,7 +154,7 @@ COMPONENTS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string"},
             "step": {"type": "integer"},
-            "lr": {"type": "array", "items": _NUMBER},
+            "lr": {"type": "array", "items": _FLOAT},
             "optimizer": _OBJECT,
             "schedule": {"type": ["object", "null"]},
             "param_groups": {"type": "array", "items": _OBJECT},
@@ -184,7 +202,7 @@ COMPONENTS: dict[str, Any] = {
         "required": ["step", "lr", "applied"],
         "properties": {
             "step": {"type": "integer"},
-            "lr": {"type": "array", "items": _NUMBER},
+            "lr": {"type": "array", "items": _FLOAT},
             "applied": {"type": "boolean"},
             "evaluate": {"type": "boolean"},
             "skipped": {"type": "string"},
@@ -261,7 +279,7 @@ COMPONENTS: dict[str, Any] = {
         "properties": {
             "lr": {
                 "type": "array",
-                "items": {"type": "array", "items": _NUMBER},
+                "items": {"type": "array", "items": _FLOAT},
                 "description": "lr per step (outer) per group (inner)",
             }
         },

@@ -18,7 +18,7 @@ import numpy as np
 
 from service.api.media import Wire
 from service.api.problems import InvalidRequest
-from service.codec import json_tensors, safetensors
+from service.codec import json_tensors, safetensors, strict_json
 from service.codec.errors import MalformedBody
 from service.codec.json_tensors import array_from_json, array_to_json
 from service.sessions.models import StepReply
@@ -155,7 +155,7 @@ def _tensors_json(tensors: dict[str, np.ndarray]) -> bytes:
 
 
 def _lr_json(lr: list[float]) -> str:
-    return json.dumps([float(x) for x in lr])
+    return strict_json.dumps([float(x) for x in lr], separators=(", ", ": "))
 
 
 def step_reply_json(reply: StepReply, want: str) -> bytes:

@@ -75,11 +75,20 @@ def array_from_json(
         return array.astype(dtype, copy=False)  # a fresh array already: nothing aliases it
 
 
+_NONFINITE_TEXT = ((b'"Infinity"', b'"inf"'), (b'"-Infinity"', b'"-inf"'), (b'"NaN"', b'"nan"'))
+
+
 def array_to_json(array: np.ndarray) -> bytes:
-    """JSON text for ``array`` as nested lists to its shape (NaN/Infinity as in ``json``).
+    """JSON text for ``array`` as nested lists to its shape.
 
     Floats are written as the shortest text that parses back to the same float64, which
     for a float32 value is that value exactly. pydantic-core's serializer (Rust) does this
-    several times faster than ``json.dumps``.
+    several times faster than ``json.dumps``. A non-finite element (an update that
+    overflowed) is the string ``"inf"``, ``"-inf"`` or ``"nan"``, as everywhere in
+    optserve's JSON (:mod:`service.codec.strict_json`).
     """
-    return to_json(array.tolist(), inf_nan_mode="constants")
+    text = to_json(array.tolist(), inf_nan_mode="strings")
+    if b'"' in text:  # numbers only, unless something is not finite
+        for written, ours in _NONFINITE_TEXT:
+            text = text.replace(written, ours)
+    return text

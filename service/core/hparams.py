@@ -90,6 +90,22 @@ def _shown_list(values: Sequence[Any]) -> str:
     return "[" + ", ".join(shown(v) for v in values) + "]"
 
 
+_NAMED_FLOATS = {
+    **{name: math.inf for name in ("inf", "+inf", "infinity", "+infinity")},
+    **{name: -math.inf for name in ("-inf", "-infinity")},
+    "nan": math.nan,
+}
+"""Non-finite floats by name, case-insensitively: JSON has no token for them, so a client
+may write ``"inf"`` wherever torch takes ``float("inf")`` (and optserve writes them so)."""
+
+
+def _named_float(value: Any) -> Any:
+    """``"inf"``, ``"Infinity"``, ``"-inf"``, ``"nan"`` as floats; anything else unchanged."""
+    if isinstance(value, str):
+        return _NAMED_FLOATS.get(value.strip().lower(), value)
+    return value
+
+
 def coerce(arg: Arg, value: Any, where: str = "") -> Any:
     """Check ``value`` against ``arg`` and return it in canonical Python form."""
     field = f"{where}{arg.name}"
@@ -98,6 +114,7 @@ def coerce(arg: Arg, value: Any, where: str = "") -> Any:
             return None
         raise InvalidHyperparameter(field, f"{field} must not be null", value)
     if arg.kind == "float":
+        value = _named_float(value)
         if not _is_number(value):
             raise InvalidHyperparameter(
                 field, f"{field} must be a number, got {shown(value)}", value
@@ -135,6 +152,8 @@ def coerce(arg: Arg, value: Any, where: str = "") -> Any:
         if isinstance(value, str | bytes) or not isinstance(value, Sequence):
             raise InvalidHyperparameter(field, f"{field} must be a list, got {shown(value)}", value)
         item_ok = _is_int if arg.kind == "int_list" else _is_number
+        if arg.kind != "int_list":
+            value = [_named_float(v) for v in value]
         if not all(item_ok(v) for v in value):
             raise InvalidHyperparameter(
                 field, f"{field} has a non-numeric entry: {_shown_list(value)}", value

@@ -53,7 +53,11 @@ def initial_state(plan: Plan) -> TrainState:
     """Fresh optimizer state, then the schedule's constructor applied to the groups."""
     groups = [dict(g.hparams) for g in plan.groups]
     opt_states = [
-        plan.optimizer.init([plan.tensors[i].shape for i in g.indices], g.hparams, plan.dtype)
+        plan.optimizer.init(
+            [plan.tensors[i].shape for i in g.indices],
+            plan.optimizer.init_hparams(g.hparams, plan.optimizer_config),
+            plan.dtype,
+        )
         for g in plan.groups
     ]
     schedule_state = None
@@ -188,6 +192,7 @@ def apply_step(
     if plan.clip_grad_norm is not None and present:
         clip_grad_norm(present, plan.clip_grad_norm["max_norm"], plan.clip_grad_norm["norm_type"])
     evaluate, completed = False, True
+    metric = loss
     for gi, group in enumerate(plan.groups):
         g = [grads[i] for i in group.indices]
         p = [params[i] for i in group.indices] if params is not None else None
@@ -197,6 +202,10 @@ def apply_step(
             assert loss is not None
             told = plan.optimizer.tell(loss, g, state.opt_states[gi], p, hp, o)  # type: ignore[attr-defined]
             evaluate, completed = bool(told.evaluate), bool(told.completed)
+            if told.loss is not None:
+                # torch's idiom is scheduler.step(optimizer.step(closure)): the metric is
+                # what step() returns, the loss of its first closure call.
+                metric = told.loss
         else:
             shapes = [plan.tensors[i].shape for i in group.indices]
             stepped = tuple(k for k, grad in enumerate(g) if grad is not None)
@@ -216,7 +225,7 @@ def apply_step(
             state.since_schedule += 1
             if state.since_schedule >= plan.schedule.every:
                 state.since_schedule = 0
-                _advance(plan, state, loss)
+                _advance(plan, state, metric)
     return StepOutcome(applied=True, evaluate=evaluate, completed=completed)
 
 

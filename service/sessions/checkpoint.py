@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from service.codec import strict_json
 from service.core.errors import CoreError
 from service.core.federated.rounds import Federation
 from service.core.plan import Plan, plan_from_config
@@ -61,9 +62,12 @@ def export(
             arrays[PARAMS_PREFIX + spec.name] = values
     metadata = {
         "format": FORMAT,
-        "session": json.dumps(dict(config), separators=(",", ":")),
-        "state": json.dumps(meta, separators=(",", ":")),
-        "labels": json.dumps(dict(labels), separators=(",", ":")),
+        # Strict JSON: a non-finite float (an lr of inf, LBFGS's overflowed scalars) is
+        # written "inf", "-inf" or "nan"; the config reads those back as floats, and so
+        # does restore() for the state.
+        "session": strict_json.dumps(dict(config)),
+        "state": strict_json.dumps(meta),
+        "labels": strict_json.dumps(dict(labels)),
         "step": str(state.step),
         "holds_params": "true" if held is not None else "false",
     }
@@ -111,6 +115,11 @@ def restore(
     labels = _json(metadata, "labels")
     if not isinstance(config, dict) or not isinstance(meta, dict):
         raise InvalidCheckpoint("checkpoint 'session' and 'state' must be JSON objects")
+    # Hyperparameters and optimizer scalars hold no strings that could mean anything but
+    # the floats export() wrote as strings; schedule states keep their own encoding.
+    for key in ("groups", "optimizer_state"):
+        if key in meta:
+            meta[key] = strict_json.nonfinite_floats(meta[key])
     if not isinstance(labels, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
     ):

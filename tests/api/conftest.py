@@ -1,7 +1,14 @@
-"""Fixtures: an in-memory app behind TestClient, open or with API keys."""
+"""Fixtures: an in-memory app behind TestClient, open or with API keys.
+
+Every response any API test receives is checked by :class:`StrictJSONClient`: a JSON
+body (documents and problems alike) must parse with a strict parser that refuses
+``NaN``, ``Infinity`` and ``-Infinity``, and so must a safetensors header and each of its
+metadata values that is JSON, as every language's JSON parser would.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,9 +24,61 @@ SAFETENSORS = "application/vnd.optserve.safetensors"
 KEYS = "alice:key-a,bob:key-b"
 
 
+OPTIM_DB_TALLY = pytest.StashKey[dict[str, int]]()
+"""Outcomes of tests/api/test_optim_db.py's cases, printed at the end of the run."""
+
+
+def _refuse_constant(token: str) -> Any:
+    raise ValueError(f"not JSON every language parses: the token {token}")
+
+
+def strict_json(text: str | bytes) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and -Infinity."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def check_strict_body(response: Any) -> None:
+    """Assert that a JSON or safetensors response holds only JSON any parser accepts."""
+    media = response.headers.get("content-type", "").split(";")[0].strip()
+    body = response.content
+    if not body:
+        return
+    if media in ("application/json", "application/problem+json"):
+        strict_json(body)
+    elif media in (SAFETENSORS, "application/octet-stream") and len(body) >= 8:
+        size = int.from_bytes(body[:8], "little")
+        header = strict_json(body[8 : 8 + size])
+        for value in header.get("__metadata__", {}).values():
+            if isinstance(value, str) and value[:1] in ("[", "{"):
+                strict_json(value)
+
+
+class StrictJSONClient(TestClient):
+    """TestClient whose every response is checked by :func:`check_strict_body`."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().request(*args, **kwargs)
+        check_strict_body(response)
+        return response
+
+
 def make_client(**settings: Any) -> TestClient:
     options: dict[str, Any] = {"storage": "memory", "access_log": False, **settings}
-    return TestClient(create_app(Settings(**options)))
+    return StrictJSONClient(create_app(Settings(**options)))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    counts = config.stash.get(OPTIM_DB_TALLY, None)
+    if counts:
+        terminalreporter.write_line(
+            "optim_db through the server: {} cases run, {} matched torch, {} mismatched, "
+            "{} refused as documented".format(
+                counts.get("run", 0),
+                counts.get("matched", 0),
+                counts.get("mismatched", 0),
+                counts.get("refused", 0),
+            )
+        )
 
 
 @pytest.fixture

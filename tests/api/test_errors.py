@@ -20,6 +20,7 @@ from service.sessions.store.base import Event
 from service.sessions.store.memory import MemoryStore
 from tests.api.conftest import (
     SAFETENSORS,
+    StrictJSONClient,
     adam_config,
     auth,
     grads,
@@ -233,7 +234,7 @@ def test_503_when_the_store_fails_and_nothing_is_applied() -> None:
 
     store = FlakyStore()
     app = create_app(Settings(storage="memory", access_log=False), SessionService(store, Limits()))
-    with TestClient(app) as client:
+    with StrictJSONClient(app) as client:
         sid = client.post("/v1/sessions", json=adam_config()).json()["id"]
         assert client.post(f"/v1/sessions/{sid}/step", json=JSON_GRADS).status_code == 200
         before = client.get(f"/v1/sessions/{sid}/state").content

@@ -315,3 +315,15 @@ def test_lbfgs_state_is_not_converted(client: Client) -> None:
     x, _ = rosenbrock_problem(0)
     with pytest.raises(ConversionError, match="LBFGS"):
         RemoteOptimizer.from_torch(torch.optim.LBFGS([x]), client=client)
+
+
+def test_an_infinite_hyperparameter_reaches_torch_as_a_float(client: Client) -> None:
+    """The session document writes lr=inf as "inf"; the torch groups get the float back."""
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = RemoteOptimizer([w], optimizer={"name": "SGD", "lr": float("inf")}, client=client)
+    try:
+        assert opt.session.document["optimizer"]["lr"] == "inf"
+        assert opt.defaults["lr"] == float("inf")
+        assert opt.param_groups[0]["lr"] == float("inf")
+    finally:
+        opt.close(delete=True)

@@ -94,6 +94,8 @@ class Scenario:
     """How the flat vector is split into the session's tensors."""
     steps: int
     dtype: str = "float64"
+    plateau: dict[str, Any] | None = None
+    """ReduceLROnPlateau's arguments: stepped as ``scheduler.step(optimizer.step(closure))``."""
 
 
 ROSENBROCK_X0 = (-1.2, 1.0)
@@ -199,7 +201,30 @@ SINGLE_ITERATION = [
     for dtype, lr in (("float64", 0.3), ("float32", 0.1))
 ]
 
-SCENARIOS = {s.id: s for s in ASK_TELL + SINGLE_ITERATION}
+# ReduceLROnPlateau fed what step() returns, the loss of its first closure call: thresholds
+# and patience picked so that the last call's loss would cut the lr at other steps.
+PLATEAU = [
+    Scenario(
+        "rosenbrock-fixed-plateau",
+        "rosenbrock",
+        {"max_iter": 5, "lr": 0.1, "history_size": 4},
+        CHAINED_X0,
+        ((2, 3),),
+        steps=12,
+        plateau={"patience": 0, "factor": 0.5, "threshold": 0.2},
+    ),
+    Scenario(
+        "rosenbrock-wolfe-plateau",
+        "rosenbrock",
+        {"line_search_fn": "strong_wolfe", "max_iter": 3},
+        ROSENBROCK_X0,
+        ((1,), (1,)),
+        steps=10,
+        plateau={"patience": 0, "factor": 0.5, "threshold": 0.1},
+    ),
+]
+
+SCENARIOS = {s.id: s for s in ASK_TELL + SINGLE_ITERATION + PLATEAU}
 
 
 def describe(scenario: Scenario) -> dict[str, Any]:
@@ -211,6 +236,7 @@ def describe(scenario: Scenario) -> dict[str, Any]:
         "shapes": [list(s) for s in scenario.shapes],
         "steps": scenario.steps,
         "dtype": scenario.dtype,
+        **({"plateau": scenario.plateau} if scenario.plateau is not None else {}),
     }
 
 
@@ -226,15 +252,20 @@ class Trace:
     """Flat parameters after each step()."""
     func_evals: list[int] = field(default_factory=list)
     n_iter: list[int] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    """The lr after each step() and its scheduler step (scenarios with a schedule)."""
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {
+        arrays = {
             "points": np.array(self.points),
             "step_ends": np.array(self.step_ends, dtype=np.int64),
             "params": np.array(self.params),
             "func_evals": np.array(self.func_evals, dtype=np.int64),
             "n_iter": np.array(self.n_iter, dtype=np.int64),
         }
+        if self.lrs:
+            arrays["lrs"] = np.array(self.lrs)
+        return arrays
 
 
 def _split(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
@@ -311,6 +342,9 @@ def run_torch(scenario: Scenario) -> Trace:
         torch.tensor(a, dtype=dtype, requires_grad=True) for a in _split(flat0, scenario.shapes)
     ]
     opt = torch.optim.LBFGS(tensors, **scenario.hp)
+    scheduler = None
+    if scenario.plateau is not None:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **scenario.plateau)
     objective = OBJECTIVES[scenario.objective]
     trace = Trace()
     for step in range(scenario.steps):
@@ -325,7 +359,10 @@ def run_torch(scenario: Scenario) -> Trace:
                 t.grad = torch.from_numpy(g)
             return loss
 
-        opt.step(closure)
+        loss = opt.step(closure)
+        if scheduler is not None:
+            scheduler.step(loss)
+            trace.lrs.append(float(opt.param_groups[0]["lr"]))
         trace.step_ends.append(len(trace.points))
         trace.params.append(_flat([t.detach().numpy() for t in tensors]))
         state = opt.state[tensors[0]]
@@ -342,4 +379,5 @@ def load_fixture(scenario: Scenario) -> Trace:
             params=list(data["params"]),
             func_evals=[int(v) for v in data["func_evals"]],
             n_iter=[int(v) for v in data["n_iter"]],
+            lrs=[float(v) for v in data["lrs"]] if "lrs" in data.files else [],
         )

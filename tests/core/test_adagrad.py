@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from service.core import optimizers
+from service.core.plan import plan_from_config
+from service.core.training import initial_state
 from tests.core import optimizer_checks as checks
 from tests.core.cases.adagrad import CASES
 
@@ -51,3 +53,20 @@ def test_learning_rate_decays_as_lr_over_one_plus_step_minus_one_times_decay() -
     for t, move in enumerate(moves, start=1):
         expected = 0.1 / (1 + (t - 1) * 0.5) / np.sqrt(t)
         assert move == pytest.approx(expected, rel=1e-15)
+
+
+def test_every_groups_accumulator_starts_at_the_constructors_value() -> None:
+    # torch's Adagrad.__init__ fills state["sum"] for every group with the constructor's
+    # initial_accumulator_value; a group's own value stays in the group, unread.
+    plan = plan_from_config(
+        {
+            "optimizer": {"name": "Adagrad", "initial_accumulator_value": 0.25},
+            "params": {"w": {"shape": [2, 3]}, "b": {"shape": [3]}},
+            "param_groups": [{"params": ["b"], "initial_accumulator_value": 4.0}],
+            "dtype": "float64",
+        }
+    )
+    state = initial_state(plan)
+    assert plan.groups[1].hparams["initial_accumulator_value"] == 4.0
+    np.testing.assert_array_equal(state.opt_states[0].sum[0], np.full((2, 3), 0.25))
+    np.testing.assert_array_equal(state.opt_states[1].sum[0], np.full(3, 0.25))

@@ -31,6 +31,7 @@ from service.core.state import from_flat, to_flat
 from tests.core.lbfgs_scenarios import (
     ASK_TELL,
     FIXTURES,
+    PLATEAU,
     SCENARIOS,
     SINGLE_ITERATION,
     OptserveRun,
@@ -417,3 +418,39 @@ def test_a_session_rejects_param_groups() -> None:
     with pytest.raises(InvalidHyperparameter, match="parameter groups") as err:
         plan_from_config(config)
     assert err.value.argument == "param_groups"
+
+
+@pytest.mark.parametrize("scenario", PLATEAU, ids=ids(PLATEAU))
+def test_plateau_schedule_sees_the_loss_step_returns(scenario: Scenario) -> None:
+    """A step-interval ReduceLROnPlateau gets the loss of a step's first evaluation.
+
+    torch's idiom is ``scheduler.step(optimizer.step(closure))``, and ``step()`` returns
+    the loss of its first closure call, not of the last one.
+    """
+    from service.core import training
+    from service.core.plan import plan_from_config
+
+    assert scenario.plateau is not None
+    config = _session_config(scenario)
+    config["schedule"] = {"name": "ReduceLROnPlateau", **scenario.plateau}
+    plan = plan_from_config(config)
+    state = training.initial_state(plan)
+    run = OptserveRun(scenario)  # for its parameters and objective
+    points: list[np.ndarray] = []
+    lrs: list[float] = []
+    for step in range(scenario.steps):
+        while True:
+            points.append(np.concatenate([p.ravel() for p in run.params]))
+            loss, grads = run.evaluate(step)
+            out = [np.empty_like(p) for p in run.params]
+            outcome = training.apply_step(plan, state, grads, run.params, out, loss=loss)
+            for p, o in zip(run.params, out, strict=True):
+                p += o
+            if outcome.completed:
+                break
+        lrs.append(training.current_lrs(state)[0])
+    expected = reference(scenario)
+    assert len(set(expected.lrs)) > 2, "the schedule cuts the lr more than once"
+    assert lrs == expected.lrs
+    assert len(points) == len(expected.points)
+    np.testing.assert_allclose(np.array(points), np.array(expected.points), rtol=0, atol=POINT_ATOL)

@@ -12,7 +12,7 @@ import type {
   TensorSpec,
   WireFormat,
 } from "./types.js";
-import { JSON_TYPE, SAFETENSORS_TYPE, parseJson, toJson, toTypedArray } from "./wire.js";
+import { JSON_TYPE, SAFETENSORS_TYPE, numbersFrom, parseJson, toJson, toTypedArray } from "./wire.js";
 
 /** The transport's options (server, key, retries, timeouts, fetch) and the default format. */
 export interface ClientOptions extends TransportOptions {
@@ -154,7 +154,8 @@ export class Client {
       idempotent: true, // a pure computation: sending it twice changes nothing
       signal: options.signal,
     });
-    return Array.isArray(answer) ? answer : (firstArray(answer, ["lr", "lrs", "preview"]) as number[][]);
+    const lrs = Array.isArray(answer) ? answer : (firstArray(answer, ["lr", "lrs", "preview"]) as unknown[]);
+    return lrs.map(numbersFrom);
   }
 
   /** `GET /healthz`: true when the server answers. */

@@ -19,6 +19,7 @@ import {
   SAFETENSORS_TYPE,
   decodeFloatTensors,
   isSafetensors,
+  numbersFrom,
   parseJson,
   shapeFor,
   toJson,
@@ -48,7 +49,7 @@ export class Session {
     this.context = context;
     this.document = document;
     this.currentStep = document.step;
-    this.lr = document.lr;
+    this.lr = numbersFrom(document.lr);
   }
 
   get id(): string {
@@ -189,7 +190,7 @@ export class Session {
     if (isSafetensors(contentType)) {
       const { tensors, metadata } = decodeFloatTensors(body);
       step = Number(metadata["step"]);
-      lr = metadata["lr"] !== undefined ? (parseJson(metadata["lr"]) as number[]) : [];
+      lr = metadata["lr"] !== undefined ? numbersFrom(parseJson(metadata["lr"])) : [];
       applied = metadata["applied"] !== "false";
       evaluate = metadata["evaluate"] === "true";
       skipped = metadata["skipped"] ?? null;
@@ -208,7 +209,7 @@ export class Session {
     } else {
       const json = parseJson(new TextDecoder().decode(body)) as Record<string, unknown>;
       step = Number(json["step"]);
-      lr = (json["lr"] as number[] | undefined) ?? [];
+      lr = numbersFrom(json["lr"]);
       applied = json["applied"] !== false;
       evaluate = json["evaluate"] === true;
       skipped = typeof json["skipped"] === "string" ? json["skipped"] : null;
@@ -392,7 +393,7 @@ export class Session {
     const document = parseJson(new TextDecoder().decode(body)) as SessionDocument;
     this.document = document;
     this.currentStep = document.step;
-    this.lr = document.lr;
+    this.lr = numbersFrom(document.lr);
     return document;
   }
 }

@@ -6,6 +6,10 @@ import type { FloatArray } from "./safetensors.js";
 export type Values = FloatArray | number[] | NestedNumbers;
 export interface NestedNumbers extends Array<number | NestedNumbers> {}
 
+/** How the server writes a non-finite float, and how a config may give one: JSON has no
+ * token for infinity. `Infinity` as a number is accepted in requests too. */
+export type NonFinite = "inf" | "-inf" | "nan";
+
 /** An optimizer: torch's class name (any case) and torch's constructor arguments. */
 export interface OptimizerConfig {
   name: string;
@@ -42,7 +46,8 @@ export interface SessionConfig {
   params: Record<string, TensorSpec>;
   param_groups?: ParamGroupConfig[];
   dtype?: "float32" | "float64";
-  clip_grad_norm?: { max_norm: number; norm_type?: number } | null;
+  /** `norm_type` "inf" (or Infinity) is the max norm; the document echoes it as "inf". */
+  clip_grad_norm?: { max_norm: number | NonFinite; norm_type?: number | NonFinite } | null;
   clip_grad_value?: { clip_value: number } | number | null;
   nonfinite?: "error" | "skip";
   /**

@@ -38,7 +38,22 @@ function numberText(value: number): string {
   return value > 0 ? "Infinity" : "-Infinity";
 }
 
-/** Parse JSON that may contain NaN / Infinity literals (the server writes floats this way). */
+/** The server writes a non-finite float as one of these strings (JSON has no token for it). */
+const NONFINITE: Record<string, number> = { inf: Infinity, "-inf": -Infinity, nan: Number.NaN };
+
+/** A number the server wrote: a JSON number, or "inf", "-inf" or "nan". */
+export function numberFrom(value: unknown): number {
+  if (typeof value === "number") return value;
+  if (typeof value === "string" && value in NONFINITE) return NONFINITE[value] as number;
+  throw new TypeError(`expected a number, got ${JSON.stringify(value)}`);
+}
+
+/** A list of numbers the server wrote (an `lr` list), non-finite ones as strings. */
+export function numbersFrom(value: unknown): number[] {
+  return Array.isArray(value) ? value.map(numberFrom) : [];
+}
+
+/** Parse JSON; NaN / Infinity literals (which older servers wrote) are read as numbers. */
 export function parseJson(text: string): unknown {
   try {
     return JSON.parse(text);
@@ -73,6 +88,8 @@ function flattenInto(values: number | NestedNumbers | number[], out: number[]): 
     for (const item of values) flattenInto(item, out);
   } else if (typeof values === "number") {
     out.push(values);
+  } else if (typeof values === "string") {
+    out.push(numberFrom(values));
   } else if (values === null) {
     out.push(Number.NaN);
   } else {

@@ -115,6 +115,18 @@ describe("steps over JSON", () => {
     assert.ok(result.deltas?.["w"] instanceof Float32Array);
     assert.deepEqual(Array.from(result.deltas?.["w"] ?? []), [0.5, 1, 1.5, 2]);
   });
+
+  it("reads the non-finite numbers the server writes as strings", async () => {
+    const s = await session(client({ format: "json" }));
+    const deltas = { w: [["-inf", 1], ["nan", "inf"]], b: [0, -1] };
+    server.queue(json(200, { step: 1, lr: ["inf"], applied: true, deltas }));
+    const result = await s.step({ w: new Float32Array(4), b: new Float32Array(2) });
+    assert.deepEqual(result.lr, [Infinity]);
+    assert.deepEqual(Array.from(result.deltas?.["w"] ?? []), [-Infinity, 1, Number.NaN, Infinity]);
+    server.queue(binary(200, encode({ w: new Float32Array(4), b: new Float32Array(2) }, { step: "2", lr: '["-inf"]', applied: "true" })));
+    const binaryResult = await s.step({ w: new Float32Array(4), b: new Float32Array(2) }, { format: "safetensors" });
+    assert.deepEqual(binaryResult.lr, [-Infinity]);
+  });
 });
 
 describe("retries", () => {

@@ -126,7 +126,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         _check_tensors(session, names, tensors)
         self._torch_dtype = _DTYPES[session.dtype.name]
 
-        resolved = {k: v for k, v in session.document.get("optimizer", {}).items() if k != "name"}
+        resolved = {
+            k: _number(v) for k, v in session.document.get("optimizer", {}).items() if k != "name"
+        }
         torch_groups = [
             {**hparams, "params": [self._tensor_of[n] for n in members], "param_names": members}
             for members, hparams in _server_groups(session)
@@ -514,9 +516,21 @@ def _server_groups(session: Session) -> list[tuple[list[str], dict[str, Any]]]:
     if not isinstance(groups, list) or not groups:
         raise ProtocolError(f"session {session.id} document lists no param_groups")
     return [
-        ([str(n) for n in g["params"]], {k: v for k, v in g.items() if k != "params"})
+        ([str(n) for n in g["params"]], {k: _number(v) for k, v in g.items() if k != "params"})
         for g in groups
     ]
+
+
+_NONFINITE = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+
+
+def _number(value: Any) -> Any:
+    """A hyperparameter as torch takes it: the server writes a non-finite float as a string."""
+    if isinstance(value, str):
+        return _NONFINITE.get(value, value)
+    if isinstance(value, list):
+        return [_number(v) for v in value]
+    return value
 
 
 def _shapes(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, tuple[int, ...]]:

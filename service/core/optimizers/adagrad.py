@@ -43,6 +43,8 @@ class Adagrad(Optimizer[AdagradState]):
     )
     state_type = AdagradState
     unsupported = ("foreach", "differentiable", "fused")
+    # torch's constructor fills every group's sums with its own argument, not the group's.
+    constructor_state_args = ("initial_accumulator_value",)
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
         names = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")

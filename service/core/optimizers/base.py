@@ -41,6 +41,19 @@ class Optimizer(ABC, Generic[S]):
     state over all of a group's tensors (LBFGS)."""
     unsupported: ClassVar[tuple[str, ...]] = ("foreach", "fused", "capturable", "differentiable")
     """torch arguments accepted where torch takes them, and ignored: they pick torch kernels."""
+    constructor_state_args: ClassVar[tuple[str, ...]] = ()
+    """Arguments torch's constructor reads when it builds every group's state (Adagrad's
+    ``initial_accumulator_value``): the constructor's value applies to every group, and a
+    group's override of it is kept in the group but never read, as in torch."""
+
+    def init_hparams(
+        self, group: Mapping[str, Any], constructor: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """The hyperparameters ``init`` reads for ``group``: its own, but the constructor's
+        for :attr:`constructor_state_args`."""
+        if not self.constructor_state_args:
+            return group
+        return {**group, **{k: constructor[k] for k in self.constructor_state_args}}
 
     def resolve(self, given: Mapping[str, Any], where: str = "") -> dict[str, Any]:
         """Defaults filled in, types checked, ranges validated with torch's messages."""

@@ -67,6 +67,8 @@ class LBFGSState:
 
     # Locals of step() while it waits for a closure value.
     phase: str = START
+    orig_loss: float | None = None
+    """The loss of the step's first closure call: what torch's ``step()`` returns."""
     iteration: int = 0
     """step()'s own ``n_iter``: iterations done in the current step."""
     current_evals: int = 0
@@ -101,6 +103,9 @@ class TellResult:
     """The step goes on: evaluate loss and gradient at ``params + out`` and tell them."""
     completed: bool
     """torch's ``step()`` returned here; the next tell opens a new step at ``params + out``."""
+    loss: float | None = None
+    """When ``completed``: what torch's ``step()`` returns, the loss of its first closure
+    call (``scheduler.step(optimizer.step(closure))`` feeds ReduceLROnPlateau this)."""
 
 
 class LBFGS(Optimizer[LBFGSState]):
@@ -243,7 +248,8 @@ class LBFGS(Optimizer[LBFGSState]):
         with np.errstate(all="ignore"):
             completed = _Machine(state, hp, moves).resume(loss, flat_grad)
         moves.write(out)
-        return TellResult(evaluate=not completed, completed=completed)
+        returned = state.orig_loss if completed else None
+        return TellResult(evaluate=not completed, completed=completed, loss=returned)
 
 
 class _Moves:
@@ -302,6 +308,7 @@ class _Machine:
 
     def _open(self, loss: float | None, flat_grad: np.ndarray) -> bool:
         s = self.s
+        s.orig_loss = loss
         s.current_evals = 1
         s.func_evals += 1
         if self.search:
@@ -601,7 +608,7 @@ def _check_state(state: LBFGSState, hp: Mapping[str, Any], flat_grad: np.ndarray
             raise corrupt(f"{name} must be a non-negative integer")
     numbers = [getattr(state, name) for name in _FLOATS]
     numbers += [v for name in _FLOAT_LISTS for v in getattr(state, name)]
-    numbers += [v for v in (state.t, state.prev_loss) if v is not None]
+    numbers += [v for v in (state.t, state.prev_loss, state.orig_loss) if v is not None]
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
         raise corrupt("a scalar field is not a number")
     vectors = [getattr(state, name) for name in _VECTORS]

@@ -25,3 +25,16 @@ CASES = dtype_cases(
     },
     grad_scale=3.0,
 )
+
+# torch's Adagrad fills every group's sums from the constructor's initial_accumulator_value;
+# a group's override of it is kept in the group and never read.
+CASES += dtype_cases(
+    {
+        "groups-adagrad-accumulator": {
+            "optimizer": {"name": "Adagrad", "lr": 0.05, "initial_accumulator_value": 0.1},
+            "params": PARAMS,
+            "param_groups": [{"params": ["b"], "initial_accumulator_value": 2.0, "lr": 0.02}],
+        }
+    },
+    grad_scale=3.0,
+)
