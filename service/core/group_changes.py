@@ -62,7 +62,10 @@ def add_group(before: Plan, after: Plan, state: TrainState) -> None:
     added = after.groups[-1]
     hparams = dict(added.hparams)
     shapes = [after.tensors[i].shape for i in added.indices]
-    opt_state = after.optimizer.init(shapes, hparams, after.dtype)
+    # torch fills a new group's state lazily from the constructor's values, not the group's
+    # (Adagrad's initial_accumulator_value), as its constructor does for the first groups.
+    init = after.optimizer.init_hparams(hparams, after.optimizer_config)
+    opt_state = after.optimizer.init(shapes, init, after.dtype)
     state.groups.append(hparams)
     state.opt_states.append(opt_state)
 
@@ -179,9 +182,8 @@ def apply_edit(plan: Plan, state: TrainState, edit: GroupEdit) -> None:
     group.update(copy.deepcopy(edit.new))
     if edit.fresh_state:
         shapes = [plan.tensors[i].shape for i in plan.groups[edit.index].indices]
-        state.opt_states[edit.index] = plan.optimizer.init(
-            shapes, _hparams(plan, group), plan.dtype
-        )
+        init = plan.optimizer.init_hparams(_hparams(plan, group), plan.optimizer_config)
+        state.opt_states[edit.index] = plan.optimizer.init(shapes, init, plan.dtype)
 
 
 def extended_config(

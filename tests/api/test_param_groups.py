@@ -296,3 +296,26 @@ def test_change_log_pages_keep_every_field_of_an_edit(client: TestClient) -> Non
     rest = client.get(f"/v1/sessions/{sid}/changes", params={"after": first["next"]}).json()
     assert [(c["field"], c["new"]) for c in rest["changes"]] == [("lr", 0.3)]
     assert rest["next"] is None
+
+
+def test_an_added_adagrad_group_starts_from_the_constructors_accumulator(
+    client: TestClient,
+) -> None:
+    initial = _initial()
+    frozen = {"head": initial.pop("head")}
+    config = {"optimizer": {"name": "Adagrad", "lr": 0.1, "initial_accumulator_value": 0.5}}
+    sid = _create(client, config, initial)
+    tensors = _torch_tensors({**initial, **frozen})
+    opt = torch.optim.Adagrad([tensors["w"], tensors["b"]], lr=0.1, initial_accumulator_value=0.5)
+    opt.add_param_group({"params": [tensors["head"]], "initial_accumulator_value": 3.0})
+    body = {
+        "params": {"head": {"shape": [4], "data": frozen["head"].tolist()}},
+        "initial_accumulator_value": 3.0,
+    }
+    assert client.post(f"/v1/sessions/{sid}/param_groups", json=body).status_code == 200
+    rng = np.random.default_rng(6)
+    for _ in range(5):
+        grads = _grads(rng, list(SHAPES))
+        _torch_step(opt, tensors, grads)
+        _step(client, sid, grads)
+    _assert_same(client, sid, tensors)
