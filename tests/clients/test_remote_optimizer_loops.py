@@ -314,3 +314,28 @@ def test_per_tensor_step_counts_move_to_torch_and_back(client: Client) -> None:
     train(far, back, use_b=every_third)
     assert_same(local, moved)
     assert_same(local, far)
+
+
+def test_grad_scaler_skips_overflowing_steps_as_with_torch(client: Client) -> None:
+    """GradScaler unscales the grads in place and calls step() only when they are finite."""
+    local, far = twins()
+
+    def run(model: Any, opt: Any) -> list[float]:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        scales = []
+        for n, (x, y) in enumerate(batches()):
+            if n in (3, 4):
+                x = x.clone()
+                x[0, 0] = float("inf")  # non-finite gradients: GradScaler skips step()
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            scales.append(float(scaler.get_scale()))
+        return scales
+
+    expected = run(local, torch.optim.Adam(local.parameters(), lr=0.01))
+    got = run(far, remote(far, client, {"name": "Adam", "lr": 0.01}))
+    assert got == expected and min(expected) < 2.0**16  # steps were skipped
+    assert_same(local, far)
