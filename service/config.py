@@ -96,6 +96,19 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(
         default=100, ge=1, description="steps between full snapshots of a session (disk storage)"
     )
+    memory_budget: int | None = Field(
+        default=None,
+        ge=1,
+        description="bytes of session state to keep in memory; past it the least recently "
+        "used sessions are evicted to their stored history and loaded again on their next "
+        "request (unset: no limit)",
+    )
+    idle_evict_s: float | None = Field(
+        default=1800.0,
+        gt=0,
+        description="seconds after which an unused session is evicted from memory (it is "
+        "loaded again on its next request); unset to keep sessions loaded",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="log level of the JSON logs on stderr"
     )

@@ -68,6 +68,8 @@ def build_service(settings: Settings) -> SessionService:
         idempotency_window=settings.idempotency_window,
         idempotency_window_bytes=settings.idempotency_window_bytes,
         snapshot_every=settings.snapshot_every,
+        memory_budget=settings.memory_budget,
+        idle_evict_s=settings.idle_evict_s,
     )
 
 

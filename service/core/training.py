@@ -153,6 +153,30 @@ def needs_params(plan: Plan, state: TrainState) -> bool:
     return plan.ask_tell or any(plan.optimizer.needs_params(hp) for hp in state.groups)
 
 
+def check_step(
+    plan: Plan,
+    state: TrainState,
+    grads: Sequence[np.ndarray | None],
+    params: Sequence[np.ndarray | None] | None,
+    loss: float | None = None,
+) -> str | None:
+    """Everything :func:`apply_step` checks, changing nothing.
+
+    Raises :class:`InvalidInput` for a step that must be refused (including a schedule that
+    cannot advance, OneCycleLR past ``total_steps``); returns why the step is to be skipped
+    (non-finite input with ``nonfinite: "skip"``), or None. A caller that must record a
+    step durably before applying it checks it first, so that nothing recorded is refused.
+    """
+    reason = validate_step(plan, grads, params, loss, needs_params(plan, state))
+    if reason is not None:
+        return reason
+    spec = plan.schedule
+    if spec is not None and spec.interval == "step" and state.since_schedule + 1 >= spec.every:
+        assert state.schedule_state is not None
+        spec.schedule.check_step(spec.config, state.schedule_state, state.groups, loss)
+    return None
+
+
 def apply_step(
     plan: Plan,
     state: TrainState,
@@ -168,18 +192,25 @@ def apply_step(
     state does not move and its delta is zero (see :mod:`service.core.partial`); rules that
     keep one state over all tensors (LBFGS) read zeros for it, as torch's do.
     """
-    reason = validate_step(plan, grads, params, loss, needs_params(plan, state))
+    reason = check_step(plan, state, grads, params, loss)
+    return apply_checked(plan, state, grads, params, out, loss, reason)
+
+
+def apply_checked(
+    plan: Plan,
+    state: TrainState,
+    grads: Sequence[np.ndarray | None],
+    params: Sequence[np.ndarray | None] | None,
+    out: Sequence[np.ndarray],
+    loss: float | None,
+    reason: str | None,
+) -> StepOutcome:
+    """:func:`apply_step` of inputs :func:`check_step` accepted, with its ``reason``."""
     if reason is not None:
         state.skipped += 1
         for d in out:
             d.fill(0)
         return StepOutcome(applied=False, completed=False, reason=reason)
-    spec = plan.schedule
-    if spec is not None and spec.interval == "step" and state.since_schedule + 1 >= spec.every:
-        # A schedule that cannot advance (OneCycleLR past total_steps) refuses the step
-        # before the optimizer's state changes.
-        assert state.schedule_state is not None
-        spec.schedule.check_step(spec.config, state.schedule_state, state.groups, loss)
     if not plan.optimizer.per_tensor_state:
         grads = [
             np.zeros(t.shape, plan.dtype) if g is None else g
@@ -236,8 +267,8 @@ def _advance(plan: Plan, state: TrainState, metric: float | None) -> None:
     )
 
 
-def schedule_step(plan: Plan, state: TrainState, metric: float | None) -> None:
-    """Advance a ``manual`` schedule once (a per-epoch ``scheduler.step(metric)``)."""
+def check_schedule_step(plan: Plan, state: TrainState, metric: float | None) -> None:
+    """Everything :func:`schedule_step` checks, changing nothing."""
     if plan.schedule is None:
         raise InvalidInput("this session has no schedule", "schedule")
     if plan.schedule.interval != "manual":
@@ -250,6 +281,15 @@ def schedule_step(plan: Plan, state: TrainState, metric: float | None) -> None:
         raise InvalidInput(f"{plan.schedule.schedule.name} needs 'metric'", "metric")
     if metric is not None and not np.isfinite(metric):
         raise InvalidInput("metric is NaN or Inf", "metric")
+    assert state.schedule_state is not None
+    plan.schedule.schedule.check_step(
+        plan.schedule.config, state.schedule_state, state.groups, metric
+    )
+
+
+def schedule_step(plan: Plan, state: TrainState, metric: float | None) -> None:
+    """Advance a ``manual`` schedule once (a per-epoch ``scheduler.step(metric)``)."""
+    check_schedule_step(plan, state, metric)
     _advance(plan, state, metric)
 
 

@@ -24,7 +24,7 @@ from service.core.plan import plan_from_config
 from service.sessions import checkpoint
 from service.sessions.federated import state as federated_state
 from service.sessions.live import LiveSession
-from service.sessions.service import SessionService
+from service.sessions.runtime import Runtime
 from service.sessions.store import history
 from service.sessions.store.base import Event, KeyRecord, SessionRecord, Snapshot
 from service.sessions.store.disk import SESSIONS_DIR, DiskStore
@@ -145,7 +145,7 @@ def _steps(store: DiskStore, found: History, record: SessionRecord) -> dict[int,
         live = _rebuild(record, snapshot)
         steps.setdefault(snapshot.seq, live.state.step)
         for event in events:
-            SessionService._replay(live, event)
+            Runtime.replay(live, event)
             steps.setdefault(event.seq, live.state.step)
     return steps
 

@@ -27,7 +27,9 @@ from service.core.group_changes import (
 from service.core.plan import Plan, TensorSpec, plan_from_config
 from service.core.training import (
     TrainState,
-    apply_step,
+    apply_checked,
+    check_schedule_step,
+    check_step,
     current_lrs,
     needs_params,
     schedule_step,
@@ -231,18 +233,26 @@ class LiveSession:
         work = [None if g is None else g.copy() for g in grads_list] if clips else grads_list
         return Prepared(grads_by_name, sent, work, values if reads else None, loss, want)
 
-    def apply(self, prepared: Prepared) -> StepReply:
-        """Apply a prepared step; the reply carries what ``want`` asked for.
+    def check(self, prepared: Prepared) -> str | None:
+        """Core's checks of a prepared step, changing nothing: raises core's ``CoreError``
+        (non-finite input, a schedule that cannot advance) for a step to refuse; returns
+        why it is to be skipped (``nonfinite: "skip"``), or None."""
+        return check_step(
+            self.plan, self.state, prepared.work_grads, prepared.params, prepared.loss
+        )
 
-        Raises core's ``CoreError`` (non-finite input, a schedule that cannot advance)
-        before changing anything. The reply has a tensor for every tensor that was sent,
-        and for every tensor when the rule moves them all (LBFGS reads zeros for a
-        missing gradient and still moves the tensor, as torch's does).
+    def apply(self, prepared: Prepared, reason: str | None) -> StepReply:
+        """Apply a step :meth:`check` accepted (``reason`` is what it returned); the reply
+        carries what ``want`` asked for.
+
+        The reply has a tensor for every tensor that was sent, and for every tensor when
+        the rule moves them all (LBFGS reads zeros for a missing gradient and still moves
+        the tensor, as torch's does).
         """
         plan = self.plan
         out = [np.empty(spec.shape, dtype=plan.dtype) for spec in plan.tensors]
-        outcome = apply_step(
-            plan, self.state, prepared.work_grads, prepared.params, out, prepared.loss
+        outcome = apply_checked(
+            plan, self.state, prepared.work_grads, prepared.params, out, prepared.loss, reason
         )
         every = not plan.optimizer.per_tensor_state
         moved = [
@@ -272,6 +282,10 @@ class LiveSession:
             tensors=tensors,
             skipped=outcome.reason,
         )
+
+    def check_schedule(self, metric: float | None) -> None:
+        """Refuse a manual schedule step that cannot be made, changing nothing."""
+        check_schedule_step(self.plan, self.state, None if metric is None else float(metric))
 
     def schedule(self, metric: float | None) -> None:
         """A manual ``scheduler.step(metric)``."""

@@ -54,7 +54,7 @@ def grads_for(
 async def settle(service: SessionService) -> None:
     """Wait for background snapshots and compaction (they are on no reply's path)."""
     for _ in range(2000):
-        tasks = [e.background for e in service._sessions.values() if e.background is not None]
+        tasks = [e.background for e in service.runtime.loaded() if e.background is not None]
         if all(t.done() for t in tasks):
             return
         await asyncio.sleep(0.005)

@@ -286,19 +286,3 @@ def test_appends_continue_after_reopen(store_factory: StoreFactory) -> None:
     for got in loaded.events:
         assert_same_event(got, event(got.seq))
     store.close()
-
-
-def test_retract_takes_back_the_last_event(store_factory: StoreFactory) -> None:
-    store = open_store(store_factory)
-    store.create(record(), snapshot(0, 1.0))
-    store.append("s1", event(1))
-    store.append("s1", event(2, key="refused"))
-    with pytest.raises(ValueError, match="last"):
-        store.retract("s1", 1)
-    store.retract("s1", 2)
-    store.append("s1", event(2, key="accepted"))
-    store = reopen(store, store_factory)
-    loaded = store.load_session("s1")
-    assert loaded is not None
-    assert [(e.seq, e.key) for e in loaded.events] == [(1, None), (2, "accepted")]
-    store.close()

@@ -1,7 +1,7 @@
 """The asynchronous side of federated sessions: locking, durable logging, timers, long polls.
 
-It works on the :class:`~service.sessions.service.SessionService`'s sessions with the
-same guarantees as steps: an update is checked, then appended to the session's log while
+It is a peer of steps on the session :class:`~service.sessions.runtime.Runtime`, with the
+same guarantees: an update is checked, then appended to the session's log while
 it is applied, under the session's lock, and acknowledged only once durable. A round that
 closes by its timeout does so on a timer, as a logged ``close`` event of its own, so that
 recovery replays exactly what happened and a restart in the middle of a round loses no
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from service.core.errors import InvalidInput
@@ -26,7 +27,7 @@ from service.sessions.federated.errors import NotFederated
 from service.sessions.federated.models import RoundParams, UpdateReply, UpdateRequest
 
 if TYPE_CHECKING:
-    from service.sessions.service import SessionService, _Entry
+    from service.sessions.runtime import Entry, Runtime
 
 log = logging.getLogger("optserve.federated")
 
@@ -38,8 +39,8 @@ MAX_PAGE = 1_000
 
 
 class Coordinator:
-    def __init__(self, service: SessionService) -> None:
-        self._service = service
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
         self._changed: dict[str, asyncio.Event] = {}
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._closes: set[asyncio.Future[None]] = set()
@@ -48,14 +49,23 @@ class Coordinator:
 
     # -- lookups -------------------------------------------------------------------------
 
-    def _entry(self, tenant: str, session_id: str) -> _Entry:
-        entry = self._service._entry(tenant, session_id)
-        if entry.live.federation is None:
-            raise NotFederated(session_id)
-        return entry
+    async def _entry(self, tenant: str, session_id: str) -> Entry:
+        entry = await self._runtime.entry(tenant, session_id)
+        return self._federated(entry)
 
     @staticmethod
-    def _federation(entry: _Entry) -> Federation:
+    def _federated(entry: Entry) -> Entry:
+        if entry.live.federation is None:
+            raise NotFederated(entry.id)
+        return entry
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, tenant: str, session_id: str) -> AsyncIterator[Entry]:
+        async with self._runtime.locked(tenant, session_id) as entry:
+            yield self._federated(entry)
+
+    @staticmethod
+    def _federation(entry: Entry) -> Federation:
         federation = entry.live.federation
         assert federation is not None
         return federation
@@ -64,31 +74,29 @@ class Coordinator:
 
     async def submit(self, tenant: str, session_id: str, request: UpdateRequest) -> UpdateReply:
         """Accept a client's update (or answer its retry again); durable when answered."""
-        service = self._service
-        entry = self._entry(tenant, session_id)
-        async with entry.lock:
-            entry = self._entry(tenant, session_id)
+        runtime = self._runtime
+        async with self._locked(tenant, session_id) as entry:
 
             def run() -> tuple[UpdateReply, int | None]:
                 live = entry.live
-                now = service._clock()
+                now = runtime.now()
                 prepared = federated.prepare_update(live, request, now)
                 if prepared.duplicate is not None:
                     return prepared.duplicate, None
                 event = federated.update_event(prepared, live.seq + 1, now)
-                return service._commit(
+                return runtime.commit(
                     entry, event, lambda: federated.apply_update(live, prepared, now)
                 )
 
-            reply, written = await service._run(run)
+            reply, written = await runtime.run(run)
             if written is not None:
                 self._after_change(entry, written)
             return reply
 
     async def _close_due(self, session_id: str) -> None:
         """Close the session's open round if its timeout has come (a timer's work)."""
-        service = self._service
-        entry = service._sessions.get(session_id)
+        runtime = self._runtime
+        entry = runtime.loaded_entry(session_id)
         if entry is None or entry.deleted or entry.broken is not None:
             return
         async with entry.lock:
@@ -97,18 +105,18 @@ class Coordinator:
 
             def run() -> int | None:
                 live = entry.live
-                now = service._clock()
+                now = runtime.now()
                 gradient = federated.prepare_close(live, now)
                 if gradient is None:
                     return None
                 event = federated.close_event(live, live.seq + 1, now)
-                _, written = service._commit(
+                _, written = runtime.commit(
                     entry, event, lambda: federated.apply_close(live, gradient, now)
                 )
                 return written
 
             try:
-                written = await service._run(run)
+                written = await runtime.run(run)
             except Exception:
                 log.exception("session %s: closing a round at its timeout failed", session_id)
                 self._arm(entry, retry=True)
@@ -118,15 +126,14 @@ class Coordinator:
             else:
                 self._arm(entry)
 
-    def _after_change(self, entry: _Entry, written: int) -> None:
-        self._service._after_event(entry, written)
-        self._service._trim_window(entry)
+    def _after_change(self, entry: Entry, written: int) -> None:
+        self._runtime.after_event(entry, written)
         self._notify(entry.live.record.id)
         self._arm(entry)
 
     # -- timers --------------------------------------------------------------------------
 
-    def _arm(self, entry: _Entry, retry: bool = False) -> None:
+    def _arm(self, entry: Entry, retry: bool = False) -> None:
         """(Re)start the timer that closes the open round at its deadline, if it needs one.
 
         A round with fewer than ``min_clients`` updates needs none: the update that
@@ -144,7 +151,7 @@ class Coordinator:
         deadline = opened.deadline(spec)
         if deadline is None or len(opened.contributions) < spec.min_clients:
             return
-        delay = RETRY_CLOSE_S if retry else max(0.0, deadline - self._service._clock())
+        delay = RETRY_CLOSE_S if retry else max(0.0, deadline - self._runtime.now())
         self._timers[session_id] = asyncio.get_running_loop().create_task(
             self._timer(session_id, delay)
         )
@@ -158,9 +165,9 @@ class Coordinator:
         closing.add_done_callback(self._closes.discard)
         await asyncio.shield(closing)
 
-    def resume(self) -> None:
-        """After recovery: arm the timers of every federated session."""
-        for entry in list(self._service._sessions.values()):
+    def resume(self, entries: list[Entry]) -> None:
+        """After the store is opened: arm the timers of the federated sessions loaded."""
+        for entry in entries:
             if entry.live.federation is not None:
                 self._arm(entry)
 
@@ -193,13 +200,10 @@ class Coordinator:
             changed.set()
 
     async def round(self, tenant: str, session_id: str) -> dict[str, Any]:
-        entry = self._entry(tenant, session_id)
-        async with entry.lock:
-            entry = self._entry(tenant, session_id)
+        runtime = self._runtime
+        async with self._locked(tenant, session_id) as entry:
             live = entry.live
-            return await self._service._run(
-                lambda: federated.round_document(live, self._service._clock())
-            )
+            return await runtime.run(lambda: federated.round_document(live, runtime.now()))
 
     async def params(
         self, tenant: str, session_id: str, after: int | None, wait: float
@@ -212,7 +216,7 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + min(max(wait, 0.0), MAX_WAIT_S)
         while True:
-            entry = self._entry(tenant, session_id)
+            entry = await self._entry(tenant, session_id)
             if after is None or federated.position(entry.live) > after or self._closing:
                 break
             remaining = give_up - loop.time()
@@ -221,21 +225,16 @@ class Coordinator:
             changed = self._changed.setdefault(session_id, asyncio.Event())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
-        async with entry.lock:
-            entry = self._entry(tenant, session_id)
+        async with self._locked(tenant, session_id) as entry:
             live = entry.live
-            return await self._service._run(lambda: federated.params(live))
+            return await self._runtime.run(lambda: federated.params(live))
 
     async def history(
         self, tenant: str, session_id: str, after: int | None, limit: int
     ) -> tuple[str, list[dict[str, Any]], int | None]:
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be from 1 to {MAX_PAGE}", "limit")
-        entry = self._entry(tenant, session_id)
-        async with entry.lock:
-            entry = self._entry(tenant, session_id)
+        async with self._locked(tenant, session_id) as entry:
             live = entry.live
-            records, cursor = await self._service._run(
-                lambda: federated.history(live, after, limit)
-            )
+            records, cursor = await self._runtime.run(lambda: federated.history(live, after, limit))
             return self._federation(entry).spec.mode, records, cursor

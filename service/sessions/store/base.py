@@ -117,6 +117,9 @@ class Store(ABC):
 
     durable: bool = False
     """Whether what is stored survives the process."""
+    keeps_history: bool = True
+    """Whether :meth:`load_session` gives a session back (so a process may drop it from
+    memory and load it again later)."""
 
     @abstractmethod
     def open(self) -> None:
@@ -139,6 +142,17 @@ class Store(ABC):
         """Forget a session, its history and its keys. Unknown ids are ignored."""
 
     @abstractmethod
+    def records(self) -> list[SessionRecord]:
+        """The catalog: every session's record, in creation order, without its history."""
+
+    def session_ids_of(self, tenant: str, after: str | None, limit: int) -> list[str]:
+        """A page of one tenant's session ids in id order, those after ``after``."""
+        ids = sorted(
+            r.id for r in self.records() if r.tenant == tenant and (after is None or r.id > after)
+        )
+        return ids[:limit]
+
+    @abstractmethod
     def load(self) -> Iterator[StoredSession]:
         """Every stored session, in creation order, ready to be replayed."""
 
@@ -152,13 +166,6 @@ class Store(ABC):
 
         Returns the bytes the event takes in the store (for the snapshot policy). The
         caller hands the event's arrays over: it never modifies them afterwards.
-        """
-
-    @abstractmethod
-    def retract(self, session_id: str, seq: int) -> None:
-        """Take back the last event, ``seq``: the update refused it after it was appended.
-
-        Durable when this returns; the next append is ``seq`` again.
         """
 
     @abstractmethod

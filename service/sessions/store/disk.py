@@ -121,8 +121,6 @@ class _Log:
     start: int
     size: int
     last_seq: int
-    last_size: int = -1
-    """The size before the last append (what ``retract`` truncates to); -1 if unknown."""
 
 
 class DiskStore(Store):
@@ -324,6 +322,15 @@ class DiskStore(Store):
                 rows = self._conn().execute(query + " WHERE id = ?", (session_id,)).fetchall()
         return [_record(row) for row in rows]
 
+    def records(self) -> list[SessionRecord]:
+        return self._rows()
+
+    def session_ids_of(self, tenant: str, after: str | None, limit: int) -> list[str]:
+        query = "SELECT id FROM sessions WHERE tenant = ? AND id > ? ORDER BY id LIMIT ?"
+        with self._db_lock:
+            rows = self._conn().execute(query, (tenant, after or "", limit)).fetchall()
+        return [str(row[0]) for row in rows]
+
     def load(self) -> Iterator[StoredSession]:
         for record in self._rows():
             yield self._load_one(record)
@@ -481,20 +488,9 @@ class DiskStore(Store):
             # Leave no partial frame behind for the next append to follow.
             os.ftruncate(entry.fd, entry.size)
             raise
-        entry.last_size = entry.size
         entry.size += written
         entry.last_seq = event.seq
         return written
-
-    def retract(self, session_id: str, seq: int) -> None:
-        entry = self._log(session_id)
-        if seq != entry.last_seq or entry.last_size < 0:
-            raise ValueError(f"event {seq} is not the last one appended")
-        os.ftruncate(entry.fd, entry.last_size)
-        os.fdatasync(entry.fd)
-        entry.size = entry.last_size
-        entry.last_size = -1
-        entry.last_seq = seq - 1
 
     def snapshot(self, session_id: str, snapshot: Snapshot) -> Callable[[], None]:
         entry = self._log(session_id)

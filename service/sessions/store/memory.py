@@ -58,6 +58,7 @@ class MemoryStore(Store):
     durable = False
 
     def __init__(self, *, keep_history: bool = True) -> None:
+        self.keeps_history = keep_history
         self.keep_history = keep_history
         self._sessions: dict[str, _Held] = {}
         self._lock = threading.Lock()
@@ -90,6 +91,11 @@ class MemoryStore(Store):
         with self._lock:
             self._sessions.pop(session_id, None)
 
+    def records(self) -> list[SessionRecord]:
+        with self._lock:
+            held = list(self._sessions.values())
+        return [h.record for h in sorted(held, key=lambda h: (h.record.created_at, h.record.id))]
+
     def load(self) -> Iterator[StoredSession]:
         if not self.keep_history:
             return
@@ -119,14 +125,6 @@ class MemoryStore(Store):
         if self.keep_history:
             held.events.append(event)
         return _event_bytes(event)
-
-    def retract(self, session_id: str, seq: int) -> None:
-        held = self._held(session_id)
-        if seq != held.last_seq or (held.events and held.events[-1].seq != seq):
-            raise ValueError(f"event {seq} is not the last one")
-        if held.events:
-            held.events.pop()
-        held.last_seq = seq - 1
 
     def snapshot(self, session_id: str, snapshot: Snapshot) -> Callable[[], None]:
         held = self._held(session_id)
