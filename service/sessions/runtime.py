@@ -508,17 +508,7 @@ class Runtime:
         record, snapshot = stored.record, stored.snapshot
         assert snapshot is not None
         restored = checkpoint.restore(snapshot.arrays, snapshot.metadata)
-        live = LiveSession(
-            record,
-            restored.plan,
-            restored.state,
-            restored.held,
-            snapshot.seq,
-            snapshot.at,
-            restored.federation,
-            restored.config,
-            restored.changes,
-        )
+        live = LiveSession.restored(record, restored, snapshot.seq, snapshot.at)
         entry = Entry(live, live.info(), self._new_window(), base_seq=snapshot.seq)
         entry.later_snapshots = list(stored.later_snapshots)
         for known in stored.known_keys:
@@ -554,17 +544,7 @@ class Runtime:
             plan = plan_from_config(record.config, ignore=federated_state.OUTER_KEYS)
             live = LiveSession(record, plan, initial_state(plan), None, 0, record.created_at)
         else:
-            live = LiveSession(
-                record,
-                restored.plan,
-                restored.state,
-                restored.held,
-                snapshot.seq,
-                snapshot.at,
-                restored.federation,
-                restored.config,
-                restored.changes,
-            )
+            live = LiveSession.restored(record, restored, snapshot.seq, snapshot.at)
             with contextlib.suppress(Exception):
                 for event in stored.events:
                     self.replay(live, event)

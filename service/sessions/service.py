@@ -190,18 +190,7 @@ class SessionService:
             raise ParamsRequired("an LBFGS ask/tell checkpoint must hold its parameters")
         record = SessionRecord(new_id(), tenant, core, labels, self.runtime.now())
         return await self._store_new(
-            tenant,
-            lambda: LiveSession(
-                record,
-                restored.plan,
-                restored.state,
-                restored.held,
-                0,
-                record.created_at,
-                restored.federation,
-                core,
-                restored.changes,
-            ),
+            tenant, lambda: LiveSession.restored(record, restored, 0, record.created_at)
         )
 
     def is_checkpoint(self, metadata: Mapping[str, str]) -> bool:
