@@ -391,12 +391,14 @@ class Runtime:
             # be durable. Rebuild the session from the store so memory and store agree.
             with contextlib.suppress(BaseException):
                 pending.result()
-            self.reload(entry)
+            self.discard(entry)
             raise
         try:
             written = pending.result()
         except BaseException as exc:
-            self.reload(entry)
+            # Whether the event was stored is unknown (a lost connection may follow a
+            # commit): memory is dropped, and the session is loaded from the store again.
+            self.discard(entry)
             raise StorageError(
                 f"the change could not be stored; it was not applied: {exc}"
             ) from exc
@@ -404,8 +406,19 @@ class Runtime:
         live.updated_at = event.at
         return result, written
 
+    def discard(self, entry: Entry) -> None:
+        """Drop what memory holds of a session that may no longer match its store; its next
+        use loads it from the store again (once the store answers). A store that cannot load
+        it again keeps it, rebuilt from what it holds now."""
+        if self.reloadable:
+            entry.evicted = True
+            # Atomic under the GIL: this may run on a worker thread.
+            self._sessions.pop(entry.id, None)
+            return
+        self.reload(entry)
+
     def reload(self, entry: Entry) -> None:
-        """Replace a session's memory by what the store holds (after a failed append)."""
+        """Replace a session's memory by what the store holds."""
         sid = entry.id
         try:
             stored = self.store.load_session(sid)
