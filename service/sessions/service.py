@@ -66,10 +66,12 @@ from service.sessions.groups import (
     replay_group_change,
 )
 from service.sessions.ids import new_id
+from service.sessions.leases import DEFAULT_TTL, Leases
 from service.sessions.live import LiveSession, initial_params
 from service.sessions.models import Change, Limits, SessionInfo, StepReply, StepRequest
 from service.sessions.store.base import (
     Event,
+    Fenced,
     KeyRecord,
     SessionRecord,
     Snapshot,
@@ -137,6 +139,9 @@ class _Entry:
     deleted: bool = False
     broken: str | None = None
     """Set when the store failed and the session could not be reloaded."""
+    heal: asyncio.Task[None] | None = None
+    """A reload retried because the store was unreachable (``broken`` until it succeeds)."""
+    heal_wanted: bool = False
 
     @property
     def tenant(self) -> str:
@@ -190,6 +195,7 @@ class SessionService:
         snapshot_log_ratio: float = SNAPSHOT_LOG_RATIO,
         workers: int = 4,
         clock: Callable[[], float] = time.time,
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
         if idempotency_window < 1:
             raise ValueError("idempotency_window must be >= 1")
@@ -201,6 +207,8 @@ class SessionService:
         self.snapshot_every = snapshot_every
         self.snapshot_log_ratio = snapshot_log_ratio
         self._clock = clock
+        # A shared store (PostgreSQL) is written only under this process's leases.
+        self.leases = Leases(store, ttl=lease_ttl)
         self._compute = ThreadPoolExecutor(workers, thread_name_prefix="optserve-step")
         self._io = ThreadPoolExecutor(workers, thread_name_prefix="optserve-store")
         self._sessions: dict[str, _Entry] = {}
@@ -222,8 +230,16 @@ class SessionService:
         if entry is None or entry.tenant != tenant or entry.deleted:
             raise SessionNotFound(session_id)
         if entry.broken is not None:
+            if entry.heal_wanted and (entry.heal is None or entry.heal.done()):
+                # The store was unreachable when the session had to be reloaded: try
+                # again now, in the background; this request is answered 503.
+                entry.heal = asyncio.get_running_loop().create_task(self._heal(entry))
             raise StorageError(entry.broken)
         return entry
+
+    async def _heal(self, entry: _Entry) -> None:
+        async with entry.lock:
+            await self._run(lambda: self._reload(entry))
 
     def _reserve(self, tenant: str) -> None:
         count = self._per_tenant[tenant]
@@ -394,6 +410,7 @@ class SessionService:
             self._sessions.pop(session_id, None)
             self._release(tenant)
             self.federated.forget(session_id)
+            self.leases.forget(session_id)
         if entry.background is not None:
             with contextlib.suppress(Exception):
                 await entry.background
@@ -491,10 +508,10 @@ class SessionService:
         sid = live.record.id
         pending: Future[int] = Future()
         if self.store.durable and _event_size(event) >= OVERLAP_MIN_BYTES:
-            pending = self._io.submit(self.store.append, sid, event)
+            pending = self._io.submit(self._append, sid, event)
         else:
             try:
-                pending.set_result(self.store.append(sid, event))
+                pending.set_result(self._append(sid, event))
             except BaseException as exc:
                 pending.set_exception(exc)
         try:
@@ -528,6 +545,16 @@ class SessionService:
         live.updated_at = event.at
         return result, written
 
+    def _append(self, sid: str, event: Event) -> int:
+        """The store's append, under this process's lease of the session (shared stores)."""
+        try:
+            self.leases.hold(sid)
+            return self.store.append(sid, event)
+        except Fenced:
+            # Another replica has the session now; the caller reloads it from the store.
+            self.leases.forget(sid)
+            raise
+
     def _reload(self, entry: _Entry) -> None:
         """Replace a session's memory by what the store holds (after a failed append)."""
         sid = entry.live.record.id
@@ -536,9 +563,16 @@ class SessionService:
             if stored is None:
                 raise KeyError(sid)
             fresh = self._recover(stored)
+        except ConnectionError as exc:
+            # The store is unreachable (a database down): retried on the next request.
+            log.warning("session %s could not be reloaded from the store: %s", sid, exc)
+            entry.broken = f"session {sid} is unavailable while the store is unreachable"
+            entry.heal_wanted = True
+            return
         except Exception as exc:
             log.exception("session %s could not be reloaded from the store", sid)
             entry.broken = f"session {sid} is unavailable until the server restarts ({exc})"
+            entry.heal_wanted = False
             return
         entry.live = fresh.live
         entry.window = fresh.window
@@ -548,6 +582,8 @@ class SessionService:
         entry.events_since_snapshot = fresh.events_since_snapshot
         entry.bytes_since_snapshot = fresh.bytes_since_snapshot
         entry.info = fresh.live.info()
+        entry.broken = None
+        entry.heal_wanted = False
 
     def _after_event(self, entry: _Entry, event_bytes: int) -> None:
         entry.info = entry.live.info()
