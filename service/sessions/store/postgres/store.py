@@ -363,7 +363,10 @@ class PostgresStore(Store):
                 yield loaded
 
     def load_session(self, session_id: str) -> StoredSession | None:
-        with self._conn() as conn:
+        with self._conn() as conn, conn.transaction():
+            # One snapshot of the database for every read: appends and compactions of
+            # other processes must not fall between reading the head and the events.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             row = conn.execute(
                 "SELECT s.id, s.tenant, s.config, s.labels, s.created_at, l.head "
                 "FROM sessions s JOIN session_logs l ON l.session_id = s.id WHERE s.id = %s",
