@@ -25,6 +25,7 @@ from service.api import problems
 from service.codec.errors import InvalidValues, MalformedBody, TooManyTensors
 from service.sessions import errors as domain
 from service.sessions.federated import errors as federated
+from service.sessions.store.base import StoreUnavailable
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "/problems/"
@@ -145,6 +146,10 @@ MAPPINGS: dict[type[Exception], Mapping] = {
     domain.LimitExceeded: Mapping(422, "limit-exceeded", "Limit exceeded", details=_limit),
     domain.InvalidCheckpoint: Mapping(422, "invalid-checkpoint", "Invalid checkpoint"),
     domain.StorageError: Mapping(
+        503, "storage-unavailable", "Storage unavailable", headers=lambda e: {"Retry-After": "1"}
+    ),
+    # Raised by a store read outside a step's commit (an archived-key lookup): the same 503.
+    StoreUnavailable: Mapping(
         503, "storage-unavailable", "Storage unavailable", headers=lambda e: {"Retry-After": "1"}
     ),
     # Federated sessions

@@ -142,12 +142,16 @@ class PostgresStore(Store):
         *,
         pool_size: int = 10,
         connect_timeout: float = 5.0,
+        wait_timeout: float = 2.0,
         owner: str | None = None,
         lease_ttl: float = DEFAULT_LEASE_TTL,
     ) -> None:
         self.url = url
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
+        self.wait_timeout = wait_timeout
+        """How long a call waits for a pooled connection. The pool is larger than the
+        service's threads, so a wait means the database cannot be reached: fail soon."""
         self.owner = owner or process_owner()
         """Who this store's own leases (taken by a write without one) belong to."""
         self.lease_ttl = lease_ttl
@@ -164,7 +168,7 @@ class PostgresStore(Store):
             min_size=1,
             max_size=self.pool_size,
             open=False,
-            timeout=self.connect_timeout,
+            timeout=self.wait_timeout,
             reconnect_timeout=self.connect_timeout,
             kwargs={"autocommit": True, "connect_timeout": max(1, round(self.connect_timeout))},
             name="optserve",
@@ -198,7 +202,7 @@ class PostgresStore(Store):
         try:
             # Released leases let another process take the sessions over at once.
             for session_id, (owner, epoch) in held:
-                with pool.connection(timeout=self.connect_timeout) as conn:
+                with pool.connection() as conn:
                     conn.execute(_RELEASE, {"sid": session_id, "owner": owner, "epoch": epoch})
         except _UNREACHABLE as exc:
             log.warning("could not release leases at close (%s); they will expire", exc)
