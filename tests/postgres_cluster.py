@@ -54,7 +54,7 @@ def bin_dir() -> Path | None:
     return Path(max(candidates, key=version)).parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -75,7 +75,7 @@ class Cluster:
         self.root = Path(tempfile.mkdtemp(prefix="optserve-pg-"))
         self.data = self.root / "data"
         self.sockets = self.root / "sock"
-        self.port = _free_port()
+        self.port = free_port()
         self.user: str | None = None
         if os.geteuid() == 0:
             self.user = "postgres"
@@ -104,8 +104,7 @@ class Cluster:
 
     def start(self) -> None:
         options = (
-            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=200"
+            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c max_connections=200"
         )
         log = self.root / "server.log"
         self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-o", options,

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from tests.api.conftest import adam_config, grads, make_client, problem
 from tests.api.reference import InProcess
-from tests.postgres_cluster import Cluster, _free_port
+from tests.postgres_cluster import Cluster, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ def test_a_lost_database_answers_503_and_steps_resume_when_it_is_back(
 
 
 def test_serve_refuses_to_start_without_its_database() -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     done = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--storage", "postgres",
          "--database-url", f"postgresql://optserve:secret@127.0.0.1:{port}/optserve"],
@@ -118,5 +118,7 @@ def test_serve_refuses_to_start_without_its_database() -> None:
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"optserve: cannot reach the database at postgresql://127.0.0.1:{port}/")
+    assert lines[0].startswith(
+        f"optserve: cannot reach the database at postgresql://127.0.0.1:{port}/"
+    )
     assert "secret" not in lines[0]

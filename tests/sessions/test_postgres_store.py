@@ -20,6 +20,7 @@ import pytest
 
 from service.sessions.store.base import DamagedSession, Event, Fenced, LeaseHeld
 from service.sessions.store.postgres import PostgresStore, rows, schema
+from tests.postgres_cluster import free_port
 from tests.sessions.test_store_contract import assert_same_snapshot, event, record, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -296,7 +297,9 @@ def test_the_schema_version_is_recorded_and_a_newer_one_refused(postgres_url: st
     assert rows_of(postgres_url, "SELECT version FROM optserve_schema") == [
         (schema.SCHEMA_VERSION,)
     ]
-    _corrupt(postgres_url, f"INSERT INTO optserve_schema (version) VALUES ({schema.SCHEMA_VERSION + 1})")
+    _corrupt(
+        postgres_url, f"INSERT INTO optserve_schema (version) VALUES ({schema.SCHEMA_VERSION + 1})"
+    )
     with pytest.raises(RuntimeError, match="upgrade optserve"):
         PostgresStore(postgres_url).open()
 
@@ -309,7 +312,9 @@ def test_an_idempotency_key_is_logged_once_per_session(stores: list[PostgresStor
     a.append("s1", event(2, key="k2"))
 
 
-def test_event_rows_hold_the_disk_logs_frames(stores: list[PostgresStore], postgres_url: str) -> None:
+def test_event_rows_hold_the_disk_logs_frames(
+    stores: list[PostgresStore], postgres_url: str
+) -> None:
     from service.sessions.store import logfile
 
     a, _ = stores
@@ -324,23 +329,7 @@ def test_event_rows_hold_the_disk_logs_frames(stores: list[PostgresStore], postg
 def test_an_unreachable_database_is_a_clear_error() -> None:
     from service.sessions.store.base import StoreUnavailable
 
-    with socket_port() as port:
-        store = PostgresStore(f"postgresql://nobody@127.0.0.1:{port}/x", connect_timeout=1)
-        with pytest.raises(StoreUnavailable, match="cannot reach the database"):
-            store.open()
-        assert not store.ping()
-
-
-class socket_port:
-    """A local port nothing listens on, for as long as the block runs."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
-        port: int = self._socket.getsockname()[1]
-        return port
-
-    def __exit__(self, *exc: object) -> None:
-        self._socket.close()
+    store = PostgresStore(f"postgresql://nobody@127.0.0.1:{free_port()}/x", connect_timeout=1)
+    with pytest.raises(StoreUnavailable, match="cannot reach the database"):
+        store.open()
+    assert not store.ping()

@@ -121,7 +121,7 @@ class StoredSession:
     """Event counts of the stored snapshots newer than ``snapshot`` (compaction targets)."""
 
 
-class DamagedSession(Exception):  # noqa: N818 - it names the session's condition
+class DamagedSession(Exception):
     """A session's stored history cannot be read back as it was acknowledged.
 
     A checksum mismatch, a missing snapshot chunk, a gap in the events: nothing is repaired
@@ -134,7 +134,7 @@ class DamagedSession(Exception):  # noqa: N818 - it names the session's conditio
         self.reason = reason
 
 
-class Fenced(Exception):  # noqa: N818 - what happened to the write
+class Fenced(Exception):
     """A write was refused: this store does not hold the session's current lease.
 
     Nothing was written. Another process may have moved the session on, so what the

@@ -417,7 +417,9 @@ class PostgresStore(Store):
                     raise DamagedSession(session_id, f"snapshot {seq} lacks chunk {index}")
                 piece, crc = bytes(found[0]), int(found[1])
                 if rows.checksum(piece) != crc:
-                    raise DamagedSession(session_id, f"snapshot {seq} chunk {index} fails its checksum")
+                    raise DamagedSession(
+                        session_id, f"snapshot {seq} chunk {index} fails its checksum"
+                    )
                 if filled + len(piece) > size:
                     raise DamagedSession(session_id, f"snapshot {seq} is longer than recorded")
                 data[filled : filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
@@ -540,7 +542,8 @@ class PostgresStore(Store):
     def find_key(self, session_id: str, key: str) -> KeyRecord | None:
         with self._conn() as conn:
             row = conn.execute(
-                "SELECT fingerprint, step, seq FROM session_keys WHERE session_id = %s AND key = %s",
+                "SELECT fingerprint, step, seq FROM session_keys "
+                "WHERE session_id = %s AND key = %s",
                 (session_id, key),
             ).fetchone()
         return None if row is None else KeyRecord(key, str(row[0]), int(row[1]), int(row[2]))
