@@ -81,6 +81,10 @@ MIGRATIONS: list[tuple[int, LiteralString]] = [
             FOREIGN KEY (session_id, seq) REFERENCES session_snapshots (session_id, seq)
                 ON DELETE CASCADE
         );
+        -- Tensor bytes do not compress: store them out of line without trying (pglz
+        -- would spend about as long failing to compress a frame as writing it).
+        ALTER TABLE session_events ALTER COLUMN frame SET STORAGE EXTERNAL;
+        ALTER TABLE session_snapshot_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
         CREATE TABLE session_keys (
             session_id text NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
             key text NOT NULL,
