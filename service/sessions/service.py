@@ -66,7 +66,6 @@ from service.sessions.groups import (
     replay_group_change,
 )
 from service.sessions.ids import new_id
-from service.sessions.leases import DEFAULT_TTL, Leases
 from service.sessions.live import LiveSession, initial_params
 from service.sessions.models import Change, Limits, SessionInfo, StepReply, StepRequest
 from service.sessions.store.base import (
@@ -78,6 +77,7 @@ from service.sessions.store.base import (
     Store,
     StoredSession,
 )
+from service.sessions.store.leases import DEFAULT_TTL, Leases
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
     python -m tests.sessions.fenced_writer URL SESSION OWNER TTL
 
-Holds the session's lease through :class:`service.sessions.leases.Leases` (as the service
+Holds the session's lease through :class:`service.sessions.store.leases.Leases` (as the service
 does) and appends events as fast as it can, each after the last one it knows of. Prints
 ``acked <seq>`` after each append returned (what a server would acknowledge), flushed at
 once, and ``fenced <reason>`` when the store refuses a write, then exits.
@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from service.sessions.leases import Leases
 from service.sessions.store.base import Event, Fenced
+from service.sessions.store.leases import Leases
 from service.sessions.store.postgres import PostgresStore
 
 

@@ -93,10 +93,19 @@ def test_an_expired_lease_fences_even_when_nobody_took_it(stores: list[PostgresS
     a.append("s1", event(1))
 
 
+def test_a_lease_the_store_took_itself_is_renewed_on_use(stores: list[PostgresStore]) -> None:
+    a, b = stores
+    a.lease_ttl = 0.3
+    for seq in range(1, 11):  # one second of appends, over three lease periods
+        a.append("s1", event(seq))
+        time.sleep(0.1)
+    assert b.acquire("s1", "b", 30) is None
+
+
 def test_racing_writers_commit_exactly_one_event_per_seq(stores: list[PostgresStore]) -> None:
     """Two replicas take the session from each other (short leases, never renewed), each
-    appending as fast as it can: every seq is committed once, and what was acknowledged
-    is exactly what is stored."""
+    appending as fast as it can while it holds it: every seq is committed once, and what
+    was acknowledged is exactly what is stored."""
     acked: list[tuple[int, str]] = []
     acked_lock = threading.Lock()
     deadline = time.monotonic() + 3.0
@@ -106,33 +115,30 @@ def test_racing_writers_commit_exactly_one_event_per_seq(stores: list[PostgresSt
         assert loaded is not None
         return loaded.snapshot.seq + len(loaded.events)
 
-    def replica(store: PostgresStore, thread: int) -> None:
-        head = head_of(store)
+    def replica(store: PostgresStore) -> None:
         n = 0
         while time.monotonic() < deadline:
-            n += 1
-            fingerprint = f"{store.owner}-{thread}-{n}"
-            e = Event(seq=head + 1, kind="step", at=0.0, fingerprint=fingerprint)
-            try:
-                store.append("s1", e)
-            except LeaseHeld:
+            if store.acquire("s1", store.owner, 0.15) is None:
                 time.sleep(0.02)  # the other replica's lease is live: wait for its expiry
-                head = head_of(store)
                 continue
-            except Fenced:
-                time.sleep(0.3)  # our lease ran out: stand back, so the other takes over
-                head = head_of(store)
-                continue
-            except ValueError:  # taken over after the other's last write: learn the head
-                head = head_of(store)
-                continue
-            with acked_lock:
-                acked.append((e.seq, fingerprint))
-            head += 1
+            head = head_of(store)
+            while True:
+                n += 1
+                fingerprint = f"{store.owner}-{n}"
+                e = Event(seq=head + 1, kind="step", at=0.0, fingerprint=fingerprint)
+                try:
+                    store.append("s1", e)
+                except Fenced:
+                    time.sleep(0.3)  # our lease ran out: stand back, so the other takes over
+                    break
+                except ValueError:  # the other wrote after we read the head: read it again
+                    head = head_of(store)
+                    continue
+                with acked_lock:
+                    acked.append((e.seq, fingerprint))
+                head += 1
 
-    for store in stores:
-        store.lease_ttl = 0.15
-    threads = [threading.Thread(target=replica, args=(store, 0)) for store in stores]
+    threads = [threading.Thread(target=replica, args=(store,)) for store in stores]
     for t in threads:
         t.start()
     for t in threads:

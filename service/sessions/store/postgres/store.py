@@ -47,7 +47,6 @@ from service.sessions.store.base import (
     Event,
     Fenced,
     KeyRecord,
-    LeaseHeld,
     SessionRecord,
     Snapshot,
     Store,
@@ -55,6 +54,7 @@ from service.sessions.store.base import (
     StoreUnavailable,
     process_owner,
 )
+from service.sessions.store.leases import Leases
 from service.sessions.store.postgres import rows, schema
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ class PostgresStore(Store):
         self._leases: dict[str, tuple[str, int]] = {}
         """Session id -> (owner, epoch) of the leases this store holds."""
         self._leases_lock = threading.Lock()
+        self._own = Leases(self, ttl=lease_ttl, owner=self.owner)
+        """The leases this store takes for writes made without one."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -266,17 +268,26 @@ class PostgresStore(Store):
         with self._leases_lock:
             if self._leases.get(session_id) == (owner, epoch):
                 del self._leases[session_id]
+        if self._own.epoch(session_id) == epoch:
+            self._own.forget(session_id)
 
     def _lease(self, session_id: str) -> tuple[str, int]:
-        """The lease a write of ``session_id`` is fenced by; taken now if none is held."""
+        """The lease a write of ``session_id`` is fenced by.
+
+        One acquired through :meth:`acquire` is its holder's to renew. Without one, the
+        store takes (and then renews, on use) a lease of its own.
+        """
         with self._leases_lock:
             held = self._leases.get(session_id)
-        if held is not None:
+        if held is not None and self._own.epoch(session_id) != held[1]:
             return held
-        epoch = self.acquire(session_id, self.owner, self.lease_ttl)
-        if epoch is None:
-            raise LeaseHeld(session_id, "its lease is held by another owner")
-        return self.owner, epoch
+        self._own.ttl = self.lease_ttl
+        self._own.hold(session_id)
+        with self._leases_lock:
+            held = self._leases.get(session_id)
+        if held is None:  # released meanwhile by another thread
+            raise Fenced(session_id, "its lease was released")
+        return held
 
     @staticmethod
     def _must_exist(conn: Conn, session_id: str) -> None:
@@ -347,6 +358,7 @@ class PostgresStore(Store):
     def delete(self, session_id: str) -> None:
         with self._leases_lock:
             self._leases.pop(session_id, None)
+        self._own.forget(session_id)
         with self._conn() as conn:
             conn.execute("DELETE FROM sessions WHERE id = %s", (session_id,))
 

@@ -72,6 +72,12 @@ class Leases:
             raise Fenced(session_id, "its lease was taken over by another replica")
         held.renewed = now
 
+    def epoch(self, session_id: str) -> int | None:
+        """The epoch of the lease held here on ``session_id``, if any."""
+        with self._lock:
+            held = self._held.get(session_id)
+        return None if held is None else held.epoch
+
     def forget(self, session_id: str) -> None:
         """The lease is gone (fenced, or the session deleted): the next hold acquires anew."""
         with self._lock:
