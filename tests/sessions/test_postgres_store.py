@@ -102,6 +102,18 @@ def test_a_lease_the_store_took_itself_is_renewed_on_use(stores: list[PostgresSt
     assert b.acquire("s1", "b", 30) is None
 
 
+def test_a_store_opened_again_takes_its_leases_again(stores: list[PostgresStore]) -> None:
+    a, b = stores
+    a.append("s1", event(1))
+    a.close()  # releases the lease a took for that write
+    epoch = b.acquire("s1", "b", 30)
+    assert epoch is not None
+    b.release("s1", "b", epoch)
+    a.open()
+    a.append("s1", event(2))
+    assert b.acquire("s1", "b", 30) is None
+
+
 def test_racing_writers_commit_exactly_one_event_per_seq(stores: list[PostgresStore]) -> None:
     """Two replicas take the session from each other (short leases, never renewed), each
     appending as fast as it can while it holds it: every seq is committed once, and what

@@ -1,7 +1,8 @@
-"""The leases this process holds on a shared store's sessions, acquired and renewed on use.
+"""The leases one owner holds on a shared store's sessions, acquired and renewed on use.
 
 A replica writes a session only under its lease (DESIGN.md §5). Before an append the
-service calls :meth:`Leases.hold`: the first time in this process it acquires the lease;
+session service calls :meth:`Leases.hold` (so does the PostgreSQL store for a write made
+without a lease, with an owner of its own): the first time it acquires the lease;
 afterwards it renews it once a third of the lease period has passed since the last
 renewal, so an active session's lease always has most of its period left when the
 store's fenced append checks it. An idle session's lease may lapse; renewing it later

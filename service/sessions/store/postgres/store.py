@@ -198,6 +198,7 @@ class PostgresStore(Store):
         with self._leases_lock:
             held = list(self._leases.items())
             self._leases.clear()
+        self._own = Leases(self, ttl=self.lease_ttl, owner=self.owner)
         pool, self._pool = self._pool, None
         if pool is None:
             return
