@@ -142,6 +142,7 @@ class _Entry:
     heal: asyncio.Task[None] | None = None
     """A reload retried because the store was unreachable (``broken`` until it succeeds)."""
     heal_wanted: bool = False
+    """Whether ``broken`` is the store's unavailability, to be retried, not a lasting fault."""
 
     @property
     def tenant(self) -> str:
@@ -283,7 +284,12 @@ class SessionService:
 
     async def close(self) -> None:
         await self.federated.stop()
-        tasks = [e.background for e in self._sessions.values() if e.background is not None]
+        tasks = [
+            task
+            for e in self._sessions.values()
+            for task in (e.background, e.heal)  # snapshots, and reloads being retried
+            if task is not None
+        ]
         for task in tasks:
             with contextlib.suppress(Exception):
                 await task

@@ -7,12 +7,14 @@ A real PostgreSQL throughout (tests/postgres_cluster.py); the numbers are checke
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from fastapi.testclient import TestClient
 
@@ -122,3 +124,49 @@ def test_serve_refuses_to_start_without_its_database() -> None:
         f"optserve: cannot reach the database at postgresql://127.0.0.1:{port}/"
     )
     assert "secret" not in lines[0]
+
+
+def test_serve_runs_on_postgres_and_a_restart_finds_the_session(postgres_url: str) -> None:
+    def serve() -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(port),
+             "--storage", "postgres", "--database-url", postgres_url],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OPTSERVE_LOG_LEVEL": "warning"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    return process, url
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "no server"
+            time.sleep(0.1)
+
+    def stop(process: subprocess.Popen[bytes]) -> None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+    body = {"grads": {n: v.tolist() for n, v in grads(0).items()}}
+    process, url = serve()
+    try:
+        sid = httpx.post(f"{url}/v1/sessions", json=adam_config()).json()["id"]
+        first = httpx.post(f"{url}/v1/sessions/{sid}/step", json=body)
+        assert first.status_code == 200, first.text
+    finally:
+        stop(process)
+    process, url = serve()
+    try:
+        assert httpx.get(f"{url}/v1/sessions/{sid}").json()["step"] == 1
+        # The first server released its lease at shutdown: this one steps at once.
+        second = httpx.post(f"{url}/v1/sessions/{sid}/step", json=body)
+        assert second.status_code == 200 and second.json()["step"] == 2, second.text
+    finally:
+        stop(process)
