@@ -137,6 +137,11 @@ def start_cluster() -> Cluster:
     binaries = bin_dir()
     if binaries is None:
         pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("running as root, initdb needs a 'postgres' system user to run as")
     cluster = Cluster(binaries)
     try:
         cluster.init()
