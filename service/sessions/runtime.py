@@ -13,6 +13,13 @@
   ever refused later), and a large one is written while it is applied, so the disk sync
   overlaps the numpy work.
 - **Executors.** Numpy work and store I/O run on two thread pools, never on the event loop.
+- **Leases.** With a store that several processes share (PostgreSQL, DESIGN.md §5) a
+  session is loaded and changed only under this process's lease of it
+  (:mod:`service.sessions.store.leases`): taken when the session is loaded, renewed as it
+  is used, given up when it is evicted. A session another process holds is answered 503
+  (its lease expires, or is given up, and a retry finds it here); a lease lost meanwhile
+  fences the append (the store refuses it), and the session is dropped from memory and
+  loaded again under a new lease.
 
 A change, in any peer module, is: ``async with runtime.locked(...) as entry``, then on a
 worker thread (``runtime.run``) check it against ``entry.live`` and ``runtime.commit`` it,
@@ -49,12 +56,16 @@ from service.sessions.groups import GROUP_EVENTS, replay_group_change
 from service.sessions.live import LiveSession
 from service.sessions.models import SessionInfo, StepReply
 from service.sessions.store.base import (
+    DamagedSession,
     Event,
+    Fenced,
     KeyRecord,
+    LeaseHeld,
     Snapshot,
     Store,
     StoredSession,
 )
+from service.sessions.store.leases import DEFAULT_TTL, Leases
 from service.sessions.window import Kept, Window
 
 log = logging.getLogger("optserve.sessions")
@@ -130,6 +141,7 @@ class Runtime:
         clock: Callable[[], float] = time.time,
         memory_budget: int | None = None,
         idle_evict_s: float | None = None,
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
         if window < 1:
             raise ValueError("idempotency_window must be >= 1")
@@ -141,7 +153,12 @@ class Runtime:
         self.snapshot_every = snapshot_every
         self.snapshot_log_ratio = snapshot_log_ratio
         self.memory_budget = memory_budget
-        self.idle_evict_s = idle_evict_s
+        self.leases = Leases(store, ttl=lease_ttl)
+        # A shared store's idle sessions give their leases up within a lease period, so
+        # that another replica asked for them takes them over without waiting for expiry.
+        self.idle_evict_s = (
+            min(idle_evict_s or lease_ttl, lease_ttl) if store.shared else idle_evict_s
+        )
         self.now = clock
         """Wall-clock time of events (Unix seconds)."""
         self._compute = ThreadPoolExecutor(workers, thread_name_prefix="optserve-step")
@@ -151,6 +168,9 @@ class Runtime:
         self.per_tenant: Counter[str] = Counter()
         """Sessions per tenant in the store's catalog."""
         self._janitor: asyncio.Task[None] | None = None
+        self.on_load: list[Callable[[Entry], None]] = []
+        """Called on the event loop with each session loaded (federated rounds arm their
+        timers)."""
 
     # -- executors -------------------------------------------------------------------------
 
@@ -170,7 +190,12 @@ class Runtime:
         await self.run_io(self.store.open)
         records = await self.run_io(self.store.records)
         self.per_tenant = Counter(r.tenant for r in records)
-        eager = [r.id for r in records if "aggregation" in r.config or not self.reloadable]
+        # A shared store's sessions load where they are asked for (under a lease there).
+        eager = (
+            []
+            if self.store.shared
+            else [r.id for r in records if "aggregation" in r.config or not self.reloadable]
+        )
         loaded = []
         for session_id in eager:
             entry = await self._load(session_id)
@@ -217,6 +242,8 @@ class Runtime:
         (unknown, another tenant's, deleted), and unless ``damaged_ok`` for a damaged or
         broken one."""
         entry = self._sessions.get(session_id)
+        if entry is not None and self.store.shared:
+            entry = await self._still_ours(entry)
         if entry is None:
             entry = await self._load(session_id)
         if entry is None or entry.tenant != tenant or entry.deleted:
@@ -225,6 +252,30 @@ class Runtime:
         if not damaged_ok:
             self.check_usable(entry)
         return entry
+
+    async def _still_ours(self, entry: Entry) -> Entry | None:
+        """The entry if this process still holds its lease (renewed when due); None, and
+        dropped from memory, if another took it over (what memory holds may be behind)."""
+        try:
+            await self.run_io(lambda: self.leases.hold(entry.id))
+        except Fenced:
+            self.discard(entry)
+            return None
+        except OSError as exc:
+            raise StorageError(f"the store is unavailable: {exc}") from exc
+        return entry
+
+    def _hold(self, session_id: str) -> None:
+        """Take or renew the lease of a session before it is loaded or written (a worker
+        thread); refusals become the 503 that clients retry."""
+        try:
+            self.leases.hold(session_id)
+        except LeaseHeld as exc:
+            raise StorageError(
+                f"another replica serves session {session_id} now; retry shortly ({exc.reason})"
+            ) from exc
+        except Fenced as exc:
+            raise StorageError(f"session {session_id} moved to another replica; retry") from exc
 
     @staticmethod
     def check_usable(entry: Entry) -> None:
@@ -260,6 +311,7 @@ class Runtime:
         """A deleted session: out of the registry and the tenant's count."""
         entry.deleted = True
         self._sessions.pop(entry.id, None)
+        self.leases.forget(entry.id)
         self.per_tenant[entry.tenant] -= 1
         if self.per_tenant[entry.tenant] <= 0:
             del self.per_tenant[entry.tenant]
@@ -275,20 +327,32 @@ class Runtime:
                 entry = self._sessions.get(session_id)
                 if entry is not None:
                     return entry
-                try:
-                    stored = await self.run_io(lambda: self.store.load_session(session_id))
-                except OSError as exc:
-                    raise StorageError(f"could not read session {session_id}: {exc}") from exc
+                stored = await self.run_io(lambda: self._read(session_id))
                 if stored is None:
                     return None
                 entry = await self._recover_or_mark(stored)
                 entry.last_used = time.monotonic()
                 self._sessions[session_id] = entry
+                for callback in self.on_load:
+                    callback(entry)
         finally:
             if not lock.locked():
                 self._loading.pop(session_id, None)
         await self.fit_budget(keep=entry)
         return entry
+
+    def _read(self, session_id: str) -> StoredSession | None:
+        """A session's stored history, read under its lease on a shared store."""
+        try:
+            if self.store.shared:
+                self._hold(session_id)
+            return self.store.load_session(session_id)
+        except KeyError:  # no such session: no lease to take
+            return None
+        except DamagedSession as exc:
+            raise SessionDamaged(session_id, exc.reason) from exc
+        except OSError as exc:
+            raise StorageError(f"could not read session {session_id}: {exc}") from exc
 
     async def _recover_or_mark(self, stored: StoredSession) -> Entry:
         try:
@@ -347,8 +411,17 @@ class Runtime:
             entry.evicted = True
             if self._sessions.get(entry.id) is entry:
                 del self._sessions[entry.id]
+        await self.run_io(lambda: self._release(entry.id))
         log.debug("session evicted", extra={"session": entry.id})
         return True
+
+    def _release(self, session_id: str) -> None:
+        """Give a session's lease up (shared stores), so another replica takes it at once."""
+        epoch = self.leases.epoch(session_id)
+        self.leases.forget(session_id)
+        if self.store.shared and epoch is not None:
+            with contextlib.suppress(Exception):  # it expires by itself all the same
+                self.store.release(session_id, self.leases.owner, epoch)
 
     async def _sweep(self) -> None:
         """Evict idle sessions, now and then."""
@@ -376,6 +449,8 @@ class Runtime:
         """
         live = entry.live
         sid = live.record.id
+        if self.store.shared:
+            self._hold(sid)
         pending: Future[int] = Future()
         if self.store.durable and event_size(event) >= OVERLAP_MIN_BYTES:
             pending = self._io.submit(self.store.append, sid, event)
@@ -395,6 +470,11 @@ class Runtime:
             raise
         try:
             written = pending.result()
+        except Fenced as exc:
+            # Another replica took the session over: nothing was stored, memory is behind.
+            self.leases.forget(sid)
+            self.discard(entry)
+            raise StorageError(f"session {sid} moved to another replica; retry") from exc
         except BaseException as exc:
             # Whether the event was stored is unknown (a lost connection may follow a
             # commit): memory is dropped, and the session is loaded from the store again.

@@ -42,6 +42,7 @@ from service.sessions.models import Change, Limits, SessionInfo, StepReply, Step
 from service.sessions.runtime import IDEMPOTENCY_WINDOW_BYTES, SNAPSHOT_LOG_RATIO, Runtime
 from service.sessions.steps import Steps
 from service.sessions.store.base import Event, SessionRecord, Snapshot, Store
+from service.sessions.store.leases import DEFAULT_TTL
 
 MAX_LABELS = 64
 MAX_LABEL_KEY = 63
@@ -100,6 +101,7 @@ class SessionService:
         clock: Callable[[], float] = time.time,
         memory_budget: int | None = None,
         idle_evict_s: float | None = None,
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
         self.runtime = Runtime(
             store,
@@ -111,6 +113,7 @@ class SessionService:
             clock=clock,
             memory_budget=memory_budget,
             idle_evict_s=idle_evict_s,
+            lease_ttl=lease_ttl,
         )
         self.store = store
         self.limits = limits
