@@ -168,6 +168,7 @@ class Runtime:
         self.per_tenant: Counter[str] = Counter()
         """Sessions per tenant in the store's catalog."""
         self._janitor: asyncio.Task[None] | None = None
+        self._federated: list[str] = []
         self.on_load: list[Callable[[Entry], None]] = []
         """Called on the event loop with each session loaded (federated rounds arm their
         timers)."""
@@ -185,29 +186,27 @@ class Runtime:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> list[Entry]:
-        """Open the store and read its catalog; load the sessions that must run here now
-        (federated ones: their round timers run in this process). Returns those."""
+        """Open the store and read its catalog; load the sessions that must run now
+        (federated ones: their round timers run in the process that holds them). Returns
+        those. With a shared store each federated session is taken by one replica: the
+        one that gets its lease first, now or (its owner gone) at a later sweep."""
         await self.run_io(self.store.open)
         records = await self.run_io(self.store.records)
         self.per_tenant = Counter(r.tenant for r in records)
-        # A shared store's sessions load where they are asked for (under a lease there).
-        eager = (
-            []
-            if self.store.shared
-            else [r.id for r in records if "aggregation" in r.config or not self.reloadable]
-        )
-        loaded = []
-        for session_id in eager:
-            entry = await self._load(session_id)
-            if entry is not None:
-                loaded.append(entry)
-        if self.idle_evict_s is not None or self.memory_budget is not None:
+        self._federated = [r.id for r in records if "aggregation" in r.config]
+        eager = [r.id for r in records if not self.reloadable] + self._federated
+        loaded = [entry for entry in [await self._try_load(sid) for sid in eager] if entry]
+        if self.store.shared or self.idle_evict_s is not None or self.memory_budget is not None:
             self._janitor = asyncio.get_running_loop().create_task(self._sweep())
-        log.info(
-            "opened the store",
-            extra={"sessions": len(records), "loaded": len(loaded)},
-        )
+        log.info("opened the store", extra={"sessions": len(records), "loaded": len(loaded)})
         return loaded
+
+    async def _try_load(self, session_id: str) -> Entry | None:
+        """Load a session now if it can be (a shared store's may be held elsewhere)."""
+        try:
+            return await self._load(session_id)
+        except StorageError:
+            return None
 
     async def close(self) -> None:
         if self._janitor is not None:
@@ -424,18 +423,34 @@ class Runtime:
                 self.store.release(session_id, self.leases.owner, epoch)
 
     async def _sweep(self) -> None:
-        """Evict idle sessions, now and then."""
+        """Now and then: evict idle sessions, keep to the budget, and with a shared store
+        renew the leases of the sessions loaded here and take federated sessions whose
+        owner is gone (so that their round timers run somewhere)."""
         period = min(JANITOR_PERIOD_S, (self.idle_evict_s or JANITOR_PERIOD_S) / 4)
+        if self.store.shared:
+            period = min(period, self.leases.ttl / 4)
         while True:
             await asyncio.sleep(period)
-            if self.idle_evict_s is not None:
-                cutoff = time.monotonic() - self.idle_evict_s
-                for entry in list(self._sessions.values()):
-                    if entry.last_used < cutoff:
-                        with contextlib.suppress(Exception):
-                            await self.evict(entry)
             with contextlib.suppress(Exception):
-                await self.fit_budget()
+                await self._sweep_once()
+
+    async def _sweep_once(self) -> None:
+        if self.idle_evict_s is not None:
+            cutoff = time.monotonic() - self.idle_evict_s
+            for entry in list(self._sessions.values()):
+                if entry.last_used < cutoff:
+                    await self.evict(entry)
+        await self.fit_budget()
+        if not self.store.shared:
+            return
+        for entry in list(self._sessions.values()):
+            await self._still_ours(entry)
+        self._federated = [
+            r.id for r in await self.run_io(self.store.records) if "aggregation" in r.config
+        ]
+        for session_id in self._federated:
+            if session_id not in self._sessions:
+                await self._try_load(session_id)
 
     # -- commit ----------------------------------------------------------------------------
 

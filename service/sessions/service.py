@@ -126,8 +126,7 @@ class SessionService:
 
     async def start(self) -> None:
         """Open the store; sessions load on first use, federated ones now (their timers)."""
-        loaded = await self.runtime.open()
-        self.federated.resume(loaded)
+        await self.runtime.open()
         self._started = True
 
     async def close(self) -> None:
