@@ -13,6 +13,11 @@ from service.codec import safetensors
 from tests.e2e.chaos_plan import Disruption, HarnessError, Kind, Plan
 from tests.e2e.chaos_workload import SAFETENSORS, Ack, SessionLoad, retry_delay, torch_replay
 
+TOLERANCE = 1e-4
+"""Between the held params and torch's replay. float32 rounding drifts by about 1e-6 per
+thousand steps (the server and torch order a few operations differently); one step
+applied twice or lost moves params by lr * |momentum buffer|, about 1e-2 here."""
+
 
 @dataclass(frozen=True)
 class SessionResult:
@@ -73,7 +78,7 @@ def verify(url: str, loads: list[SessionLoad], deadline_s: float) -> list[Sessio
                     server_step=int(document["step"]),
                     misnumbered=sum(ack.step != ack.index for ack in load.acks),
                     max_param_error=error,
-                    params_match=bool(np.allclose(held, reference, rtol=1e-5, atol=1e-6)),
+                    params_match=bool(np.allclose(held, reference, rtol=TOLERANCE, atol=TOLERANCE)),
                 )
             )
     return results
