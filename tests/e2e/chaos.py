@@ -58,9 +58,11 @@ def chaos_loop(
     deployment: Deployment,
     began: float,
     stop: threading.Event,
+    abort: threading.Event,
     disruptions: list[Disruption],
     errors: list[BaseException],
 ) -> None:
+    """Kill and restart processes on the plan's schedule, one at a time."""
     plan = deployment.plan
     rng = random.Random(plan.seed + 1)
     try:
@@ -80,8 +82,9 @@ def chaos_loop(
                 target = "postgres"
                 deployment.restart_database(down)
             disruptions.append(Disruption(kind, target, killed, time.monotonic()))
-    except BaseException as exc:  # reported by run()
+    except BaseException as exc:  # reported by load_and_break()
         errors.append(exc)
+        abort.set()
         stop.set()
 
 
@@ -98,32 +101,38 @@ def load_and_break(deployment: Deployment) -> Report:
             create_session(client, url, plan.seed * 1000 + i, size)
             for i, size in enumerate(plan.sizes)
         ]
-    stop = threading.Event()
+    stop, abort = threading.Event(), threading.Event()
     errors: list[BaseException] = []
     disruptions: list[Disruption] = []
     clients = [
         threading.Thread(
             target=client_loop,
-            args=(url, loads[i :: plan.clients], plan, stop, errors),
+            args=(url, loads[i :: plan.clients], plan, stop, abort, errors),
             daemon=True,
         )
         for i in range(min(plan.clients, len(loads)))
     ]
     began = time.monotonic()
     chaos = threading.Thread(
-        target=chaos_loop, args=(deployment, began, stop, disruptions, errors), daemon=True
+        target=chaos_loop,
+        args=(deployment, began, stop, abort, disruptions, errors),
+        daemon=True,
     )
     for thread in [*clients, chaos]:
         thread.start()
     try:
         stop.wait(plan.duration_s)
         chaos.join(timeout=plan.duration_s + 120)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=plan.step_deadline_s + 30)
+        if chaos.is_alive() or any(thread.is_alive() for thread in clients):
+            raise HarnessError("a client or the chaos thread did not finish")
+    except BaseException:
+        abort.set()
+        raise
     finally:
         stop.set()
-    for thread in clients:
-        thread.join(timeout=plan.step_deadline_s + 30)
-    if chaos.is_alive() or any(thread.is_alive() for thread in clients):
-        raise HarnessError("a client or the chaos thread did not finish")
     if errors:
         raise errors[0]
     wall = time.monotonic() - began

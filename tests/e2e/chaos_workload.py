@@ -110,8 +110,18 @@ def create_session(client: httpx.Client, url: str, seed: int, size: int) -> Sess
     return SessionLoad(response.json()["id"], size, seed)
 
 
-def send_step(client: httpx.Client, url: str, load: SessionLoad, deadline_s: float) -> Ack:
-    """POST the session's next step until it is answered, always with the same key."""
+def send_step(
+    client: httpx.Client,
+    url: str,
+    load: SessionLoad,
+    deadline_s: float,
+    abort: threading.Event | None = None,
+) -> Ack:
+    """POST the session's next step until it is answered, always with the same key.
+
+    A step is never given up while the run goes on: one the server applied and the client
+    stopped asking about would look like a step applied twice. ``abort`` (the run failed
+    elsewhere) is the exception."""
     index = len(load.acks) + 1
     body = safetensors.encode({"w": gradient(load.seed, index, load.size)})
     headers = {
@@ -123,6 +133,8 @@ def send_step(client: httpx.Client, url: str, load: SessionLoad, deadline_s: flo
     began = time.monotonic()
     attempt = 0
     while time.monotonic() - began < deadline_s:
+        if abort is not None and abort.is_set():
+            raise HarnessError("aborted: the run failed elsewhere")
         attempt += 1
         response: httpx.Response | None = None
         try:
@@ -151,15 +163,19 @@ def client_loop(
     loads: list[SessionLoad],
     plan: Plan,
     stop: threading.Event,
+    abort: threading.Event,
     errors: list[BaseException],
 ) -> None:
+    """Step each of ``loads`` in turn until ``stop``; the step in flight is finished."""
     try:
         with httpx.Client(timeout=httpx.Timeout(30, connect=2)) as client:
             while not stop.is_set():
                 for load in loads:
-                    load.acks.append(send_step(client, url, load, plan.step_deadline_s))
+                    ack = send_step(client, url, load, plan.step_deadline_s, abort)
+                    load.acks.append(ack)
                     if stop.is_set():
                         break
-    except BaseException as exc:  # reported by run()
+    except BaseException as exc:  # reported by load_and_break()
         errors.append(exc)
+        abort.set()
         stop.set()
