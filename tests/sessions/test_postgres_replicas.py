@@ -10,6 +10,7 @@ the session and is answered 503 like any other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from service.sessions.service import SessionService
 from service.sessions.store.postgres import PostgresStore
 from tests.sessions.conftest import grads_for, running
 from tests.sessions.reference import core_params
+from tests.sessions.test_federated import START as FED_START
+from tests.sessions.test_federated import rounds_config, update
 
 pytestmark = pytest.mark.anyio
 
@@ -81,3 +84,34 @@ async def test_a_replica_whose_lease_was_taken_over_never_commits(postgres_url: 
         params = await b.params("t", sid)
     expected = core_params(CONFIG, start, [request(i).grads for i in range(3)])
     np.testing.assert_array_equal(params["w"], expected["w"])
+
+
+async def test_a_federated_round_closes_on_the_replica_that_took_its_session_over(
+    postgres_url: str,
+) -> None:
+    aggregation = rounds_config(3, round_timeout_s=0.5, min_clients=2)
+    a = SessionService(PostgresStore(postgres_url), Limits(), lease_ttl=0.6)
+    await a.start()
+    try:
+        sid = (await a.create("t", aggregation, FED_START)).id
+        await a.federated.submit("t", sid, update(1))
+        await a.federated.stop()  # the owner's timers stop, as if it froze
+        await a.federated.submit("t", sid, update(2))
+        async with running(PostgresStore(postgres_url), lease_ttl=0.6) as b:
+            # a stops renewing; b's sweep takes the session over and runs its timer.
+            await a.close()
+            polled = None
+            for _ in range(60):
+                try:
+                    polled = await b.federated.params("t", sid, after=1, wait=1)
+                except StorageError:
+                    await asyncio.sleep(0.1)
+                    continue
+                if polled is not None:
+                    break
+            assert polled is not None and polled.round == 2
+            _, records, _ = await b.federated.history("t", sid, None, 10)
+            assert records[0]["closed_by"] == "timeout"
+    finally:
+        with contextlib.suppress(Exception):
+            await a.close()
