@@ -276,6 +276,26 @@ class Runtime:
         except Fenced as exc:
             raise StorageError(f"session {session_id} moved to another replica; retry") from exc
 
+    async def describe(self, tenant: str, session_id: str) -> SessionInfo:
+        """The session document's data, for listings: of the session in memory here, or
+        with a shared store, read from the store without taking its lease (a listing on
+        one replica must not move sessions to it, nor wait for the replicas that hold
+        them). Raises :class:`SessionNotFound` for an unknown or another tenant's id."""
+        if self.store.shared and session_id not in self._sessions:
+            try:
+                stored = await self.run_io(lambda: self.store.load_session(session_id))
+            except DamagedSession as exc:
+                raise SessionDamaged(session_id, exc.reason) from exc
+            except OSError as exc:
+                raise StorageError(f"could not read session {session_id}: {exc}") from exc
+            if stored is None or stored.record.tenant != tenant:
+                raise SessionNotFound(session_id)
+            return (await self._recover_or_mark(stored)).info
+        entry = await self.entry(tenant, session_id, damaged_ok=True)
+        if entry.damaged is None and entry.broken is not None:
+            raise StorageError(entry.broken)
+        return entry.info
+
     @staticmethod
     def check_usable(entry: Entry) -> None:
         if entry.deleted:

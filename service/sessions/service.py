@@ -227,7 +227,8 @@ class SessionService:
         self, tenant: str, limit: int, after: str | None
     ) -> tuple[list[SessionInfo], str | None]:
         """This tenant's sessions by id, from the store's catalog; each page's sessions are
-        loaded to describe them (and evicted again as the memory budget requires)."""
+        loaded to describe them (and evicted again as the memory budget requires; with a
+        shared store, read without moving them here)."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", "limit")
         ids = await self.runtime.run_io(lambda: self.store.session_ids_of(tenant, after, limit + 1))
@@ -235,7 +236,7 @@ class SessionService:
         infos = []
         for session_id in page:
             with contextlib.suppress(SessionNotFound):  # deleted meanwhile
-                infos.append(await self.get(tenant, session_id))
+                infos.append(await self.runtime.describe(tenant, session_id))
         return infos, (page[-1] if more else None)
 
     async def delete(self, tenant: str, session_id: str) -> None:

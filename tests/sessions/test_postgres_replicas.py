@@ -115,3 +115,18 @@ async def test_a_federated_round_closes_on_the_replica_that_took_its_session_ove
     finally:
         with contextlib.suppress(Exception):
             await a.close()
+
+
+async def test_a_listing_on_one_replica_leaves_sessions_where_they_are(postgres_url: str) -> None:
+    start = {"w": np.zeros((3, 2), dtype=np.float32)}
+    async with (
+        running(PostgresStore(postgres_url), lease_ttl=30) as a,
+        running(PostgresStore(postgres_url), lease_ttl=30) as b,
+    ):
+        ids = sorted([(await a.create("t", CONFIG, start)).id for _ in range(3)])
+        await a.step("t", ids[1], request(0))
+        listed, cursor = await b.list("t", 10, None)
+        assert [i.id for i in listed] == ids and cursor is None
+        assert [i.step for i in listed] == [0, 1, 0]
+        assert b.runtime.loaded() == []
+        assert (await a.step("t", ids[1], request(1))).step == 2  # still a's
