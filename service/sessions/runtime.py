@@ -270,6 +270,9 @@ class Runtime:
         try:
             self.leases.hold(session_id)
         except LeaseHeld as exc:
+            # Ask the owner to hand it over at its next sweep (it keeps it while in use).
+            with contextlib.suppress(Exception):
+                self.store.want(session_id, self.leases.owner)
             raise StorageError(
                 f"another replica serves session {session_id} now; retry shortly ({exc.reason})"
             ) from exc
@@ -463,7 +466,10 @@ class Runtime:
         await self.fit_budget()
         if not self.store.shared:
             return
+        wanted = set(await self.run_io(lambda: self.store.wanted(self.leases.owner)))
         for entry in list(self._sessions.values()):
+            if entry.id in wanted and await self.evict(entry):
+                continue  # handed over: another replica asked for it
             await self._still_ours(entry)
         self._federated = [
             r.id for r in await self.run_io(self.store.records) if "aggregation" in r.config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -130,3 +131,27 @@ async def test_a_listing_on_one_replica_leaves_sessions_where_they_are(postgres_
         assert [i.step for i in listed] == [0, 1, 0]
         assert b.runtime.loaded() == []
         assert (await a.step("t", ids[1], request(1))).step == 2  # still a's
+
+
+async def test_a_session_wanted_elsewhere_is_handed_over_before_its_lease_expires(
+    postgres_url: str,
+) -> None:
+    start = {"w": np.zeros((3, 2), dtype=np.float32)}
+    async with (
+        running(PostgresStore(postgres_url), lease_ttl=20) as a,
+        running(PostgresStore(postgres_url), lease_ttl=20) as b,
+    ):
+        sid = (await a.create("t", CONFIG, start)).id
+        await a.step("t", sid, request(0))
+        began = time.monotonic()
+        with pytest.raises(StorageError, match="another replica serves"):
+            await b.step("t", sid, request(1))  # marks it wanted
+        while True:
+            try:
+                reply = await b.step("t", sid, request(1))
+                break
+            except StorageError:
+                assert time.monotonic() - began < 10, "not handed over within half a lease"
+                await asyncio.sleep(0.1)
+        assert reply.step == 2
+        assert a.runtime.loaded() == []

@@ -201,6 +201,14 @@ class Store(ABC):
         """Give the lease up, so another owner may take it without waiting for expiry."""
         return None
 
+    def want(self, session_id: str, owner: str) -> None:
+        """Mark a session held by another owner as wanted by ``owner`` (a handover)."""
+        return None
+
+    def wanted(self, owner: str) -> list[str]:
+        """The sessions ``owner`` holds that another owner is waiting for."""
+        return []
+
     @abstractmethod
     def open(self) -> None:
         """Prepare for use; repair what a crash left (a torn log tail, a half-made session)."""

@@ -9,7 +9,8 @@ Tables (every per-session row goes with its session: ``ON DELETE CASCADE``):
 - ``tenants`` and ``sessions``: the catalog, what any replica may query;
 - ``session_logs``: one row per session, the *head* (seq of its last event), the *base*
   (seq of the snapshot recovery starts from) and the lease (``owner``, ``epoch``,
-  ``expires_at``). Appends and lease changes all update this row, so the
+  ``expires_at``, and ``wanted_by``: a replica waiting for the lease). Appends and lease
+  changes all update this row, so the
   database serializes them per session;
 - ``session_events``: one row per event, primary key ``(session_id, seq)``, an idempotency
   key unique per session, the event's frame (as the disk log writes it) and its CRC-32;
@@ -93,6 +94,15 @@ MIGRATIONS: list[tuple[int, LiteralString]] = [
             seq bigint NOT NULL,
             PRIMARY KEY (session_id, key)
         );
+        """,
+    ),
+    (
+        2,
+        """
+        -- A replica refused a session's lease marks it wanted; the owner gives it up at
+        -- its next sweep unless it is stepping it right then (a handover, DESIGN.md 5).
+        ALTER TABLE session_logs ADD COLUMN wanted_by text;
+        CREATE INDEX session_logs_wanted ON session_logs (owner) WHERE wanted_by IS NOT NULL;
         """,
     ),
 ]

@@ -77,7 +77,7 @@ SELECT session_id, %(seq)s, %(kind)s, %(key)s, %(frame)b, %(checksum)s FROM move
 
 _ACQUIRE = """
 UPDATE session_logs
-SET owner = %(owner)s, epoch = epoch + 1,
+SET owner = %(owner)s, epoch = epoch + 1, wanted_by = NULL,
     expires_at = clock_timestamp() + %(ttl)s * interval '1 second'
 WHERE session_id = %(sid)s
   AND (owner IS NULL OR owner = %(owner)s OR expires_at <= clock_timestamp())
@@ -253,6 +253,23 @@ class PostgresStore(Store):
         self._forget_lease(session_id, owner, epoch)
         with self._conn() as conn:
             conn.execute(_RELEASE, {"sid": session_id, "owner": owner, "epoch": epoch})
+
+    def want(self, session_id: str, owner: str) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE session_logs SET wanted_by = %s "
+                "WHERE session_id = %s AND owner IS DISTINCT FROM %s",
+                (owner, session_id, owner),
+            )
+
+    def wanted(self, owner: str) -> list[str]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT session_id FROM session_logs "
+                "WHERE owner = %s AND wanted_by IS NOT NULL AND expires_at > clock_timestamp()",
+                (owner,),
+            ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def _forget_lease(self, session_id: str, owner: str, epoch: int) -> None:
         with self._leases_lock:
