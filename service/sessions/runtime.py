@@ -72,15 +72,6 @@ log = logging.getLogger("optserve.sessions")
 
 T = TypeVar("T")
 
-SNAPSHOT_LOG_RATIO = 16.0
-"""Snapshot once the events since the last snapshot take this many times the state's size.
-
-A snapshot costs about the state's size in writes and each step about a gradient's, so
-snapshots add ``1 / ratio`` to the steps' write cost, and a replay after a crash reads at
-most ``ratio`` state-sizes of log."""
-SNAPSHOT_MIN_LOG_BYTES = 1 << 20
-"""...but never for less than this much log: replaying it is trivial, and tiny sessions
-(whose events take a whole disk block each) would otherwise snapshot every few steps."""
 OVERLAP_MIN_BYTES = 1 << 18
 """Events at least this large are written concurrently with the update; for smaller ones
 the thread hand-off costs more than it hides."""
@@ -135,8 +126,8 @@ class Runtime:
         *,
         window: int = 16,
         window_bytes: int = IDEMPOTENCY_WINDOW_BYTES,
-        snapshot_every: int = 1000,
-        snapshot_log_ratio: float = SNAPSHOT_LOG_RATIO,
+        snapshot_every: int | None = None,
+        snapshot_log_ratio: float | None = None,
         workers: int = 4,
         clock: Callable[[], float] = time.time,
         memory_budget: int | None = None,
@@ -145,13 +136,16 @@ class Runtime:
     ) -> None:
         if window < 1:
             raise ValueError("idempotency_window must be >= 1")
-        if snapshot_every < 1:
-            raise ValueError("snapshot_every must be >= 1")
         self.store = store
         self.window = window
         self.window_bytes = window_bytes
-        self.snapshot_every = snapshot_every
-        self.snapshot_log_ratio = snapshot_log_ratio
+        policy = store.snapshot_policy
+        self.snapshots = dataclasses.replace(
+            policy,
+            every=policy.every if snapshot_every is None else snapshot_every,
+            log_ratio=policy.log_ratio if snapshot_log_ratio is None else snapshot_log_ratio,
+        )
+        """The store's snapshot policy, with the service's overrides."""
         self.memory_budget = memory_budget
         self.leases = Leases(store, ttl=lease_ttl)
         # A shared store's idle sessions give their leases up within a lease period, so
@@ -573,12 +567,9 @@ class Runtime:
     def _maybe_snapshot(self, entry: Entry) -> None:
         if entry.background is not None and not entry.background.done():
             return
-        log_limit = max(self.snapshot_log_ratio * entry.state_bytes, SNAPSHOT_MIN_LOG_BYTES)
-        due = (
-            entry.events_since_snapshot >= self.snapshot_every
-            or entry.bytes_since_snapshot >= log_limit
-        )
-        if due:
+        if self.snapshots.due(
+            entry.events_since_snapshot, entry.bytes_since_snapshot, entry.state_bytes
+        ):
             entry.background = asyncio.get_running_loop().create_task(self._snapshot(entry))
 
     async def _snapshot(self, entry: Entry) -> None:

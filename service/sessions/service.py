@@ -39,7 +39,7 @@ from service.sessions.groups import AddGroupRequest, GroupEditRequest, add_event
 from service.sessions.ids import new_id
 from service.sessions.live import LiveSession, initial_params
 from service.sessions.models import Change, Limits, SessionInfo, StepReply, StepRequest
-from service.sessions.runtime import IDEMPOTENCY_WINDOW_BYTES, SNAPSHOT_LOG_RATIO, Runtime
+from service.sessions.runtime import IDEMPOTENCY_WINDOW_BYTES, Runtime
 from service.sessions.steps import Steps
 from service.sessions.store.base import Event, SessionRecord, Snapshot, Store
 from service.sessions.store.leases import DEFAULT_TTL
@@ -95,8 +95,8 @@ class SessionService:
         *,
         idempotency_window: int = 16,
         idempotency_window_bytes: int = IDEMPOTENCY_WINDOW_BYTES,
-        snapshot_every: int = 1000,
-        snapshot_log_ratio: float = SNAPSHOT_LOG_RATIO,
+        snapshot_every: int | None = None,
+        snapshot_log_ratio: float | None = None,
         workers: int = 4,
         clock: Callable[[], float] = time.time,
         memory_budget: int | None = None,

@@ -51,6 +51,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from service.sessions.store.policy import SnapshotPolicy
+
 EventKind = Literal["step", "schedule", "update", "close", "edit", "add_group"]
 """``update`` and ``close`` are a federated session's client updates and round closings;
 ``edit`` and ``add_group`` change param groups (:mod:`service.sessions.groups`)."""
@@ -178,6 +180,8 @@ class Store(ABC):
 
     durable: bool = False
     """Whether what is stored survives the process."""
+    snapshot_policy: SnapshotPolicy = SnapshotPolicy()
+    """When a session's history gets a new snapshot (:mod:`.policy`)."""
     keeps_history: bool = True
     """Whether :meth:`load_session` gives a session back (so a process may drop it from
     memory and load it again later)."""
