@@ -13,12 +13,14 @@ The "client" here uses only elementwise IEEE operations (correctly rounded, so t
 on every machine) and in-order sums, so a difference in the digests is core's.
 
     python -m tests.core.replay_digest [--core-threads N] [--sizes 1k,300k,3M]
-                                       [--cases adam,muon,...] [--steps N]
+                                       [--cases adam,muon,...] [--match 'muon/3M/*']
+                                       [--steps N]
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import sys
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from service.core import kernels
+from service.core import kernels, machine
 from service.core.plan import plan_from_config
 from service.core.training import apply_step, initial_state, state_to_flat
 
@@ -78,6 +80,12 @@ CASES: tuple[Case, ...] = (
     Case("radam", {"name": "RAdam", "lr": 1e-3, "weight_decay": 0.01}, {}),
     Case("nadam", {"name": "NAdam", "lr": 1e-3}, {}),
     Case("rmsprop-centered", {"name": "RMSprop", "lr": 1e-3, "centered": True}, {}),
+    Case("asgd", {"name": "ASGD", "lr": 1e-2, "t0": 1.0}, {}),
+    Case(
+        "adamw-onecycle",
+        {"name": "AdamW", "lr": 1e-3},
+        {"schedule": {"name": "OneCycleLR", "max_lr": 1e-2, "total_steps": 100}},
+    ),
 )
 
 
@@ -166,25 +174,8 @@ def case_ids(cases: Sequence[Case], sizes: Sequence[str]) -> list[tuple[Case, st
 
 
 def environment() -> dict[str, Any]:
-    """What numpy dispatches on and which BLAS it runs, for the report."""
-    from numpy._core._multiarray_umath import __cpu_features__  # noqa: PLC0415
-
-    try:
-        from threadpoolctl import threadpool_info  # noqa: PLC0415
-
-        blas = [
-            {k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-            for i in threadpool_info()
-        ]
-    except ImportError:  # pragma: no cover - threadpoolctl ships with the test dependencies
-        blas = []
-    return {
-        "numpy": np.__version__,
-        "simd": sorted(k for k, v in __cpu_features__.items() if v and k.startswith("X86_V")),
-        "avx512f": bool(__cpu_features__.get("AVX512F")),
-        "blas": blas,
-        "core_threads": kernels.thread_count(),
-    }
+    """What numpy dispatches on and which BLAS it runs, and optserve's kernel threads."""
+    return {**machine.describe(), "core_threads": kernels.thread_count()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,6 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: 1k,300k,3M")
     parser.add_argument("--cases", default=",".join(c.name for c in CASES))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--match",
+        action="append",
+        help="only sessions whose id (case/size/dtype) matches this glob; repeatable",
+    )
     args = parser.parse_args(argv)
     if args.core_threads is not None:
         kernels.set_threads(args.core_threads)
@@ -205,9 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {}
     timing: dict[str, float] = {}
     for case, size, dtype_name in case_ids(cases, sizes):
+        key = f"{case.name}/{size}/{dtype_name}"
+        if args.match and not any(fnmatch.fnmatchcase(key, m) for m in args.match):
+            continue
         start = time.perf_counter()
-        results[f"{case.name}/{size}/{dtype_name}"] = run_case(case, size, dtype_name, args.steps)
-        timing[f"{case.name}/{size}/{dtype_name}"] = round(time.perf_counter() - start, 3)
+        results[key] = run_case(case, size, dtype_name, args.steps)
+        timing[key] = round(time.perf_counter() - start, 3)
     json.dump({"environment": environment(), "digests": results, "seconds": timing}, sys.stdout)
     sys.stdout.write("\n")
     return 0
