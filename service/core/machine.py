@@ -11,6 +11,7 @@ so that an operator can compare replicas line by line.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ REPLICA_ENVIRONMENT: dict[str, str] = {
 }
 """Read when numpy is first imported, so set before the process starts (the Dockerfile
 does). Haswell is OpenBLAS's AVX2/FMA kernel set and X86_V4 numpy's (2.4 and later)
-AVX-512 level: with these, every x86-64-v3 CPU runs the same loops and kernels. OpenBLAS splits a product's inner dimension
-differently with another thread count, so it is pinned to one."""
+AVX-512 level: with these, every x86-64-v3 CPU runs the same loops and kernels. OpenBLAS
+splits a product's inner dimension differently with another thread count, so it is pinned
+to one."""
 
 _CORENAME_SYMBOLS = (
     "scipy_openblas_get_corename64_",
@@ -75,15 +77,23 @@ def blas() -> dict[str, Any]:
     return info
 
 
+def _umath() -> Any:
+    try:
+        return importlib.import_module("numpy._core._multiarray_umath")
+    except ImportError:  # numpy 1.x
+        return importlib.import_module("numpy.core._multiarray_umath")
+
+
+def numpy_dispatch() -> list[str]:
+    """The SIMD levels numpy was built to dispatch to at run time, found or not."""
+    return list(_umath().__cpu_dispatch__)
+
+
 def simd() -> dict[str, Any]:
     """numpy's SIMD levels: built in, and found (and not disabled) on this CPU."""
-    try:
-        from numpy._core import _multiarray_umath as umath
-    except ImportError:  # numpy 1.x
-        from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
-
+    umath = _umath()
     features: dict[str, bool] = umath.__cpu_features__
-    dispatch: list[str] = list(umath.__cpu_dispatch__)
+    dispatch = numpy_dispatch()
     return {
         "baseline": list(umath.__cpu_baseline__),
         "dispatched": [f for f in dispatch if features.get(f)],

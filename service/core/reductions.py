@@ -126,4 +126,3 @@ def dot(a: np.ndarray, b: np.ndarray) -> float:
 def norm2(a: np.ndarray) -> float:
     """The 2-norm, in float64 (round it to the tensor's dtype as torch returns it)."""
     return float(np.sqrt(sum_of_squares(a)))
-

@@ -48,14 +48,6 @@ under the pinned environment."""
 _VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "NPY_DISABLE_CPU_FEATURES")
 
 
-def _numpy_dispatch() -> list[str]:
-    try:
-        from numpy._core import _multiarray_umath as umath
-    except ImportError:  # numpy 1.x
-        from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
-    return list(umath.__cpu_dispatch__)
-
-
 GLIBC_WITHOUT_FMA = "glibc.cpu.hwcaps=-AVX2,-FMA,-AVX512F"
 """glibc's libm picks FMA variants of exp, log, pow, sin... on CPUs that have FMA."""
 
@@ -64,7 +56,7 @@ UNPINNED: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "OpenBLAS Haswell kernels": ({"OPENBLAS_CORETYPE": "Haswell"}, ()),
     "OpenBLAS Sandybridge kernels": ({"OPENBLAS_CORETYPE": "Sandybridge"}, ()),
     "numpy at its baseline SIMD level": (
-        {"NPY_DISABLE_CPU_FEATURES": " ".join(_numpy_dispatch())},
+        {"NPY_DISABLE_CPU_FEATURES": " ".join(machine.numpy_dispatch())},
         (),
     ),
     "one kernel thread": ({}, ("--core-threads", "1")),
@@ -120,7 +112,7 @@ def _differences(
 
 
 pytestmark = pytest.mark.skipif(
-    not _numpy_dispatch(), reason="numpy was built without run-time SIMD dispatch"
+    not machine.numpy_dispatch(), reason="numpy was built without run-time SIMD dispatch"
 )
 
 
