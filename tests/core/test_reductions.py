@@ -9,18 +9,8 @@ import pytest
 
 from service.core import reductions
 
-SIZES = (
-    0,
-    1,
-    2,
-    7,
-    1000,
-    reductions.BLOCK - 1,
-    reductions.BLOCK,
-    reductions.BLOCK + 1,
-    reductions.CHUNK + 3,
-    3 * reductions.CHUNK + reductions.BLOCK // 2,
-)
+LANES = reductions.LANES
+SIZES = (0, 1, 2, 7, 1000, LANES - 1, LANES, LANES + 1, 5 * LANES + LANES // 3)
 
 
 def _values(n: int, dtype: type[np.floating], seed: int = 0) -> np.ndarray:
@@ -40,11 +30,11 @@ def test_sums_are_within_a_few_roundings_of_the_exact_sum(n: int, dtype: type) -
         "sum_of_squares": (reductions.sum_of_squares(a), (wide_a * wide_a).tolist(), wide_a**2),
         "dot": (reductions.dot(a, b), (wide_a * wide_b).tolist(), np.abs(wide_a * wide_b)),
     }
-    depth = math.ceil(math.log2(max(n, 2)))
+    # Each term passes through one addition per row of lanes, then the tree over the lanes.
+    depth = -(-n // LANES) + math.ceil(math.log2(max(min(n, LANES), 2)))
     for name, (got, terms, magnitudes) in cases.items():
         exact = math.fsum(terms)
-        # A tree of this depth: each addition rounds once, relative to the sum of |terms|.
-        bound = depth * 2**-52 * math.fsum(magnitudes.tolist())
+        bound = depth * 2**-53 * math.fsum(magnitudes.tolist())
         assert abs(got - exact) <= bound, (name, got, exact)
 
 
@@ -53,19 +43,33 @@ def test_norm2_is_the_square_root_of_the_sum_of_squares() -> None:
     assert reductions.norm2(a) == math.sqrt(reductions.sum_of_squares(a))
 
 
-def test_the_order_depends_on_the_block_size_not_on_the_chunking(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    a = _values(5 * reductions.CHUNK + 17, np.float64)
-    before = reductions.total(a)
-    monkeypatch.setattr(reductions, "CHUNK", reductions.BLOCK)
-    assert reductions.total(a) == before
-    monkeypatch.setattr(reductions, "CHUNK", 8 * reductions.CHUNK)
-    assert reductions.total(a) == before
+def _reference_order(values: list[float], lanes: int) -> float:
+    """The documented order, in Python floats (IEEE doubles): lane ``i % lanes`` adds its
+    elements in order, then the lanes are halved into one."""
+    sums = values[:lanes]
+    for lo in range(lanes, len(values), lanes):
+        for j, v in enumerate(values[lo : lo + lanes]):
+            sums[j] += v
+    while len(sums) > 1:
+        half = len(sums) // 2
+        carried = [sums[-1]] if len(sums) % 2 else []
+        sums = [sums[j] + sums[half + j] for j in range(half)] + carried
+    return sums[0] if sums else 0.0
+
+
+@pytest.mark.parametrize("n", [0, 1, 6, 1001, LANES, 3 * LANES + 5])
+def test_the_order_is_the_documented_one(n: int) -> None:
+    """The order is part of what a stored session means: this pins it to the bit."""
+    a, b = _values(n, np.float32, 3), _values(n, np.float64, 4)
+    wide = a.astype(np.float64)
+    assert reductions.total(b) == _reference_order(b.tolist(), LANES)
+    assert reductions.abs_total(a) == _reference_order(np.abs(wide).tolist(), LANES)
+    assert reductions.dot(a, b) == _reference_order((wide * b).tolist(), LANES)
+    assert reductions.sum_of_squares(a) == _reference_order((wide * wide).tolist(), LANES)
 
 
 def test_the_shape_does_not_matter_only_the_elements_in_order() -> None:
-    a = _values(6 * reductions.BLOCK, np.float32)
+    a = _values(6 * LANES, np.float32)
     assert reductions.sum_of_squares(a.reshape(6, -1)) == reductions.sum_of_squares(a)
 
 
