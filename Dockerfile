@@ -2,11 +2,14 @@
 # optserve server image: a wheel built in one stage, installed into a clean slim runtime.
 
 FROM python:3.11-slim AS build
+# Optional extras of the optserve distribution, e.g. "postgres" for OPTSERVE_STORAGE=postgres
+# (deploy/compose.yml builds with it); none by default.
+ARG OPTSERVE_EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 RUN python -m pip install --no-cache-dir --upgrade pip==24.3.1 \
-    && python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+    && python -m pip wheel --no-cache-dir --wheel-dir /wheels ".${OPTSERVE_EXTRAS:+[$OPTSERVE_EXTRAS]}"
 
 FROM python:3.11-slim AS runtime
 # Replicas replay each other's sessions and must compute the same bits: pin numpy's SIMD

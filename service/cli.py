@@ -38,7 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default 8000)")
     serve.add_argument("--data-dir", type=Path, help="where sessions are stored durably")
     serve.add_argument(
-        "--storage", choices=("disk", "memory"), help="'memory' keeps nothing across restarts"
+        "--storage",
+        choices=("disk", "memory", "postgres"),
+        help="'disk' (default), 'postgres' (with --database-url; shared by replicas), "
+        "or 'memory' (keeps nothing across restarts)",
+    )
+    serve.add_argument(
+        "--database-url", help="PostgreSQL URL for --storage postgres (postgresql://...)"
     )
     serve.add_argument(
         "--insecure",
@@ -69,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    names = ("host", "port", "data_dir", "storage", "insecure", "log_level")
+    names = ("host", "port", "data_dir", "storage", "database_url", "insecure", "log_level")
     flags: dict[str, Any] = {name: getattr(args, name, None) for name in names}
     return Settings(**{k: v for k, v in flags.items() if v is not None})
 
@@ -83,6 +89,16 @@ def check_exposure(settings: Settings, keys: KeyTable) -> str | None:
             "or pass --insecure if that is really intended."
         )
     return None
+
+
+def check_database(url: str) -> str | None:
+    """Why the PostgreSQL store cannot start (one line), or None: checked before serving,
+    so that an unreachable database is a clear message rather than a failed startup."""
+    try:
+        from service.sessions.store.postgres import check_reachable
+    except ImportError:
+        return "storage 'postgres' needs the postgres extra: pip install 'optserve[postgres]'"
+    return check_reachable(url)
 
 
 def _log_numerics() -> None:
@@ -112,6 +128,11 @@ def serve(settings: Settings) -> int:
     if refusal is not None:
         print(f"optserve: {refusal}", file=sys.stderr)
         return 2
+    if settings.storage == "postgres":
+        problem = check_database(settings.database_url)
+        if problem is not None:
+            print(f"optserve: {problem}", file=sys.stderr)
+            return 1
     logs.configure(settings.log_level)
     _log_numerics()
     guards = ConnectionGuards(settings.header_timeout_s, settings.max_idle_connections)

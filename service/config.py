@@ -23,8 +23,23 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address to bind")
     port: int = Field(default=8000, ge=0, le=65535, description="port to bind (0: any free port)")
     data_dir: Path = Field(default=Path("optserve-data"), description="where durable sessions live")
-    storage: Literal["disk", "memory"] = Field(
-        default="disk", description="'disk' (durable) or 'memory' (tests and benchmarks)"
+    storage: Literal["disk", "memory", "postgres"] = Field(
+        default="disk",
+        description="'disk' (durable), 'postgres' (durable, shared by replicas) or 'memory' "
+        "(tests and benchmarks)",
+    )
+    database_url: str = Field(
+        default="",
+        description="PostgreSQL URL for storage 'postgres' (postgresql://user:pass@host/db)",
+    )
+    database_pool_size: int = Field(
+        default=10, ge=1, le=1000, description="connections to PostgreSQL per process"
+    )
+    lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="how long a replica's lease on a session lasts unrenewed (storage 'postgres')",
     )
     api_keys: str = Field(
         default="", description="bearer keys as 'tenantA:key1,tenantB:key2'; none configured = open"
@@ -126,6 +141,12 @@ class Settings(BaseSettings):
                 "max_body_bytes_in_flight must be at least max_body_bytes, "
                 "or the largest allowed body could never be read"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _database_for_postgres(self) -> Settings:
+        if self.storage == "postgres" and not self.database_url:
+            raise ValueError("storage 'postgres' needs OPTSERVE_DATABASE_URL (or --database-url)")
         return self
 
     @field_validator("log_level", mode="before")

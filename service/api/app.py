@@ -50,13 +50,22 @@ def _version() -> str:
 
 
 def build_service(settings: Settings) -> SessionService:
-    """The session service the settings describe (durable on disk, or in memory)."""
-    # A memory server never restarts into its sessions: its store keeps no history.
-    store: Store = (
-        MemoryStore(keep_history=False)
-        if settings.storage == "memory"
-        else DiskStore(settings.data_dir)
-    )
+    """The session service the settings describe (on disk, in PostgreSQL, or in memory)."""
+    store: Store
+    if settings.storage == "memory":
+        # A memory server never restarts into its sessions: its store keeps no history.
+        store = MemoryStore(keep_history=False)
+    elif settings.storage == "postgres":
+        # Imported here: psycopg is the optional 'postgres' extra.
+        from service.sessions.store.postgres import PostgresStore
+
+        store = PostgresStore(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            lease_ttl=settings.lease_seconds,
+        )
+    else:
+        store = DiskStore(settings.data_dir)
     limits = Limits(
         max_tensors_per_session=settings.max_tensors_per_session,
         max_elements_per_session=settings.max_elements_per_session,
@@ -70,6 +79,7 @@ def build_service(settings: Settings) -> SessionService:
         snapshot_every=settings.snapshot_every,
         memory_budget=settings.memory_budget,
         idle_evict_s=settings.idle_evict_s,
+        lease_ttl=settings.lease_seconds,
     )
 
 

@@ -25,6 +25,7 @@ from service.codec import strict_json
 from service.codec.errors import InvalidValues, MalformedBody, TooManyTensors
 from service.sessions import errors as domain
 from service.sessions.federated import errors as federated
+from service.sessions.store.base import StoreUnavailable
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "/problems/"
@@ -164,6 +165,10 @@ MAPPINGS: dict[type[Exception], Mapping] = {
         503, "session-damaged", "Session damaged", details=lambda e: {"damage": e.damage}
     ),
     domain.StorageError: Mapping(
+        503, "storage-unavailable", "Storage unavailable", headers=lambda e: {"Retry-After": "1"}
+    ),
+    # Raised by a store read outside a step's commit (an archived-key lookup): the same 503.
+    StoreUnavailable: Mapping(
         503, "storage-unavailable", "Storage unavailable", headers=lambda e: {"Retry-After": "1"}
     ),
     # Federated sessions

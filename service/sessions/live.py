@@ -169,6 +169,23 @@ class LiveSession:
         """The audit trail of group edits and added groups, oldest first (bounded)."""
         self._describe()
 
+    @classmethod
+    def restored(
+        cls, record: SessionRecord, restored: checkpoint.Restored, seq: int, updated_at: float
+    ) -> LiveSession:
+        """A session rebuilt from a checkpoint, as of its ``seq``-th event."""
+        return cls(
+            record,
+            restored.plan,
+            restored.state,
+            restored.held,
+            seq,
+            updated_at,
+            restored.federation,
+            restored.config,
+            restored.changes,
+        )
+
     def _describe(self) -> None:
         self._resolved = self.plan.describe()
         if self.federation is not None:

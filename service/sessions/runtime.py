@@ -13,6 +13,13 @@
   ever refused later), and a large one is written while it is applied, so the disk sync
   overlaps the numpy work.
 - **Executors.** Numpy work and store I/O run on two thread pools, never on the event loop.
+- **Leases.** With a store that several processes share (PostgreSQL, DESIGN.md §5) a
+  session is loaded and changed only under this process's lease of it
+  (:mod:`service.sessions.store.leases`): taken when the session is loaded, renewed as it
+  is used, given up when it is evicted. A session another process holds is answered 503
+  (its lease expires, or is given up, and a retry finds it here); a lease lost meanwhile
+  fences the append (the store refuses it), and the session is dropped from memory and
+  loaded again under a new lease.
 
 A change, in any peer module, is: ``async with runtime.locked(...) as entry``, then on a
 worker thread (``runtime.run``) check it against ``entry.live`` and ``runtime.commit`` it,
@@ -49,12 +56,16 @@ from service.sessions.groups import GROUP_EVENTS, replay_group_change
 from service.sessions.live import LiveSession
 from service.sessions.models import SessionInfo, StepReply
 from service.sessions.store.base import (
+    DamagedSession,
     Event,
+    Fenced,
     KeyRecord,
+    LeaseHeld,
     Snapshot,
     Store,
     StoredSession,
 )
+from service.sessions.store.leases import DEFAULT_TTL, Leases
 from service.sessions.window import Kept, Window
 
 log = logging.getLogger("optserve.sessions")
@@ -130,6 +141,7 @@ class Runtime:
         clock: Callable[[], float] = time.time,
         memory_budget: int | None = None,
         idle_evict_s: float | None = None,
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
         if window < 1:
             raise ValueError("idempotency_window must be >= 1")
@@ -141,7 +153,12 @@ class Runtime:
         self.snapshot_every = snapshot_every
         self.snapshot_log_ratio = snapshot_log_ratio
         self.memory_budget = memory_budget
-        self.idle_evict_s = idle_evict_s
+        self.leases = Leases(store, ttl=lease_ttl)
+        # A shared store's idle sessions give their leases up within a lease period, so
+        # that another replica asked for them takes them over without waiting for expiry.
+        self.idle_evict_s = (
+            min(idle_evict_s or lease_ttl, lease_ttl) if store.shared else idle_evict_s
+        )
         self.now = clock
         """Wall-clock time of events (Unix seconds)."""
         self._compute = ThreadPoolExecutor(workers, thread_name_prefix="optserve-step")
@@ -151,6 +168,10 @@ class Runtime:
         self.per_tenant: Counter[str] = Counter()
         """Sessions per tenant in the store's catalog."""
         self._janitor: asyncio.Task[None] | None = None
+        self._federated: list[str] = []
+        self.on_load: list[Callable[[Entry], None]] = []
+        """Called on the event loop with each session loaded (federated rounds arm their
+        timers)."""
 
     # -- executors -------------------------------------------------------------------------
 
@@ -165,24 +186,27 @@ class Runtime:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> list[Entry]:
-        """Open the store and read its catalog; load the sessions that must run here now
-        (federated ones: their round timers run in this process). Returns those."""
+        """Open the store and read its catalog; load the sessions that must run now
+        (federated ones: their round timers run in the process that holds them). Returns
+        those. With a shared store each federated session is taken by one replica: the
+        one that gets its lease first, now or (its owner gone) at a later sweep."""
         await self.run_io(self.store.open)
         records = await self.run_io(self.store.records)
         self.per_tenant = Counter(r.tenant for r in records)
-        eager = [r.id for r in records if "aggregation" in r.config or not self.reloadable]
-        loaded = []
-        for session_id in eager:
-            entry = await self._load(session_id)
-            if entry is not None:
-                loaded.append(entry)
-        if self.idle_evict_s is not None or self.memory_budget is not None:
+        self._federated = [r.id for r in records if "aggregation" in r.config]
+        eager = [r.id for r in records if not self.reloadable] + self._federated
+        loaded = [entry for entry in [await self._try_load(sid) for sid in eager] if entry]
+        if self.store.shared or self.idle_evict_s is not None or self.memory_budget is not None:
             self._janitor = asyncio.get_running_loop().create_task(self._sweep())
-        log.info(
-            "opened the store",
-            extra={"sessions": len(records), "loaded": len(loaded)},
-        )
+        log.info("opened the store", extra={"sessions": len(records), "loaded": len(loaded)})
         return loaded
+
+    async def _try_load(self, session_id: str) -> Entry | None:
+        """Load a session now if it can be (a shared store's may be held elsewhere)."""
+        try:
+            return await self._load(session_id)
+        except StorageError:
+            return None
 
     async def close(self) -> None:
         if self._janitor is not None:
@@ -217,6 +241,8 @@ class Runtime:
         (unknown, another tenant's, deleted), and unless ``damaged_ok`` for a damaged or
         broken one."""
         entry = self._sessions.get(session_id)
+        if entry is not None and self.store.shared:
+            entry = await self._still_ours(entry)
         if entry is None:
             entry = await self._load(session_id)
         if entry is None or entry.tenant != tenant or entry.deleted:
@@ -225,6 +251,50 @@ class Runtime:
         if not damaged_ok:
             self.check_usable(entry)
         return entry
+
+    async def _still_ours(self, entry: Entry) -> Entry | None:
+        """The entry if this process still holds its lease (renewed when due); None, and
+        dropped from memory, if another took it over (what memory holds may be behind)."""
+        try:
+            await self.run_io(lambda: self.leases.hold(entry.id))
+        except Fenced:
+            self.discard(entry)
+            return None
+        except OSError as exc:
+            raise StorageError(f"the store is unavailable: {exc}") from exc
+        return entry
+
+    def _hold(self, session_id: str) -> None:
+        """Take or renew the lease of a session before it is loaded or written (a worker
+        thread); refusals become the 503 that clients retry."""
+        try:
+            self.leases.hold(session_id)
+        except LeaseHeld as exc:
+            raise StorageError(
+                f"another replica serves session {session_id} now; retry shortly ({exc.reason})"
+            ) from exc
+        except Fenced as exc:
+            raise StorageError(f"session {session_id} moved to another replica; retry") from exc
+
+    async def describe(self, tenant: str, session_id: str) -> SessionInfo:
+        """The session document's data, for listings: of the session in memory here, or
+        with a shared store, read from the store without taking its lease (a listing on
+        one replica must not move sessions to it, nor wait for the replicas that hold
+        them). Raises :class:`SessionNotFound` for an unknown or another tenant's id."""
+        if self.store.shared and session_id not in self._sessions:
+            try:
+                stored = await self.run_io(lambda: self.store.load_session(session_id))
+            except DamagedSession as exc:
+                raise SessionDamaged(session_id, exc.reason) from exc
+            except OSError as exc:
+                raise StorageError(f"could not read session {session_id}: {exc}") from exc
+            if stored is None or stored.record.tenant != tenant:
+                raise SessionNotFound(session_id)
+            return (await self._recover_or_mark(stored)).info
+        entry = await self.entry(tenant, session_id, damaged_ok=True)
+        if entry.damaged is None and entry.broken is not None:
+            raise StorageError(entry.broken)
+        return entry.info
 
     @staticmethod
     def check_usable(entry: Entry) -> None:
@@ -260,6 +330,7 @@ class Runtime:
         """A deleted session: out of the registry and the tenant's count."""
         entry.deleted = True
         self._sessions.pop(entry.id, None)
+        self.leases.forget(entry.id)
         self.per_tenant[entry.tenant] -= 1
         if self.per_tenant[entry.tenant] <= 0:
             del self.per_tenant[entry.tenant]
@@ -275,20 +346,32 @@ class Runtime:
                 entry = self._sessions.get(session_id)
                 if entry is not None:
                     return entry
-                try:
-                    stored = await self.run_io(lambda: self.store.load_session(session_id))
-                except OSError as exc:
-                    raise StorageError(f"could not read session {session_id}: {exc}") from exc
+                stored = await self.run_io(lambda: self._read(session_id))
                 if stored is None:
                     return None
                 entry = await self._recover_or_mark(stored)
                 entry.last_used = time.monotonic()
                 self._sessions[session_id] = entry
+                for callback in self.on_load:
+                    callback(entry)
         finally:
             if not lock.locked():
                 self._loading.pop(session_id, None)
         await self.fit_budget(keep=entry)
         return entry
+
+    def _read(self, session_id: str) -> StoredSession | None:
+        """A session's stored history, read under its lease on a shared store."""
+        try:
+            if self.store.shared:
+                self._hold(session_id)
+            return self.store.load_session(session_id)
+        except KeyError:  # no such session: no lease to take
+            return None
+        except DamagedSession as exc:
+            raise SessionDamaged(session_id, exc.reason) from exc
+        except OSError as exc:
+            raise StorageError(f"could not read session {session_id}: {exc}") from exc
 
     async def _recover_or_mark(self, stored: StoredSession) -> Entry:
         try:
@@ -347,22 +430,47 @@ class Runtime:
             entry.evicted = True
             if self._sessions.get(entry.id) is entry:
                 del self._sessions[entry.id]
+        await self.run_io(lambda: self._release(entry.id))
         log.debug("session evicted", extra={"session": entry.id})
         return True
 
+    def _release(self, session_id: str) -> None:
+        """Give a session's lease up (shared stores), so another replica takes it at once."""
+        epoch = self.leases.epoch(session_id)
+        self.leases.forget(session_id)
+        if self.store.shared and epoch is not None:
+            with contextlib.suppress(Exception):  # it expires by itself all the same
+                self.store.release(session_id, self.leases.owner, epoch)
+
     async def _sweep(self) -> None:
-        """Evict idle sessions, now and then."""
+        """Now and then: evict idle sessions, keep to the budget, and with a shared store
+        renew the leases of the sessions loaded here and take federated sessions whose
+        owner is gone (so that their round timers run somewhere)."""
         period = min(JANITOR_PERIOD_S, (self.idle_evict_s or JANITOR_PERIOD_S) / 4)
+        if self.store.shared:
+            period = min(period, self.leases.ttl / 4)
         while True:
             await asyncio.sleep(period)
-            if self.idle_evict_s is not None:
-                cutoff = time.monotonic() - self.idle_evict_s
-                for entry in list(self._sessions.values()):
-                    if entry.last_used < cutoff:
-                        with contextlib.suppress(Exception):
-                            await self.evict(entry)
             with contextlib.suppress(Exception):
-                await self.fit_budget()
+                await self._sweep_once()
+
+    async def _sweep_once(self) -> None:
+        if self.idle_evict_s is not None:
+            cutoff = time.monotonic() - self.idle_evict_s
+            for entry in list(self._sessions.values()):
+                if entry.last_used < cutoff:
+                    await self.evict(entry)
+        await self.fit_budget()
+        if not self.store.shared:
+            return
+        for entry in list(self._sessions.values()):
+            await self._still_ours(entry)
+        self._federated = [
+            r.id for r in await self.run_io(self.store.records) if "aggregation" in r.config
+        ]
+        for session_id in self._federated:
+            if session_id not in self._sessions:
+                await self._try_load(session_id)
 
     # -- commit ----------------------------------------------------------------------------
 
@@ -376,6 +484,8 @@ class Runtime:
         """
         live = entry.live
         sid = live.record.id
+        if self.store.shared:
+            self._hold(sid)
         pending: Future[int] = Future()
         if self.store.durable and event_size(event) >= OVERLAP_MIN_BYTES:
             pending = self._io.submit(self.store.append, sid, event)
@@ -391,12 +501,19 @@ class Runtime:
             # be durable. Rebuild the session from the store so memory and store agree.
             with contextlib.suppress(BaseException):
                 pending.result()
-            self.reload(entry)
+            self.discard(entry)
             raise
         try:
             written = pending.result()
+        except Fenced as exc:
+            # Another replica took the session over: nothing was stored, memory is behind.
+            self.leases.forget(sid)
+            self.discard(entry)
+            raise StorageError(f"session {sid} moved to another replica; retry") from exc
         except BaseException as exc:
-            self.reload(entry)
+            # Whether the event was stored is unknown (a lost connection may follow a
+            # commit): memory is dropped, and the session is loaded from the store again.
+            self.discard(entry)
             raise StorageError(
                 f"the change could not be stored; it was not applied: {exc}"
             ) from exc
@@ -404,8 +521,19 @@ class Runtime:
         live.updated_at = event.at
         return result, written
 
+    def discard(self, entry: Entry) -> None:
+        """Drop what memory holds of a session that may no longer match its store; its next
+        use loads it from the store again (once the store answers). A store that cannot load
+        it again keeps it, rebuilt from what it holds now."""
+        if self.reloadable:
+            entry.evicted = True
+            # Atomic under the GIL: this may run on a worker thread.
+            self._sessions.pop(entry.id, None)
+            return
+        self.reload(entry)
+
     def reload(self, entry: Entry) -> None:
-        """Replace a session's memory by what the store holds (after a failed append)."""
+        """Replace a session's memory by what the store holds."""
         sid = entry.id
         try:
             stored = self.store.load_session(sid)
@@ -508,17 +636,7 @@ class Runtime:
         record, snapshot = stored.record, stored.snapshot
         assert snapshot is not None
         restored = checkpoint.restore(snapshot.arrays, snapshot.metadata)
-        live = LiveSession(
-            record,
-            restored.plan,
-            restored.state,
-            restored.held,
-            snapshot.seq,
-            snapshot.at,
-            restored.federation,
-            restored.config,
-            restored.changes,
-        )
+        live = LiveSession.restored(record, restored, snapshot.seq, snapshot.at)
         entry = Entry(live, live.info(), self._new_window(), base_seq=snapshot.seq)
         entry.later_snapshots = list(stored.later_snapshots)
         for known in stored.known_keys:
@@ -554,17 +672,7 @@ class Runtime:
             plan = plan_from_config(record.config, ignore=federated_state.OUTER_KEYS)
             live = LiveSession(record, plan, initial_state(plan), None, 0, record.created_at)
         else:
-            live = LiveSession(
-                record,
-                restored.plan,
-                restored.state,
-                restored.held,
-                snapshot.seq,
-                snapshot.at,
-                restored.federation,
-                restored.config,
-                restored.changes,
-            )
+            live = LiveSession.restored(record, restored, snapshot.seq, snapshot.at)
             with contextlib.suppress(Exception):
                 for event in stored.events:
                     self.replay(live, event)

@@ -42,6 +42,7 @@ from service.sessions.models import Change, Limits, SessionInfo, StepReply, Step
 from service.sessions.runtime import IDEMPOTENCY_WINDOW_BYTES, SNAPSHOT_LOG_RATIO, Runtime
 from service.sessions.steps import Steps
 from service.sessions.store.base import Event, SessionRecord, Snapshot, Store
+from service.sessions.store.leases import DEFAULT_TTL
 
 MAX_LABELS = 64
 MAX_LABEL_KEY = 63
@@ -100,6 +101,7 @@ class SessionService:
         clock: Callable[[], float] = time.time,
         memory_budget: int | None = None,
         idle_evict_s: float | None = None,
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
         self.runtime = Runtime(
             store,
@@ -111,6 +113,7 @@ class SessionService:
             clock=clock,
             memory_budget=memory_budget,
             idle_evict_s=idle_evict_s,
+            lease_ttl=lease_ttl,
         )
         self.store = store
         self.limits = limits
@@ -123,8 +126,7 @@ class SessionService:
 
     async def start(self) -> None:
         """Open the store; sessions load on first use, federated ones now (their timers)."""
-        loaded = await self.runtime.open()
-        self.federated.resume(loaded)
+        await self.runtime.open()
         self._started = True
 
     async def close(self) -> None:
@@ -190,18 +192,7 @@ class SessionService:
             raise ParamsRequired("an LBFGS ask/tell checkpoint must hold its parameters")
         record = SessionRecord(new_id(), tenant, core, labels, self.runtime.now())
         return await self._store_new(
-            tenant,
-            lambda: LiveSession(
-                record,
-                restored.plan,
-                restored.state,
-                restored.held,
-                0,
-                record.created_at,
-                restored.federation,
-                core,
-                restored.changes,
-            ),
+            tenant, lambda: LiveSession.restored(record, restored, 0, record.created_at)
         )
 
     def is_checkpoint(self, metadata: Mapping[str, str]) -> bool:
@@ -236,7 +227,8 @@ class SessionService:
         self, tenant: str, limit: int, after: str | None
     ) -> tuple[list[SessionInfo], str | None]:
         """This tenant's sessions by id, from the store's catalog; each page's sessions are
-        loaded to describe them (and evicted again as the memory budget requires)."""
+        loaded to describe them (and evicted again as the memory budget requires; with a
+        shared store, read without moving them here)."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", "limit")
         ids = await self.runtime.run_io(lambda: self.store.session_ids_of(tenant, after, limit + 1))
@@ -244,7 +236,7 @@ class SessionService:
         infos = []
         for session_id in page:
             with contextlib.suppress(SessionNotFound):  # deleted meanwhile
-                infos.append(await self.get(tenant, session_id))
+                infos.append(await self.runtime.describe(tenant, session_id))
         return infos, (page[-1] if more else None)
 
     async def delete(self, tenant: str, session_id: str) -> None:

@@ -44,3 +44,11 @@ def test_an_unpinned_process_says_so() -> None:
     assert plain["replica_environment"] is False
     assert set(plain["environment"].values()) == {None}
     assert plain["numpy"] and plain["blas"]["name"]
+
+
+def test_the_image_and_the_compose_replicas_set_the_pinned_environment() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    compose = (REPO / "deploy" / "compose.yml").read_text()
+    for name, value in machine.REPLICA_ENVIRONMENT.items():
+        assert f"{name}={value}" in dockerfile or f'{name}="{value}"' in dockerfile, name
+        assert f"{name}: {value}" in compose or f'{name}: "{value}"' in compose, name

@@ -24,11 +24,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["memory", "disk"])
+@pytest.fixture(params=["memory", "disk", "postgres"])
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
     if request.param == "memory":
         shared = MemoryStore()
         return lambda: shared
+    if request.param == "postgres":
+        from service.sessions.store.postgres import PostgresStore
+
+        url: str = request.getfixturevalue("postgres_url")
+        return lambda: PostgresStore(url, pool_size=4)
     return lambda: DiskStore(tmp_path / "data")
 
 

@@ -41,6 +41,9 @@ MAX_PAGE = 1_000
 class Coordinator:
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
+        # A federated session loaded here (at start, or taken over from a replica that is
+        # gone) resumes its round timer here.
+        runtime.on_load.append(self._loaded)
         self._changed: dict[str, asyncio.Event] = {}
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._closes: set[asyncio.Future[None]] = set()
@@ -165,11 +168,10 @@ class Coordinator:
         closing.add_done_callback(self._closes.discard)
         await asyncio.shield(closing)
 
-    def resume(self, entries: list[Entry]) -> None:
-        """After the store is opened: arm the timers of the federated sessions loaded."""
-        for entry in entries:
-            if entry.live.federation is not None:
-                self._arm(entry)
+    def _loaded(self, entry: Entry) -> None:
+        """A session just loaded: arm its round timer if it is federated."""
+        if entry.live.federation is not None:
+            self._arm(entry)
 
     def forget(self, session_id: str) -> None:
         """A deleted session: stop its timer and wake its long polls (they answer 404)."""

@@ -1,4 +1,8 @@
-"""Where sessions' histories are kept: one interface, a memory and a disk backend."""
+"""Where sessions' histories are kept: one interface; memory, disk and PostgreSQL backends.
+
+The PostgreSQL store (:mod:`service.sessions.store.postgres`) is imported on its own: it
+needs the optional ``postgres`` extra (psycopg).
+"""
 
 from __future__ import annotations
 

@@ -22,10 +22,28 @@ history are the service's to track: it sees them when it replays.
 Methods are synchronous and may block on I/O: the service calls them from worker
 threads. Calls for one session are serialized by the caller; calls for different
 sessions may run concurrently, so backends lock what they share.
+
+**Leases.** A store that several processes share (:attr:`Store.shared`, PostgreSQL) lets a
+process write a session only under a lease: :meth:`Store.acquire` takes it (bumping its
+*epoch*, the fencing token), :meth:`Store.renew` extends it, :meth:`Store.release` gives it
+up. Writes of a session through a store that holds its lease are *fenced*: they commit
+only while that epoch is current and unexpired by the store's own clock, and an append
+only if it directly follows the stored head, so a process that lost its lease (frozen,
+cut off, overtaken) can never commit. Refused writes raise :class:`Fenced`. Stores that one
+process owns alone (memory, disk) grant every lease at once and never fence.
+
+**Errors.** Besides the ``KeyError``/``ValueError`` of misuse, a store raises
+:class:`StoreUnavailable` when its backing service cannot be reached (whether the write in
+flight committed is then unknown: callers reload before they trust their memory),
+:class:`Fenced` as above, and :class:`DamagedSession` when a session's stored history
+fails its checksums or does not read back to its head.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -112,6 +130,49 @@ class StoredSession:
     read (to show where it stood), and nothing of it may be appended to or changed."""
 
 
+class DamagedSession(Exception):
+    """A session's stored history cannot be read back as it was acknowledged.
+
+    A checksum mismatch, a missing snapshot chunk, a gap in the events: nothing is repaired
+    or dropped on the store's own initiative; ``reason`` says what was found.
+    """
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        super().__init__(f"session {session_id} is damaged: {reason}")
+        self.session_id = session_id
+        self.reason = reason
+
+
+class Fenced(Exception):
+    """A write was refused: this store does not hold the session's current lease.
+
+    Nothing was written. Another process may have moved the session on, so what the
+    caller holds in memory for it must be reloaded before it is trusted again.
+    """
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        super().__init__(f"session {session_id}: {reason}")
+        self.session_id = session_id
+        self.reason = reason
+
+
+class LeaseHeld(Fenced):
+    """The session's lease is held, unexpired, by another owner."""
+
+
+class StoreUnavailable(ConnectionError):
+    """The store's backing service (a database) cannot be reached right now.
+
+    A ``ConnectionError`` (so an ``OSError``): callers treat it as they treat a failing
+    disk. Raised by a write, it leaves unknown whether that write committed.
+    """
+
+
+def process_owner() -> str:
+    """A lease owner name unique to this process (and to this call): host, pid, random."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+
+
 class Store(ABC):
     """Durable (or not) home of every session's history."""
 
@@ -120,6 +181,25 @@ class Store(ABC):
     keeps_history: bool = True
     """Whether :meth:`load_session` gives a session back (so a process may drop it from
     memory and load it again later)."""
+    shared: bool = False
+    """Whether other processes may write the same sessions (then writes need a lease)."""
+
+    # -- leases (see the module docstring); a store owned by one process grants them all --
+
+    def acquire(self, session_id: str, owner: str, ttl: float) -> int | None:
+        """Take the session's lease for ``ttl`` seconds; its new epoch, or None if another
+        owner holds it unexpired. A free or expired lease (or ``owner``'s own) is taken by
+        bumping the epoch, which fences every write made under an older one."""
+        return 1
+
+    def renew(self, session_id: str, owner: str, epoch: int, ttl: float) -> bool:
+        """Extend a lease to ``ttl`` seconds from now; False if ``epoch`` is no longer the
+        session's (it was taken over: what the caller holds may be stale)."""
+        return True
+
+    def release(self, session_id: str, owner: str, epoch: int) -> None:
+        """Give the lease up, so another owner may take it without waiting for expiry."""
+        return None
 
     @abstractmethod
     def open(self) -> None:
