@@ -12,6 +12,12 @@ RUN python -m pip install --no-cache-dir --upgrade pip==24.3.1 \
     && python -m pip wheel --no-cache-dir --wheel-dir /wheels ".${OPTSERVE_EXTRAS:+[$OPTSERVE_EXTRAS]}"
 
 FROM python:3.11-slim AS runtime
+# Replicas replay each other's sessions and must compute the same bits: pin numpy's SIMD
+# level and OpenBLAS's kernels and threads (service/core/machine.py, docs/storage.md
+# "Replays across machines"). Needs an x86-64-v3 CPU (AVX2, FMA).
+ENV OPENBLAS_CORETYPE=Haswell \
+    OPENBLAS_NUM_THREADS=1 \
+    NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     OPTSERVE_HOST=0.0.0.0 \

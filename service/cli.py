@@ -101,6 +101,17 @@ def check_database(url: str) -> str | None:
     return check_reachable(url)
 
 
+def _log_numerics() -> None:
+    """One JSON line with what numpy and BLAS run with: replicas replay each other's
+    sessions, and replays agree to the bit only where these agree (docs/storage.md,
+    "Replays across machines"); ``replica_environment`` says whether the pinned one is set."""
+    import logging
+
+    from service.core import machine
+
+    logging.getLogger("optserve.numerics").info("numerics", extra=machine.describe())
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
@@ -123,6 +134,7 @@ def serve(settings: Settings) -> int:
             print(f"optserve: {problem}", file=sys.stderr)
             return 1
     logs.configure(settings.log_level)
+    _log_numerics()
     guards = ConnectionGuards(settings.header_timeout_s, settings.max_idle_connections)
     uvicorn.run(
         create_app(settings),

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.core import reductions
+
 REFERENCE_GEMM_MAX = 16 * 16 * 16
 """torch hands bfloat16 products with m * n * k above this to oneDNN."""
 
@@ -70,7 +72,7 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if m * n == 1:
         # A single dot product; torch's result is the float32 rounding of the exact sum
         # far more often than of any float32 accumulation order.
-        return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+        return np.full((1, 1), reductions.dot(a, b), dtype=np.float32)
     if m * n * k <= REFERENCE_GEMM_MAX:
         return _reference_dot(a, b)
     return np.asarray(a @ b, dtype=np.float32)
@@ -98,6 +100,5 @@ def addmm(
 
 def frobenius_norm(x: np.ndarray) -> np.float32:
     """``x.norm()`` of a bfloat16 matrix: accumulated in float, rounded to bfloat16."""
-    flat = x.astype(np.float64).reshape(-1)
-    value = np.array([np.sqrt(np.dot(flat, flat))], dtype=np.float32)
+    value = np.array([reductions.norm2(x)], dtype=np.float32)
     return np.float32(round_(value)[0])

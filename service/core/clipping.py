@@ -8,20 +8,30 @@ from typing import Any, cast
 
 import numpy as np
 
+from service.core import reductions
+
 
 def _norm(values: np.ndarray, norm_type: float) -> np.floating[Any]:
-    """One tensor's p-norm, rounded to the tensor's dtype like torch.linalg.vector_norm."""
+    """One tensor's p-norm, rounded to the tensor's dtype like torch.linalg.vector_norm.
+
+    Sums go through :mod:`service.core.reductions` (float64, an order fixed by the
+    length), so a replay on another machine computes the same norm; the max is exact in
+    any order.
+    """
     flat = values.reshape(-1)
     if flat.size == 0:
         value: Any = 0.0
     elif math.isinf(norm_type):
         value = np.max(np.abs(flat))
     elif norm_type == 2.0:
-        value = np.sqrt(np.dot(flat, flat))
+        value = reductions.norm2(flat)
     elif norm_type == 1.0:
-        value = np.sum(np.abs(flat))
+        value = reductions.abs_total(flat)
     else:
-        value = np.sum(np.abs(flat) ** norm_type) ** (1.0 / norm_type)
+        # numpy's power is a SIMD loop chosen by CPU features (AVX-512 rounds some
+        # results differently): replicas pin those features (docs/storage.md).
+        powers = np.abs(flat).astype(np.float64) ** norm_type
+        value = reductions.total(powers) ** (1.0 / norm_type)
     return cast(np.floating[Any], flat.dtype.type(value))
 
 

@@ -63,6 +63,11 @@ def set_threads(count: int) -> None:
             _pool = None
 
 
+def thread_count() -> int:
+    """How many threads large tensors are split over."""
+    return _threads
+
+
 def _executor() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ from starlette.requests import Request
 from service.api.auth import KeyFileError, KeyTable, parse_key_pairs
 from service.api.media import Wire, request_wire, response_wire
 from service.api.problems import NotAcceptable, UnsupportedMediaType
-from service.cli import _parser, check_exposure, settings_from_args
+from service.cli import _log_numerics, _parser, check_exposure, settings_from_args
 from service.config import Settings
+from service.core import machine
 
 
 def test_settings_read_the_environment_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,3 +141,16 @@ def test_cors_is_off_by_default_and_answers_preflights_when_configured() -> None
         assert "etag" in answer.headers["access-control-expose-headers"].lower()
         other = client.get("/healthz", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_the_server_logs_its_numerics_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    """Replicas replay each other's sessions: the start log lets an operator compare what
+    numpy and BLAS run with on each."""
+    with caplog.at_level(logging.INFO, logger="optserve.numerics"):
+        _log_numerics()
+    (record,) = [r for r in caplog.records if r.name == "optserve.numerics"]
+    assert record.getMessage() == "numerics"
+    fields = record.__dict__
+    assert fields["numpy"] == machine.describe()["numpy"]
+    assert fields["replica_environment"] is machine.describe()["replica_environment"]
+    assert {"simd", "blas", "environment"} <= fields.keys()

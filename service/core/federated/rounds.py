@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core import reductions
 from service.core.errors import InvalidInput
 from service.core.federated.spec import HISTORY_LIMIT, AggregationSpec
 
@@ -136,8 +137,8 @@ def client_delta(
 
 
 def norm(arrays: Sequence[np.ndarray]) -> float:
-    """The L2 norm over all tensors."""
-    return math.sqrt(sum(float(np.vdot(a, a)) for a in arrays))
+    """The L2 norm over all tensors (in a machine-independent order: replies are replayed)."""
+    return math.sqrt(sum(reductions.sum_of_squares(a) for a in arrays))
 
 
 def contribute(opened: OpenRound, contribution: Contribution, delta: Sequence[np.ndarray]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core import reductions
 from service.core.errors import InvalidHyperparameter
 from service.core.hparams import Arg, check
 from service.core.kernels import elementwise
@@ -40,9 +41,9 @@ def _lerp_(start: np.ndarray, end: np.ndarray, weight: float) -> None:
 
 
 def _norm(a: np.ndarray) -> float:
-    """The 2-norm as torch returns it: a scalar of ``a``'s dtype."""
-    flat = a.reshape(-1)
-    return float(np.sqrt(np.dot(flat, flat)))
+    """The 2-norm as torch returns it: a scalar of ``a``'s dtype (in a machine-independent
+    order, see :mod:`service.core.reductions`)."""
+    return float(a.dtype.type(reductions.norm2(a)))
 
 
 class Adafactor(Optimizer[AdafactorState]):

@@ -13,7 +13,8 @@ of a line search and continue exactly.
 All tensors of the session are one flat vector, as in torch (which allows one parameter
 group only). Scalars (step lengths, directional derivatives, losses) are Python floats,
 which is torch's scalar arithmetic in float64 sessions; in float32 sessions torch keeps
-some of them as float32 tensors. Dot products and sums run in numpy's order, and torch
+some of them as float32 tensors. Dot products and sums run in the fixed order of
+:mod:`service.core.reductions` (so replays agree across machines), and torch
 adds scaled vectors with fused multiply-adds, so the iterates equal torch's to rounding
 (about 1e-13 on the test problems), not to the bit; an ill-conditioned run amplifies
 that difference as it would any rounding difference.
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core import reductions
 from service.core.errors import InvalidHyperparameter, InvalidInput
 from service.core.hparams import Arg, check
 from service.core.optimizers.base import Optimizer, Shape, register
@@ -665,11 +667,13 @@ def _div(a: float, b: float) -> float:
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b))
+    """``a.dot(b)``: a scalar of the vectors' dtype, summed in a machine-independent order."""
+    return float(a.dtype.type(reductions.dot(a, b)))
 
 
 def _abs_sum(a: np.ndarray) -> float:
-    return float(np.abs(a).sum())
+    """``a.abs().sum()``, like :func:`_dot`."""
+    return float(a.dtype.type(reductions.abs_total(a)))
 
 
 def _add_scaled(a: np.ndarray, alpha: float, b: np.ndarray) -> np.ndarray:

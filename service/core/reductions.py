@@ -1,0 +1,118 @@
+"""Sums, dot products and norms whose rounding is the same on every machine.
+
+A replica that takes a session over replays its events and must reach the acknowledged
+state bit for bit (docs/storage.md, "Replays across machines"). Elementwise IEEE
+operations (add, multiply, divide, sqrt) are correctly rounded, so they agree everywhere;
+a reduction's result depends on the order of its additions, and numpy and BLAS choose
+that order at run time: ``np.dot`` goes to an OpenBLAS kernel picked by CPU model and
+split over as many threads as the machine has cores, ``np.sum`` to a SIMD loop picked by
+the CPU's features. Measured on one machine, ``np.dot`` of 300k float64 values gave other
+bits with one BLAS thread than with two, and under OpenBLAS's Haswell kernels than under
+its SkylakeX ones.
+
+So core's reductions are built here from elementwise operations in an order fixed by the
+length alone: element ``i`` goes to lane ``i % LANES``, each lane adds its elements in
+order (one ``np.add`` of a row of lanes at a time), and the lanes are summed by a halving
+tree (``x[:h] + x[h:2h]``, the odd last one carried). Float32 values are summed in float64
+(their squares and products are exact there), which keeps the result within a rounding
+or two of the exact sum: closer to torch's than numpy's float32 accumulation was
+(``np.dot`` of 3M float32 values was off by 2.5e-6 relative, this by about 1e-16).
+
+``LANES`` and the order are part of what a stored session means: changing either changes
+the last bits of replayed states, like a change of formula would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from service.core.kernels import scratch
+
+LANES = 1 << 15
+"""Partial sums kept side by side: 256 KiB of float64, so the running sums and one row of
+terms stay in L2, and each ``np.add`` is long enough that its call overhead is small
+(shorter rows measured slower, longer ones no faster)."""
+
+_F64 = np.dtype(np.float64)
+
+
+def _halve(values: np.ndarray) -> float:
+    """Sum a float64 buffer in place by halving: the order depends on its length only."""
+    n = values.size
+    while n > 1:
+        half = n // 2
+        np.add(values[:half], values[half : 2 * half], out=values[:half])
+        if n % 2:
+            values[half] = values[n - 1]
+            n = half + 1
+        else:
+            n = half
+    return float(values[0]) if n else 0.0
+
+
+Leaf = Callable[[np.ndarray, np.ndarray | None, np.ndarray], None]
+"""Writes a row's terms (float64) into the scratch view, from one or two input rows."""
+
+
+def _reduce(leaf: Leaf, a: np.ndarray, b: np.ndarray | None = None) -> float:
+    flat_a = a.reshape(-1)
+    flat_b = None if b is None else b.reshape(-1)
+    n = flat_a.size
+    if n == 0:
+        return 0.0
+    sums, terms = scratch(2, _F64, LANES)
+    width = min(n, LANES)
+    leaf(flat_a[:width], None if flat_b is None else flat_b[:width], sums[:width])
+    for lo in range(LANES, n, LANES):
+        hi = min(lo + LANES, n)
+        row = terms[: hi - lo]
+        leaf(flat_a[lo:hi], None if flat_b is None else flat_b[lo:hi], row)
+        np.add(sums[: hi - lo], row, out=sums[: hi - lo])
+    return _halve(sums[:width])
+
+
+def _copy(a: np.ndarray, _: np.ndarray | None, out: np.ndarray) -> None:
+    out[...] = a
+
+
+def _abs(a: np.ndarray, _: np.ndarray | None, out: np.ndarray) -> None:
+    out[...] = a
+    np.abs(out, out=out)
+
+
+def _product(a: np.ndarray, b: np.ndarray | None, out: np.ndarray) -> None:
+    # Widening first makes a float32 product exact (a ufunc's own casting measured slower).
+    if a.dtype == out.dtype and b is not None and b.dtype == out.dtype:
+        np.multiply(a, b, out=out)
+        return
+    out[...] = a
+    np.multiply(out, a if b is None else b, out=out)
+
+
+def total(a: np.ndarray) -> float:
+    """The sum of ``a``'s elements, in float64."""
+    return _reduce(_copy, a)
+
+
+def abs_total(a: np.ndarray) -> float:
+    """The sum of ``|a|``, in float64 (the 1-norm)."""
+    return _reduce(_abs, a)
+
+
+def sum_of_squares(a: np.ndarray) -> float:
+    """The sum of ``a * a``, in float64 (the squared 2-norm)."""
+    return _reduce(_product, a)
+
+
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """The dot product of two arrays of the same size, in float64."""
+    if a.size != b.size:
+        raise ValueError(f"dot of arrays of sizes {a.size} and {b.size}")
+    return _reduce(_product, a, b)
+
+
+def norm2(a: np.ndarray) -> float:
+    """The 2-norm, in float64 (round it to the tensor's dtype as torch returns it)."""
+    return float(np.sqrt(sum_of_squares(a)))

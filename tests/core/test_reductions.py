@@ -1,0 +1,78 @@
+"""Core's fixed-order sums: accurate, and ordered by the length alone."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from service.core import reductions
+
+LANES = reductions.LANES
+SIZES = (0, 1, 2, 7, 1000, LANES - 1, LANES, LANES + 1, 5 * LANES + LANES // 3)
+
+
+def _values(n: int, dtype: type[np.floating], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # Many magnitudes, both signs: a sum whose order shows in its last bits.
+    return (rng.standard_normal(n) * np.exp(rng.uniform(-8, 8, n))).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", SIZES)
+def test_sums_are_within_a_few_roundings_of_the_exact_sum(n: int, dtype: type) -> None:
+    a, b = _values(n, dtype, 1), _values(n, dtype, 2)
+    wide_a, wide_b = a.astype(np.float64), b.astype(np.float64)
+    cases = {
+        "total": (reductions.total(a), wide_a.tolist(), np.abs(wide_a)),
+        "abs_total": (reductions.abs_total(a), np.abs(wide_a).tolist(), np.abs(wide_a)),
+        "sum_of_squares": (reductions.sum_of_squares(a), (wide_a * wide_a).tolist(), wide_a**2),
+        "dot": (reductions.dot(a, b), (wide_a * wide_b).tolist(), np.abs(wide_a * wide_b)),
+    }
+    # Each term passes through one addition per row of lanes, then the tree over the lanes.
+    depth = -(-n // LANES) + math.ceil(math.log2(max(min(n, LANES), 2)))
+    for name, (got, terms, magnitudes) in cases.items():
+        exact = math.fsum(terms)
+        bound = depth * 2**-53 * math.fsum(magnitudes.tolist())
+        assert abs(got - exact) <= bound, (name, got, exact)
+
+
+def test_norm2_is_the_square_root_of_the_sum_of_squares() -> None:
+    a = _values(5000, np.float64)
+    assert reductions.norm2(a) == math.sqrt(reductions.sum_of_squares(a))
+
+
+def _reference_order(values: list[float], lanes: int) -> float:
+    """The documented order, in Python floats (IEEE doubles): lane ``i % lanes`` adds its
+    elements in order, then the lanes are halved into one."""
+    sums = values[:lanes]
+    for lo in range(lanes, len(values), lanes):
+        for j, v in enumerate(values[lo : lo + lanes]):
+            sums[j] += v
+    while len(sums) > 1:
+        half = len(sums) // 2
+        carried = [sums[-1]] if len(sums) % 2 else []
+        sums = [sums[j] + sums[half + j] for j in range(half)] + carried
+    return sums[0] if sums else 0.0
+
+
+@pytest.mark.parametrize("n", [0, 1, 6, 1001, LANES, 3 * LANES + 5])
+def test_the_order_is_the_documented_one(n: int) -> None:
+    """The order is part of what a stored session means: this pins it to the bit."""
+    a, b = _values(n, np.float32, 3), _values(n, np.float64, 4)
+    wide = a.astype(np.float64)
+    assert reductions.total(b) == _reference_order(b.tolist(), LANES)
+    assert reductions.abs_total(a) == _reference_order(np.abs(wide).tolist(), LANES)
+    assert reductions.dot(a, b) == _reference_order((wide * b).tolist(), LANES)
+    assert reductions.sum_of_squares(a) == _reference_order((wide * wide).tolist(), LANES)
+
+
+def test_the_shape_does_not_matter_only_the_elements_in_order() -> None:
+    a = _values(6 * LANES, np.float32)
+    assert reductions.sum_of_squares(a.reshape(6, -1)) == reductions.sum_of_squares(a)
+
+
+def test_dot_refuses_arrays_of_different_sizes() -> None:
+    with pytest.raises(ValueError, match="sizes 3 and 4"):
+        reductions.dot(np.ones(3), np.ones(4))
