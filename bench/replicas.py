@@ -406,19 +406,39 @@ def print_budget(run: BudgetRun) -> None:
 # -- 3. takeover -------------------------------------------------------------------------
 
 
+class ServedBy(httpx.HTTPTransport):
+    """The client's transport, noting which replica answered the last response."""
+
+    last: str = ""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        self.last = response.headers.get("x-served-by", "")
+        return response
+
+
+@dataclass(frozen=True)
+class Step:
+    started: float
+    """Monotonic seconds of its first try."""
+    acked: float
+    replayed: bool
+    served_by: str
+
+
 class Stepper(threading.Thread):
-    """Steps one session through the proxy as fast as it is answered, recording each step's
-    first try and acknowledgement (monotonic seconds)."""
+    """Steps one session through the proxy as fast as it is answered, recording each step."""
 
     def __init__(self, url: str, document: dict[str, Any], size: int) -> None:
         super().__init__(daemon=True)
         # Retries every 0.25 s at most (Retry-After: 1 is capped by max_backoff), for as
         # long as a takeover may take: the client's own retry loop, key and all.
         policy = RetryPolicy(attempts=100_000, backoff=0.05, max_backoff=0.25)
-        self.client = Client(url, retry=policy, timeout=30)
+        self.transport = ServedBy()
+        self.client = Client(url, retry=policy, timeout=30, transport=self.transport)
         self.session = Session(self.client, document)
         self.grads = gradients(size)
-        self.steps: list[tuple[float, float, bool]] = []
+        self.steps: list[Step] = []
         self.error: BaseException | None = None
         self.done = threading.Event()
 
@@ -427,25 +447,29 @@ class Stepper(threading.Thread):
             while not self.done.is_set():
                 start = time.monotonic()
                 result = self.session.step(self.grads[len(self.steps) % 2])
-                self.steps.append((start, time.monotonic(), result.replayed))
+                acked = time.monotonic()
+                self.steps.append(Step(start, acked, result.replayed, self.transport.last))
         except BaseException as exc:
             self.error = exc
         finally:
             self.client.close()
 
-    def first_ack_after(self, moment: float, timeout_s: float = 120) -> tuple[float, float, bool]:
+    def first_ack_after(self, moment: float, killed: str, timeout_s: float = 120) -> Step:
+        """The first step acknowledged after ``moment`` by another replica than ``killed``
+        (a reply the killed replica had already sent when it died shows no takeover)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.error is not None:
                 raise RuntimeError(f"the stepping client failed: {self.error!r}")
-            acks = [step for step in self.steps[-5:] if step[1] > moment]
-            if acks:
-                return acks[0]
+            for step in self.steps[-5:]:
+                if step.acked > moment and step.served_by != killed:
+                    return step
             time.sleep(0.01)
         raise RuntimeError("no step was acknowledged after the kill")
 
     def longest_between(self, begin: float, end: float) -> float:
-        return max((ack - start for start, ack, _ in self.steps if begin <= start < end), default=0)
+        spans = [s.acked - s.started for s in self.steps if begin <= s.started < end]
+        return max(spans, default=0.0)
 
 
 @dataclass
@@ -562,9 +586,9 @@ def takeover(
                 holder = replicas.served_by(session_id)
                 killed_at = time.monotonic()
                 replicas.replicas[holder].kill()
-                _, acked, replayed = stepper.first_ack_after(killed_at)
-                run.takeover_s.append(acked - killed_at)
-                run.replayed += replayed
+                step = stepper.first_ack_after(killed_at, f"replica{holder + 1}")
+                run.takeover_s.append(step.acked - killed_at)
+                run.replayed += step.replayed
                 restarted_at = time.monotonic()
                 startup = restart(replicas, holder)
                 run.startups.append(startup)
