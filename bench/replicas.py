@@ -1,6 +1,6 @@
 """Many replicas on PostgreSQL, measured: three Markdown tables from one run.
 
-    python bench/replicas.py [--sizes 1e3,1e5,1e6] [--budget-sessions 2000]
+    python bench/replicas.py [--sizes 1e3,1e5,1e6] [--budget-sessions 1000]
                              [--budget-mib 64] [--budget-params 100000] [--cold-steps 50]
                              [--leases 3,10] [--repetitions 3] [--tables 1,2,3]
 
@@ -467,6 +467,16 @@ class Stepper(threading.Thread):
             time.sleep(0.01)
         raise RuntimeError("no step was acknowledged after the kill")
 
+    def first_ack_by(self, replica: str, timeout_s: float) -> Step:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.error is not None:
+                raise RuntimeError(f"the stepping client failed: {self.error!r}")
+            if self.steps and self.steps[-1].served_by == replica:
+                return self.steps[-1]
+            time.sleep(0.01)
+        raise RuntimeError(f"the session did not move back to {replica}")
+
     def longest_between(self, begin: float, end: float) -> float:
         spans = [s.acked - s.started for s in self.steps if begin <= s.started < end]
         return max(spans, default=0.0)
@@ -594,7 +604,8 @@ def takeover(
                 run.startups.append(startup)
                 # Once HAProxy has the replica UP again, the session's requests go back
                 # to it, and it must take the session from the interim holder.
-                time.sleep(2 * lease_seconds + 3)
+                stepper.first_ack_by(f"replica{holder + 1}", timeout_s=3 * lease_seconds + 30)
+                time.sleep(1.0)
                 run.failback_s.append(stepper.longest_between(restarted_at, time.monotonic()))
                 note(
                     f"  takeover, lease {lease_seconds:g} s, #{rep + 1}: "
@@ -710,7 +721,7 @@ def latency_targets(workdir: Path) -> Iterator[dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1e3,1e5,1e6", help="params, table 1")
-    parser.add_argument("--budget-sessions", type=int, default=2000)
+    parser.add_argument("--budget-sessions", type=int, default=1000)
     parser.add_argument("--budget-params", type=int, default=100_000)
     parser.add_argument("--budget-mib", type=float, default=64)
     parser.add_argument("--cold-steps", type=int, default=50)
