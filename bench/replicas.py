@@ -37,6 +37,7 @@ import contextlib
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -488,6 +489,8 @@ class Startup:
 
     ready_s: float
     up_s: float
+    cpu_s: float
+    """CPU time (user + system) the process had used when ``/readyz`` answered 200."""
     serving_s: float | None = None
     """uvicorn's "Started server process": imports, the database check, the app built."""
     store_s: float | None = None
@@ -541,8 +544,10 @@ def restart(replicas: Replicas, index: int, importtime: bool = False) -> Startup
         replica.start()
     finally:
         replica.env.pop("PYTHONPROFILEIMPORTTIME", None)
+    assert replica.process is not None
+    cpu_s = cpu_seconds(replica.process.pid)
     replicas.proxy.wait_servers_up(30, f"replica{index + 1}")
-    startup = Startup(replica.start_seconds[-1], time.monotonic() - began)
+    startup = Startup(replica.start_seconds[-1], time.monotonic() - began, cpu_s)
     with open(log, encoding="utf-8", errors="replace") as file:
         file.seek(offset)
         read_startup(file.read(), began_wall, startup)
@@ -557,8 +562,8 @@ class TakeoverRun:
     failback_s: list[float] = field(default_factory=list)
     startups: list[Startup] = field(default_factory=list)
     probe: Startup | None = None
-    python_s: float = 0.0
-    imports_s: float = 0.0
+    python_s: tuple[float, float] = (0.0, 0.0)
+    imports_s: tuple[float, float] = (0.0, 0.0)
     """``python -c 'import ...'`` of what ``serve`` imports, without the profiler."""
 
 
@@ -572,11 +577,20 @@ SERVE_IMPORTS = (
 """What ``optserve serve --storage postgres`` imports before it serves."""
 
 
-def python_seconds(code: str) -> float:
-    """Wall time of ``python -c code`` in this checkout."""
+def python_seconds(code: str) -> tuple[float, float]:
+    """Wall and CPU time (user + system) of ``python -c code`` in this checkout."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.monotonic()
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-    return time.monotonic() - began
+    wall = time.monotonic() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def takeover(
@@ -655,6 +669,7 @@ def print_takeover(runs: list[TakeoverRun], size: int) -> None:
         ("to the store opened (pool, migrations, catalog)", "store_s"),
         ("to listening", "listening_s"),
         ("to `/readyz` 200", "ready_s"),
+        ("CPU time used by then", "cpu_s"),
         ("to UP in HAProxy", "up_s"),
     ]
     print("\n**Where a replica's start goes** (seconds from the process's start, under load)\n")
@@ -678,8 +693,9 @@ def print_takeover(runs: list[TakeoverRun], size: int) -> None:
             f"\nImports under `-X importtime` (which slows them): {probe.imports_s:.2f} s in "
             f"all; self time by top-level package: {packages}; the slowest modules: "
             f"{modules}. At the same moment, without the profiler, `python -c pass` took "
-            f"{probed.python_s:.2f} s and `python -c 'import {', '.join(SERVE_IMPORTS)}'` "
-            f"{probed.imports_s:.2f} s."
+            f"{probed.python_s[0]:.2f} s ({probed.python_s[1]:.2f} s of CPU) and "
+            f"`python -c 'import {', '.join(SERVE_IMPORTS)}'` {probed.imports_s[0]:.2f} s "
+            f"({probed.imports_s[1]:.2f} s of CPU)."
         )
 
 
