@@ -26,14 +26,16 @@
 The processes are the end-to-end harness's (``tests/e2e``: ``ServerProcess``,
 ``ProxyProcess`` with ``deploy/haproxy.cfg``) on a throwaway PostgreSQL cluster
 (``tests/postgres_cluster.py``: ``fsync`` and ``synchronous_commit`` on, as in
-production), all on loopback, each stopped by its PID. Needs ``haproxy`` and the
-PostgreSQL server binaries (``initdb``, ``pg_ctl``).
+production; ``tests/e2e/deployment.py`` runs its own with ``fsync`` off, fine for crash
+tests but not for timing commits), all on loopback, each stopped by its PID. Needs
+``haproxy`` and the PostgreSQL server binaries (``initdb``, ``pg_ctl``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import random
@@ -291,8 +293,6 @@ def disk_usage(path: Path) -> int:
 
 def evicted(log: Path) -> list[str]:
     """The ids of the sessions the server logged as evicted, in order."""
-    import json
-
     ids = []
     for line in log.read_text(errors="replace").splitlines():
         if '"session evicted"' in line:
@@ -502,8 +502,6 @@ class Startup:
 
 
 def log_time(line: str) -> float:
-    import json
-
     stamp = json.loads(line)["ts"]
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
