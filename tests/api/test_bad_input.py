@@ -207,6 +207,8 @@ OVERSIZED_NUMBERS = [
     ("optimizer.lr", _config_text(f'{{"name": "SGD", "lr": {TOO_BIG}}}')),
     ("optimizer.momentum", _config_text(f'{{"name": "SGD", "lr": 0.1, "momentum": {TOO_BIG}}}')),
     ("optimizer.betas", _config_text(f'{{"name": "Adam", "betas": [0.9, {TOO_BIG}]}}')),
+    ("optimizer.eps[1]", _config_text(f'{{"name": "Adafactor", "eps": [null, {TOO_BIG}]}}')),
+    ("optimizer.eps[0]", _config_text(f'{{"name": "Adafactor", "eps": [{TOO_BIG}, 0.001]}}')),
     ("schedule.gamma", _schedule_text(f'{{"name": "ExponentialLR", "gamma": {TOO_BIG}}}')),
     ("schedule.T_max", _schedule_text(f'{{"name": "CosineAnnealingLR", "T_max": {TOO_BIG}}}')),
     (

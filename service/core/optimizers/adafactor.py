@@ -11,7 +11,7 @@ import numpy as np
 
 from service.core import reductions
 from service.core.errors import InvalidHyperparameter
-from service.core.hparams import Arg, check
+from service.core.hparams import Arg, as_float, check, shown
 from service.core.kernels import elementwise
 from service.core.optimizers.base import Optimizer, Shape, register
 
@@ -216,14 +216,19 @@ def _coerce_eps(value: Any, field: str) -> tuple[float | None, float]:
         )
     eps1, eps2 = value
     numbers_ok = all(
-        isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
+        isinstance(v, int | float) and not isinstance(v, bool)
         for v in (eps2, *(() if eps1 is None else (eps1,)))
     )
     if not numbers_ok:
         raise InvalidHyperparameter(
-            field, f"{field} must hold numbers (eps1 may be null), got {value!r}", value
+            field, f"{field} must hold numbers (eps1 may be null), got {shown(value)}", value
         )
-    return (None if eps1 is None else float(eps1), float(eps2))
+    # as_float refuses an integer beyond the float range (instead of an OverflowError).
+    first = None if eps1 is None else as_float(eps1, f"{field}[0]")
+    second = as_float(eps2, f"{field}[1]")
+    if any(v is not None and math.isnan(v) for v in (first, second)):
+        raise InvalidHyperparameter(field, f"{field} must not hold NaN, got {value!r}", value)
+    return (first, second)
 
 
 register(Adafactor())
