@@ -96,6 +96,9 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         running = service if service is not None else build_service(settings)
         app.state.service = running
         await running.start()
+        metrics.track_sessions(
+            lambda: sum(running.runtime.per_tenant.values()), lambda: len(running.runtime.loaded())
+        )
         # What exists now (modules, routes, recovered sessions) lives as long as the
         # process: keep it out of the garbage collector's full passes.
         gc.freeze()

@@ -93,7 +93,7 @@ def test_readme_quickstart_in_a_fresh_venv(tmp_path: Path) -> None:
         assert re.search(rf"storage disk.*{re.escape(str(tree / 'optserve-data'))}", started)
         assert url in started
         python = venv / "bin" / "python"
-        assert str(python.resolve().parent) != str(Path(sys.executable).resolve().parent)
+        assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
         readmes = [REPO / "README.md", REPO / "clients" / "python" / "README.md"]
         for snippet in [s for path in readmes for s in snippets(path)]:
             if not snippet.runnable or "torch" in snippet.code or snippet.language == "js":
