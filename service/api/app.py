@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=list(CORS_REQUEST_HEADERS),
             expose_headers=list(CORS_RESPONSE_HEADERS),
             max_age=600,
