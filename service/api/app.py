@@ -16,7 +16,7 @@ from service.api.auth import KeyTable
 from service.api.inflight import BodyBudget
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
-from service.api.routes import catalog, federated, groups, health, sessions, steps
+from service.api.routes import catalog, docs_ui, federated, groups, health, sessions, steps
 from service.config import Settings
 from service.sessions.models import Limits
 from service.sessions.service import SessionService
@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
     # included routers would be matched level by level on every request.
     routes = [
         route
-        for module in (steps, sessions, groups, federated, catalog, health)
+        for module in (steps, sessions, groups, federated, catalog, health, docs_ui)
         for route in module.router.routes
     ]
     app = FastAPI(
@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         summary="torch.optim optimizers and schedules as a stateful REST service",
         lifespan=lifespan,
         redoc_url=None,
+        docs_url=None,  # routes/docs_ui.py serves /docs from installed files
         # /metrics is optserve's own; no OpenTelemetry work on the hot path.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
