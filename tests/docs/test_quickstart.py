@@ -94,6 +94,9 @@ def test_readme_quickstart_in_a_fresh_venv(tmp_path: Path) -> None:
         assert url in started
         python = venv / "bin" / "python"
         assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+        # the dashboard's and the API reference's files came with the installed package
+        for page in ("/ui", "/ui/ui.js", "/docs", "/docs/assets/swagger-ui-bundle.js"):
+            assert httpx.get(url + page).status_code == 200, page
         readmes = [REPO / "README.md", REPO / "clients" / "python" / "README.md"]
         for snippet in [s for path in readmes for s in snippets(path)]:
             if not snippet.runnable or "torch" in snippet.code or snippet.language == "js":
