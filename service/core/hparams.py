@@ -185,7 +185,9 @@ def resolve(
     unknown = [name for name in given if name not in known and name not in ignore]
     if unknown:
         raise UnknownArguments(
-            [(f"{where}{name}", _closest(name, known)) for name in unknown], sorted(known)
+            [(f"{where}{name}", _closest(name, known)) for name in unknown],
+            sorted(known),
+            given[unknown[0]],
         )
     out: dict[str, Any] = {}
     for arg in args:
