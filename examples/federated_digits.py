@@ -10,7 +10,8 @@ number of examples; the server averages them, applies the strategy (Flower's Fed
 FedAdam or FedYogi) and opens the next round. Accuracy on held-out digits is measured
 on the server's params after every round.
 
-It prints the accuracy table, writes a PNG plot, and exits non-zero unless every
+It prints the accuracy table, writes a PNG plot (by default docs/federated_digits.png, the
+README's figure, wherever it is run from), and exits non-zero unless every
 strategy learned and FedAvg's server params equal the weighted average of the clients'.
 
     python examples/federated_digits.py                      # starts its own server
@@ -57,7 +58,13 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--url", help="a running optserve (default: start one in memory mode)")
     parser.add_argument("--api-key", default=os.environ.get("OPTSERVE_API_KEY"))
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--plot", type=Path, default=Path("federated_digits.png"))
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        # the README's figure, wherever the example is run from; not the working directory
+        default=Path(__file__).resolve().parents[1] / "docs" / "federated_digits.png",
+        help="where to write the PNG (default: docs/federated_digits.png, the README's figure)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -277,7 +284,7 @@ def main() -> None:
     for r in range(args.rounds + 1):
         print(f"{r:5d}  " + "  ".join(f"{results[n][r]:8.3f}" for n in results))
     plot(results, args.plot)
-    print(f"\nwrote {args.plot}; {time.monotonic() - started:.1f} s")
+    print(f"\nwrote {args.plot.resolve()}; {time.monotonic() - started:.1f} s")
     for name, history in results.items():
         assert history[-1] > 0.8, f"{name} reached only {history[-1]:.3f}"
         assert history[-1] > history[0] + 0.5, f"{name} did not learn"

@@ -2,7 +2,8 @@
 
 - ``optserve serve``: run the HTTP server;
 - ``optserve check``: read every stored session back, report what is damaged;
-- ``optserve repair SESSION --to-step N``: rebuild a session as it was after N steps.
+- ``optserve repair SESSION --to-step N``: rebuild a session as it was after N steps;
+- ``optserve sessions list|show|export|import|delete``: a running server's sessions.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from service import remote_cli
 from service.api.auth import KeyFileError, KeyTable
 from service.config import Settings
 
@@ -22,11 +24,28 @@ if TYPE_CHECKING:
     from service.sessions.integrity import Report
 
 
+def _default(name: str) -> str:
+    """Where a serve flag's value comes from when it is not given: for --help."""
+    default = Settings.model_fields[name].default
+    shown = "none" if default in (None, "") else str(default)
+    return f"default: {shown}; env OPTSERVE_{name.upper()}"
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("optserve")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optserve",
         description="optserve: torch.optim optimizers and schedules as a stateful REST service",
     )
+    parser.add_argument("--version", action="version", version=f"optserve {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -34,25 +53,35 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the server. Every option also reads from OPTSERVE_* variables; "
         "flags win over the environment.",
     )
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
-    serve.add_argument("--data-dir", type=Path, help="where sessions are stored durably")
+    serve.add_argument("--host", help=f"address to bind ({_default('host')})")
+    serve.add_argument("--port", type=int, help=f"port to bind, 0: any free ({_default('port')})")
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"where sessions are stored durably ({_default('data_dir')})",
+    )
     serve.add_argument(
         "--storage",
         choices=("disk", "memory", "postgres"),
-        help="'disk' (default), 'postgres' (with --database-url; shared by replicas), "
-        "or 'memory' (keeps nothing across restarts)",
+        help="'disk', 'postgres' (with --database-url; shared by replicas), "
+        f"or 'memory' (keeps nothing across restarts) ({_default('storage')})",
     )
     serve.add_argument(
-        "--database-url", help="PostgreSQL URL for --storage postgres (postgresql://...)"
+        "--database-url",
+        help=f"PostgreSQL URL (postgresql://...) for --storage postgres "
+        f"({_default('database_url')})",
     )
     serve.add_argument(
         "--insecure",
         action="store_true",
         default=None,
-        help="allow a non-loopback address with no API keys configured",
+        help=f"allow a non-loopback address with no API keys configured ({_default('insecure')})",
     )
-    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help=f"({_default('log_level')})",
+    )
     check = commands.add_parser(
         "check",
         help="verify every stored session (the server must be stopped)",
@@ -60,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         "log record, replayed to the end. Prints one line per session and exits 1 if "
         "anything is damaged.",
     )
-    check.add_argument("--data-dir", type=Path, help="the server's data directory")
+    check.add_argument(
+        "--data-dir", type=Path, help=f"the server's data directory ({_default('data_dir')})"
+    )
     repair = commands.add_parser(
         "repair",
         help="rebuild a session as it was after N steps (the server must be stopped)",
@@ -70,7 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     repair.add_argument("session", help="the session id")
     repair.add_argument("--to-step", type=int, required=True, metavar="N")
-    repair.add_argument("--data-dir", type=Path, help="the server's data directory")
+    repair.add_argument(
+        "--data-dir", type=Path, help=f"the server's data directory ({_default('data_dir')})"
+    )
+    remote_cli.add_parser(commands)
     return parser
 
 
@@ -133,7 +167,15 @@ def serve(settings: Settings) -> int:
         if problem is not None:
             print(f"optserve: {problem}", file=sys.stderr)
             return 1
+    if settings.storage == "disk":
+        from service.sessions.store.disk import data_dir_in_use
+
+        if data_dir_in_use(settings.data_dir):
+            why = "two servers on one data directory would corrupt its sessions"
+            print(_in_use(settings.data_dir.resolve(), why), file=sys.stderr)
+            return 3
     logs.configure(settings.log_level)
+    _log_start(settings)
     _log_numerics()
     guards = ConnectionGuards(settings.header_timeout_s, settings.max_idle_connections)
     uvicorn.run(
@@ -149,6 +191,21 @@ def serve(settings: Settings) -> int:
         limit_concurrency=settings.max_connections,
     )
     return 0
+
+
+def _log_start(settings: Settings) -> None:
+    import logging
+
+    url = f"http://{settings.host}:{settings.port}"
+    where = f", data directory {settings.data_dir.resolve()}" if settings.storage == "disk" else ""
+    logging.getLogger("optserve").info(
+        f"starting optserve {_version()}: storage {settings.storage}{where}, serving {url}",
+        extra={
+            "storage": settings.storage,
+            "data_dir": str(settings.data_dir.resolve()) if settings.storage == "disk" else None,
+            "url": url,
+        },
+    )
 
 
 def _ranges(ranges: list[tuple[int, int]]) -> str:
@@ -174,11 +231,10 @@ def _describe(report: Report) -> list[str]:
     return lines
 
 
-def _in_use(data_dir: Path) -> str:
-    return (
-        f"optserve: {data_dir} is in use by a running optserve server; stop it first "
-        "(check and repair need the data directory to themselves)"
-    )
+def _in_use(
+    data_dir: Path, why: str = "check and repair need the data directory to themselves"
+) -> str:
+    return f"optserve: {data_dir} is in use by a running optserve server; stop it first ({why})"
 
 
 def run_check(data_dir: Path) -> int:
@@ -222,6 +278,8 @@ def run_repair(data_dir: Path, session_id: str, to_step: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "sessions":
+        return remote_cli.run(args)
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:

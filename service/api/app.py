@@ -16,7 +16,7 @@ from service.api.auth import KeyTable
 from service.api.inflight import BodyBudget
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
-from service.api.routes import catalog, federated, groups, health, sessions, steps
+from service.api.routes import catalog, docs_ui, federated, groups, health, sessions, steps, ui
 from service.config import Settings
 from service.sessions.models import Limits
 from service.sessions.service import SessionService
@@ -96,6 +96,9 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         running = service if service is not None else build_service(settings)
         app.state.service = running
         await running.start()
+        metrics.track_sessions(
+            lambda: sum(running.runtime.per_tenant.values()), lambda: len(running.runtime.loaded())
+        )
         # What exists now (modules, routes, recovered sessions) lives as long as the
         # process: keep it out of the garbage collector's full passes.
         gc.freeze()
@@ -108,7 +111,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
     # included routers would be matched level by level on every request.
     routes = [
         route
-        for module in (steps, sessions, groups, federated, catalog, health)
+        for module in (steps, sessions, groups, federated, catalog, health, docs_ui, ui)
         for route in module.router.routes
     ]
     app = FastAPI(
@@ -118,6 +121,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         summary="torch.optim optimizers and schedules as a stateful REST service",
         lifespan=lifespan,
         redoc_url=None,
+        docs_url=None,  # routes/docs_ui.py serves /docs from installed files
         # /metrics is optserve's own; no OpenTelemetry work on the hot path.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
@@ -138,7 +142,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=list(CORS_REQUEST_HEADERS),
             expose_headers=list(CORS_RESPONSE_HEADERS),
             max_age=600,

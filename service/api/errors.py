@@ -50,6 +50,8 @@ def _field_errors(field: str | None, message: str) -> dict[str, Any]:
 
 
 def _hyperparameter(exc: domain.InvalidHyperparameter) -> dict[str, Any]:
+    if isinstance(exc, domain.UnknownArguments):
+        return {"errors": [{"field": f, "message": m} for f, m in exc.errors]}
     return {"errors": [{"field": exc.argument, "message": str(exc)}]}
 
 

@@ -6,9 +6,21 @@ server's numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# A ``<counter>_created`` series per counter and label set doubles what a scrape carries
+# and says only when the process started; Prometheus reads restarts from the counters.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -46,6 +58,22 @@ class Metrics:
         self.sessions_deleted = Counter(
             "optserve_sessions_deleted", "Sessions deleted", registry=self.registry
         )
+        self._live: Callable[[], int] = lambda: 0
+        self._loaded: Callable[[], int] = lambda: 0
+        Gauge(
+            "optserve_sessions_live",
+            "Sessions that exist now, over all tenants",
+            registry=self.registry,
+        ).set_function(lambda: self._live())
+        Gauge(
+            "optserve_sessions_loaded",
+            "Sessions held in memory now (the others load on their next request)",
+            registry=self.registry,
+        ).set_function(lambda: self._loaded())
+
+    def track_sessions(self, live: Callable[[], int], loaded: Callable[[], int]) -> None:
+        """Read the session gauges from the running service (set when it starts)."""
+        self._live, self._loaded = live, loaded
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count and time one answered request (label children cached: this runs per request)."""

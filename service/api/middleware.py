@@ -62,6 +62,12 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path: str = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            # "/v1/sessions/" is "/v1/sessions": the router would answer an empty 307, which
+            # a client that does not follow redirects (curl, most POSTs) gets as no answer.
+            raw: bytes = scope.get("raw_path") or path.encode()
+            scope = {**scope, "path": path.rstrip("/") or "/", "raw_path": raw.rstrip(b"/")}
         started = time.perf_counter()
         given = _header(scope, REQUEST_ID_HEADER)
         request_id = (

@@ -22,6 +22,25 @@ class InvalidHyperparameter(CoreError):
         self.value = value
 
 
+class UnknownArguments(InvalidHyperparameter):
+    """Names an optimizer or schedule does not take: every one of them, each with its field
+    path, its closest known name if one is close, and what is taken instead; so a config
+    with two typos is fixed in one round."""
+
+    def __init__(
+        self, unknown: list[tuple[str, str | None]], known: list[str], value: Any = None
+    ) -> None:
+        takes = f"expected one of {', '.join(known)}"
+        named = [field + (f" (did you mean {close}?)" if close else "") for field, close in unknown]
+        plural = "s" if len(unknown) > 1 else ""
+        message = f"unknown argument{plural} {', '.join(named)}; {takes}"
+        super().__init__(unknown[0][0], message, value)  # the value given for the first
+        self.errors = [
+            (field, f"unknown argument {name}; {takes}")
+            for (field, _), name in zip(unknown, named, strict=True)
+        ]
+
+
 class UnknownName(CoreError):
     """An optimizer or schedule name that optserve does not provide."""
 

@@ -7,12 +7,13 @@ declaration fills in defaults, type-checks what a client sent and feeds the cata
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from service.core.errors import InvalidHyperparameter
+from service.core.errors import InvalidHyperparameter, UnknownArguments
 
 Kind = Literal["float", "int", "bool", "str", "float_pair", "float_list", "int_list", "any"]
 
@@ -181,13 +182,13 @@ def resolve(
 ) -> dict[str, Any]:
     """Fill defaults, reject unknown names and coerce types. Range checks are the caller's."""
     known = {a.name for a in args}
-    for name in given:
-        if name not in known and name not in ignore:
-            raise InvalidHyperparameter(
-                f"{where}{name}",
-                f"unknown argument {where}{name!r}; expected one of {', '.join(sorted(known))}",
-                given[name],
-            )
+    unknown = [name for name in given if name not in known and name not in ignore]
+    if unknown:
+        raise UnknownArguments(
+            [(f"{where}{name}", _closest(name, known)) for name in unknown],
+            sorted(known),
+            given[unknown[0]],
+        )
     out: dict[str, Any] = {}
     for arg in args:
         if arg.name in given:
@@ -199,6 +200,11 @@ def resolve(
         else:
             out[arg.name] = arg.default
     return out
+
+
+def _closest(name: str, known: set[str]) -> str | None:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def check(condition: bool, argument: str, message: str, value: Any = None) -> None:

@@ -7,7 +7,13 @@ in ``service/api/errors.py``; the attributes here are what its problem documents
 
 from __future__ import annotations
 
-from service.core.errors import CoreError, InvalidHyperparameter, InvalidInput, UnknownName
+from service.core.errors import (
+    CoreError,
+    InvalidHyperparameter,
+    InvalidInput,
+    UnknownArguments,
+    UnknownName,
+)
 
 __all__ = [
     "CoreError",
@@ -25,6 +31,7 @@ __all__ = [
     "SessionNotFound",
     "StepInFlight",
     "StorageError",
+    "UnknownArguments",
     "UnknownName",
 ]
 

@@ -60,3 +60,18 @@ def test_access_log_is_json_with_request_id(caplog: pytest.LogCaptureFixture) ->
     line = json.loads(JsonFormatter().format(records[-1]))
     assert line["request_id"] == "abc-123"
     assert line["status"] == 200 and line["route"] == "/healthz" and line["level"] == "info"
+
+
+def test_metrics_carry_no_created_series_and_count_live_sessions(client: TestClient) -> None:
+    def gauge(text: str, name: str) -> float:
+        line = next(line for line in text.splitlines() if line.startswith(name + " "))
+        return float(line.split()[1])
+
+    before = client.get("/metrics").text
+    ids = [client.post("/v1/sessions", json=adam_config()).json()["id"] for _ in range(3)]
+    client.delete(f"/v1/sessions/{ids[0]}")
+    text = client.get("/metrics").text
+    assert "_created" not in text.replace("optserve_sessions_created_total", "")
+    assert "optserve_sessions_created_total 3.0" in text
+    assert gauge(text, "optserve_sessions_live") == gauge(before, "optserve_sessions_live") + 2
+    assert gauge(text, "optserve_sessions_loaded") >= 2

@@ -234,3 +234,32 @@ def test_held_params_follow_the_deltas(client: TestClient, create: Create, dtype
     for spec, values in zip(reference.plan.tensors, reference.params, strict=True):
         assert held[spec.name].dtype == np_dtype
         np.testing.assert_array_equal(held[spec.name], values)
+
+
+def test_every_unknown_hyperparameter_is_named_with_the_closest_known_one(
+    client: TestClient,
+) -> None:
+    config = adam_config(optimizer={"name": "Adam", "lrr": 0.1, "betaz": [0.9, 0.99], "zzz": 1})
+    document = problem(client.post("/v1/sessions", json=config), 422, "invalid-hyperparameter")
+    errors = {error["field"]: error["message"] for error in document["errors"]}
+    assert list(errors) == ["optimizer.lrr", "optimizer.betaz", "optimizer.zzz"]
+    assert "did you mean lr?" in errors["optimizer.lrr"]
+    assert "did you mean betas?" in errors["optimizer.betaz"]
+    assert "did you mean" not in errors["optimizer.zzz"]
+    assert "'" not in document["detail"]
+    assert all(field in document["detail"] for field in errors)
+    schedule = adam_config(schedule={"name": "StepLR", "step_sise": 3, "gama": 0.5})
+    document = problem(client.post("/v1/sessions", json=schedule), 422, "invalid-hyperparameter")
+    assert [e["field"] for e in document["errors"]] == ["schedule.step_sise", "schedule.gama"]
+    assert "did you mean gamma?" in document["errors"][1]["message"]
+    assert client.get("/v1/sessions").json()["sessions"] == []  # nothing was created
+
+
+def test_a_trailing_slash_is_the_same_route(client: TestClient) -> None:
+    created = client.post("/v1/sessions/", json=adam_config(), follow_redirects=False)
+    assert created.status_code == 201
+    session = created.json()["id"]
+    listed = client.get("/v1/sessions/", follow_redirects=False)
+    assert listed.status_code == 200
+    assert [s["id"] for s in listed.json()["sessions"]] == [session]
+    assert client.get(f"/v1/sessions/{session}/", follow_redirects=False).status_code == 200

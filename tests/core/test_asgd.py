@@ -82,5 +82,5 @@ def test_needs_params_even_without_decay() -> None:
 
 
 def test_fused_is_not_an_asgd_argument() -> None:
-    with pytest.raises(ValueError, match="unknown argument 'fused'"):
+    with pytest.raises(ValueError, match="unknown argument fused;"):
         optimizers.get("ASGD").resolve({"fused": False})

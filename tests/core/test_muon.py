@@ -155,5 +155,5 @@ def test_newton_schulz_settings_are_checked_at_creation(
 
 
 def test_device_knobs_are_not_muon_arguments() -> None:
-    with pytest.raises(InvalidHyperparameter, match="unknown argument 'foreach'"):
+    with pytest.raises(InvalidHyperparameter, match="unknown argument foreach;"):
         optimizers.get("Muon").resolve({"foreach": False})

@@ -111,6 +111,21 @@ class DataDirInUse(RuntimeError):
         self.root = root
 
 
+def data_dir_in_use(root: Path) -> bool:
+    """Whether a process holds the data directory's lock now (a server started on it)."""
+    try:
+        fd = os.open(root / LOCK_NAME, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing also releases the lock if it was taken here
+    return False
+
+
 @dataclass
 class _Log:
     """The segment a session appends to."""
