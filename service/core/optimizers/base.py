@@ -100,6 +100,14 @@ class Optimizer(ABC, Generic[S]):
         ``grads`` are read-only. ``params`` is ``None`` when ``needs_params`` is false.
         """
 
+    def evaluation_point(
+        self, state: S, params: Sequence[np.ndarray], hp: Mapping[str, Any]
+    ) -> list[np.ndarray]:
+        """The point to evaluate the model at, as new arrays: the parameters themselves,
+        but for rules whose parameters hold a point they only take gradients at
+        (schedule-free: the package's ``eval()`` mode)."""
+        return [p.copy() for p in params]
+
     def describe(self) -> dict[str, Any]:
         """Catalog entry: name and every argument with type and default."""
         return {"name": self.name, "args": [a.describe() for a in self.args]}
