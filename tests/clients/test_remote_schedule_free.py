@@ -30,9 +30,9 @@ def client(live_url: str) -> Iterator[Client]:
 
 def _model() -> Any:
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
-    ).to(torch.float64)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(
+        torch.float64
+    )
 
 
 def _groups(model: Any) -> list[dict[str, Any]]:

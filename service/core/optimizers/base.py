@@ -41,6 +41,9 @@ class Optimizer(ABC, Generic[S]):
     state over all of a group's tensors (LBFGS)."""
     unsupported: ClassVar[tuple[str, ...]] = ("foreach", "fused", "capturable", "differentiable")
     """torch arguments accepted where torch takes them, and ignored: they pick torch kernels."""
+    reference: ClassVar[str | None] = None
+    """The PyPI package whose numbers an optimizer torch lacks follows (``"lion-pytorch"``);
+    ``None`` for torch.optim's classes."""
     constructor_state_args: ClassVar[tuple[str, ...]] = ()
     """Arguments torch's constructor reads when it builds every group's state (Adagrad's
     ``initial_accumulator_value``): the constructor's value applies to every group, and a
@@ -110,7 +113,10 @@ class Optimizer(ABC, Generic[S]):
 
     def describe(self) -> dict[str, Any]:
         """Catalog entry: name and every argument with type and default."""
-        return {"name": self.name, "args": [a.describe() for a in self.args]}
+        entry: dict[str, Any] = {"name": self.name, "args": [a.describe() for a in self.args]}
+        if self.reference is not None:
+            entry["reference"] = self.reference
+        return entry
 
 
 _REGISTRY: dict[str, Optimizer[Any]] = {}

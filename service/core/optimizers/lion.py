@@ -49,6 +49,7 @@ class Lion(Optimizer[LionState]):
             "divide weight_decay by the constructor's lr, so the decay scales with lr / lr0",
         ),
     )
+    reference = "lion-pytorch"
     unsupported = ("use_triton",)
     """Picks lion-pytorch's Triton kernel: the same rule."""
     state_type = LionState

@@ -77,6 +77,7 @@ class ScheduleFree(Optimizer[ScheduleFreeState]):
     """What both rules share: the averaging and the interpolated step of ``y``."""
 
     state_type = ScheduleFreeState
+    reference = "schedulefree"
     per_tensor_state = False
     unsupported = ("foreach",)
     """Picks the package's foreach kernels: the same rule."""
