@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from service.core import optimizers
+from service.core.errors import InvalidHyperparameter
 from service.core.optimizers.schedule_free import ScheduleFree
 from service.core.plan import plan_from_config
 from service.core.training import apply_step, initial_state
@@ -123,3 +124,22 @@ def test_fixture_is_current(case: Case) -> None:
     stored = load(case)
     for key, value in run_package(case).items():
         np.testing.assert_array_equal(stored[key], value, err_msg=key)
+
+
+def test_a_zero_interpolation_weight_is_refused_up_front() -> None:
+    # The package takes it and fails with ZeroDivisionError in eval().
+    with pytest.raises(InvalidHyperparameter) as caught:
+        optimizers.get("AdamWScheduleFree").resolve({"betas": [0.0, 0.9]}, where="optimizer.")
+    assert caught.value.argument == "optimizer.betas"
+
+
+@pytest.mark.parametrize("given", [{"r": 1e300}, {"weight_lr_power": -3.0, "lr": 0.0}])
+def test_averaging_weights_past_float_range_compute_on(given: dict[str, float]) -> None:
+    # Python's ** raises where IEEE arithmetic gives inf; a step must not fail for it.
+    optimizer = optimizers.get("SGDScheduleFree")
+    hp = optimizer.resolve(given)
+    state = optimizer.init([(2,)], hp, np.dtype(np.float64))
+    params, out = [np.ones(2)], [np.empty(2)]
+    for _ in range(3):
+        state = optimizer.update([np.ones(2)], state, params, hp, out)
+    assert state.k == 3

@@ -17,6 +17,7 @@ towards the average, where the package would leave it alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,15 @@ def _shared_args() -> tuple[Arg, ...]:
     )
 
 
+def power(base: float, exponent: float) -> float:
+    """``base ** exponent`` as IEEE arithmetic has it: Python raises where the result
+    overflows (``inf``) or is ``0.0`` to a negative power (``inf``); a session computes on."""
+    try:
+        return float(base**exponent)
+    except (OverflowError, ZeroDivisionError):
+        return math.inf
+
+
 @dataclass(frozen=True)
 class Averaging:
     """One step's scalars, computed as the package does in Python floats."""
@@ -64,7 +74,7 @@ class Averaging:
         sched = (k + 1) / warmup if k < warmup else 1.0
         lr = hp["lr"] * sched
         state.lr_max = max(lr, state.lr_max)
-        weight = ((k + 1) ** hp["r"]) * (state.lr_max ** hp["weight_lr_power"])
+        weight = power(k + 1, hp["r"]) * power(state.lr_max, hp["weight_lr_power"])
         state.weight_sum = state.weight_sum + weight
         try:
             ckp1 = weight / state.weight_sum
@@ -151,7 +161,17 @@ class AdamWScheduleFree(ScheduleFree):
         Arg("weight_decay", "float", 0.0, "weight decay coefficient, applied at y"),
         *_shared_args(),
     )
-    # The package validates none of its arguments.
+
+    def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
+        # The package validates none of its arguments, but its eval() divides by beta1:
+        # refused up front rather than failing when the evaluation point is asked for.
+        beta1 = hp["betas"][0]
+        check(
+            beta1 != 0,
+            f"{where}betas",
+            f"betas[0] must not be 0: the evaluation point divides by it, got {beta1}",
+            hp["betas"],
+        )
 
     def momentum(self, hp: Mapping[str, Any]) -> float:
         return float(hp["betas"][0])
@@ -170,7 +190,7 @@ class AdamWScheduleFree(ScheduleFree):
         assert params is not None
         if not state.exp_avg_sq:
             state.exp_avg_sq = [np.zeros_like(g) for g in grads]
-        bias_correction2 = 1 - beta2 ** (state.k + 1)
+        bias_correction2 = 1 - power(beta2, state.k + 1)
         avg = Averaging.advance(state, hp)
         dtype = np.dtype(grads[0].dtype) if grads else np.dtype(np.float64)
         beta2_, w2, bc2, eps, decay_, *consts = constants(
