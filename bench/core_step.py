@@ -16,12 +16,16 @@ a sliver of CPU is discarded and repeated, up to ``--max-seconds``; the table sa
 many rounds were kept. Medians are over the steps of the kept rounds; "best" is the
 fastest single step, the least disturbed by anything else the machine was doing.
 ``--apply`` also adds the delta to the parameters, as a session that holds them does.
-Needs torch (``pip install torch==2.13.0``).
+Needs torch (``pip install torch==2.13.0``). The optimizers torch lacks run beside their
+reference packages' own ``step()`` (``pip install -e '.[reference-optimizers]'``).
+schedulefree divides the gradient in place; for those rows both sides restore the
+gradient before each step (one copy each), so every step sees the same input.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -43,6 +47,10 @@ class Contender:
     label: str
     optimizer: str
     hparams: dict[str, Any]
+    reference: tuple[str, str] | None = None
+    """(module, class) of the reference package; ``None`` for torch.optim's class."""
+    restores_grad: bool = False
+    """The reference overwrites the gradient: restore it before every step, both sides."""
 
 
 CONTENDERS = {
@@ -53,6 +61,23 @@ CONTENDERS = {
     "adagrad": Contender("Adagrad", "Adagrad", {}),
     "adadelta": Contender("Adadelta", "Adadelta", {}),
     "adamax": Contender("Adamax", "Adamax", {}),
+    "lion": Contender(
+        "Lion (lion-pytorch)", "Lion", {"weight_decay": 0.01}, ("lion_pytorch", "Lion")
+    ),
+    "adamwschedulefree": Contender(
+        "AdamWScheduleFree (schedulefree)",
+        "AdamWScheduleFree",
+        {"weight_decay": 0.01},
+        ("schedulefree", "AdamWScheduleFree"),
+        restores_grad=True,
+    ),
+    "sgdschedulefree": Contender(
+        "SGDScheduleFree (schedulefree)",
+        "SGDScheduleFree",
+        {"lr": 0.01},
+        ("schedulefree", "SGDScheduleFree"),
+        restores_grad=True,
+    ),
 }
 
 QUIET_SHARE = 0.05
@@ -103,15 +128,29 @@ def bench(
 
     t_param = torch.nn.Parameter(torch.from_numpy(param.copy()))
     t_param.grad = torch.from_numpy(grad.copy())
-    t_opt = getattr(torch.optim, opt.name)([t_param], **contender.hparams)
+    if contender.reference is None:
+        t_cls = getattr(torch.optim, opt.name)
+    else:
+        module, name = contender.reference
+        t_cls = getattr(importlib.import_module(module), name)
+    t_opt = t_cls([t_param], **contender.hparams)
+    if callable(getattr(t_opt, "train", None)):
+        t_opt.train()  # schedule-free: steps need train mode
+    t_grad = torch.from_numpy(grad.copy())
+    given_grad = grad.copy()
 
     def numpy_step() -> None:
         nonlocal state
-        state = opt.update([grad], state, given_params, hp, [delta])
+        if contender.restores_grad:
+            np.copyto(given_grad, grad)
+        state = opt.update([given_grad], state, given_params, hp, [delta])
         if apply:
             np.add(param, delta, out=param)
 
     def torch_step() -> None:
+        if contender.restores_grad:
+            assert t_param.grad is not None
+            t_param.grad.copy_(t_grad)
         t_opt.step()
 
     # Enough steps per run that a round spans several scheduler ticks.

@@ -20,6 +20,7 @@ import numpy as np
 
 from service.core import optimizers, schedules
 from service.core.errors import InvalidHyperparameter, InvalidInput
+from service.core.evaluation import evaluation_point
 from service.core.plan import SCHEDULE_OPTIONS, plan_from_config
 from service.core.training import initial_state
 from service.core.training import preview as core_preview
@@ -342,7 +343,11 @@ class SessionService:
 
     # -- params and checkpoints ------------------------------------------------------------
 
-    async def params(self, tenant: str, session_id: str) -> dict[str, np.ndarray]:
+    async def params(
+        self, tenant: str, session_id: str, evaluation: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Copies of the held parameters; with ``evaluation``, the point to evaluate the
+        model at instead (schedule-free rules' average, the parameters elsewhere)."""
         async with self.runtime.locked(tenant, session_id) as entry:
             live = entry.live
             if live.held is None:
@@ -350,10 +355,12 @@ class SessionService:
             held = live.held
 
             def copy() -> dict[str, np.ndarray]:
-                return {
-                    spec.name: values.copy()
-                    for spec, values in zip(live.plan.tensors, held, strict=True)
-                }
+                values = (
+                    evaluation_point(live.plan, live.state, held)
+                    if evaluation
+                    else [v.copy() for v in held]
+                )
+                return {spec.name: v for spec, v in zip(live.plan.tensors, values, strict=True)}
 
             return await self.runtime.run(copy)
 

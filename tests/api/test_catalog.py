@@ -12,6 +12,11 @@ TORCH_OPTIMIZERS = {
     "RAdam", "Rprop", "Adafactor", "Muon", "LBFGS",
 }  # fmt: skip
 FLOWER_STRATEGIES = {"FedAvg", "FedAvgM", "FedAdagrad", "FedAdam", "FedYogi"}
+BEYOND_TORCH = {
+    "Lion": "lion-pytorch",
+    "AdamWScheduleFree": "schedulefree",
+    "SGDScheduleFree": "schedulefree",
+}
 
 
 def test_optimizer_catalog_lists_arguments_with_types_and_defaults(client: TestClient) -> None:
@@ -19,10 +24,25 @@ def test_optimizer_catalog_lists_arguments_with_types_and_defaults(client: TestC
     assert response.status_code == 200
     entries = {e["name"]: e for e in response.json()["optimizers"]}
     assert "SGD" in entries and "Adam" in entries
-    assert set(entries) <= TORCH_OPTIMIZERS | FLOWER_STRATEGIES
+    assert set(entries) <= TORCH_OPTIMIZERS | FLOWER_STRATEGIES | set(BEYOND_TORCH)
     args = {a["name"]: a for a in entries["Adam"]["args"]}
     assert args["betas"]["default"] == [0.9, 0.999]
     assert args["eps"]["type"] == "float"
+
+
+def test_optimizers_torch_lacks_name_their_reference_package(client: TestClient) -> None:
+    entries = {e["name"]: e for e in client.get("/v1/optimizers").json()["optimizers"]}
+    assert {n: entries[n].get("reference") for n in BEYOND_TORCH} == BEYOND_TORCH
+    assert all("reference" not in entries[n] for n in TORCH_OPTIMIZERS)
+    lion = {a["name"]: a["default"] for a in entries["Lion"]["args"]}
+    assert lion == {
+        "lr": 1e-4,
+        "betas": [0.9, 0.99],
+        "weight_decay": 0.0,
+        "decoupled_weight_decay": False,
+    }
+    sgd = {a["name"]: a["default"] for a in entries["SGDScheduleFree"]["args"]}
+    assert sgd["lr"] == 1.0 and sgd["momentum"] == 0.9 and sgd["warmup_steps"] == 0
 
 
 def test_schedule_catalog(client: TestClient) -> None:

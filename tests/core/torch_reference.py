@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from tests.core.parity_inputs import Inputs
+from tests.core.reference_classes import reference_class
 
 SCHEDULE_OPTIONS = ("interval", "every")
 MANUAL_PERIOD = 10
@@ -48,8 +49,10 @@ def build_optimizer(torch: Any, config: Mapping[str, Any], tensors: dict[str, An
     default = [t for n, t in tensors.items() if n not in listed]
     if default:
         groups.insert(0, {"params": default})
-    cls = _class_by_name(torch.optim, config["optimizer"]["name"])
-    return cls(groups, **opt_config)
+    optimizer = reference_class(config["optimizer"]["name"])(groups, **opt_config)
+    if callable(getattr(optimizer, "train", None)):
+        optimizer.train()  # schedule-free: parameters hold the training point y
+    return optimizer
 
 
 def run_torch(config: Mapping[str, Any], inputs: Inputs) -> dict[str, np.ndarray]:

@@ -168,8 +168,9 @@ class AsyncSession(SessionView):
         call = self._step_call(grads, params, loss, returns, if_match, idempotency_key)
         return self._step_result(await self.client.send(call), returns)
 
-    async def params(self) -> dict[str, np.ndarray]:
-        return self._tensors(await self.client.send(_calls.params(self.id, self.wire)))
+    async def params(self, *, evaluation: bool = False) -> dict[str, np.ndarray]:
+        call = _calls.params(self.id, self.wire, evaluation)
+        return self._tensors(await self.client.send(call))
 
     async def state(self) -> bytes:
         return (await self.client.send(_calls.state(self.id))).content

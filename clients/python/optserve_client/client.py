@@ -193,9 +193,10 @@ class Session(SessionView):
         call = self._step_call(grads, params, loss, returns, if_match, idempotency_key)
         return self._step_result(self.client.send(call), returns)
 
-    def params(self) -> dict[str, np.ndarray]:
-        """The parameters a session holds."""
-        return self._tensors(self.client.send(_calls.params(self.id, self.wire)))
+    def params(self, *, evaluation: bool = False) -> dict[str, np.ndarray]:
+        """The parameters a session holds; with ``evaluation``, the point to evaluate the
+        model at (schedule-free optimizers' average, what their ``eval()`` sets)."""
+        return self._tensors(self.client.send(_calls.params(self.id, self.wire, evaluation)))
 
     def state(self) -> bytes:
         """A self-describing safetensors checkpoint; ``Client.restore`` continues it."""

@@ -51,6 +51,13 @@ __all__ = ["ConversionError", "RemoteOptimizer"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LBFGS = "lbfgs"
+_SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
+_NOT_IN_TRAIN_MODE = (
+    "Optimizer was not in train mode when step is called. "
+    "Please insert .train() and .eval() calls on the "
+    "optimizer. See documentation for details."
+)
+"""The schedulefree package's words, for the same mistake."""
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -64,6 +71,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
     session config of the HTTP API. ``dtype`` defaults to float64 when every parameter
     is float64, else float32. ``hold_params`` (default: only for LBFGS) makes the session
     keep its own copy of the parameters; steps then copy the server's values in.
+
+    Schedule-free optimizers (``AdamWScheduleFree``, ``SGDScheduleFree``) hold the
+    parameters by default and switch as the schedulefree package's do: they start in
+    eval mode, ``train()`` puts the training point in the tensors and must come before
+    ``step()``, ``eval()`` puts the evaluation point there (``GET .../params?eval=true``).
     """
 
     def __init__(
@@ -93,7 +105,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._owns_client = client is None
         self.client = client if client is not None else Client(url, api_key=api_key, wire=wire)
         self._is_lbfgs = str(optimizer.get("name", "")).lower() == _LBFGS
-        self._holds = self._is_lbfgs if hold_params is None else hold_params
+        self._is_schedule_free = str(optimizer.get("name", "")).lower() in _SCHEDULE_FREE
+        self._train_mode = False
+        """Schedule-free only: whether the tensors hold the training point."""
+        default_holds = self._is_lbfgs or self._is_schedule_free
+        self._holds = default_holds if hold_params is None else hold_params
         if dtype is None:
             dtype = "float64" if all(t.dtype == torch.float64 for t in tensors) else "float32"
         self._owns_session = session is None
@@ -174,6 +190,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """
         if self._is_lbfgs:
             return self._ask_tell_step(closure)
+        if self._is_schedule_free and not self._train_mode:
+            raise Exception(_NOT_IN_TRAIN_MODE)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -181,6 +199,28 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._send_group_edits()
         self._exchange(loss)
         return loss
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Schedule-free: put the evaluation point ``x`` in the tensors (the server's
+        ``GET .../params?eval=true``). Other optimizers evaluate where they step: no-op."""
+        if self._is_schedule_free and self._train_mode:
+            self._copy_in(self.session.params(evaluation=True))
+            self._train_mode = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Schedule-free: put the training point ``y`` back in the tensors, as held by the
+        server (exactly, where the package's ``train()`` interpolates back). Other
+        optimizers: no-op."""
+        if self._is_schedule_free and not self._train_mode:
+            self._copy_in(self.session.params())
+            self._train_mode = True
+
+    def _copy_in(self, values: Mapping[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            tensor = self._tensor_of[name]
+            tensor.copy_(torch.from_numpy(value).to(tensor.device, tensor.dtype))
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout (``state``, ``param_groups``) plus ``optserve``: the server's
@@ -401,9 +441,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         )
         if result.applied:
             if result.params is not None:
-                for name, value in result.params.items():
-                    tensor = self._tensor_of[name]
-                    tensor.copy_(torch.from_numpy(value).to(tensor.device, tensor.dtype))
+                self._copy_in(result.params)
             elif result.deltas is not None:
                 for name, value in result.deltas.items():
                     tensor = self._tensor_of[name]

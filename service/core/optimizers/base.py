@@ -41,6 +41,9 @@ class Optimizer(ABC, Generic[S]):
     state over all of a group's tensors (LBFGS)."""
     unsupported: ClassVar[tuple[str, ...]] = ("foreach", "fused", "capturable", "differentiable")
     """torch arguments accepted where torch takes them, and ignored: they pick torch kernels."""
+    reference: ClassVar[str | None] = None
+    """The PyPI package whose numbers an optimizer torch lacks follows (``"lion-pytorch"``);
+    ``None`` for torch.optim's classes."""
     constructor_state_args: ClassVar[tuple[str, ...]] = ()
     """Arguments torch's constructor reads when it builds every group's state (Adagrad's
     ``initial_accumulator_value``): the constructor's value applies to every group, and a
@@ -100,9 +103,20 @@ class Optimizer(ABC, Generic[S]):
         ``grads`` are read-only. ``params`` is ``None`` when ``needs_params`` is false.
         """
 
+    def evaluation_point(
+        self, state: S, params: Sequence[np.ndarray], hp: Mapping[str, Any]
+    ) -> list[np.ndarray]:
+        """The point to evaluate the model at, as new arrays: the parameters themselves,
+        but for rules whose parameters hold a point they only take gradients at
+        (schedule-free: the package's ``eval()`` mode)."""
+        return [p.copy() for p in params]
+
     def describe(self) -> dict[str, Any]:
         """Catalog entry: name and every argument with type and default."""
-        return {"name": self.name, "args": [a.describe() for a in self.args]}
+        entry: dict[str, Any] = {"name": self.name, "args": [a.describe() for a in self.args]}
+        if self.reference is not None:
+            entry["reference"] = self.reference
+        return entry
 
 
 _REGISTRY: dict[str, Optimizer[Any]] = {}

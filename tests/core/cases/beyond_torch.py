@@ -1,0 +1,86 @@
+"""Optimizers torch lacks, against their reference packages (tests/core/reference_classes.py).
+
+Each runs 200 steps in float32 and float64: defaults, non-default arguments, a schedule
+(LinearLR warmup, as torch's schedulers edit ``lr``), and two groups with clipping.
+"""
+
+from tests.core.cases import DEFAULT_PARAMS, dtype_cases, optimizer_cases
+
+PARAMS = {"w": {"shape": [6, 4]}, "b": {"shape": [4]}, "head": {"shape": [3, 2]}}
+SCHEDULE = {"name": "LinearLR", "start_factor": 0.25, "total_iters": 40}
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "lion": {"name": "Lion"},
+    "lion-args": {"name": "Lion", "lr": 3e-3, "betas": [0.8, 0.95], "weight_decay": 0.1},
+    "lion-decoupled": {
+        "name": "Lion",
+        "lr": 2e-3,
+        "weight_decay": 1e-4,
+        "decoupled_weight_decay": True,
+    },
+    "adamwschedulefree": {"name": "AdamWScheduleFree"},
+    "adamwschedulefree-args": {
+        "name": "AdamWScheduleFree",
+        "lr": 0.01,
+        "betas": [0.8, 0.99],
+        "eps": 1e-6,
+        "weight_decay": 0.05,
+        "warmup_steps": 20,
+        "r": 0.5,
+        "weight_lr_power": 1.0,
+    },
+    "sgdschedulefree": {"name": "SGDScheduleFree", "lr": 0.05},
+    "sgdschedulefree-args": {
+        "name": "SGDScheduleFree",
+        "lr": 0.02,
+        "momentum": 0.8,
+        "weight_decay": 0.01,
+        "warmup_steps": 15,
+        "r": 1.0,
+        "weight_lr_power": 0.5,
+    },
+}
+
+GROUPS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
+    "lion": ({"name": "Lion", "lr": 1e-3, "weight_decay": 0.05}, {"lr": 3e-3, "betas": [0.5, 0.9]}),
+    "adamwschedulefree": (
+        {"name": "AdamWScheduleFree", "lr": 0.01, "weight_decay": 0.01},
+        {"lr": 0.02, "warmup_steps": 10, "weight_decay": 0.0},
+    ),
+    "sgdschedulefree": (
+        {"name": "SGDScheduleFree", "lr": 0.05, "weight_decay": 0.01},
+        {"lr": 0.1, "momentum": 0.5},
+    ),
+}
+
+CASES = optimizer_cases(VARIANTS)
+CASES += dtype_cases(
+    {
+        f"{name}-schedule": {"optimizer": optimizer, "schedule": SCHEDULE, "params": DEFAULT_PARAMS}
+        for name, optimizer in VARIANTS.items()
+        if name.endswith("-args") or name == "lion-decoupled"
+    }
+)
+CASES += dtype_cases(
+    {
+        f"{name}-groups-clip": {
+            "optimizer": optimizer,
+            "params": PARAMS,
+            "param_groups": [{"params": ["head"], **group}],
+            "clip_grad_norm": {"max_norm": 1.0},
+        }
+        for name, (optimizer, group) in GROUPS.items()
+    },
+    grad_scale=3.0,
+)
+CASES += dtype_cases(
+    {
+        "lion-partial": {
+            "optimizer": {"name": "Lion", "lr": 1e-3, "weight_decay": 0.1},
+            "params": PARAMS,
+            "missing_grads": "skip",
+            "clip_grad_norm": {"max_norm": 2.0},
+            "param_groups": [{"params": ["head"], "lr": 2e-3}],
+        }
+    }
+)
