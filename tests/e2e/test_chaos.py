@@ -2,8 +2,9 @@
 
 - Three replicas on the PostgreSQL store behind HAProxy, a replica SIGKILLed every few
   seconds, HAProxy and PostgreSQL each killed once: no acknowledged step lost, none
-  applied twice, params equal to torch's, the worst step during a failover under two
-  lease periods. Runs once the PostgreSQL store (service/sessions/store/postgres) exists.
+  applied twice, params equal to torch's. The step latency during failovers is printed
+  with the report, not asserted (timing depends on the machine); its target, under two
+  lease periods, is bench/chaos.py's to measure.
 - The same harness on one disk replica (disk replicas cannot share sessions): the
   replica and HAProxy killed and restarted, the same checks.
 - The checker itself catches a step applied twice and a step lost.
@@ -70,7 +71,8 @@ def test_three_replicas_on_postgres_lose_nothing_and_double_nothing(tmp_path: Pa
     kinds = Counter(d.kind for d in report.disruptions)
     assert kinds["proxy"] == 1 and kinds["database"] == 1 and kinds["replica"] >= 3
     assert report.during("database"), "no step overlapped the database outage"
-    assert report.worst_failover_s < 2 * plan.lease_seconds, report.worst_failover_s
+    # Latency is measured, not asserted (a test's timing depends on the machine): the
+    # report check() printed and bench/chaos.py give the failover figures and their target.
 
 
 def test_the_harness_on_one_disk_replica_behind_haproxy(tmp_path: Path) -> None:
