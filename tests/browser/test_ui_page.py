@@ -147,7 +147,9 @@ def test_ui_plots_participation_and_update_norms_per_round(server: ServerProcess
     with browser_page() as watched:
         _open(watched, server.url, session)
         page = watched.page
-        page.wait_for_selector('svg[data-plot="plot-norms"] [data-series]')
+        # "attached", not "visible": a flat series is a path with no height, which
+        # Playwright counts as invisible.
+        page.wait_for_selector('svg[data-plot="plot-norms"] [data-series]', state="attached")
         participation = _series(watched, "plot-participation")["participants"]
         assert participation == [len(r["participants"]) for r in rounds["rounds"]]
         norms = _series(watched, "plot-norms")
