@@ -10,8 +10,10 @@ session; the disk store's snapshots are the same thing. Layout:
   ``state`` (the JSON part of the training state), ``labels`` (JSON), ``step`` and
   ``holds_params`` (for humans and quick checks; ``state`` is authoritative), and for a
   federated session ``federated`` (the round and its history, JSON), and once a group
-  was edited or added ``changes`` (the change log, JSON). ``session`` is the config as
-  it is now: groups added since the creation are in it.
+  was edited or added ``changes`` (the change log, JSON), and once a step was made
+  ``steps`` (the step history, JSON, bounded by ``OPTSERVE_STEP_HISTORY``). The running sum
+  of an accumulation is in the state, as ``state/accumulated/<tensor index>`` arrays.
+  ``session`` is the config as it is now: groups added since the creation are in it.
 
 Arrays are stored in the session's dtype and come back bit for bit, so a restored
 session continues exactly where the exported one was.
@@ -33,7 +35,7 @@ from service.core.plan import Plan, plan_from_config
 from service.core.training import TrainState, state_from_flat, state_to_flat
 from service.sessions.errors import InvalidCheckpoint, ParamsRequired
 from service.sessions.federated import state as federated
-from service.sessions.models import Change
+from service.sessions.models import Change, StepRecord
 
 FORMAT = "optserve.checkpoint/1"
 PARAMS_PREFIX = "params/"
@@ -53,6 +55,7 @@ def export(
     held: list[np.ndarray] | None,
     federation: Federation | None = None,
     changes: Sequence[Change] = (),
+    history: Sequence[StepRecord] = (),
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The checkpoint of a session. Arrays are the live ones: copy them to keep them."""
     arrays, meta = state_to_flat(plan, state)
@@ -73,6 +76,8 @@ def export(
     }
     if changes:
         metadata["changes"] = json.dumps([c.to_json() for c in changes], separators=(",", ":"))
+    if history:
+        metadata["steps"] = strict_json.dumps([r.to_json() for r in history])
     if federation is not None:
         federated_arrays, federated_metadata = federated.export(federation)
         arrays.update(federated_arrays)
@@ -89,6 +94,7 @@ class Restored:
     held: list[np.ndarray] | None
     federation: Federation | None = None
     changes: list[Change] = field(default_factory=list)
+    history: list[StepRecord] = field(default_factory=list)
 
 
 def _json(metadata: Mapping[str, str], key: str) -> Any:
@@ -152,7 +158,9 @@ def restore(
         federation = federated.restore(config, plan, holds, federated_arrays, metadata)
     except ParamsRequired as exc:
         raise InvalidCheckpoint(str(exc)) from exc
-    return Restored(config, labels, plan, state, held, federation, _changes(metadata))
+    return Restored(
+        config, labels, plan, state, held, federation, _changes(metadata), _history(metadata)
+    )
 
 
 def _changes(metadata: Mapping[str, str]) -> list[Change]:
@@ -163,6 +171,16 @@ def _changes(metadata: Mapping[str, str]) -> list[Change]:
         return [Change.from_json(entry) for entry in raw]
     except (TypeError, ValueError) as exc:
         raise InvalidCheckpoint(f"checkpoint 'changes' is malformed: {exc}") from exc
+
+
+def _history(metadata: Mapping[str, str]) -> list[StepRecord]:
+    if "steps" not in metadata:
+        return []
+    raw = _json(metadata, "steps")
+    try:
+        return [StepRecord.from_json(entry) for entry in raw]
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise InvalidCheckpoint(f"checkpoint 'steps' is malformed: {exc}") from exc
 
 
 def _held(plan: Plan, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ and the catalogs.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import contextlib
 import time
@@ -37,8 +38,15 @@ from service.sessions.federated import state as federated_state
 from service.sessions.federated.coordinator import Coordinator
 from service.sessions.groups import AddGroupRequest, GroupEditRequest, add_event, edit_event
 from service.sessions.ids import new_id
-from service.sessions.live import LiveSession, initial_params
-from service.sessions.models import Change, Limits, SessionInfo, StepReply, StepRequest
+from service.sessions.live import STEP_HISTORY, LiveSession, initial_params
+from service.sessions.models import (
+    Change,
+    Limits,
+    SessionInfo,
+    StepRecord,
+    StepReply,
+    StepRequest,
+)
 from service.sessions.runtime import IDEMPOTENCY_WINDOW_BYTES, SNAPSHOT_LOG_RATIO, Runtime
 from service.sessions.steps import Steps
 from service.sessions.store.base import Event, SessionRecord, Snapshot, Store
@@ -102,6 +110,7 @@ class SessionService:
         memory_budget: int | None = None,
         idle_evict_s: float | None = None,
         lease_ttl: float = DEFAULT_TTL,
+        step_history: int = STEP_HISTORY,
     ) -> None:
         self.runtime = Runtime(
             store,
@@ -114,6 +123,7 @@ class SessionService:
             memory_budget=memory_budget,
             idle_evict_s=idle_evict_s,
             lease_ttl=lease_ttl,
+            step_history=step_history,
         )
         self.store = store
         self.limits = limits
@@ -339,6 +349,20 @@ class SessionService:
             end += 1
         page = log_[:end]
         return page, (page[-1].seq if len(log_) > end else None)
+
+    async def history(
+        self, tenant: str, session_id: str, after: int | None, limit: int
+    ) -> tuple[builtins.list[StepRecord], int | None]:
+        """The step history, oldest first, from the event after ``after``; and the cursor
+        (the ``seq`` of the page's last record, or None on the last page)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", "limit")
+        entry = await self.runtime.entry(tenant, session_id)
+        records = entry.live.history
+        start = 0 if after is None else bisect.bisect_right([r.seq for r in records], after)
+        page = records[start : start + limit]
+        more = start + limit < len(records)
+        return page, (page[-1].seq if more and page else None)
 
     # -- params and checkpoints ------------------------------------------------------------
 
