@@ -362,7 +362,7 @@ def _accumulated_from_flat(
     acc = accumulation.from_flat(arrays, meta["accumulated"], ACCUMULATED_PREFIX)
     for i, values in acc.sums.items():
         if not 0 <= i < len(plan.tensors) or values.shape != plan.tensors[i].shape:
-            raise InvalidInput(f"checkpoint accumulated tensor {i} does not fit the config", "state")
+            raise InvalidInput(f"checkpoint accumulated tensor {i} does not fit", "state")
     if acc.count and (plan.accumulate is None or acc.count >= plan.accumulate.steps):
         raise InvalidInput("checkpoint accumulation count does not fit the config", "state")
     return acc

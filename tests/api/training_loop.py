@@ -50,7 +50,8 @@ class Model:
         """One micro-batch's own gradients (what a worker posts) and its loss."""
         loss = self.loss(batch)
         values = torch.autograd.grad(loss, list(self.params.values()))
-        return {n: g.numpy() for n, g in zip(self.params, values, strict=True)}, float(loss.detach())
+        grads = {n: g.numpy() for n, g in zip(self.params, values, strict=True)}
+        return grads, float(loss.detach())
 
     def numpy(self) -> dict[str, np.ndarray]:
         return {n: p.detach().numpy().copy() for n, p in self.params.items()}
