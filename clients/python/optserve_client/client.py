@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from optserve_client import _calls, _documents
+from optserve_client import _calls, _documents, _history
 from optserve_client._connection import DEFAULT_URL, Connection, auth_headers, server_root
 from optserve_client._retry import RetryPolicy
 from optserve_client._session import ParamsSpec, SessionView, TensorsIn, session_config
@@ -91,13 +91,15 @@ class Client(Connection):
         labels: Mapping[str, str] | None = None,
         hold_params: bool | None = None,
         missing_grads: str | None = None,
+        accumulate: Mapping[str, Any] | None = None,
     ) -> Session:
         """Create a session. ``params`` maps names to shapes (tuples) or initial arrays.
 
         With arrays the session holds the parameters (unless ``hold_params=False``): it
         applies its own deltas, steps need no parameter values, ``Session.params()``
         serves them. ``missing_grads="skip"`` lets a step leave tensors out, as torch
-        skips a parameter without a gradient.
+        skips a parameter without a gradient. ``accumulate={"steps": k}`` makes every
+        k-th step post apply one step to the mean of the k gradients posted.
         """
         config, initial = session_config(
             optimizer=optimizer,
@@ -111,6 +113,7 @@ class Client(Connection):
             labels=labels,
             hold_params=hold_params,
             missing_grads=missing_grads,
+            accumulate=accumulate,
         )
         response = self.send(_calls.create(self.wire, config, initial))
         return Session(self, _documents.session_document(response))
@@ -240,6 +243,22 @@ class Session(SessionView):
             after = page.get("next")
             if after is None:
                 return entries
+
+    def steps(self) -> list[dict[str, Any]]:
+        """The step history, oldest first: one record per optimizer step, applied or
+        skipped (``seq``, ``step``, ``time``, ``lr`` per group, ``applied``, ``skipped``,
+        ``metrics``), as far back as the server's retention keeps it."""
+        records: list[dict[str, Any]] = []
+        after: int | None = None
+        while True:
+            page, after = _history.page(self.client.send(_calls.steps(self.id, after)))
+            records.extend(page)
+            if after is None:
+                return records
+
+    def steps_csv(self) -> str:
+        """:meth:`steps` as CSV text (:func:`optserve_client._history.to_csv`'s columns)."""
+        return _history.to_csv(self.steps())
 
     def delete(self) -> None:
         self.client.delete_session(self.id)
