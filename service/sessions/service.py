@@ -201,6 +201,9 @@ class SessionService:
         if restored.plan.ask_tell and restored.held is None:
             raise ParamsRequired("an LBFGS ask/tell checkpoint must hold its parameters")
         record = SessionRecord(new_id(), tenant, core, labels, self.runtime.now())
+        # A new session numbers its own events from 1: it starts its own step history (the
+        # checkpoint's records are keyed by the events of the session it was taken from).
+        restored.history = []
         return await self._store_new(
             tenant, lambda: LiveSession.restored(record, restored, 0, record.created_at)
         )

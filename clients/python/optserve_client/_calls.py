@@ -173,9 +173,7 @@ def changes(session_id: str, after: int | None) -> Call:
 def steps(session_id: str, after: int | None) -> Call:
     """``GET .../steps``: a page of the step history after event ``after``."""
     query = {"limit": "1000", **({"after": str(after)} if after is not None else {})}
-    return Call(
-        "GET", _session_path(session_id, "/steps"), headers={"accept": JSON}, params=query
-    )
+    return Call("GET", _session_path(session_id, "/steps"), headers={"accept": JSON}, params=query)
 
 
 def optimizers() -> Call:

@@ -33,8 +33,9 @@ def to_csv(records: Sequence[dict[str, Any]]) -> str:
     for r in records:
         lr = list(r.get("lr", []))
         metrics = r.get("metrics") or {}
+        applied = str(bool(r["applied"])).lower()
         writer.writerow(
-            [r["seq"], r["step"], r["time"], str(bool(r["applied"])).lower(), r.get("skipped") or ""]
+            [r["seq"], r["step"], r["time"], applied, r.get("skipped") or ""]
             + [repr(float(x)) for x in lr]
             + [""] * (groups - len(lr))
             + [repr(float(metrics[m])) if m in metrics else "" for m in METRICS]
