@@ -17,6 +17,7 @@ import numpy as np
 
 from service.core import optimizers, schedules
 from service.core.accumulation import AccumulateSpec, parse_accumulate
+from service.core.averaging import AveragingSpec, parse_averaging
 from service.core.errors import CoreError, InvalidHyperparameter
 from service.core.hparams import Arg, check, resolve
 from service.core.optimizers.base import Optimizer, Shape
@@ -38,6 +39,7 @@ CONFIG_KEYS = (
     "nonfinite",
     "missing_grads",
     "accumulate",
+    "averaging",
 )
 SCHEDULE_OPTIONS = (
     Arg(
@@ -102,6 +104,8 @@ class Plan:
     is None (:mod:`service.core.partial`); ``"error"``: every tensor must be sent."""
     accumulate: AccumulateSpec | None = None
     """Gradient accumulation: one optimizer step per ``accumulate.steps`` posts."""
+    averaging: AveragingSpec | None = None
+    """An averaged copy of the held params (``AveragedModel``)."""
 
     @property
     def needs_params(self) -> bool:
@@ -149,6 +153,7 @@ class Plan:
             "nonfinite": self.nonfinite,
             "missing_grads": self.missing_grads,
             "accumulate": self.accumulate.describe() if self.accumulate else None,
+            "averaging": self.averaging.describe() if self.averaging else None,
         }
 
     def resolved_groups(self) -> list[dict[str, Any]]:
@@ -366,6 +371,7 @@ def plan_from_config(
         missing_grads,
     )
     accumulate = parse_accumulate(config.get("accumulate"))
+    averaging = parse_averaging(config.get("averaging"))
     schedule = parse_schedule(config.get("schedule"))
     if schedule is not None:
         # Per-group lists and momentum cycling depend on the optimizer's groups.
@@ -385,6 +391,7 @@ def plan_from_config(
         nonfinite=nonfinite,
         missing_grads=missing_grads,
         accumulate=accumulate,
+        averaging=averaging,
     )
     check(
         accumulate is None or not plan.ask_tell,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from service.codec import strict_json
+from service.core.averaging import Average
 from service.core.errors import CoreError
 from service.core.federated.rounds import Federation
 from service.core.plan import Plan, plan_from_config
@@ -39,6 +40,8 @@ from service.sessions.models import Change, StepRecord
 
 FORMAT = "optserve.checkpoint/1"
 PARAMS_PREFIX = "params/"
+AVERAGE_PREFIX = "average/"
+"""The averaged copy of the held params (``averaging``), by tensor name."""
 STATE_PREFIX = "state/"
 
 
@@ -56,6 +59,7 @@ def export(
     federation: Federation | None = None,
     changes: Sequence[Change] = (),
     history: Sequence[StepRecord] = (),
+    average: Average | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The checkpoint of a session. Arrays are the live ones: copy them to keep them."""
     arrays, meta = state_to_flat(plan, state)
@@ -76,6 +80,10 @@ def export(
     }
     if changes:
         metadata["changes"] = json.dumps([c.to_json() for c in changes], separators=(",", ":"))
+    if average is not None:
+        for spec, values in zip(plan.tensors, average.values, strict=True):
+            arrays[AVERAGE_PREFIX + spec.name] = values
+        metadata["average"] = json.dumps({"n_averaged": average.n_averaged})
     if history:
         metadata["steps"] = strict_json.dumps([r.to_json() for r in history])
     if federation is not None:
@@ -95,6 +103,7 @@ class Restored:
     federation: Federation | None = None
     changes: list[Change] = field(default_factory=list)
     history: list[StepRecord] = field(default_factory=list)
+    average: Average | None = None
 
 
 def _json(metadata: Mapping[str, str], key: str) -> Any:
@@ -136,8 +145,11 @@ def restore(
     state_arrays: dict[str, np.ndarray] = {}
     held_arrays: dict[str, np.ndarray] = {}
     federated_arrays: dict[str, np.ndarray] = {}
+    average_arrays: dict[str, np.ndarray] = {}
     for name, array in arrays.items():
-        if name.startswith(STATE_PREFIX):
+        if name.startswith(AVERAGE_PREFIX) and holds:
+            average_arrays[name[len(AVERAGE_PREFIX) :]] = array
+        elif name.startswith(STATE_PREFIX):
             state_arrays[name] = array
         elif name.startswith(PARAMS_PREFIX) and holds:
             held_arrays[name[len(PARAMS_PREFIX) :]] = array
@@ -158,8 +170,17 @@ def restore(
         federation = federated.restore(config, plan, holds, federated_arrays, metadata)
     except ParamsRequired as exc:
         raise InvalidCheckpoint(str(exc)) from exc
+    average = _average(plan, average_arrays, metadata) if held is not None else None
     return Restored(
-        config, labels, plan, state, held, federation, _changes(metadata), _history(metadata)
+        config,
+        labels,
+        plan,
+        state,
+        held,
+        federation,
+        _changes(metadata),
+        _history(metadata),
+        average,
     )
 
 
@@ -171,6 +192,22 @@ def _changes(metadata: Mapping[str, str]) -> list[Change]:
         return [Change.from_json(entry) for entry in raw]
     except (TypeError, ValueError) as exc:
         raise InvalidCheckpoint(f"checkpoint 'changes' is malformed: {exc}") from exc
+
+
+def _average(
+    plan: Plan, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]
+) -> Average | None:
+    if plan.averaging is None:
+        if arrays:
+            raise InvalidCheckpoint("checkpoint has an average but its config no averaging")
+        return None
+    if "average" not in metadata:
+        raise InvalidCheckpoint("checkpoint with averaging lacks its 'average'")
+    meta = _json(metadata, "average")
+    n = meta.get("n_averaged") if isinstance(meta, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise InvalidCheckpoint("checkpoint 'average' must give n_averaged, an integer >= 0")
+    return Average(_held(plan, arrays), n)
 
 
 def _history(metadata: Mapping[str, str]) -> list[StepRecord]:

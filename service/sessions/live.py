@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core import accumulation
+from service.core import accumulation, averaging
 from service.core.clipping import total_norm
 from service.core.errors import InvalidInput
 from service.core.federated.rounds import Federation
@@ -171,6 +171,7 @@ class LiveSession:
         config: Mapping[str, Any] | None = None,
         changes: list[Change] | None = None,
         history: list[StepRecord] | None = None,
+        average: averaging.Average | None = None,
     ) -> None:
         self.record = record
         self.plan = plan
@@ -189,6 +190,10 @@ class LiveSession:
         self.history: list[StepRecord] = list(history or [])
         """The step history, oldest first, at most :attr:`history_limit` records."""
         self.history_limit = STEP_HISTORY
+        if average is None and plan.averaging is not None and held is not None:
+            average = averaging.begin(held)
+        self.average = average
+        """The averaged copy of the held params (``averaging``), or None."""
         self._describe()
 
     @classmethod
@@ -207,6 +212,7 @@ class LiveSession:
             restored.config,
             restored.changes,
             restored.history,
+            restored.average,
         )
 
     def _describe(self) -> None:
@@ -343,6 +349,10 @@ class LiveSession:
         if outcome.applied and self.held is not None:
             for i, _ in moved:
                 self.held[i] += out[i]
+            avg, spec_avg = self.average, plan.averaging
+            due = spec_avg is not None and outcome.completed and spec_avg.due(state.step)
+            if avg is not None and spec_avg is not None and due:
+                averaging.update(spec_avg, avg, self.held)
         metrics: dict[str, float] | None = None
         if outcome.applied:
             assert grad_norm is not None
@@ -434,6 +444,12 @@ class LiveSession:
         """Check ``add_param_group``: the extended config and plan, the new tensors' values."""
         if self.federation is not None:
             raise StepsNotAccepted(self.record.id)
+        if self.average is not None:
+            raise InvalidInput(
+                "a session that averages its weights takes no added groups: the average "
+                "covers the tensors it was created with",
+                "averaging",
+            )
         config = extended_config(self.config, tensors, options)
         plan = plan_from_config(
             config, ignore=federated_state.OUTER_KEYS, schedule_groups=len(self.state.groups)
@@ -508,6 +524,7 @@ class LiveSession:
             self.federation,
             self.changes,
             self.history,
+            self.average,
         )
 
     def state_bytes(self) -> int:

@@ -196,6 +196,7 @@ class SessionInfo:
             "clip_grad_norm": r["clip_grad_norm"],
             "clip_grad_value": r["clip_grad_value"],
             "accumulate": r.get("accumulate"),
+            "averaging": r.get("averaging"),
             "aggregation": r.get("aggregation"),
             "skipped_steps": self.skipped_steps,
             "accumulated": self.accumulated,

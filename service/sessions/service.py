@@ -178,6 +178,11 @@ class SessionService:
         federation = federated_state.begin(
             core.get("aggregation"), plan, held is not None, self.runtime.now()
         )
+        if plan.averaging is not None and held is None:
+            raise InvalidHyperparameter(
+                "averaging",
+                "averaging keeps an average of held params: give every tensor initial 'data'",
+            )
         if plan.ask_tell and held is None:
             raise ParamsRequired(
                 "LBFGS with a line search or max_iter > 1 asks for the points to evaluate, "
@@ -198,6 +203,8 @@ class SessionService:
         core, _ = _session_config(restored.config)
         labels = _labels(restored.labels)
         self._check_size(len(restored.plan.tensors), restored.plan.size)
+        if restored.plan.averaging is not None and restored.held is None:
+            raise InvalidHyperparameter("averaging", "averaging needs a checkpoint with params")
         if restored.plan.ask_tell and restored.held is None:
             raise ParamsRequired("an LBFGS ask/tell checkpoint must hold its parameters")
         record = SessionRecord(new_id(), tenant, core, labels, self.runtime.now())
@@ -369,12 +376,22 @@ class SessionService:
 
     # -- params and checkpoints ------------------------------------------------------------
 
-    async def params(self, tenant: str, session_id: str) -> dict[str, np.ndarray]:
+    async def params(
+        self, tenant: str, session_id: str, *, average: bool = False
+    ) -> dict[str, np.ndarray]:
+        """The held params, or with ``average`` their averaged copy (``averaging``)."""
         async with self.runtime.locked(tenant, session_id) as entry:
             live = entry.live
             if live.held is None:
                 raise ParamsNotHeld(session_id)
             held = live.held
+            if average:
+                if live.average is None:
+                    raise InvalidInput(
+                        "this session keeps no averaged weights: create it with 'averaging'",
+                        "average",
+                    )
+                held = live.average.values
 
             def copy() -> dict[str, np.ndarray]:
                 return {

@@ -4,7 +4,8 @@ Four micro-batches make a step; the server gets SIGKILL after the third of a ste
 (snapshots every 3 events, so the running sum is both in a snapshot and in the log
 after it, depending on the step), starts again on the same data directory, and the fourth
 post completes the step. Every parameter is then torch's, after 12 steps with a kill in
-each third one, and the step history reads back whole.
+each third one, and so is the EMA of the weights (``AveragedModel``, which started with
+the first step, before the first kill), and the step history reads back whole.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from service.codec import safetensors
 from tests.e2e.server_process import ServerProcess
@@ -37,13 +39,17 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 def test_a_kill_after_three_of_four_posts_resumes_with_three(server: ServerProcess) -> None:
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(5, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    net = torch.nn.Module()
+    net.w = torch.nn.Parameter(torch.randn(5, 3, generator=gen, dtype=torch.float64))
+    w = net.w
     opt = torch.optim.Adam([w], lr=0.05, betas=(0.85, 0.99), weight_decay=0.02)
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
     config = {
         "optimizer": {"name": "Adam", "lr": 0.05, "betas": [0.85, 0.99], "weight_decay": 0.02},
         "params": {"w": {"shape": [5, 3], "data": w.detach().numpy().ravel().tolist()}},
         "dtype": "float64",
         "accumulate": {"steps": K},
+        "averaging": {"kind": "ema", "decay": 0.9},
     }
     with httpx.Client(base_url=server.url, timeout=30) as http:
         sid = http.post("/v1/sessions", json=config).json()["id"]
@@ -71,10 +77,19 @@ def test_a_kill_after_three_of_four_posts_resumes_with_three(server: ServerProce
                     assert again.json() == reply.json()
             opt.step()
             opt.zero_grad()
+            ema.update_parameters(net)
             assert reply.json()["applied"] is True
         held = http.get(f"/v1/sessions/{sid}/params", headers={"Accept": SAFETENSORS})
         tensors, _ = safetensors.decode(held.content)
         np.testing.assert_allclose(tensors["w"], w.detach().numpy(), rtol=1e-10, atol=1e-12)
+        average = http.get(
+            f"/v1/sessions/{sid}/params",
+            params={"average": "true"},
+            headers={"Accept": SAFETENSORS},
+        )
+        tensors, _ = safetensors.decode(average.content)
+        want = ema.module.w.detach().numpy()
+        np.testing.assert_allclose(tensors["w"], want, rtol=1e-10, atol=1e-12)
         history = http.get(f"/v1/sessions/{sid}/steps").json()["steps"]
         assert [r["step"] for r in history] == list(range(1, 13))
     assert server.restarts == 4

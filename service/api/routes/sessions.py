@@ -125,12 +125,12 @@ async def delete_session(
 
 
 async def _params_at_one_step(
-    service: ServiceDep, tenant: str, session_id: str
+    service: ServiceDep, tenant: str, session_id: str, average: bool = False
 ) -> tuple[SessionInfo, dict[str, np.ndarray]]:
     """The params with the step they belong to: re-read if a step landed in between."""
     info = await service.get(tenant, session_id)
     for _ in range(3):
-        tensors = await service.params(tenant, session_id)
+        tensors = await service.params(tenant, session_id, average=average)
         after = await service.get(tenant, session_id)
         if after.step == info.step:
             break
@@ -153,10 +153,14 @@ async def _safetensors_answer(
     responses=schemas.params_responses(),
 )
 async def get_params(
-    session_id: str, request: Request, tenant: TenantDep, service: ServiceDep
+    session_id: str,
+    request: Request,
+    tenant: TenantDep,
+    service: ServiceDep,
+    average: Annotated[bool, Query(description="the averaged weights (averaging)")] = False,
 ) -> Response:
     answer = response_wire(request, Wire.JSON)
-    info, tensors = await _params_at_one_step(service, tenant, session_id)
+    info, tensors = await _params_at_one_step(service, tenant, session_id, average)
     headers = {"ETag": info.etag}
     if answer is Wire.JSON:
         size = offload.tensor_bytes(tensors)
