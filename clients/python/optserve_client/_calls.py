@@ -118,8 +118,13 @@ def step(
     )
 
 
-def params(session_id: str, wire: Wire) -> Call:
-    return Call("GET", _session_path(session_id, "/params"), headers={"accept": media_type(wire)})
+def params(session_id: str, wire: Wire, average: bool = False) -> Call:
+    return Call(
+        "GET",
+        _session_path(session_id, "/params"),
+        headers={"accept": media_type(wire)},
+        params={"average": "true"} if average else {},
+    )
 
 
 def state(session_id: str) -> Call:

@@ -85,6 +85,7 @@ class AsyncClient(Connection):
         hold_params: bool | None = None,
         missing_grads: str | None = None,
         accumulate: Mapping[str, Any] | None = None,
+        averaging: Mapping[str, Any] | None = None,
     ) -> AsyncSession:
         """See :meth:`optserve_client.Client.create_session`."""
         config, initial = session_config(
@@ -100,6 +101,7 @@ class AsyncClient(Connection):
             hold_params=hold_params,
             missing_grads=missing_grads,
             accumulate=accumulate,
+            averaging=averaging,
         )
         response = await self.send(_calls.create(self.wire, config, initial))
         return AsyncSession(self, _documents.session_document(response))
@@ -170,8 +172,9 @@ class AsyncSession(SessionView):
         call = self._step_call(grads, params, loss, returns, if_match, idempotency_key)
         return self._step_result(await self.client.send(call), returns)
 
-    async def params(self) -> dict[str, np.ndarray]:
-        return self._tensors(await self.client.send(_calls.params(self.id, self.wire)))
+    async def params(self, *, average: bool = False) -> dict[str, np.ndarray]:
+        call = _calls.params(self.id, self.wire, average)
+        return self._tensors(await self.client.send(call))
 
     async def state(self) -> bytes:
         return (await self.client.send(_calls.state(self.id))).content

@@ -92,6 +92,7 @@ class Client(Connection):
         hold_params: bool | None = None,
         missing_grads: str | None = None,
         accumulate: Mapping[str, Any] | None = None,
+        averaging: Mapping[str, Any] | None = None,
     ) -> Session:
         """Create a session. ``params`` maps names to shapes (tuples) or initial arrays.
 
@@ -99,7 +100,9 @@ class Client(Connection):
         applies its own deltas, steps need no parameter values, ``Session.params()``
         serves them. ``missing_grads="skip"`` lets a step leave tensors out, as torch
         skips a parameter without a gradient. ``accumulate={"steps": k}`` makes every
-        k-th step post apply one step to the mean of the k gradients posted.
+        k-th step post apply one step to the mean of the k gradients posted;
+        ``averaging={"kind": "ema", "decay": d}`` (or ``"swa"``) keeps averaged weights,
+        read with ``Session.params(average=True)``.
         """
         config, initial = session_config(
             optimizer=optimizer,
@@ -114,6 +117,7 @@ class Client(Connection):
             hold_params=hold_params,
             missing_grads=missing_grads,
             accumulate=accumulate,
+            averaging=averaging,
         )
         response = self.send(_calls.create(self.wire, config, initial))
         return Session(self, _documents.session_document(response))
@@ -196,9 +200,10 @@ class Session(SessionView):
         call = self._step_call(grads, params, loss, returns, if_match, idempotency_key)
         return self._step_result(self.client.send(call), returns)
 
-    def params(self) -> dict[str, np.ndarray]:
-        """The parameters a session holds."""
-        return self._tensors(self.client.send(_calls.params(self.id, self.wire)))
+    def params(self, *, average: bool = False) -> dict[str, np.ndarray]:
+        """The parameters a session holds; with ``average`` their averaged copy (a session
+        created with ``averaging``)."""
+        return self._tensors(self.client.send(_calls.params(self.id, self.wire, average)))
 
     def state(self) -> bytes:
         """A self-describing safetensors checkpoint; ``Client.restore`` continues it."""
