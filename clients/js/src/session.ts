@@ -245,11 +245,14 @@ export class Session {
   }
 
   /** The parameters a session holds (`GET .../params`). */
-  async params(options: { format?: WireFormat; signal?: AbortSignal } = {}): Promise<Record<string, FloatArray>> {
+  async params(
+    options: { format?: WireFormat; average?: boolean; signal?: AbortSignal } = {},
+  ): Promise<Record<string, FloatArray>> {
     const format = options.format ?? this.context.format;
     const response = await this.context.transport.request({
       method: "GET",
       path: `${this.path}/params`,
+      ...(options.average ? { query: { average: "true" } } : {}),
       accept: format === "safetensors" ? SAFETENSORS_TYPE : JSON_TYPE,
       idempotent: true,
       ...(options.signal ? { signal: options.signal } : {}),

@@ -58,6 +58,8 @@ export interface SessionConfig {
   missing_grads?: MissingGrads;
   /** Every `steps`-th step post applies one step to the mean ("mean") or sum of the posts. */
   accumulate?: { steps: number; reduction?: "mean" | "sum" } | null;
+  /** Averaged weights of held params, read with `session.params({ average: true })`. */
+  averaging?: { kind: "ema"; decay?: number } | { kind: "swa"; start?: number; every?: number } | null;
   labels?: Record<string, string>;
   [key: string]: unknown;
 }

@@ -26,6 +26,7 @@ describe("accumulation and the step history", () => {
         params: { w: { shape: [2], data: [1, 2] } },
         dtype: "float64",
         accumulate: { steps: 2 },
+        averaging: { kind: "swa" },
       });
       const posts = [
         [1, 3],
@@ -66,6 +67,13 @@ describe("accumulation and the step history", () => {
       assert.deepEqual(columns.lr, [[0.1, 0.05]]);
       assert.deepEqual(columns.loss, [0.5, 2.5]);
       assert.equal(columns.grad_norm[0], first.grad_norm);
+      // SWA from step 0: the equal average of the weights after steps 1 and 2.
+      const held = (await session.params()).w as Float64Array;
+      const average = (await session.params({ average: true })).w as Float64Array;
+      const afterFirst = [0.8, 1.6];
+      for (let i = 0; i < 2; i++) {
+        assert.ok(Math.abs((average[i] as number) - ((afterFirst[i] as number) + (held[i] as number)) / 2) < 1e-12);
+      }
     });
   }
 });
