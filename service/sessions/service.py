@@ -178,6 +178,10 @@ class SessionService:
         federation = federated_state.begin(
             core.get("aggregation"), plan, held is not None, self.runtime.now()
         )
+        if plan.averaging is not None and federation is not None:
+            raise InvalidHyperparameter(
+                "averaging", "a federated session takes no averaging: its rounds are its steps"
+            )
         if plan.averaging is not None and held is None:
             raise InvalidHyperparameter(
                 "averaging",

@@ -229,3 +229,15 @@ def test_bad_swalr_arguments_are_refused(client: TestClient) -> None:
         config = {"optimizer": {"name": "SGD", "lr": 0.1}, "params": {"w": {"shape": [1]}}}
         document = problem(client.post("/v1/sessions", json={**config, "schedule": schedule}), 422)
         assert field in [e.get("field") for e in document["errors"]], (schedule, document)
+
+
+def test_a_federated_session_takes_no_averaging(client: TestClient) -> None:
+    config = {
+        "optimizer": {"name": "SGD", "lr": 1.0},
+        "params": {"w": {"shape": [2], "data": [1.0, 2.0]}},
+        "aggregation": {"mode": "rounds", "clients_per_round": 2},
+        "averaging": {"kind": "ema", "decay": 0.9},
+    }
+    document = problem(client.post("/v1/sessions", json=config), 422)
+    assert "averaging" in [e.get("field") for e in document["errors"]]
+    assert client.get("/v1/sessions").json()["sessions"] == []
