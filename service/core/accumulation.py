@@ -86,6 +86,20 @@ def added(
     """The sums with one more micro-batch in (new arrays; ``acc`` is left as it is)."""
     scale = _scale(spec, dtype)
     out: list[np.ndarray | None] = []
+    # A sum of finite gradients may overflow: the step on it is then non-finite (skipped
+    # or refused per ``nonfinite``), as torch's accumulated grad would be.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _added(scale, spec, acc, grads, loss, out)
+
+
+def _added(
+    scale: Any,
+    spec: AccumulateSpec,
+    acc: Accumulated,
+    grads: Sequence[np.ndarray | None],
+    loss: float | None,
+    out: list[np.ndarray | None],
+) -> tuple[list[np.ndarray | None], float | None]:
     for i, g in enumerate(grads):
         previous = acc.sums.get(i)
         if g is None:

@@ -90,6 +90,12 @@ def begin(params: Sequence[np.ndarray]) -> Average:
 
 def update(spec: AveragingSpec, average: Average, params: Sequence[np.ndarray]) -> None:
     """``update_parameters(model)``."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        _update(spec, average, params)
+    average.n_averaged += 1
+
+
+def _update(spec: AveragingSpec, average: Average, params: Sequence[np.ndarray]) -> None:
     if average.n_averaged == 0:
         for avg, p in zip(average.values, params, strict=True):
             avg[...] = p
@@ -99,7 +105,6 @@ def update(spec: AveragingSpec, average: Average, params: Sequence[np.ndarray]) 
     else:
         for avg, p in zip(average.values, params, strict=True):
             avg += (p - avg) / avg.dtype.type(average.n_averaged + 1)
-    average.n_averaged += 1
 
 
 def _lerp(start: np.ndarray, end: np.ndarray, weight: Any) -> None:

@@ -76,8 +76,12 @@ class Prepared:
 
 
 def norm(arrays: Sequence[np.ndarray]) -> float:
-    """Total 2-norm, as ``torch.nn.utils.clip_grad_norm_`` computes (and returns) it."""
-    return float(total_norm(arrays, 2.0)) if arrays else 0.0
+    """Total 2-norm, as ``torch.nn.utils.clip_grad_norm_`` computes (and returns) it; huge
+    values overflow it to inf, as in torch."""
+    if not arrays:
+        return 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(total_norm(arrays, 2.0))
 
 
 def checked_tensors(
