@@ -228,3 +228,21 @@ def test_accumulate_with_lbfgs_ask_tell_is_refused(client: TestClient) -> None:
     }
     document = problem(client.post("/v1/sessions", json=session), 422)
     assert "accumulate" in [e.get("field") for e in document["errors"]]
+
+
+def test_a_sum_that_overflows_is_the_steps_to_skip(client: TestClient) -> None:
+    """Two finite float32 micro-batches whose mean overflows: the step on it is non-finite."""
+    config = {
+        "optimizer": {"name": "SGD", "lr": 0.1},
+        "params": {"w": {"shape": [2], "data": [1.0, 2.0]}},
+        "accumulate": {"steps": 2, "reduction": "sum"},
+        "nonfinite": "skip",
+    }
+    sid = client.post("/v1/sessions", json=config).json()["id"]
+    huge = {"w": np.full(2, 3e38, np.float32)}
+    assert post_step(client, sid, huge, "safetensors")["accumulated"] == 1
+    reply = post_step(client, sid, huge, "safetensors")
+    assert reply["applied"] is False and "NaN or Inf" in reply["skipped"]
+    document = client.get(f"/v1/sessions/{sid}").json()
+    assert (document["step"], document["accumulated"], document["skipped_steps"]) == (0, 0, 1)
+    np.testing.assert_array_equal(held_params(client, sid)["w"], [1.0, 2.0])

@@ -167,3 +167,16 @@ def test_bad_history_queries_are_refused(
 
 def test_an_unknown_session_has_no_history(client: TestClient) -> None:
     problem(client.get("/v1/sessions/nope/steps"), 404)
+
+
+def test_a_norm_that_overflows_is_written_inf(client: TestClient) -> None:
+    config = {
+        "optimizer": {"name": "SGD", "lr": 1e-40},
+        "params": {"w": {"shape": [2], "data": [1.0, 2.0]}},
+    }
+    sid = client.post("/v1/sessions", json=config).json()["id"]
+    reply = client.post(f"/v1/sessions/{sid}/step", json={"grads": {"w": [1e30, 1e30]}})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["metrics"]["grad_norm"] == "inf"
+    history = client.get(f"/v1/sessions/{sid}/steps").json()["steps"]
+    assert history[0]["metrics"]["grad_norm"] == "inf"
