@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         description="tensor bytes kept per session in older step responses; the newest "
         "keyed response is always kept whole, older ones past this are answered 409",
     )
+    step_history: int = Field(
+        default=10_000,
+        ge=1,
+        description="records of each session's step history kept for GET .../steps (the "
+        "newest; each costs about 200 bytes in the session's snapshots)",
+    )
     snapshot_every: int = Field(
         default=100, ge=1, description="steps between full snapshots of a session (disk storage)"
     )

@@ -16,7 +16,17 @@ from service.api.auth import KeyTable
 from service.api.inflight import BodyBudget
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
-from service.api.routes import catalog, docs_ui, federated, groups, health, sessions, steps, ui
+from service.api.routes import (
+    catalog,
+    docs_ui,
+    federated,
+    groups,
+    health,
+    history,
+    sessions,
+    steps,
+    ui,
+)
 from service.config import Settings
 from service.sessions.models import Limits
 from service.sessions.service import SessionService
@@ -80,6 +90,7 @@ def build_service(settings: Settings) -> SessionService:
         memory_budget=settings.memory_budget,
         idle_evict_s=settings.idle_evict_s,
         lease_ttl=settings.lease_seconds,
+        step_history=settings.step_history,
     )
 
 
@@ -111,7 +122,7 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
     # included routers would be matched level by level on every request.
     routes = [
         route
-        for module in (steps, sessions, groups, federated, catalog, health, docs_ui, ui)
+        for module in (steps, sessions, groups, history, federated, catalog, health, docs_ui, ui)
         for route in module.router.routes
     ]
     app = FastAPI(

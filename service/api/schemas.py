@@ -206,6 +206,12 @@ COMPONENTS: dict[str, Any] = {
             "applied": {"type": "boolean"},
             "evaluate": {"type": "boolean"},
             "skipped": {"type": "string"},
+            "metrics": _ref("StepMetrics"),
+            "accumulated": {
+                "type": "integer",
+                "description": "with accumulate: micro-batches in the running sum now",
+            },
+            "of": {"type": "integer", "description": "with accumulate: micro-batches per step"},
             "deltas": _ref("TensorMap"),
             "params": _ref("TensorMap"),
         },
@@ -249,6 +255,35 @@ COMPONENTS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "changes": {"type": "array", "items": _ref("Change")},
+            "next": {"type": ["integer", "null"]},
+        },
+    },
+    "StepMetrics": {
+        "type": "object",
+        "description": "an applied step's norms (2-norms; grad_norm before clipping)",
+        "properties": {
+            "grad_norm": _FLOAT,
+            "update_norm": _FLOAT,
+            "param_norm": _FLOAT,
+            "loss": _FLOAT,
+        },
+    },
+    "StepRecord": {
+        "type": "object",
+        "properties": {
+            "seq": {"type": "integer"},
+            "step": {"type": "integer"},
+            "time": {"type": "string"},
+            "lr": {"type": "array", "items": _FLOAT},
+            "applied": {"type": "boolean"},
+            "skipped": {"type": ["string", "null"]},
+            "metrics": {"anyOf": [_ref("StepMetrics"), {"type": "null"}]},
+        },
+    },
+    "StepList": {
+        "type": "object",
+        "properties": {
+            "steps": {"type": "array", "items": _ref("StepRecord")},
             "next": {"type": ["integer", "null"]},
         },
     },
@@ -392,6 +427,13 @@ def group_add_request() -> dict[str, Any]:
 def changes_responses() -> dict[int | str, dict[str, Any]]:
     return {
         200: {"description": "One page of the change log", "content": _json("ChangeList")},
+        **_problems(*_COMMON, 404, 503),
+    }
+
+
+def history_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"description": "One page of the step history", "content": _json("StepList")},
         **_problems(*_COMMON, 404, 503),
     }
 

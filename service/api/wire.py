@@ -164,6 +164,10 @@ def step_reply_json(reply: StepReply, want: str) -> bytes:
         head += ',"evaluate":true'
     if reply.skipped is not None:
         head += f',"skipped":{json.dumps(reply.skipped)}'
+    if reply.metrics is not None:
+        head += f',"metrics":{strict_json.dumps(reply.metrics)}'
+    if reply.of is not None:
+        head += f',"accumulated":{reply.accumulated},"of":{reply.of}'
     if reply.tensors is None:
         return head.encode() + b"}"
     key = b',"params":' if want == "params" else b',"deltas":'
@@ -180,6 +184,11 @@ def step_reply_metadata(reply: StepReply) -> dict[str, str]:
         meta["evaluate"] = "true"
     if reply.skipped is not None:
         meta["skipped"] = reply.skipped
+    if reply.metrics is not None:
+        meta["metrics"] = strict_json.dumps(reply.metrics)
+    if reply.of is not None:
+        meta["accumulated"] = str(reply.accumulated)
+        meta["of"] = str(reply.of)
     return meta
 
 

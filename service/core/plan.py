@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from service.core import optimizers, schedules
+from service.core.accumulation import AccumulateSpec, parse_accumulate
+from service.core.averaging import AveragingSpec, parse_averaging
 from service.core.errors import CoreError, InvalidHyperparameter
 from service.core.hparams import Arg, check, resolve
 from service.core.optimizers.base import Optimizer, Shape
@@ -36,6 +38,8 @@ CONFIG_KEYS = (
     "clip_grad_value",
     "nonfinite",
     "missing_grads",
+    "accumulate",
+    "averaging",
 )
 SCHEDULE_OPTIONS = (
     Arg(
@@ -98,6 +102,10 @@ class Plan:
     missing_grads: str = "error"
     """``"skip"``: a step may leave tensors out, as torch skips a parameter whose ``grad``
     is None (:mod:`service.core.partial`); ``"error"``: every tensor must be sent."""
+    accumulate: AccumulateSpec | None = None
+    """Gradient accumulation: one optimizer step per ``accumulate.steps`` posts."""
+    averaging: AveragingSpec | None = None
+    """An averaged copy of the held params (``AveragedModel``)."""
 
     @property
     def needs_params(self) -> bool:
@@ -144,6 +152,8 @@ class Plan:
             "clip_grad_value": _jsonable(self.clip_grad_value) if self.clip_grad_value else None,
             "nonfinite": self.nonfinite,
             "missing_grads": self.missing_grads,
+            "accumulate": self.accumulate.describe() if self.accumulate else None,
+            "averaging": self.averaging.describe() if self.averaging else None,
         }
 
     def resolved_groups(self) -> list[dict[str, Any]]:
@@ -360,12 +370,14 @@ def plan_from_config(
         f"missing_grads must be 'error' or 'skip', got {missing_grads!r}",
         missing_grads,
     )
+    accumulate = parse_accumulate(config.get("accumulate"))
+    averaging = parse_averaging(config.get("averaging"))
     schedule = parse_schedule(config.get("schedule"))
     if schedule is not None:
         # Per-group lists and momentum cycling depend on the optimizer's groups.
         hparams = [dict(g.hparams) for g in groups[:schedule_groups]]
         schedule.schedule.validate_groups(schedule.config, hparams, where="schedule.")
-    return Plan(
+    plan = Plan(
         tensors=tensors,
         dtype=DTYPES[dtype_name],
         optimizer=optimizer,
@@ -378,4 +390,13 @@ def plan_from_config(
         ),
         nonfinite=nonfinite,
         missing_grads=missing_grads,
+        accumulate=accumulate,
+        averaging=averaging,
     )
+    check(
+        accumulate is None or not plan.ask_tell,
+        "accumulate",
+        "accumulate cannot be combined with LBFGS ask/tell (a line search or max_iter > 1): "
+        "its later evaluations are at points only the client's whole batch can score",
+    )
+    return plan

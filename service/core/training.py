@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from service.core import accumulation
+from service.core.accumulation import Accumulated
 from service.core.clipping import clip_grad_norm, clip_grad_value
 from service.core.errors import InvalidInput
 from service.core.partial import Parts, update_group
@@ -37,6 +39,8 @@ class TrainState:
     """Steps not applied because of non-finite input (``nonfinite: "skip"``)."""
     since_schedule: int = 0
     """Optimizer steps since the schedule last advanced (for ``every``)."""
+    accumulated: Accumulated = field(default_factory=Accumulated)
+    """The micro-batches posted towards the next step (``accumulate``)."""
 
 
 @dataclass(frozen=True)
@@ -332,7 +336,10 @@ def state_to_flat(plan: Plan, state: TrainState) -> tuple[dict[str, np.ndarray],
             a, s = to_flat(record, prefix=prefix)
             arrays.update(a)
             scalars.append(s)
+    acc_arrays, acc_meta = accumulation.to_flat(state.accumulated, ACCUMULATED_PREFIX)
+    arrays.update(acc_arrays)
     meta = {
+        "accumulated": acc_meta,
         "step": state.step,
         "groups": [_plain(g) for g in state.groups],
         "optimizer_state": scalars,
@@ -341,6 +348,24 @@ def state_to_flat(plan: Plan, state: TrainState) -> tuple[dict[str, np.ndarray],
         "since_schedule": state.since_schedule,
     }
     return arrays, meta
+
+
+ACCUMULATED_PREFIX = "state/accumulated/"
+"""Checkpoint arrays of the running sum of an accumulation, by tensor index."""
+
+
+def _accumulated_from_flat(
+    plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> Accumulated:
+    if "accumulated" not in meta:
+        return Accumulated()
+    acc = accumulation.from_flat(arrays, meta["accumulated"], ACCUMULATED_PREFIX)
+    for i, values in acc.sums.items():
+        if not 0 <= i < len(plan.tensors) or values.shape != plan.tensors[i].shape:
+            raise InvalidInput(f"checkpoint accumulated tensor {i} does not fit", "state")
+    if acc.count and (plan.accumulate is None or acc.count >= plan.accumulate.steps):
+        raise InvalidInput("checkpoint accumulation count does not fit the config", "state")
+    return acc
 
 
 def _group_from_flat(
@@ -394,6 +419,7 @@ def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, A
             schedule_state=copy.deepcopy(meta["schedule_state"]),
             skipped=int(meta.get("skipped", 0)),
             since_schedule=int(meta.get("since_schedule", 0)),
+            accumulated=_accumulated_from_flat(plan, owned, meta),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         if isinstance(exc, InvalidInput):

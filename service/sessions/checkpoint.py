@@ -10,8 +10,10 @@ session; the disk store's snapshots are the same thing. Layout:
   ``state`` (the JSON part of the training state), ``labels`` (JSON), ``step`` and
   ``holds_params`` (for humans and quick checks; ``state`` is authoritative), and for a
   federated session ``federated`` (the round and its history, JSON), and once a group
-  was edited or added ``changes`` (the change log, JSON). ``session`` is the config as
-  it is now: groups added since the creation are in it.
+  was edited or added ``changes`` (the change log, JSON), and once a step was made
+  ``steps`` (the step history, JSON, bounded by ``OPTSERVE_STEP_HISTORY``). The running sum
+  of an accumulation is in the state, as ``state/accumulated/<tensor index>`` arrays.
+  ``session`` is the config as it is now: groups added since the creation are in it.
 
 Arrays are stored in the session's dtype and come back bit for bit, so a restored
 session continues exactly where the exported one was.
@@ -27,16 +29,19 @@ from typing import Any
 import numpy as np
 
 from service.codec import strict_json
+from service.core.averaging import Average
 from service.core.errors import CoreError
 from service.core.federated.rounds import Federation
 from service.core.plan import Plan, plan_from_config
 from service.core.training import TrainState, state_from_flat, state_to_flat
 from service.sessions.errors import InvalidCheckpoint, ParamsRequired
 from service.sessions.federated import state as federated
-from service.sessions.models import Change
+from service.sessions.models import Change, StepRecord
 
 FORMAT = "optserve.checkpoint/1"
 PARAMS_PREFIX = "params/"
+AVERAGE_PREFIX = "average/"
+"""The averaged copy of the held params (``averaging``), by tensor name."""
 STATE_PREFIX = "state/"
 
 
@@ -53,6 +58,8 @@ def export(
     held: list[np.ndarray] | None,
     federation: Federation | None = None,
     changes: Sequence[Change] = (),
+    history: Sequence[StepRecord] = (),
+    average: Average | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The checkpoint of a session. Arrays are the live ones: copy them to keep them."""
     arrays, meta = state_to_flat(plan, state)
@@ -73,6 +80,12 @@ def export(
     }
     if changes:
         metadata["changes"] = json.dumps([c.to_json() for c in changes], separators=(",", ":"))
+    if average is not None:
+        for spec, values in zip(plan.tensors, average.values, strict=True):
+            arrays[AVERAGE_PREFIX + spec.name] = values
+        metadata["average"] = json.dumps({"n_averaged": average.n_averaged})
+    if history:
+        metadata["steps"] = strict_json.dumps([r.to_json() for r in history])
     if federation is not None:
         federated_arrays, federated_metadata = federated.export(federation)
         arrays.update(federated_arrays)
@@ -89,6 +102,8 @@ class Restored:
     held: list[np.ndarray] | None
     federation: Federation | None = None
     changes: list[Change] = field(default_factory=list)
+    history: list[StepRecord] = field(default_factory=list)
+    average: Average | None = None
 
 
 def _json(metadata: Mapping[str, str], key: str) -> Any:
@@ -130,8 +145,11 @@ def restore(
     state_arrays: dict[str, np.ndarray] = {}
     held_arrays: dict[str, np.ndarray] = {}
     federated_arrays: dict[str, np.ndarray] = {}
+    average_arrays: dict[str, np.ndarray] = {}
     for name, array in arrays.items():
-        if name.startswith(STATE_PREFIX):
+        if name.startswith(AVERAGE_PREFIX) and holds:
+            average_arrays[name[len(AVERAGE_PREFIX) :]] = array
+        elif name.startswith(STATE_PREFIX):
             state_arrays[name] = array
         elif name.startswith(PARAMS_PREFIX) and holds:
             held_arrays[name[len(PARAMS_PREFIX) :]] = array
@@ -152,7 +170,18 @@ def restore(
         federation = federated.restore(config, plan, holds, federated_arrays, metadata)
     except ParamsRequired as exc:
         raise InvalidCheckpoint(str(exc)) from exc
-    return Restored(config, labels, plan, state, held, federation, _changes(metadata))
+    average = _average(plan, average_arrays, metadata) if held is not None else None
+    return Restored(
+        config,
+        labels,
+        plan,
+        state,
+        held,
+        federation,
+        _changes(metadata),
+        _history(metadata),
+        average,
+    )
 
 
 def _changes(metadata: Mapping[str, str]) -> list[Change]:
@@ -163,6 +192,32 @@ def _changes(metadata: Mapping[str, str]) -> list[Change]:
         return [Change.from_json(entry) for entry in raw]
     except (TypeError, ValueError) as exc:
         raise InvalidCheckpoint(f"checkpoint 'changes' is malformed: {exc}") from exc
+
+
+def _average(
+    plan: Plan, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]
+) -> Average | None:
+    if plan.averaging is None:
+        if arrays:
+            raise InvalidCheckpoint("checkpoint has an average but its config no averaging")
+        return None
+    if "average" not in metadata:
+        raise InvalidCheckpoint("checkpoint with averaging lacks its 'average'")
+    meta = _json(metadata, "average")
+    n = meta.get("n_averaged") if isinstance(meta, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise InvalidCheckpoint("checkpoint 'average' must give n_averaged, an integer >= 0")
+    return Average(_held(plan, arrays), n)
+
+
+def _history(metadata: Mapping[str, str]) -> list[StepRecord]:
+    if "steps" not in metadata:
+        return []
+    raw = _json(metadata, "steps")
+    try:
+        return [StepRecord.from_json(entry) for entry in raw]
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise InvalidCheckpoint(f"checkpoint 'steps' is malformed: {exc}") from exc
 
 
 def _held(plan: Plan, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from service.core import accumulation, averaging
+from service.core.clipping import total_norm
 from service.core.errors import InvalidInput
 from service.core.federated.rounds import Federation
 from service.core.group_changes import (
@@ -33,17 +35,22 @@ from service.core.training import (
     current_lrs,
     needs_params,
     schedule_step,
+    validate_step,
 )
 from service.sessions import checkpoint
 from service.sessions.errors import ParamsRequired
 from service.sessions.federated import state as federated_state
 from service.sessions.federated.errors import StepsNotAccepted
-from service.sessions.models import WANTS, Change, SessionInfo, StepReply
+from service.sessions.models import WANTS, Change, SessionInfo, StepRecord, StepReply
 from service.sessions.store.base import SessionRecord
 
 MAX_CHANGES = 10_000
 """The change log keeps this many of the newest changes (a client-side scheduler that
 edits lr before every step makes one per step); older ones are dropped from it."""
+
+STEP_HISTORY = 10_000
+"""The step history keeps this many of the newest records unless the server is told
+otherwise (``OPTSERVE_STEP_HISTORY``)."""
 
 
 @dataclass
@@ -60,6 +67,21 @@ class Prepared:
     """What the update reads: held or sent values, or None if the rule ignores them."""
     loss: float | None
     want: str
+    steps: bool = True
+    """Whether this post makes an optimizer step (without ``accumulate``, always; with it,
+    the post that completes the running sum). Set by :meth:`LiveSession.check`."""
+    sums: list[np.ndarray | None] | None = None
+    """With ``accumulate``: the running sum with this post in (what the step reads)."""
+    sum_loss: float | None = None
+
+
+def norm(arrays: Sequence[np.ndarray]) -> float:
+    """Total 2-norm, as ``torch.nn.utils.clip_grad_norm_`` computes (and returns) it; huge
+    values overflow it to inf, as in torch."""
+    if not arrays:
+        return 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(total_norm(arrays, 2.0))
 
 
 def checked_tensors(
@@ -152,6 +174,8 @@ class LiveSession:
         federation: Federation | None = None,
         config: Mapping[str, Any] | None = None,
         changes: list[Change] | None = None,
+        history: list[StepRecord] | None = None,
+        average: averaging.Average | None = None,
     ) -> None:
         self.record = record
         self.plan = plan
@@ -167,6 +191,13 @@ class LiveSession:
         """The config as it is now: the created one plus the groups added since."""
         self.changes: list[Change] = list(changes or [])
         """The audit trail of group edits and added groups, oldest first (bounded)."""
+        self.history: list[StepRecord] = list(history or [])
+        """The step history, oldest first, at most :attr:`history_limit` records."""
+        self.history_limit = STEP_HISTORY
+        if average is None and plan.averaging is not None and held is not None:
+            average = averaging.begin(held)
+        self.average = average
+        """The averaged copy of the held params (``averaging``), or None."""
         self._describe()
 
     @classmethod
@@ -184,6 +215,8 @@ class LiveSession:
             restored.federation,
             restored.config,
             restored.changes,
+            restored.history,
+            restored.average,
         )
 
     def _describe(self) -> None:
@@ -251,54 +284,138 @@ class LiveSession:
         return Prepared(grads_by_name, sent, work, values if reads else None, loss, want)
 
     def check(self, prepared: Prepared) -> str | None:
-        """Core's checks of a prepared step, changing nothing: raises core's ``CoreError``
-        (non-finite input, a schedule that cannot advance) for a step to refuse; returns
-        why it is to be skipped (``nonfinite: "skip"``), or None."""
-        return check_step(
-            self.plan, self.state, prepared.work_grads, prepared.params, prepared.loss
-        )
+        """Core's checks of a prepared step, changing nothing in the session: raises core's
+        ``CoreError`` (non-finite input, a schedule that cannot advance) for a step to
+        refuse; returns why it is to be skipped (``nonfinite: "skip"``), or None.
 
-    def apply(self, prepared: Prepared, reason: str | None) -> StepReply:
-        """Apply a step :meth:`check` accepted (``reason`` is what it returned); the reply
-        carries what ``want`` asked for.
-
-        The reply has a tensor for every tensor that was sent, and for every tensor when
-        the rule moves them all (LBFGS reads zeros for a missing gradient and still moves
-        the tensor, as torch's does).
+        With ``accumulate`` a micro-batch is checked on its own (a non-finite one is
+        refused, or skipped as if never posted); the post that completes the sum is then
+        checked as the step on the sum. Marks ``prepared`` with what the post does.
         """
-        plan = self.plan
-        out = [np.empty(spec.shape, dtype=plan.dtype) for spec in plan.tensors]
-        outcome = apply_checked(
-            plan, self.state, prepared.work_grads, prepared.params, out, prepared.loss, reason
+        plan, state = self.plan, self.state
+        spec = plan.accumulate
+        if spec is None:
+            return check_step(plan, state, prepared.work_grads, prepared.params, prepared.loss)
+        reads = needs_params(plan, state)
+        reason = validate_step(plan, prepared.work_grads, prepared.params, prepared.loss, reads)
+        if reason is not None:
+            prepared.steps = False
+            return reason
+        prepared.sums, prepared.sum_loss = accumulation.added(
+            spec, state.accumulated, prepared.work_grads, prepared.loss, plan.dtype
         )
+        prepared.steps = state.accumulated.count + 1 >= spec.steps
+        if not prepared.steps:
+            return None
+        return check_step(plan, state, prepared.sums, prepared.params, prepared.sum_loss)
+
+    def apply(self, prepared: Prepared, reason: str | None, seq: int, at: float) -> StepReply:
+        """Apply a step :meth:`check` accepted (``reason`` is what it returned), as event
+        ``seq`` made at ``at``; the reply carries what ``want`` asked for.
+
+        The reply has a tensor for every tensor that had a gradient, and for every tensor
+        when the rule moves them all (LBFGS reads zeros for a missing gradient and still
+        moves the tensor, as torch's does). A post that only adds to an accumulation
+        carries none.
+        """
+        plan, state = self.plan, self.state
+        lrs = current_lrs(state)
+        spec = plan.accumulate
+        if spec is not None and not prepared.steps:
+            if reason is None:
+                assert prepared.sums is not None
+                accumulation.take(state.accumulated, prepared.sums, prepared.sum_loss)
+            else:
+                state.skipped += 1
+                self._remember(StepRecord(seq, state.step, at, lrs, False, reason, None))
+            return StepReply(
+                step=state.step,
+                lr=lrs,
+                applied=False,
+                evaluate=False,
+                tensors=None,
+                skipped=reason,
+                accumulated=state.accumulated.count,
+                of=spec.steps,
+            )
+        grads: Sequence[np.ndarray | None] = prepared.work_grads
+        loss = prepared.loss
+        if spec is not None:
+            assert prepared.sums is not None
+            grads, loss = prepared.sums, prepared.sum_loss
+            accumulation.reset(state.accumulated)
+        # Before clipping scales the gradients in place: what clip_grad_norm_ returns.
+        grad_norm = norm([g for g in grads if g is not None]) if reason is None else None
+        out = [np.empty(spec_.shape, dtype=plan.dtype) for spec_ in plan.tensors]
+        outcome = apply_checked(plan, state, grads, prepared.params, out, loss, reason)
         every = not plan.optimizer.per_tensor_state
-        moved = [
-            (i, spec) for i, spec in enumerate(plan.tensors) if every or spec.name in prepared.grads
-        ]
+        moved = [(i, t) for i, t in enumerate(plan.tensors) if every or grads[i] is not None]
         if outcome.applied and self.held is not None:
             for i, _ in moved:
                 self.held[i] += out[i]
+            avg, spec_avg = self.average, plan.averaging
+            due = spec_avg is not None and outcome.completed and spec_avg.due(state.step)
+            if avg is not None and spec_avg is not None and due:
+                averaging.update(spec_avg, avg, self.held)
+        metrics: dict[str, float] | None = None
+        if outcome.applied:
+            assert grad_norm is not None
+            metrics = self._metrics(prepared, grad_norm, [out[i] for i, _ in moved], moved, out)
+            if loss is not None:
+                metrics["loss"] = float(loss)
+        self._remember(
+            StepRecord(seq, state.step, at, lrs, outcome.applied, outcome.reason, metrics)
+        )
         tensors: dict[str, np.ndarray] | None = None
         if prepared.want == "delta":
-            tensors = {spec.name: out[i] for i, spec in moved}
+            tensors = {t.name: out[i] for i, t in moved}
         elif prepared.want == "params":
             if self.held is not None:
-                tensors = {spec.name: self.held[i].copy() for i, spec in moved}
+                tensors = {t.name: self.held[i].copy() for i, t in moved}
             else:
                 assert prepared.sent_params is not None
                 tensors = {
-                    spec.name: prepared.sent_params[spec.name] + out[i]
-                    for i, spec in moved
-                    if spec.name in prepared.sent_params
+                    t.name: prepared.sent_params[t.name] + out[i]
+                    for i, t in moved
+                    if t.name in prepared.sent_params
                 }
         return StepReply(
-            step=self.state.step,
-            lr=current_lrs(self.state),
+            step=state.step,
+            lr=current_lrs(state),
             applied=outcome.applied,
             evaluate=outcome.evaluate,
             tensors=tensors,
             skipped=outcome.reason,
+            metrics=metrics,
+            accumulated=0 if spec is not None else None,
+            of=spec.steps if spec is not None else None,
         )
+
+    def _metrics(
+        self,
+        prepared: Prepared,
+        grad_norm: float,
+        deltas: list[np.ndarray],
+        moved: list[tuple[int, TensorSpec]],
+        out: list[np.ndarray],
+    ) -> dict[str, float]:
+        """An applied step's norms; ``param_norm`` is of the parameters after the step."""
+        metrics = {"grad_norm": grad_norm, "update_norm": norm(deltas)}
+        if self.held is not None:
+            metrics["param_norm"] = norm(self.held)
+        elif prepared.sent_params is not None:
+            moved_at = {t.name: i for i, t in moved}
+            after = [
+                values + out[moved_at[name]] if name in moved_at else values
+                for name, values in prepared.sent_params.items()
+            ]
+            metrics["param_norm"] = norm(after)
+        return metrics
+
+    def _remember(self, record: StepRecord) -> None:
+        self.history.append(record)
+        if len(self.history) > self.history_limit:
+            del self.history[: len(self.history) - self.history_limit]
 
     def check_schedule(self, metric: float | None) -> None:
         """Refuse a manual schedule step that cannot be made, changing nothing."""
@@ -331,6 +448,12 @@ class LiveSession:
         """Check ``add_param_group``: the extended config and plan, the new tensors' values."""
         if self.federation is not None:
             raise StepsNotAccepted(self.record.id)
+        if self.average is not None:
+            raise InvalidInput(
+                "a session that averages its weights takes no added groups: the average "
+                "covers the tensors it was created with",
+                "averaging",
+            )
         config = extended_config(self.config, tensors, options)
         plan = plan_from_config(
             config, ignore=federated_state.OUTER_KEYS, schedule_groups=len(self.state.groups)
@@ -388,6 +511,7 @@ class LiveSession:
             needs_params=needs_params(self.plan, self.state),
             ask_tell=self.plan.ask_tell,
             skipped_steps=self.state.skipped,
+            accumulated=self.state.accumulated.count,
             created_at=self.record.created_at,
             updated_at=self.updated_at,
             labels=dict(self.record.labels),
@@ -403,6 +527,8 @@ class LiveSession:
             self.held,
             self.federation,
             self.changes,
+            self.history,
+            self.average,
         )
 
     def state_bytes(self) -> int:

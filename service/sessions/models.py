@@ -45,6 +45,56 @@ class StepReply:
     """True when this is the stored reply to an earlier request with the same key."""
     skipped: str | None = None
     """Why the step was not applied (non-finite input with ``nonfinite: "skip"``)."""
+    metrics: dict[str, float] | None = None
+    """An applied step's ``grad_norm``, ``update_norm``, ``param_norm`` and ``loss``."""
+    accumulated: int | None = None
+    """With ``accumulate``: the micro-batches in the running sum after this post."""
+    of: int | None = None
+    """With ``accumulate``: how many micro-batches make one step."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One entry of a session's step history: an optimizer step, applied or skipped, or a
+    skipped micro-batch of an accumulation."""
+
+    seq: int
+    """The event of the step (pages of the history are keyed by it)."""
+    step: int
+    """The session's step after it."""
+    at: float
+    lr: list[float]
+    """The learning rate per group the step used."""
+    applied: bool
+    skipped: str | None
+    metrics: dict[str, float] | None
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "step": self.step,
+            "time": timestamp(self.at),
+            "lr": list(self.lr),
+            "applied": self.applied,
+            "skipped": self.skipped,
+            "metrics": self.metrics,
+        }
+
+    def to_json(self) -> list[Any]:
+        return [self.seq, self.step, self.at, self.lr, self.applied, self.skipped, self.metrics]
+
+    @classmethod
+    def from_json(cls, raw: list[Any]) -> StepRecord:
+        seq, step, at, lr, applied, skipped, metrics = raw
+        return cls(
+            int(seq),
+            int(step),
+            float(at),
+            [float(x) for x in lr],
+            bool(applied),
+            None if skipped is None else str(skipped),
+            None if metrics is None else {str(k): float(v) for k, v in metrics.items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -117,6 +167,8 @@ class SessionInfo:
     created_at: float
     updated_at: float
     labels: dict[str, str] = field(default_factory=dict)
+    accumulated: int = 0
+    """Micro-batches in the running sum of an accumulation (0 without one)."""
     damage: str | None = None
     """Why the session's stored history does not read back; None for a healthy one."""
 
@@ -143,8 +195,11 @@ class SessionInfo:
             "missing_grads": r["missing_grads"],
             "clip_grad_norm": r["clip_grad_norm"],
             "clip_grad_value": r["clip_grad_value"],
+            "accumulate": r.get("accumulate"),
+            "averaging": r.get("averaging"),
             "aggregation": r.get("aggregation"),
             "skipped_steps": self.skipped_steps,
+            "accumulated": self.accumulated,
             "created_at": timestamp(self.created_at),
             "updated_at": timestamp(self.updated_at),
             "labels": dict(self.labels),

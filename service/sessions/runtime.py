@@ -53,7 +53,7 @@ from service.sessions.federated import state as federated_state
 from service.sessions.federated.session import FEDERATED_EVENTS
 from service.sessions.federated.session import replay as replay_federated
 from service.sessions.groups import GROUP_EVENTS, replay_group_change
-from service.sessions.live import LiveSession
+from service.sessions.live import STEP_HISTORY, LiveSession
 from service.sessions.models import SessionInfo, StepReply
 from service.sessions.store.base import (
     DamagedSession,
@@ -133,6 +133,7 @@ class Runtime:
         memory_budget: int | None = None,
         idle_evict_s: float | None = None,
         lease_ttl: float = DEFAULT_TTL,
+        step_history: int = STEP_HISTORY,
     ) -> None:
         if window < 1:
             raise ValueError("idempotency_window must be >= 1")
@@ -146,6 +147,8 @@ class Runtime:
             log_ratio=policy.log_ratio if snapshot_log_ratio is None else snapshot_log_ratio,
         )
         """The store's snapshot policy, with the service's overrides."""
+        self.step_history = step_history
+        """Records each session's step history keeps (``GET .../steps``)."""
         self.memory_budget = memory_budget
         self.leases = Leases(store, ttl=lease_ttl)
         # A shared store's idle sessions give their leases up within a lease period, so
@@ -316,6 +319,7 @@ class Runtime:
 
     def register(self, live: LiveSession) -> Entry:
         """A session just created (its first snapshot is stored)."""
+        live.history_limit = self.step_history
         entry = Entry(live, live.info(), self._new_window())
         entry.state_bytes = live.state_bytes()
         entry.last_used = time.monotonic()
@@ -634,6 +638,7 @@ class Runtime:
         assert snapshot is not None
         restored = checkpoint.restore(snapshot.arrays, snapshot.metadata)
         live = LiveSession.restored(record, restored, snapshot.seq, snapshot.at)
+        live.history_limit = self.step_history
         entry = Entry(live, live.info(), self._new_window(), base_seq=snapshot.seq)
         entry.later_snapshots = list(stored.later_snapshots)
         for known in stored.known_keys:
@@ -699,7 +704,7 @@ class Runtime:
                 replay_group_change(live, event)
                 return None
             prepared = live.prepare(event.grads, event.params, event.loss, event.want)
-            return live.apply(prepared, live.check(prepared))
+            return live.apply(prepared, live.check(prepared), event.seq, event.at)
         except (CoreError, SessionError) as exc:
             raise RuntimeError(f"logged event {event.seq} is refused on replay: {exc}") from exc
         finally:

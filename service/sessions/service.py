@@ -10,6 +10,7 @@ and the catalogs.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import contextlib
 import time
@@ -38,8 +39,15 @@ from service.sessions.federated import state as federated_state
 from service.sessions.federated.coordinator import Coordinator
 from service.sessions.groups import AddGroupRequest, GroupEditRequest, add_event, edit_event
 from service.sessions.ids import new_id
-from service.sessions.live import LiveSession, initial_params
-from service.sessions.models import Change, Limits, SessionInfo, StepReply, StepRequest
+from service.sessions.live import STEP_HISTORY, LiveSession, initial_params
+from service.sessions.models import (
+    Change,
+    Limits,
+    SessionInfo,
+    StepRecord,
+    StepReply,
+    StepRequest,
+)
 from service.sessions.runtime import IDEMPOTENCY_WINDOW_BYTES, Runtime
 from service.sessions.steps import Steps
 from service.sessions.store.base import Event, SessionRecord, Snapshot, Store
@@ -103,6 +111,7 @@ class SessionService:
         memory_budget: int | None = None,
         idle_evict_s: float | None = None,
         lease_ttl: float = DEFAULT_TTL,
+        step_history: int = STEP_HISTORY,
     ) -> None:
         self.runtime = Runtime(
             store,
@@ -115,6 +124,7 @@ class SessionService:
             memory_budget=memory_budget,
             idle_evict_s=idle_evict_s,
             lease_ttl=lease_ttl,
+            step_history=step_history,
         )
         self.store = store
         self.limits = limits
@@ -169,6 +179,15 @@ class SessionService:
         federation = federated_state.begin(
             core.get("aggregation"), plan, held is not None, self.runtime.now()
         )
+        if plan.averaging is not None and federation is not None:
+            raise InvalidHyperparameter(
+                "averaging", "a federated session takes no averaging: its rounds are its steps"
+            )
+        if plan.averaging is not None and held is None:
+            raise InvalidHyperparameter(
+                "averaging",
+                "averaging keeps an average of held params: give every tensor initial 'data'",
+            )
         if plan.ask_tell and held is None:
             raise ParamsRequired(
                 "LBFGS with a line search or max_iter > 1 asks for the points to evaluate, "
@@ -189,9 +208,14 @@ class SessionService:
         core, _ = _session_config(restored.config)
         labels = _labels(restored.labels)
         self._check_size(len(restored.plan.tensors), restored.plan.size)
+        if restored.plan.averaging is not None and restored.held is None:
+            raise InvalidHyperparameter("averaging", "averaging needs a checkpoint with params")
         if restored.plan.ask_tell and restored.held is None:
             raise ParamsRequired("an LBFGS ask/tell checkpoint must hold its parameters")
         record = SessionRecord(new_id(), tenant, core, labels, self.runtime.now())
+        # A new session numbers its own events from 1: it starts its own step history (the
+        # checkpoint's records are keyed by the events of the session it was taken from).
+        restored.history = []
         return await self._store_new(
             tenant, lambda: LiveSession.restored(record, restored, 0, record.created_at)
         )
@@ -341,18 +365,40 @@ class SessionService:
         page = log_[:end]
         return page, (page[-1].seq if len(log_) > end else None)
 
+    async def history(
+        self, tenant: str, session_id: str, after: int | None, limit: int
+    ) -> tuple[builtins.list[StepRecord], int | None]:
+        """The step history, oldest first, from the event after ``after``; and the cursor
+        (the ``seq`` of the page's last record, or None on the last page)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", "limit")
+        entry = await self.runtime.entry(tenant, session_id)
+        records = entry.live.history
+        start = 0 if after is None else bisect.bisect_right([r.seq for r in records], after)
+        page = records[start : start + limit]
+        more = start + limit < len(records)
+        return page, (page[-1].seq if more and page else None)
+
     # -- params and checkpoints ------------------------------------------------------------
 
     async def params(
-        self, tenant: str, session_id: str, evaluation: bool = False
+        self, tenant: str, session_id: str, evaluation: bool = False, *, average: bool = False
     ) -> dict[str, np.ndarray]:
         """Copies of the held parameters; with ``evaluation``, the point to evaluate the
-        model at instead (schedule-free rules' average, the parameters elsewhere)."""
+        model at instead (schedule-free rules' average, the parameters elsewhere); with
+        ``average``, their averaged copy (``averaging``)."""
         async with self.runtime.locked(tenant, session_id) as entry:
             live = entry.live
             if live.held is None:
                 raise ParamsNotHeld(session_id)
             held = live.held
+            if average:
+                if live.average is None:
+                    raise InvalidInput(
+                        "this session keeps no averaged weights: create it with 'averaging'",
+                        "average",
+                    )
+                held = live.average.values
 
             def copy() -> dict[str, np.ndarray]:
                 values = (

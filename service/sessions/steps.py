@@ -89,4 +89,6 @@ class Steps:
             params=prepared.sent_params,
             loss=prepared.loss,
         )
-        return self.runtime.commit(entry, event, lambda: live.apply(prepared, reason))
+        return self.runtime.commit(
+            entry, event, lambda: live.apply(prepared, reason, event.seq, event.at)
+        )

@@ -52,7 +52,9 @@ def test_safetensors_steps_match_core_bit_for_bit(client: TestClient, create: Cr
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == SAFETENSORS
         tensors, metadata = safetensors.decode(response.content)
+        metrics = json.loads(metadata.pop("metrics"))
         assert metadata == {"step": str(seed + 1), "lr": "[0.01]", "applied": "true"}
+        assert set(metrics) == {"grad_norm", "update_norm"}
         expected = reference.step(g)
         for name in expected:
             np.testing.assert_array_equal(tensors[name], expected[name])

@@ -112,8 +112,9 @@ def test_ui_lists_the_tenants_sessions_and_plots_one(server: ServerProcess) -> N
         {"optimizer": {"name": "Adam"}, "params": {"w": {"shape": [1]}}},
         key="other-key",
     )["id"]
-    document = httpx.get(f"{server.url}/v1/sessions/{session}", headers=AUTH).json()
     changes = httpx.get(f"{server.url}/v1/sessions/{session}/changes", headers=AUTH).json()
+    history = httpx.get(f"{server.url}/v1/sessions/{session}/steps", headers=AUTH).json()["steps"]
+    assert len(history) == 5
     listed = httpx.get(f"{server.url}/v1/sessions", headers=AUTH).json()["sessions"]
     with browser_page() as watched:
         _open(watched, server.url, session)
@@ -123,12 +124,18 @@ def test_ui_lists_the_tenants_sessions_and_plots_one(server: ServerProcess) -> N
         )
         assert sorted(rows) == sorted(s["id"] for s in listed)
         assert hidden not in rows
+        # The plots are the step history's numbers: lr per group, loss and grad norm.
         lr = _series(watched, "plot-lr")
         assert list(lr) == ["group 0", "group 1"]
         for group, values in enumerate(lr.values()):
-            assert values[-1] == pytest.approx(document["lr"][group])
-        edit = changes["changes"][0]
-        assert lr["group 0"][:3] == pytest.approx([edit["old"], edit["new"], document["lr"][0]])
+            assert values == pytest.approx([r["lr"][group] for r in history])
+        assert _series(watched, "plot-loss")["loss"] == pytest.approx(
+            [r["metrics"]["loss"] for r in history]
+        )
+        assert _series(watched, "plot-grad")["grad norm"] == pytest.approx(
+            [r["metrics"]["grad_norm"] for r in history]
+        )
+        assert lr["group 0"][3] == changes["changes"][0]["new"]  # the edit before step 4
         log = page.eval_on_selector_all(
             "#changes tbody tr", "rows => rows.map(r => r.cells[2].textContent)"
         )

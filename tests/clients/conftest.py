@@ -1,7 +1,7 @@
 """Client tests: the client importable from a plain checkout, and live servers.
 
-The client is its own distribution (``clients/python``); when it is not installed
-(``pip install -e clients/python``) the tests import it from the source tree.
+The client is its own distribution (``clients/python``); the tests import it from this
+checkout's source tree, installed or not.
 
 ``live_url`` starts a real server (``python -m service serve``, in-memory storage) on a
 free loopback port for the test session and stops it by PID; ``live_server_with_keys``
@@ -24,10 +24,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_SRC = REPO / "clients" / "python"
 
-try:
-    import optserve_client  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(CLIENT_SRC))
+# The client of this checkout, whether or not (and wherever) a client is installed: the
+# tests check the client next to the server they start.
+sys.path.insert(0, str(CLIENT_SRC))
 
 API_KEYS = "alice:key-alice,bob:key-bob"
 

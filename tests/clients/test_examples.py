@@ -15,6 +15,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def run(command: list[str], timeout: float = 300) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
+    # The examples import this checkout's client, as the tests do.
+    client_src = str(EXAMPLES.parent / "clients" / "python")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [client_src, env.get("PYTHONPATH")]))
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
@@ -33,6 +36,14 @@ def test_numpy_linear_regression(live_url: str, wire: str) -> None:
 def test_digits_remote_vs_local(live_url: str) -> None:
     out = run([sys.executable, str(EXAMPLES / "digits_remote_vs_local.py"), "--url", live_url])
     assert "largest parameter difference" in out and "test accuracy" in out
+
+
+@pytest.mark.torch
+def test_digits_accumulate_ema(live_url: str, tmp_path: Path) -> None:
+    png = tmp_path / "history.png"
+    script = str(EXAMPLES / "digits_accumulate_ema.py")
+    out = run([sys.executable, script, "--url", live_url, "--epochs", "3", "--png", str(png)])
+    assert "EMA weights" in out and png.stat().st_size > 1000
 
 
 def test_curl_walkthrough(live_url: str) -> None:

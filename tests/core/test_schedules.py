@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from service.core import schedules
+from service.core import schedules, training
 from service.core.errors import InvalidHyperparameter, InvalidInput
+from service.core.plan import plan_from_config
 from service.core.schedules.base import Schedule
 from tests.core import make_schedule_fixtures as fixtures
 from tests.core.schedule_sequences import (
@@ -123,9 +124,14 @@ def test_fixture_is_current(seq: Sequence) -> None:
     assert expand(stored["trace"], seq.steps) == run_torch(seq)
 
 
+SWA_SCHEDULES = {"SWALR"}
+"""``torch.optim.swa_utils``' schedules: checked against live torch, alone and inside
+SequentialLR, by tests/api/test_averaging.py (with averaged weights) and below."""
+
+
 def test_every_torch_schedule_is_covered() -> None:
     names = {s.name for s in schedules.all_schedules()}
-    assert names == TORCH_SCHEDULES
+    assert names == TORCH_SCHEDULES | SWA_SCHEDULES
     covered = set()
     for seq in SEQUENCES:
         stack = [seq.schedule]
@@ -147,7 +153,8 @@ def test_arguments_are_torchs(schedule: Schedule) -> None:
     """Names, order and defaults of every argument equal torch's constructor's."""
     import torch
 
-    torch_cls = getattr(torch.optim.lr_scheduler, schedule.name)
+    module = torch.optim.swa_utils if schedule.name in SWA_SCHEDULES else torch.optim.lr_scheduler
+    torch_cls = getattr(module, schedule.name)
     params = inspect.signature(torch_cls.__init__).parameters
     # Python callables cannot travel over HTTP; the optimizer is the session's.
     theirs = [p for n, p in params.items() if n not in ("self", "optimizer", "scale_fn")]
@@ -656,3 +663,54 @@ def test_session_refuses_a_step_the_schedule_cannot_take_and_changes_nothing() -
     assert json.dumps(meta) == before[1]
     for name, value in arrays.items():
         np.testing.assert_array_equal(value, before[0][name])
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="compares with live torch")
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"name": "SWALR", "swa_lr": 0.05, "anneal_epochs": 5},
+        {"name": "SWALR", "swa_lr": [0.05, 0.01], "anneal_epochs": 3, "anneal_strategy": "linear"},
+        {"name": "SWALR", "swa_lr": 0.05, "anneal_epochs": 0},
+        {
+            "name": "ChainedScheduler",
+            "schedulers": [
+                {"name": "SWALR", "swa_lr": 0.02, "anneal_epochs": 4},
+                {"name": "ExponentialLR", "gamma": 0.9},
+            ],
+        },
+    ],
+    ids=["cos", "linear-per-group", "no-anneal", "chained"],
+)
+def test_swalr_previews_torch_bit_for_bit(schedule: dict[str, Any]) -> None:
+    import torch
+    from torch.optim import lr_scheduler, swa_utils
+
+    config = {
+        "optimizer": {"name": "SGD", "lr": 0.1},
+        "params": {"a": {"shape": [2]}, "b": {"shape": [1]}},
+        "param_groups": [{"params": ["b"], "lr": 0.3}],
+        "schedule": schedule,
+    }
+    ours = training.preview(plan_from_config(config), 30)
+    opt = torch.optim.SGD(
+        [{"params": [torch.zeros(2, requires_grad=True)]},
+         {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.3}],
+        lr=0.1,
+    )  # fmt: skip
+
+    def build(spec: dict[str, Any]) -> Any:
+        args = {k: v for k, v in spec.items() if k != "name"}
+        if spec["name"] == "SWALR":
+            return swa_utils.SWALR(opt, **args)
+        if spec["name"] == "ChainedScheduler":
+            return lr_scheduler.ChainedScheduler([build(s) for s in args["schedulers"]])
+        return getattr(lr_scheduler, spec["name"])(opt, **args)
+
+    sched = build(schedule)
+    theirs = []
+    for _ in range(30):
+        theirs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert ours == theirs

@@ -71,7 +71,12 @@ async def test_a_restored_session_continues_in_lockstep(name: str) -> None:
         b = await service.export_state("t2", restored.id)
         assert a[0].keys() == b[0].keys()
         assert all(a[0][k].tobytes() == b[0][k].tobytes() for k in a[0])
+        # The copy starts its own step history: the same steps, at its own events and times.
+        history_a, history_b = json.loads(a[1].pop("steps")), json.loads(b[1].pop("steps"))
         assert a[1] == b[1]
+        assert len(history_a) == 12 and len(history_b) == 7
+        same = [(step, lr, applied, metrics) for _, step, _, lr, applied, _, metrics in history_a]
+        assert same[5:] == [(s, lr, ap, m) for _, s, _, lr, ap, _, m in history_b]
         with pytest.raises(SessionNotFound):
             await service.get("t", restored.id)
 

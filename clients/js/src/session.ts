@@ -7,7 +7,10 @@ import type {
   Change,
   GroupEditOptions,
   SessionDocument,
+  StepHistory,
+  StepMetrics,
   StepOptions,
+  StepRecord,
   StepResult,
   TensorSpec,
   Values,
@@ -19,6 +22,7 @@ import {
   SAFETENSORS_TYPE,
   decodeFloatTensors,
   isSafetensors,
+  numberFrom,
   numbersFrom,
   parseJson,
   shapeFor,
@@ -184,6 +188,9 @@ export class Session {
     let evaluate: boolean;
     let skipped: string | null;
     let replayed: boolean;
+    let metrics: StepMetrics | null;
+    let accumulated: number | null;
+    let of: number | null;
     let deltas: Record<string, FloatArray> | null = null;
     let params: Record<string, FloatArray> | null = null;
 
@@ -195,6 +202,9 @@ export class Session {
       evaluate = metadata["evaluate"] === "true";
       skipped = metadata["skipped"] ?? null;
       replayed = metadata["replayed"] === "true";
+      metrics = metadata["metrics"] !== undefined ? metricsFrom(parseJson(metadata["metrics"])) : null;
+      accumulated = metadata["accumulated"] !== undefined ? Number(metadata["accumulated"]) : null;
+      of = metadata["of"] !== undefined ? Number(metadata["of"]) : null;
       for (const [name, data] of Object.entries(tensors)) {
         if (name.startsWith(PARAMS_PREFIX)) {
           (params ??= {})[name.slice(PARAMS_PREFIX.length)] = data;
@@ -214,12 +224,15 @@ export class Session {
       evaluate = json["evaluate"] === true;
       skipped = typeof json["skipped"] === "string" ? json["skipped"] : null;
       replayed = json["replayed"] === true;
+      metrics = metricsFrom(json["metrics"]);
+      accumulated = typeof json["accumulated"] === "number" ? json["accumulated"] : null;
+      of = typeof json["of"] === "number" ? json["of"] : null;
       deltas = this.typed(json["deltas"]);
       params = this.typed(json["params"]);
     }
     if (Number.isFinite(step)) this.currentStep = step;
     if (lr.length > 0) this.lr = lr;
-    return { step, lr, applied, evaluate, skipped, replayed, deltas, params };
+    return { step, lr, applied, evaluate, skipped, replayed, metrics, accumulated, of, deltas, params };
   }
 
   private typed(values: unknown): Record<string, FloatArray> | null {
@@ -232,11 +245,14 @@ export class Session {
   }
 
   /** The parameters a session holds (`GET .../params`). */
-  async params(options: { format?: WireFormat; signal?: AbortSignal } = {}): Promise<Record<string, FloatArray>> {
+  async params(
+    options: { format?: WireFormat; average?: boolean; signal?: AbortSignal } = {},
+  ): Promise<Record<string, FloatArray>> {
     const format = options.format ?? this.context.format;
     const response = await this.context.transport.request({
       method: "GET",
       path: `${this.path}/params`,
+      ...(options.average ? { query: { average: "true" } } : {}),
       accept: format === "safetensors" ? SAFETENSORS_TYPE : JSON_TYPE,
       idempotent: true,
       ...(options.signal ? { signal: options.signal } : {}),
@@ -362,6 +378,34 @@ export class Session {
     }
   }
 
+  /** The step history, oldest first, as far back as the server's retention keeps it. */
+  async steps(options: { signal?: AbortSignal } = {}): Promise<StepRecord[]> {
+    const records: StepRecord[] = [];
+    let after: number | undefined;
+    for (;;) {
+      const response = await this.context.transport.request({
+        method: "GET",
+        path: `${this.path}/steps`,
+        query: { limit: CHANGES_PAGE, after },
+        accept: JSON_TYPE,
+        idempotent: true,
+        ...(options.signal ? { signal: options.signal } : {}),
+      });
+      const page = parseJson(new TextDecoder().decode(response.body)) as {
+        steps?: Record<string, unknown>[];
+        next?: number | null;
+      };
+      for (const raw of page.steps ?? []) records.push(recordFrom(raw));
+      if (typeof page.next !== "number") return records;
+      after = page.next;
+    }
+  }
+
+  /** {@link steps} as columns of arrays (see `StepHistory`), ready to plot. */
+  async stepHistory(options: { signal?: AbortSignal } = {}): Promise<StepHistory> {
+    return historyColumns(await this.steps(options));
+  }
+
   /** Re-read the session document. */
   async refresh(options: { signal?: AbortSignal } = {}): Promise<SessionDocument> {
     const response = await this.context.transport.request({
@@ -396,4 +440,42 @@ export class Session {
     this.lr = numbersFrom(document.lr);
     return document;
   }
+}
+
+function metricsFrom(value: unknown): StepMetrics | null {
+  if (value === null || typeof value !== "object") return null;
+  const out: Record<string, number> = {};
+  for (const [key, raw] of Object.entries(value as Record<string, unknown>)) out[key] = numberFrom(raw);
+  return out as unknown as StepMetrics;
+}
+
+function recordFrom(raw: Record<string, unknown>): StepRecord {
+  return {
+    seq: Number(raw["seq"]),
+    step: Number(raw["step"]),
+    time: String(raw["time"]),
+    lr: numbersFrom(raw["lr"]),
+    applied: raw["applied"] === true,
+    skipped: typeof raw["skipped"] === "string" ? raw["skipped"] : null,
+    metrics: metricsFrom(raw["metrics"]),
+  };
+}
+
+/** Records as columns; `lr` has one array per group (as many as the widest record has). */
+export function historyColumns(records: StepRecord[]): StepHistory {
+  const groups = Math.max(0, ...records.map((r) => r.lr.length));
+  const metric = (name: keyof StepMetrics): (number | null)[] =>
+    records.map((r) => (r.metrics && r.metrics[name] !== undefined ? (r.metrics[name] as number) : null));
+  return {
+    seq: records.map((r) => r.seq),
+    step: records.map((r) => r.step),
+    time: records.map((r) => r.time),
+    applied: records.map((r) => r.applied),
+    skipped: records.map((r) => r.skipped),
+    lr: Array.from({ length: groups }, (_, g) => records.map((r) => r.lr[g] ?? Number.NaN)),
+    grad_norm: metric("grad_norm"),
+    update_norm: metric("update_norm"),
+    param_norm: metric("param_norm"),
+    loss: metric("loss"),
+  };
 }

@@ -56,6 +56,10 @@ export interface SessionConfig {
    * null (their state does not move).
    */
   missing_grads?: MissingGrads;
+  /** Every `steps`-th step post applies one step to the mean ("mean") or sum of the posts. */
+  accumulate?: { steps: number; reduction?: "mean" | "sum" } | null;
+  /** Averaged weights of held params, read with `session.params({ average: true })`. */
+  averaging?: { kind: "ema"; decay?: number } | { kind: "swa"; start?: number; every?: number } | null;
   labels?: Record<string, string>;
   [key: string]: unknown;
 }
@@ -79,6 +83,8 @@ export interface SessionDocument {
   clip_grad_norm?: unknown;
   clip_grad_value?: unknown;
   skipped_steps?: number;
+  /** Micro-batches in the running sum of an accumulation (0 without one). */
+  accumulated?: number;
   created_at?: string;
   updated_at?: string;
   labels?: Record<string, string>;
@@ -121,6 +127,12 @@ export interface StepResult {
   skipped: string | null;
   /** True when the server answered from its idempotency record (nothing applied again). */
   replayed: boolean;
+  /** An applied step's norms (grad_norm before clipping, update_norm, param_norm) and loss. */
+  metrics: StepMetrics | null;
+  /** With `accumulate`: micro-batches in the session's running sum after this post. */
+  accumulated: number | null;
+  /** With `accumulate`: micro-batches per optimizer step. */
+  of: number | null;
   /**
    * new - old per tensor (return "delta"): the tensors the step sent (a partial step names
    * only those; LBFGS moves every tensor, so it names all).
@@ -167,6 +179,46 @@ export interface Change {
   /** RFC 3339, UTC. */
   time: string;
   reason: string | null;
+}
+
+/** An applied step's metrics; `param_norm` when params are held or sent, `loss` when sent. */
+export interface StepMetrics {
+  grad_norm: number;
+  update_norm: number;
+  param_norm?: number;
+  loss?: number;
+}
+
+/** One record of the step history (`GET .../steps`): an optimizer step, applied or skipped. */
+export interface StepRecord {
+  /** The event of the step; pages are keyed by it. */
+  seq: number;
+  /** The session's step after it. */
+  step: number;
+  /** RFC 3339, UTC. */
+  time: string;
+  /** The learning rate per group the step used. */
+  lr: number[];
+  applied: boolean;
+  skipped: string | null;
+  metrics: StepMetrics | null;
+}
+
+/**
+ * The step history as columns, one array per field, index i being the i-th record (for
+ * plotting). `lr[g]` is group g's learning rate per record; a metric a record lacks is null.
+ */
+export interface StepHistory {
+  seq: number[];
+  step: number[];
+  time: string[];
+  applied: boolean[];
+  skipped: (string | null)[];
+  lr: number[][];
+  grad_norm: (number | null)[];
+  update_norm: (number | null)[];
+  param_norm: (number | null)[];
+  loss: (number | null)[];
 }
 
 export interface ListOptions {

@@ -118,12 +118,15 @@ def step(
     )
 
 
-def params(session_id: str, wire: Wire, evaluation: bool = False) -> Call:
+def params(session_id: str, wire: Wire, evaluation: bool = False, average: bool = False) -> Call:
     return Call(
         "GET",
         _session_path(session_id, "/params"),
         headers={"accept": media_type(wire)},
-        params={"eval": "true"} if evaluation else {},
+        params={
+            **({"eval": "true"} if evaluation else {}),
+            **({"average": "true"} if average else {}),
+        },
     )
 
 
@@ -173,6 +176,12 @@ def changes(session_id: str, after: int | None) -> Call:
     return Call(
         "GET", _session_path(session_id, "/changes"), headers={"accept": JSON}, params=query
     )
+
+
+def steps(session_id: str, after: int | None) -> Call:
+    """``GET .../steps``: a page of the step history after event ``after``."""
+    query = {"limit": "1000", **({"after": str(after)} if after is not None else {})}
+    return Call("GET", _session_path(session_id, "/steps"), headers={"accept": JSON}, params=query)
 
 
 def optimizers() -> Call:

@@ -42,6 +42,8 @@ def session_config(
     labels: Mapping[str, str] | None,
     hold_params: bool | None,
     missing_grads: str | None = None,
+    accumulate: Mapping[str, Any] | None = None,
+    averaging: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """The create body (without tensor data) and the initial values, if the session holds them.
 
@@ -91,6 +93,10 @@ def session_config(
         config["nonfinite"] = nonfinite
     if missing_grads is not None:
         config["missing_grads"] = missing_grads
+    if accumulate is not None:
+        config["accumulate"] = dict(accumulate)
+    if averaging is not None:
+        config["averaging"] = dict(averaging)
     if labels:
         config["labels"] = dict(labels)
     holds = bool(initial) and hold_params is not False

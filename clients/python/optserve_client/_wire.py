@@ -49,6 +49,12 @@ class StepResult:
     skipped: str | None = None
     replayed: bool = False
     etag: str | None = None
+    metrics: dict[str, float] | None = None
+    """An applied step's ``grad_norm``, ``update_norm``, ``param_norm``, ``loss``."""
+    accumulated: int | None = None
+    """With ``accumulate``: micro-batches in the session's running sum after this post."""
+    of: int | None = None
+    """With ``accumulate``: micro-batches per optimizer step."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +121,9 @@ def parse_step(
             params={n: _cast(a, dtype) for n, a in params.items()} or None,
             skipped=_optional_str(fields.pop("skipped", None)),
             replayed=bool(fields.pop("replayed", False)),
+            metrics=_metrics(fields.pop("metrics", None)),
+            accumulated=_optional_int(fields.pop("accumulated", None)),
+            of=_optional_int(fields.pop("of", None)),
             extra=fields,
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -173,6 +182,18 @@ def _decode(content: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def _is_safetensors(content_type: str) -> bool:
     kind = content_type.split(";", 1)[0].strip().lower()
     return kind in (SAFETENSORS, "application/octet-stream")
+
+
+def _metrics(raw: Any) -> dict[str, float] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError(f"metrics must be an object, got {raw!r}")
+    return {str(k): float(v) for k, v in raw.items()}
+
+
+def _optional_int(raw: Any) -> int | None:
+    return None if raw is None else int(raw)
 
 
 def _meta_value(raw: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from optserve_client import _calls, _documents
+from optserve_client import _calls, _documents, _history
 from optserve_client._connection import Connection, auth_headers
 from optserve_client._retry import RetryPolicy
 from optserve_client._session import ParamsSpec, SessionView, TensorsIn, session_config
@@ -84,6 +84,8 @@ class AsyncClient(Connection):
         labels: Mapping[str, str] | None = None,
         hold_params: bool | None = None,
         missing_grads: str | None = None,
+        accumulate: Mapping[str, Any] | None = None,
+        averaging: Mapping[str, Any] | None = None,
     ) -> AsyncSession:
         """See :meth:`optserve_client.Client.create_session`."""
         config, initial = session_config(
@@ -98,6 +100,8 @@ class AsyncClient(Connection):
             labels=labels,
             hold_params=hold_params,
             missing_grads=missing_grads,
+            accumulate=accumulate,
+            averaging=averaging,
         )
         response = await self.send(_calls.create(self.wire, config, initial))
         return AsyncSession(self, _documents.session_document(response))
@@ -168,8 +172,10 @@ class AsyncSession(SessionView):
         call = self._step_call(grads, params, loss, returns, if_match, idempotency_key)
         return self._step_result(await self.client.send(call), returns)
 
-    async def params(self, *, evaluation: bool = False) -> dict[str, np.ndarray]:
-        call = _calls.params(self.id, self.wire, evaluation)
+    async def params(
+        self, *, evaluation: bool = False, average: bool = False
+    ) -> dict[str, np.ndarray]:
+        call = _calls.params(self.id, self.wire, evaluation, average)
         return self._tensors(await self.client.send(call))
 
     async def state(self) -> bytes:
@@ -212,6 +218,20 @@ class AsyncSession(SessionView):
             after = page.get("next")
             if after is None:
                 return entries
+
+    async def steps(self) -> list[dict[str, Any]]:
+        """:meth:`optserve_client.Session.steps`, awaited."""
+        records: list[dict[str, Any]] = []
+        after: int | None = None
+        while True:
+            page, after = _history.page(await self.client.send(_calls.steps(self.id, after)))
+            records.extend(page)
+            if after is None:
+                return records
+
+    async def steps_csv(self) -> str:
+        """:meth:`optserve_client.Session.steps_csv`, awaited."""
+        return _history.to_csv(await self.steps())
 
     async def delete(self) -> None:
         await self.client.delete_session(self.id)

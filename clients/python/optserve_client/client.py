@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from optserve_client import _calls, _documents
+from optserve_client import _calls, _documents, _history
 from optserve_client._connection import DEFAULT_URL, Connection, auth_headers, server_root
 from optserve_client._retry import RetryPolicy
 from optserve_client._session import ParamsSpec, SessionView, TensorsIn, session_config
@@ -91,13 +91,18 @@ class Client(Connection):
         labels: Mapping[str, str] | None = None,
         hold_params: bool | None = None,
         missing_grads: str | None = None,
+        accumulate: Mapping[str, Any] | None = None,
+        averaging: Mapping[str, Any] | None = None,
     ) -> Session:
         """Create a session. ``params`` maps names to shapes (tuples) or initial arrays.
 
         With arrays the session holds the parameters (unless ``hold_params=False``): it
         applies its own deltas, steps need no parameter values, ``Session.params()``
         serves them. ``missing_grads="skip"`` lets a step leave tensors out, as torch
-        skips a parameter without a gradient.
+        skips a parameter without a gradient. ``accumulate={"steps": k}`` makes every
+        k-th step post apply one step to the mean of the k gradients posted;
+        ``averaging={"kind": "ema", "decay": d}`` (or ``"swa"``) keeps averaged weights,
+        read with ``Session.params(average=True)``.
         """
         config, initial = session_config(
             optimizer=optimizer,
@@ -111,6 +116,8 @@ class Client(Connection):
             labels=labels,
             hold_params=hold_params,
             missing_grads=missing_grads,
+            accumulate=accumulate,
+            averaging=averaging,
         )
         response = self.send(_calls.create(self.wire, config, initial))
         return Session(self, _documents.session_document(response))
@@ -193,10 +200,12 @@ class Session(SessionView):
         call = self._step_call(grads, params, loss, returns, if_match, idempotency_key)
         return self._step_result(self.client.send(call), returns)
 
-    def params(self, *, evaluation: bool = False) -> dict[str, np.ndarray]:
+    def params(self, *, evaluation: bool = False, average: bool = False) -> dict[str, np.ndarray]:
         """The parameters a session holds; with ``evaluation``, the point to evaluate the
-        model at (schedule-free optimizers' average, what their ``eval()`` sets)."""
-        return self._tensors(self.client.send(_calls.params(self.id, self.wire, evaluation)))
+        model at (schedule-free optimizers' average, what their ``eval()`` sets); with
+        ``average`` their averaged copy (a session created with ``averaging``)."""
+        call = _calls.params(self.id, self.wire, evaluation, average)
+        return self._tensors(self.client.send(call))
 
     def state(self) -> bytes:
         """A self-describing safetensors checkpoint; ``Client.restore`` continues it."""
@@ -241,6 +250,22 @@ class Session(SessionView):
             after = page.get("next")
             if after is None:
                 return entries
+
+    def steps(self) -> list[dict[str, Any]]:
+        """The step history, oldest first: one record per optimizer step, applied or
+        skipped (``seq``, ``step``, ``time``, ``lr`` per group, ``applied``, ``skipped``,
+        ``metrics``), as far back as the server's retention keeps it."""
+        records: list[dict[str, Any]] = []
+        after: int | None = None
+        while True:
+            page, after = _history.page(self.client.send(_calls.steps(self.id, after)))
+            records.extend(page)
+            if after is None:
+                return records
+
+    def steps_csv(self) -> str:
+        """:meth:`steps` as CSV text (:func:`optserve_client._history.to_csv`'s columns)."""
+        return _history.to_csv(self.steps())
 
     def delete(self) -> None:
         self.client.delete_session(self.id)

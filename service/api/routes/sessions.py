@@ -125,12 +125,16 @@ async def delete_session(
 
 
 async def _params_at_one_step(
-    service: ServiceDep, tenant: str, session_id: str, evaluation: bool = False
+    service: ServiceDep,
+    tenant: str,
+    session_id: str,
+    evaluation: bool = False,
+    average: bool = False,
 ) -> tuple[SessionInfo, dict[str, np.ndarray]]:
     """The params with the step they belong to: re-read if a step landed in between."""
     info = await service.get(tenant, session_id)
     for _ in range(3):
-        tensors = await service.params(tenant, session_id, evaluation)
+        tensors = await service.params(tenant, session_id, evaluation, average=average)
         after = await service.get(tenant, session_id)
         if after.step == info.step:
             break
@@ -165,9 +169,10 @@ async def get_params(
             "average x (what their eval() puts in the parameters); the parameters elsewhere",
         ),
     ] = False,
+    average: Annotated[bool, Query(description="the averaged weights (averaging)")] = False,
 ) -> Response:
     answer = response_wire(request, Wire.JSON)
-    info, tensors = await _params_at_one_step(service, tenant, session_id, evaluation)
+    info, tensors = await _params_at_one_step(service, tenant, session_id, evaluation, average)
     headers = {"ETag": info.etag}
     if answer is Wire.JSON:
         size = offload.tensor_bytes(tensors)

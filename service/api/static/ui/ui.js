@@ -168,8 +168,11 @@ function renderHistory(doc, history, changes) {
       name: `group ${g}`, points: history.filter((h) => h.lr).map((h) => [h.step, h.lr[g]]) }));
     plot("plot-lr", lr);
     note.textContent = "from the step history";
-    const loss = history.filter((h) => typeof h.loss === "number").map((h) => [h.step, h.loss]);
-    const grad = history.filter((h) => typeof h.grad_norm === "number").map((h) => [h.step, h.grad_norm]);
+    const metric = (name) => history
+      .filter((h) => h.applied && h.metrics && typeof h.metrics[name] === "number")
+      .map((h) => [h.step, h.metrics[name]]);
+    const loss = metric("loss");
+    const grad = metric("grad_norm");
     $("fig-loss").hidden = false; plot("plot-loss", [{ name: "loss", points: loss }]);
     $("fig-grad").hidden = false; plot("plot-grad", [{ name: "grad norm", points: grad }]);
   } else {
