@@ -19,19 +19,24 @@ def _norm(values: np.ndarray, norm_type: float) -> np.floating[Any]:
     any order.
     """
     flat = values.reshape(-1)
+    # torch sums in the tensor's dtype: a sum that passes its largest value is inf there,
+    # though the float64 sum (and its root) would still fit.
+    largest = float(np.finfo(flat.dtype).max)
     if flat.size == 0:
         value: Any = 0.0
     elif math.isinf(norm_type):
         value = np.max(np.abs(flat))
     elif norm_type == 2.0:
-        value = reductions.norm2(flat)
+        squares = reductions.sum_of_squares(flat)
+        value = math.inf if squares > largest else math.sqrt(squares)
     elif norm_type == 1.0:
         value = reductions.abs_total(flat)
     else:
         # numpy's power is a SIMD loop chosen by CPU features (AVX-512 rounds some
         # results differently): replicas pin those features (docs/storage.md).
         powers = np.abs(flat).astype(np.float64) ** norm_type
-        value = reductions.total(powers) ** (1.0 / norm_type)
+        summed = reductions.total(powers)
+        value = math.inf if summed > largest else summed ** (1.0 / norm_type)
     return cast(np.floating[Any], flat.dtype.type(value))
 
 
