@@ -21,7 +21,7 @@ from typing import IO
 
 import httpx
 
-from tests.e2e.server_process import REPO, free_port
+from tests.e2e.server_process import REPO, free_port, terminate, wait_answering
 
 TEMPLATE = REPO / "deploy" / "haproxy.cfg"
 _SERVER_LINE = re.compile(r"^(?P<indent>\s*)server replica\d+ .*$")
@@ -100,17 +100,8 @@ class ProxyProcess:
             stdout=self.log,
             stderr=self.log,
         )
-        deadline = began + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "haproxy exited at start"
-            try:
-                if httpx.get(self.stats_url + "/", timeout=1).status_code == 200:
-                    self.start_seconds.append(time.monotonic() - began)
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("haproxy did not start listening")
+        wait_answering(self.process, self.stats_url + "/", 30, "haproxy")
+        self.start_seconds.append(time.monotonic() - began)
 
     def kill(self) -> None:
         """SIGKILL: open connections drop, new ones are refused until it is back."""
@@ -121,12 +112,7 @@ class ProxyProcess:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            terminate(self.process)
             self.process = None
 
     def servers(self) -> dict[str, str]:

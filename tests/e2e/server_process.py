@@ -62,17 +62,8 @@ class ServerProcess:
         self.process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=self.log, stderr=self.log
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the server exited at start"
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    self.start_seconds.append(time.monotonic() - began)
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("the server did not become ready")
+        wait_answering(self.process, self.url + "/readyz", 60, "the server")
+        self.start_seconds.append(time.monotonic() - began)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash."""
@@ -83,10 +74,29 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            terminate(self.process)
             self.process = None
+
+
+def wait_answering(process: subprocess.Popen[bytes], url: str, seconds: float, what: str) -> None:
+    """Until ``url`` answers 200; fails if ``process`` exits first or time runs out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"{what} exited at start"
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not answer {url} in {seconds} s")
+
+
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it does not exit within 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
