@@ -331,6 +331,7 @@ class Runtime:
         """A deleted session: out of the registry and the tenant's count."""
         entry.deleted = True
         self._sessions.pop(entry.id, None)
+        self._loading.pop(entry.id, None)
         self.leases.forget(entry.id)
         self.per_tenant[entry.tenant] -= 1
         if self.per_tenant[entry.tenant] <= 0:
@@ -340,24 +341,24 @@ class Runtime:
         return Window(self.window, self.window_bytes)
 
     async def _load(self, session_id: str) -> Entry | None:
-        """Load a session from the store (one loader per session at a time)."""
-        lock = self._loading.setdefault(session_id, asyncio.Lock())
-        try:
-            async with lock:
-                entry = self._sessions.get(session_id)
-                if entry is not None:
-                    return entry
-                stored = await self.run_io(lambda: self._read(session_id))
-                if stored is None:
-                    return None
-                entry = await self._recover_or_mark(stored)
-                entry.last_used = time.monotonic()
-                self._sessions[session_id] = entry
-                for callback in self.on_load:
-                    callback(entry)
-        finally:
-            if not lock.locked():
+        """Load a session from the store (one loader per session at a time).
+
+        The per-session loading lock stays until the session is deleted: dropping it
+        while a loader waits on it would let a second loader in beside it."""
+        async with self._loading.setdefault(session_id, asyncio.Lock()):
+            entry = self._sessions.get(session_id)
+            if entry is not None:
+                return entry
+            stored = await self.run_io(lambda: self._read(session_id))
+            if stored is None:
+                # No such session: nothing to keep (ids that do not exist cost no memory).
                 self._loading.pop(session_id, None)
+                return None
+            entry = await self._recover_or_mark(stored)
+            entry.last_used = time.monotonic()
+            self._sessions[session_id] = entry
+            for callback in self.on_load:
+                callback(entry)
         await self.fit_budget(keep=entry)
         return entry
 
