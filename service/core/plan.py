@@ -119,6 +119,13 @@ class Plan:
         return bool(probe(self.groups[0].hparams)) if probe is not None else False
 
     @property
+    def clipping_computes_grad_norm(self) -> bool:
+        """Whether clipping computes the gradients' 2-norm before clipping (2-norm clipping
+        alone), so that a step can report it without computing it again."""
+        clip = self.clip_grad_norm
+        return clip is not None and clip["norm_type"] == 2.0 and self.clip_grad_value is None
+
+    @property
     def size(self) -> int:
         return sum(t.size for t in self.tensors)
 

@@ -51,6 +51,9 @@ class StepOutcome:
     completed: bool = True
     """The step counter advanced (torch's ``step()`` returned)."""
     reason: str | None = None
+    grad_norm: float | None = None
+    """The gradients' total 2-norm before clipping, when 2-norm clipping (alone) computed it:
+    callers that report it need not compute it again."""
 
 
 def initial_state(plan: Plan) -> TrainState:
@@ -224,8 +227,12 @@ def apply_checked(
     # With no gradient at all torch's clipping does nothing (and returns a norm of 0).
     if plan.clip_grad_value is not None and present:
         clip_grad_value(present, plan.clip_grad_value["clip_value"])
+    grad_norm = None
     if plan.clip_grad_norm is not None and present:
-        clip_grad_norm(present, plan.clip_grad_norm["max_norm"], plan.clip_grad_norm["norm_type"])
+        clip = plan.clip_grad_norm
+        clipped = clip_grad_norm(present, clip["max_norm"], clip["norm_type"])
+        if plan.clipping_computes_grad_norm:
+            grad_norm = clipped
     evaluate, completed = False, True
     metric = loss
     for gi, group in enumerate(plan.groups):
@@ -261,7 +268,7 @@ def apply_checked(
             if state.since_schedule >= plan.schedule.every:
                 state.since_schedule = 0
                 _advance(plan, state, metric)
-    return StepOutcome(applied=True, evaluate=evaluate, completed=completed)
+    return StepOutcome(applied=True, evaluate=evaluate, completed=completed, grad_norm=grad_norm)
 
 
 def _advance(plan: Plan, state: TrainState, metric: float | None) -> None:

@@ -344,10 +344,18 @@ class LiveSession:
             assert prepared.sums is not None
             grads, loss = prepared.sums, prepared.sum_loss
             accumulation.reset(state.accumulated)
-        # Before clipping scales the gradients in place: what clip_grad_norm_ returns.
-        grad_norm = norm([g for g in grads if g is not None]) if reason is None else None
+        # What clip_grad_norm_ returns: 2-norm clipping computes it (and reports it in the
+        # outcome); otherwise it is taken here, before clipping scales the gradients.
+        clipping_computes_it = plan.clipping_computes_grad_norm
+        grad_norm = None
+        if reason is None and not clipping_computes_it:
+            grad_norm = norm([g for g in grads if g is not None])
         out = [np.empty(spec_.shape, dtype=plan.dtype) for spec_ in plan.tensors]
         outcome = apply_checked(plan, state, grads, prepared.params, out, loss, reason)
+        if outcome.grad_norm is not None:
+            grad_norm = outcome.grad_norm
+        elif clipping_computes_it and outcome.applied:
+            grad_norm = 0.0  # no gradient at all: clipping did nothing, torch's norm is 0
         every = not plan.optimizer.per_tensor_state
         moved = [(i, t) for i, t in enumerate(plan.tensors) if every or grads[i] is not None]
         if outcome.applied and self.held is not None:
