@@ -363,6 +363,7 @@ def plan_from_config(
             optimizer.check_shapes([tensors[i].shape for i in group.indices])
         except CoreError as exc:
             raise InvalidHyperparameter("params", str(exc)) from exc
+    optimizer.check_groups([g.hparams for g in groups])
     nonfinite = config.get("nonfinite", "error")
     check(
         nonfinite in ("error", "skip"),

@@ -177,6 +177,7 @@ def check_step(
     reason = validate_step(plan, grads, params, loss, needs_params(plan, state))
     if reason is not None:
         return reason
+    plan.optimizer.check_groups(state.groups)
     spec = plan.schedule
     if spec is not None and spec.interval == "step" and state.since_schedule + 1 >= spec.every:
         assert state.schedule_state is not None
@@ -235,6 +236,9 @@ def apply_checked(
             grad_norm = clipped
     evaluate, completed = False, True
     metric = loss
+    if plan.optimizer.couples_groups:
+        _update_coupled(plan, state, grads, params, out)
+        return _completed(plan, state, metric, grad_norm)
     for gi, group in enumerate(plan.groups):
         g = [grads[i] for i in group.indices]
         p = [params[i] for i in group.indices] if params is not None else None
@@ -261,14 +265,47 @@ def apply_checked(
                 hp,
                 o,
             )
-    if completed:
-        state.step += 1
-        if plan.schedule is not None and plan.schedule.interval == "step":
-            state.since_schedule += 1
-            if state.since_schedule >= plan.schedule.every:
-                state.since_schedule = 0
-                _advance(plan, state, metric)
-    return StepOutcome(applied=True, evaluate=evaluate, completed=completed, grad_norm=grad_norm)
+    if not completed:
+        return StepOutcome(applied=True, evaluate=evaluate, completed=False, grad_norm=grad_norm)
+    return _completed(plan, state, metric, grad_norm, evaluate)
+
+
+def _update_coupled(
+    plan: Plan,
+    state: TrainState,
+    grads: Sequence[np.ndarray | None],
+    params: Sequence[np.ndarray | None] | None,
+    out: Sequence[np.ndarray],
+) -> None:
+    """Every group in one call, for rules whose groups share numbers (Prodigy's d)."""
+    indices = [g.indices for g in plan.groups]
+    for g, d in zip(grads, out, strict=True):
+        if g is None:
+            d.fill(0)  # the rule leaves a tensor without a gradient where it is
+    state.opt_states = plan.optimizer.update_groups(
+        [[grads[i] for i in ix] for ix in indices],
+        state.opt_states,
+        [None if params is None else [params[i] for i in ix] for ix in indices],  # type: ignore[misc]
+        state.groups,
+        [[out[i] for i in ix] for ix in indices],
+    )
+
+
+def _completed(
+    plan: Plan,
+    state: TrainState,
+    metric: float | None,
+    grad_norm: float | None,
+    evaluate: bool = False,
+) -> StepOutcome:
+    """Count a completed step and advance a per-step schedule."""
+    state.step += 1
+    if plan.schedule is not None and plan.schedule.interval == "step":
+        state.since_schedule += 1
+        if state.since_schedule >= plan.schedule.every:
+            state.since_schedule = 0
+            _advance(plan, state, metric)
+    return StepOutcome(applied=True, evaluate=evaluate, completed=True, grad_norm=grad_norm)
 
 
 def _advance(plan: Plan, state: TrainState, metric: float | None) -> None:

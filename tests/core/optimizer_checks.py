@@ -56,7 +56,7 @@ def reference(case: Case) -> dict[str, np.ndarray]:
 def assert_update_matches_torch(case: Case) -> None:
     expected = reference(case)
     got = run_update(case)
-    tol = TOLERANCE[case.config.get("dtype", "float32")]
+    tol = case.tolerance_of(TOLERANCE)
     assert set(got) == set(expected)
     for name in expected:
         assert got[name].dtype == expected[name].dtype

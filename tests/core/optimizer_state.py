@@ -29,7 +29,8 @@ def optserve_state(case: Case) -> Any:
 
 
 def torch_state(case: Case) -> dict[str, dict[str, Any]]:
-    """torch's per-tensor state after the case's steps: arrays, and 0-d tensors as floats."""
+    """torch's per-tensor state after the case's steps: arrays, and 0-d tensors as floats
+    (Python numbers, as prodigyopt keeps its step count, as they are)."""
     import torch
 
     from tests.core.torch_reference import build_optimizer
@@ -47,7 +48,11 @@ def torch_state(case: Case) -> dict[str, dict[str, Any]]:
         optimizer.step()
     return {
         name: {
-            key: value.item() if value.ndim == 0 else value.detach().numpy().copy()
+            key: value
+            if not isinstance(value, torch.Tensor)
+            else value.item()
+            if value.ndim == 0
+            else value.detach().numpy().copy()
             for key, value in optimizer.state[t].items()
         }
         for name, t in tensors.items()

@@ -14,6 +14,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "lion": ("lion_pytorch", "Lion"),
     "adamwschedulefree": ("schedulefree", "AdamWScheduleFree"),
     "sgdschedulefree": ("schedulefree", "SGDScheduleFree"),
+    "prodigy": ("prodigyopt", "Prodigy"),
 }
 """optserve's name (lower case) -> (module, class) of the reference package."""
 

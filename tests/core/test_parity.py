@@ -33,7 +33,7 @@ def _reference(case: Case) -> dict[str, np.ndarray]:
 def test_parameters_match_torch(case: Case) -> None:
     expected = _reference(case)
     got = run_optserve(case.config, make_inputs(case))
-    tol = TOLERANCE[case.config.get("dtype", "float32")]
+    tol = case.tolerance_of(TOLERANCE)
     assert set(got) == set(expected)
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], **tol, err_msg=name)

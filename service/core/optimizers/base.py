@@ -44,6 +44,10 @@ class Optimizer(ABC, Generic[S]):
     reference: ClassVar[str | None] = None
     """The PyPI package whose numbers an optimizer torch lacks follows (``"lion-pytorch"``);
     ``None`` for torch.optim's classes."""
+    couples_groups: ClassVar[bool] = False
+    """Whether one step's groups share numbers (Prodigy's d estimate sums over every
+    group): such a rule steps all of a session's groups in one :meth:`update_groups`
+    call, sees a missing gradient as ``None`` and leaves that tensor alone itself."""
     constructor_state_args: ClassVar[tuple[str, ...]] = ()
     """Arguments torch's constructor reads when it builds every group's state (Adagrad's
     ``initial_accumulator_value``): the constructor's value applies to every group, and a
@@ -102,6 +106,23 @@ class Optimizer(ABC, Generic[S]):
 
         ``grads`` are read-only. ``params`` is ``None`` when ``needs_params`` is false.
         """
+
+    def check_groups(self, hps: Sequence[Mapping[str, Any]], where: str = "") -> None:
+        """Refuse groups the rule cannot step together, before anything changes (Prodigy:
+        unequal non-zero lrs). Checked before every step, since schedules and edits change
+        the groups' hyperparameters between steps."""
+
+    def update_groups(
+        self,
+        grads: Sequence[Sequence[np.ndarray | None]],
+        states: Sequence[S],
+        params: Sequence[Sequence[np.ndarray] | None],
+        hps: Sequence[Mapping[str, Any]],
+        outs: Sequence[Sequence[np.ndarray]],
+    ) -> list[S]:
+        """One step of every group at once, for :attr:`couples_groups` rules; the
+        arguments are :meth:`update`'s, one entry per group."""
+        raise NotImplementedError(f"{self.name} steps its groups one by one")
 
     def evaluation_point(
         self, state: S, params: Sequence[np.ndarray], hp: Mapping[str, Any]

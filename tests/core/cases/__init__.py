@@ -28,6 +28,14 @@ class Case:
     metrics: bool = False
     """Feed a deterministic metric to the schedule (ReduceLROnPlateau)."""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    tolerance: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per dtype, ``rtol``/``atol`` replacing the default where the reference computes in a
+    way optserve cannot follow bit for bit: measured, see docs/torch-compatibility.md."""
+
+    def tolerance_of(self, default: Mapping[str, Mapping[str, float]]) -> Mapping[str, float]:
+        """This case's tolerance: its own for its dtype, else ``default[dtype]``."""
+        dtype = self.config.get("dtype", "float32")
+        return self.tolerance.get(dtype, default[dtype])
 
 
 DEFAULT_PARAMS: dict[str, Any] = {"w": {"shape": [7, 5]}, "b": {"shape": [5]}}
