@@ -16,6 +16,7 @@ BEYOND_TORCH = {
     "Lion": "lion-pytorch",
     "AdamWScheduleFree": "schedulefree",
     "SGDScheduleFree": "schedulefree",
+    "Prodigy": "prodigyopt",
 }
 
 
@@ -43,6 +44,8 @@ def test_optimizers_torch_lacks_name_their_reference_package(client: TestClient)
     }
     sgd = {a["name"]: a["default"] for a in entries["SGDScheduleFree"]["args"]}
     assert sgd["lr"] == 1.0 and sgd["momentum"] == 0.9 and sgd["warmup_steps"] == 0
+    prodigy = {a["name"]: a["default"] for a in entries["Prodigy"]["args"]}
+    assert prodigy["growth_rate"] == "inf" and prodigy["beta3"] is None and prodigy["d0"] == 1e-6
 
 
 def test_schedule_catalog(client: TestClient) -> None:
