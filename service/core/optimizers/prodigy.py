@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core import reductions
 from service.core.errors import InvalidHyperparameter
 from service.core.hparams import Arg, check
 from service.core.kernels import constants, decay_add_square_, elementwise
@@ -71,6 +72,10 @@ class _Shared:
 
 def _sliced(a: np.ndarray, slice_p: int) -> np.ndarray:
     return a.reshape(-1)[::slice_p]
+
+
+def _rounded(value: float, dtype: np.dtype[Any]) -> float:
+    return float(dtype.type(value))
 
 
 class Prodigy(Optimizer[ProdigyState]):
@@ -255,7 +260,8 @@ class Prodigy(Optimizer[ProdigyState]):
             if hp["lr"] <= 0.0:
                 continue  # a frozen group (lr 0) neither moves its moments nor the estimate
             sliced = _sliced(g, slice_p)
-            dot = float(np.dot(sliced, st.p0[i] - _sliced(p, slice_p)))
+            # The package's sums are float32 tensors read with .item(): rounded to the dtype.
+            dot = _rounded(reductions.dot(sliced, st.p0[i] - _sliced(p, slice_p)), g.dtype)
             numerator += (d / d0) * sh.dlr * dot
             self._moments(g, st, i, sh)
             s_scale = (d / d0) * (d if hp["safeguard_warmup"] else sh.dlr)
@@ -263,7 +269,7 @@ class Prodigy(Optimizer[ProdigyState]):
             s = st.s[i]
             np.multiply(s, beta3_, out=s)
             s += sliced * s_scale_
-            denominator += float(np.abs(s).sum())
+            denominator += _rounded(reductions.abs_total(s), g.dtype)
         return numerator, denominator
 
     def _moments(self, g: np.ndarray, st: ProdigyState, i: int, sh: _Shared) -> None:
