@@ -17,6 +17,7 @@ BEYOND_TORCH = {
     "AdamWScheduleFree": "schedulefree",
     "SGDScheduleFree": "schedulefree",
     "Prodigy": "prodigyopt",
+    "CAME": "came-pytorch",
 }
 
 

@@ -15,9 +15,11 @@ from tests.core.reference_classes import available, reference_class
 INITIAL = {"w": np.linspace(-1, 1, 12).reshape(4, 3), "b": np.array([0.5, -0.5, 0.25])}
 SECOND_GROUP: dict[str, dict[str, Any]] = {
     "Prodigy": {"d0": 1e-5, "eps": 1e-6},
+    "CAME": {"lr": 2e-3, "betas": [0.5, 0.9, 0.99]},
 }
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "Prodigy": {"name": "Prodigy", "weight_decay": 0.01, "use_bias_correction": True},
+    "CAME": {"name": "CAME", "lr": 1e-3, "weight_decay": 0.01},
 }
 STEPS = 25
 

@@ -15,6 +15,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "adamwschedulefree": ("schedulefree", "AdamWScheduleFree"),
     "sgdschedulefree": ("schedulefree", "SGDScheduleFree"),
     "prodigy": ("prodigyopt", "Prodigy"),
+    "came": ("came_pytorch", "CAME"),
 }
 """optserve's name (lower case) -> (module, class) of the reference package."""
 

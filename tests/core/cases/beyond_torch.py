@@ -63,6 +63,15 @@ VARIANTS: dict[str, dict[str, object]] = {
         "safeguard_warmup": True,
         "slice_p": 2,
     },
+    "came": {"name": "CAME", "lr": 2e-4},
+    "came-args": {
+        "name": "CAME",
+        "lr": 1e-3,
+        "eps": [1e-20, 1e-12],
+        "clip_threshold": 0.5,
+        "betas": [0.8, 0.99, 0.999],
+        "weight_decay": 0.02,
+    },
 }
 
 GROUPS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
@@ -77,6 +86,10 @@ GROUPS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     ),
     # Prodigy's estimate sums over both groups; the second group's own d0, eps and decay
     # enter it (its betas, like every group's but the first, are not read).
+    "came": (
+        {"name": "CAME", "lr": 1e-3, "weight_decay": 0.01},
+        {"lr": 3e-3, "betas": [0.5, 0.9, 0.99], "clip_threshold": 2.0},
+    ),
     "prodigy": (
         {"name": "Prodigy", "weight_decay": 0.01, "growth_rate": 1.1},
         {"eps": 1e-6, "d0": 1e-5, "weight_decay": 0.0, "slice_p": 2, "betas": [0.5, 0.9]},
@@ -84,6 +97,10 @@ GROUPS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
 }
 
 CASES = optimizer_cases(VARIANTS)
+CASES += optimizer_cases(
+    {"came-3d": {"name": "CAME", "lr": 1e-3, "weight_decay": 0.01}},
+    params={"conv": {"shape": [3, 4, 5]}, "w": {"shape": [6, 4]}, "b": {"shape": [4]}},
+)
 CASES += dtype_cases(
     {
         f"{name}-schedule": {"optimizer": optimizer, "schedule": SCHEDULE, "params": DEFAULT_PARAMS}
@@ -107,6 +124,13 @@ CASES += dtype_cases(
     {
         "lion-partial": {
             "optimizer": {"name": "Lion", "lr": 1e-3, "weight_decay": 0.1},
+            "params": PARAMS,
+            "missing_grads": "skip",
+            "clip_grad_norm": {"max_norm": 2.0},
+            "param_groups": [{"params": ["head"], "lr": 2e-3}],
+        },
+        "came-partial": {
+            "optimizer": {"name": "CAME", "lr": 1e-3, "weight_decay": 0.1},
             "params": PARAMS,
             "missing_grads": "skip",
             "clip_grad_norm": {"max_norm": 2.0},
