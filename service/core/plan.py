@@ -360,7 +360,7 @@ def plan_from_config(
     groups = _parse_groups(config.get("param_groups"), tensors, optimizer, base)
     for group in groups:
         try:
-            optimizer.check_shapes([tensors[i].shape for i in group.indices])
+            optimizer.check_shapes([tensors[i].shape for i in group.indices], group.hparams)
         except CoreError as exc:
             raise InvalidHyperparameter("params", str(exc)) from exc
     optimizer.check_groups([g.hparams for g in groups])

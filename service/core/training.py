@@ -236,8 +236,8 @@ def apply_checked(
             grad_norm = clipped
     evaluate, completed = False, True
     metric = loss
-    if plan.optimizer.couples_groups:
-        _update_coupled(plan, state, grads, params, out)
+    if plan.optimizer.whole_step:
+        _update_whole(plan, state, grads, params, out)
         return _completed(plan, state, metric, grad_norm)
     for gi, group in enumerate(plan.groups):
         g = [grads[i] for i in group.indices]
@@ -270,14 +270,14 @@ def apply_checked(
     return _completed(plan, state, metric, grad_norm, evaluate)
 
 
-def _update_coupled(
+def _update_whole(
     plan: Plan,
     state: TrainState,
     grads: Sequence[np.ndarray | None],
     params: Sequence[np.ndarray | None] | None,
     out: Sequence[np.ndarray],
 ) -> None:
-    """Every group in one call, for rules whose groups share numbers (Prodigy's d)."""
+    """Every group in one call, missing gradients as None (:attr:`Optimizer.whole_step`)."""
     indices = [g.indices for g in plan.groups]
     for g, d in zip(grads, out, strict=True):
         if g is None:

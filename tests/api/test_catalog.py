@@ -18,6 +18,7 @@ BEYOND_TORCH = {
     "SGDScheduleFree": "schedulefree",
     "Prodigy": "prodigyopt",
     "CAME": "came-pytorch",
+    "SOAP": "pytorch_optimizer",
 }
 
 

@@ -16,6 +16,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "sgdschedulefree": ("schedulefree", "SGDScheduleFree"),
     "prodigy": ("prodigyopt", "Prodigy"),
     "came": ("came_pytorch", "CAME"),
+    "soap": ("pytorch_optimizer", "SOAP"),
 }
 """optserve's name (lower case) -> (module, class) of the reference package."""
 

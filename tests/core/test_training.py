@@ -23,7 +23,8 @@ from service.core.training import (
 )
 
 PARAMS = {"w": {"shape": [6, 4]}, "v": {"shape": [3, 5]}}
-EXTRA: dict[str, dict[str, Any]] = {"LBFGS": {"max_iter": 1}}
+EXTRA: dict[str, dict[str, Any]] = {"LBFGS": {"max_iter": 1}, "CAME": {"lr": 1e-3}}
+"""Arguments an optimizer needs beyond its defaults (CAME has no default lr)."""
 
 
 def _config(name: str, **more: Any) -> dict[str, Any]:

@@ -44,10 +44,12 @@ class Optimizer(ABC, Generic[S]):
     reference: ClassVar[str | None] = None
     """The PyPI package whose numbers an optimizer torch lacks follows (``"lion-pytorch"``);
     ``None`` for torch.optim's classes."""
-    couples_groups: ClassVar[bool] = False
-    """Whether one step's groups share numbers (Prodigy's d estimate sums over every
-    group): such a rule steps all of a session's groups in one :meth:`update_groups`
-    call, sees a missing gradient as ``None`` and leaves that tensor alone itself."""
+    whole_step: ClassVar[bool] = False
+    """Whether the rule takes a whole step in one :meth:`update_groups` call: every group,
+    a missing gradient seen as ``None`` (the rule leaves that tensor alone itself). For
+    rules whose groups share numbers (Prodigy's d estimate sums over every group), and
+    for rules with a group step count that advances whichever tensors have a gradient
+    while each tensor's state starts at its own first one (SOAP)."""
     constructor_state_args: ClassVar[tuple[str, ...]] = ()
     """Arguments torch's constructor reads when it builds every group's state (Adagrad's
     ``initial_accumulator_value``): the constructor's value applies to every group, and a
@@ -86,8 +88,9 @@ class Optimizer(ABC, Generic[S]):
         """
         return list(range(len(shapes)))
 
-    def check_shapes(self, shapes: Sequence[Shape]) -> None:
-        """Reject tensor shapes the rule cannot handle (Muon: 2-D only)."""
+    def check_shapes(self, shapes: Sequence[Shape], hp: Mapping[str, Any]) -> None:
+        """Reject tensor shapes the rule cannot handle with the group's hyperparameters
+        ``hp`` (Muon: 2-D only)."""
 
     @abstractmethod
     def init(self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]) -> S:
@@ -120,7 +123,7 @@ class Optimizer(ABC, Generic[S]):
         hps: Sequence[Mapping[str, Any]],
         outs: Sequence[Sequence[np.ndarray]],
     ) -> list[S]:
-        """One step of every group at once, for :attr:`couples_groups` rules; the
+        """One step of every group at once, for :attr:`whole_step` rules; the
         arguments are :meth:`update`'s, one entry per group."""
         raise NotImplementedError(f"{self.name} steps its groups one by one")
 

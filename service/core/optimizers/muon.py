@@ -165,7 +165,7 @@ class Muon(Optimizer[MuonState]):
             coefficients,
         )
 
-    def check_shapes(self, shapes: Sequence[Shape]) -> None:
+    def check_shapes(self, shapes: Sequence[Shape], hp: Mapping[str, Any]) -> None:
         for shape in shapes:
             if len(shape) != 2:
                 raise InvalidHyperparameter(

@@ -5,7 +5,7 @@ Learner". The step size ``d`` is estimated from every tensor of every group at o
 step sums a numerator (gradients against the distance travelled from the starting point)
 and a denominator (the norm of a running gradient sum) over all groups, and all groups
 then step with the one new ``d``. So the rule couples its groups
-(``couples_groups``): a session steps them together in :meth:`Prodigy.update_groups`.
+(``whole_step``): a session steps them together in :meth:`Prodigy.update_groups`.
 
 The package reads the shared scalars (``d``, ``d_max``, ``d_numerator``, ``k``) and the
 arguments that shape the estimate (``betas``, ``beta3``, ``d_coef``, ``growth_rate``,
@@ -111,7 +111,7 @@ class Prodigy(Optimizer[ProdigyState]):
     """Sums the estimate across FSDP shards with torch.distributed: a session holds whole
     tensors, so there is nothing to sum across."""
     state_type = ProdigyState
-    couples_groups = True
+    whole_step = True
 
     def validate(self, hp: Mapping[str, Any], where: str = "") -> None:
         d0, lr, eps = hp["d0"], hp["lr"], hp["eps"]

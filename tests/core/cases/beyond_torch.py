@@ -1,5 +1,7 @@
 """Optimizers torch lacks, against their reference packages (tests/core/reference_classes.py).
 
+SOAP's cases are in ``cases/soap.py``: which shapes it can be checked on is its own matter.
+
 Each runs 200 steps in float32 and float64: defaults, non-default arguments, a schedule
 (LinearLR warmup, as torch's schedulers edit ``lr``), and two groups with clipping.
 """
@@ -84,12 +86,12 @@ GROUPS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
         {"name": "SGDScheduleFree", "lr": 0.05, "weight_decay": 0.01},
         {"lr": 0.1, "momentum": 0.5},
     ),
-    # Prodigy's estimate sums over both groups; the second group's own d0, eps and decay
-    # enter it (its betas, like every group's but the first, are not read).
     "came": (
         {"name": "CAME", "lr": 1e-3, "weight_decay": 0.01},
         {"lr": 3e-3, "betas": [0.5, 0.9, 0.99], "clip_threshold": 2.0},
     ),
+    # Prodigy's estimate sums over both groups; the second group's own d0, eps and decay
+    # enter it (its betas, like every group's but the first, are not read).
     "prodigy": (
         {"name": "Prodigy", "weight_decay": 0.01, "growth_rate": 1.1},
         {"eps": 1e-6, "d0": 1e-5, "weight_decay": 0.0, "slice_p": 2, "betas": [0.5, 0.9]},
