@@ -51,6 +51,12 @@ class Contender:
     """(module, class) of the reference package; ``None`` for torch.optim's class."""
     restores_grad: bool = False
     """The reference overwrites the gradient: restore it before every step, both sides."""
+    rows: int | None = None
+    """Bench a matrix of ``size / rows`` by ``rows`` instead of a vector: for rules that
+    treat matrices differently (CAME's factored moments, SOAP's bases)."""
+
+    def shape(self, size: int) -> tuple[int, ...]:
+        return (size,) if self.rows is None else (size // self.rows, self.rows)
 
 
 CONTENDERS = {
@@ -77,6 +83,24 @@ CONTENDERS = {
         {"lr": 0.01},
         ("schedulefree", "SGDScheduleFree"),
         restores_grad=True,
+    ),
+    "prodigy": Contender(
+        "Prodigy (prodigyopt)", "Prodigy", {"weight_decay": 0.01}, ("prodigyopt", "Prodigy")
+    ),
+    "came": Contender(
+        "CAME (came-pytorch), 1000 columns",
+        "CAME",
+        {"lr": 2e-4, "weight_decay": 0.01},
+        ("came_pytorch", "CAME"),
+        rows=1000,
+    ),
+    # A basis of 1000 x 1000 per dimension up to 1000: at 10M the 10000 rows go without.
+    "soap": Contender(
+        "SOAP (pytorch_optimizer), 1000 columns",
+        "SOAP",
+        {"max_precondition_dim": 1000},
+        ("pytorch_optimizer", "SOAP"),
+        rows=1000,
     ),
 }
 
@@ -117,8 +141,9 @@ def bench(
     import torch
 
     rng = np.random.default_rng(0)
-    grad = rng.standard_normal(size, dtype=np.float32)
-    param = rng.standard_normal(size, dtype=np.float32)
+    shape = contender.shape(size)
+    grad = rng.standard_normal(shape, dtype=np.float32)
+    param = rng.standard_normal(shape, dtype=np.float32)
     delta = np.empty_like(param)
 
     opt = optimizers.get(contender.optimizer)
