@@ -81,6 +81,9 @@ CASES: tuple[Case, ...] = (
     Case("nadam", {"name": "NAdam", "lr": 1e-3}, {}),
     Case("rmsprop-centered", {"name": "RMSprop", "lr": 1e-3, "centered": True}, {}),
     Case("asgd", {"name": "ASGD", "lr": 1e-2, "t0": 1.0}, {}),
+    Case("prodigy", {"name": "Prodigy", "weight_decay": 0.01}, {}),
+    Case("came", {"name": "CAME", "lr": 1e-3, "weight_decay": 0.01}, {}),
+    Case("soap", {"name": "SOAP", "precondition_frequency": 2}, {}),
     Case(
         "adamw-onecycle",
         {"name": "AdamW", "lr": 1e-3},

@@ -8,9 +8,10 @@ equal the reference process's.
 
 - Core's own numbers (every session but Muon's larger ones) must agree under every
   variation, pinned environment or not.
-- Muon's matrix products above torch's reference-GEMM size go to OpenBLAS, whose result
-  depends on its kernel set and thread count: they agree under the replicas' pinned
-  environment (``machine.REPLICA_ENVIRONMENT``), whatever else varies.
+- Muon's matrix products above torch's reference-GEMM size, and SOAP's products and
+  LAPACK bases, go to OpenBLAS, whose result depends on its kernel set and thread count:
+  they agree under the replicas' pinned environment (``machine.REPLICA_ENVIRONMENT``),
+  whatever else varies.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ SELECTION = (
         for name in ("adam", "sgd-clip2", "adafactor", "radam", "nadam", "rmsprop-centered")
     ),
 )
-PINNED_ONLY = ("muon/300k/", "muon/3M/")
+PINNED_ONLY = ("muon/300k/", "muon/3M/", "soap/")
 """Sessions whose digests depend on OpenBLAS's kernel set and thread count: equal only
-under the pinned environment."""
+under the pinned environment (SOAP's matrix products and LAPACK bases at every size)."""
 
 _VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "NPY_DISABLE_CPU_FEATURES")
 
