@@ -363,7 +363,12 @@ def plan_from_config(
             optimizer.check_shapes([tensors[i].shape for i in group.indices], group.hparams)
         except CoreError as exc:
             raise InvalidHyperparameter("params", str(exc)) from exc
-    optimizer.check_groups([g.hparams for g in groups])
+    # The default group (tensors no entry lists) comes first and is the optimizer's own.
+    entries = len(groups) - (1 if len(groups) > len(config.get("param_groups") or []) else 0)
+    fields = ["optimizer."] * (len(groups) - entries) + [
+        f"param_groups[{i}]." for i in range(entries)
+    ]
+    optimizer.check_groups([g.hparams for g in groups], fields)
     nonfinite = config.get("nonfinite", "error")
     check(
         nonfinite in ("error", "skip"),

@@ -177,7 +177,10 @@ def check_step(
     reason = validate_step(plan, grads, params, loss, needs_params(plan, state))
     if reason is not None:
         return reason
-    plan.optimizer.check_groups(state.groups)
+    # A session's groups by index, as PATCH .../param_groups/{index} names them.
+    plan.optimizer.check_groups(
+        state.groups, [f"param_groups[{i}]." for i in range(len(state.groups))]
+    )
     spec = plan.schedule
     if spec is not None and spec.interval == "step" and state.since_schedule + 1 >= spec.every:
         assert state.schedule_state is not None

@@ -97,7 +97,7 @@ def test_a_checkpoint_continues_exactly(client: TestClient, name: str) -> None:
 def test_prodigy_refuses_unequal_group_lrs_naming_the_group(client: TestClient) -> None:
     config = _config(OPTIMIZERS["Prodigy"], {"lr": 0.5})
     document = problem(client.post("/v1/sessions", json=config), 422)
-    assert document["errors"][0]["field"] == "param_groups[1].lr"
+    assert document["errors"][0]["field"] == "param_groups[0].lr"  # the config's entry
 
 
 def test_prodigy_refuses_a_step_after_an_edit_made_lrs_unequal(client: TestClient) -> None:

@@ -121,7 +121,11 @@ def test_unequal_nonzero_group_lrs_are_refused_at_creation() -> None:
     config = {**TWO_GROUPS, "param_groups": [{"params": ["b"], "lr": 0.5}]}
     with pytest.raises(InvalidHyperparameter) as caught:
         plan_from_config(config)
-    assert caught.value.argument == "param_groups[1].lr"
+    assert caught.value.argument == "param_groups[0].lr"  # the config's entry
+    config = {**TWO_GROUPS, "param_groups": [{"params": ["b"], "lr": 2.0}]}
+    with pytest.raises(InvalidHyperparameter) as caught:
+        plan_from_config(config)
+    assert caught.value.argument == "optimizer.lr"  # the default group's, now the smaller
     assert "only supported for values of 0" in str(caught.value)
 
 

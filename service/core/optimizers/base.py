@@ -110,10 +110,11 @@ class Optimizer(ABC, Generic[S]):
         ``grads`` are read-only. ``params`` is ``None`` when ``needs_params`` is false.
         """
 
-    def check_groups(self, hps: Sequence[Mapping[str, Any]], where: str = "") -> None:
+    def check_groups(self, hps: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
         """Refuse groups the rule cannot step together, before anything changes (Prodigy:
-        unequal non-zero lrs). Checked before every step, since schedules and edits change
-        the groups' hyperparameters between steps."""
+        unequal non-zero lrs), naming the argument under the group's ``fields`` prefix.
+        Checked when a session is made and before every step, since schedules and edits
+        change the groups' hyperparameters between steps."""
 
     def update_groups(
         self,

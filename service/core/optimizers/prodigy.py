@@ -129,12 +129,12 @@ class Prodigy(Optimizer[ProdigyState]):
         slice_p = hp["slice_p"]
         check(slice_p >= 1, f"{where}slice_p", f"slice_p must be at least 1: {slice_p}", slice_p)
 
-    def check_groups(self, hps: Sequence[Mapping[str, Any]], where: str = "") -> None:
+    def check_groups(self, hps: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
         lr = max(hp["lr"] for hp in hps)
-        for i, hp in enumerate(hps):
+        for hp, where in zip(hps, fields, strict=True):
             if hp["lr"] not in (lr, 0.0):
                 raise InvalidHyperparameter(
-                    f"param_groups[{i}].lr",
+                    f"{where}lr",
                     "Setting different lr values in different parameter groups is only "
                     "supported for values of 0",
                     hp["lr"],
