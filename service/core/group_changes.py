@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.core.errors import InvalidHyperparameter, InvalidInput
+from service.core.errors import CoreError, InvalidHyperparameter, InvalidInput
 from service.core.plan import Plan
 from service.core.schedules.group_values import clone
 from service.core.state import to_flat
@@ -123,9 +123,11 @@ def _hparams(plan: Plan, group: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _layout(plan: Plan, index: int, hp: Mapping[str, Any]) -> Any:
+    """What a group's state holds: its list lengths and every array's shape (Prodigy's
+    ``slice_p`` and SOAP's ``merge_dims`` change shapes, not lengths)."""
     shapes = [plan.tensors[i].shape for i in plan.groups[index].indices]
-    _, scalars = to_flat(plan.optimizer.init(shapes, hp, plan.dtype))
-    return scalars["__layout__"]
+    arrays, scalars = to_flat(plan.optimizer.init(shapes, hp, plan.dtype))
+    return scalars["__layout__"], {name: a.shape for name, a in arrays.items()}
 
 
 def plan_edit(plan: Plan, state: TrainState, index: int, changes: Mapping[str, Any]) -> GroupEdit:
@@ -157,6 +159,11 @@ def plan_edit(plan: Plan, state: TrainState, index: int, changes: Mapping[str, A
             "the edit would switch LBFGS between one evaluation per step and ask/tell "
             "(a line search or max_iter > 1); create a new session for that",
         )
+    shapes = [plan.tensors[i].shape for i in plan.groups[index].indices]
+    try:
+        plan.optimizer.check_shapes(shapes, resolved)
+    except CoreError as exc:
+        raise InvalidHyperparameter(f"{where}{next(iter(changes))}", str(exc)) from exc
     edited = [dict(g) for g in state.groups]
     edited[index].update(resolved)
     check_groups(plan, state, edited)

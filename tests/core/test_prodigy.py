@@ -10,6 +10,7 @@ import pytest
 
 from service.core import optimizers
 from service.core.errors import InvalidHyperparameter
+from service.core.group_changes import plan_edit
 from service.core.plan import plan_from_config
 from service.core.training import apply_step, initial_state
 from tests.core import optimizer_checks as checks
@@ -159,3 +160,14 @@ def test_zero_gradients_take_no_step_as_the_package(dtype: str) -> None:
     state = optimizer.update([np.zeros(3, dtype)], state, [np.ones(3, dtype)], hp, out)
     assert state.k == 0 and state.d == hp["d0"] and state.started == [True]
     assert (out[0] == 0).all()
+
+
+def test_an_edit_of_slice_p_after_the_first_step_is_refused() -> None:
+    """slice_p sets the size of p0 and s: the package would fail at its next step."""
+    plan = plan_from_config(TWO_GROUPS)
+    state = initial_state(plan)
+    params = [np.ones((5, 3)), np.ones(4)]
+    apply_step(plan, state, [np.ones((5, 3)), np.ones(4)], params, [np.empty((5, 3)), np.empty(4)])
+    with pytest.raises(InvalidHyperparameter) as caught:
+        plan_edit(plan, state, 1, {"slice_p": 4})  # 4 entries: 2 sliced, now 1
+    assert caught.value.argument == "param_groups[1].slice_p"

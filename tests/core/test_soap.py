@@ -9,6 +9,7 @@ import pytest
 
 from service.core import optimizers
 from service.core.errors import InvalidHyperparameter
+from service.core.group_changes import plan_edit
 from service.core.optimizers.soap import merge_small_dims
 from service.core.plan import plan_from_config
 from service.core.training import apply_step, initial_state
@@ -130,3 +131,14 @@ def test_vectors_without_precondition_1d_keep_no_statistics() -> None:
     hp = optimizer.resolve({"precondition_1d": True})
     state = optimizer.init([(4,), (3, 5)], hp, np.dtype(np.float32))
     assert [g.shape for g in state.gg] == [(4, 4), (3, 3), (5, 5)]
+
+
+def test_an_edit_turning_on_merge_dims_for_a_small_tensor_is_refused() -> None:
+    config: dict[str, Any] = {
+        "optimizer": {"name": "SOAP", "max_precondition_dim": 12},
+        "params": {"w": {"shape": [3, 4]}},
+    }
+    plan = plan_from_config(config)
+    with pytest.raises(InvalidHyperparameter) as caught:
+        plan_edit(plan, initial_state(plan), 0, {"merge_dims": True})
+    assert caught.value.argument == "param_groups[0].merge_dims"
