@@ -66,7 +66,7 @@ class _Shared:
     d_max: float
     d_numerator: float
     dlr: float
-    lr: float
+    """d times the largest group lr (times the bias correction): this step's size."""
     decouple: bool
 
 
@@ -223,7 +223,6 @@ class Prodigy(Optimizer[ProdigyState]):
             d_max=first.d_max,
             d_numerator=first.d_numerator,
             dlr=first.d * lr * bias_correction,
-            lr=lr,
             decouple=hp["decouple"],
         )
 
