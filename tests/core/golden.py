@@ -1,8 +1,8 @@
 """Golden parity fixtures: torch's final parameters per case, committed for torch-less CI.
 
 Regenerate with ``python -m tests.core.golden`` (needs torch==2.13.0; the cases of
-``cases/beyond_torch.py`` also need their reference packages, the ``reference-optimizers``
-extra).
+``cases/beyond_torch.py`` and ``cases/soap.py`` also need their reference packages, the
+``reference-optimizers`` extra).
 """
 
 from __future__ import annotations
