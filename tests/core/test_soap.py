@@ -16,6 +16,7 @@ from service.core.training import apply_step, initial_state
 from tests.core import optimizer_checks as checks
 from tests.core.cases.soap import CASES as ALL_CASES
 from tests.core.cases.soap import TOLERANCE
+from tests.core.reference_classes import available
 
 CASES = [c for c in ALL_CASES if set(c.config) == {"optimizer", "params", "dtype"}]
 """The cases on one group without clipping or schedule: what ``update`` alone must match."""
@@ -89,7 +90,9 @@ def test_the_first_step_moves_nothing_and_tensors_start_at_their_first_gradient(
     assert record.started == [True, False] and record.step == 2
 
 
-@pytest.mark.skipif(not checks.HAVE_TORCH, reason="compares against pytorch_optimizer")
+@pytest.mark.skipif(
+    not (checks.HAVE_TORCH and available("SOAP")), reason="compares against pytorch_optimizer"
+)
 def test_a_tensor_starting_late_follows_the_package() -> None:
     """The package's group step advances for every tensor, and a tensor's statistics start
     at its first gradient (gathered twice that step, as the package does)."""
