@@ -554,12 +554,11 @@ def _layout(
             names.append(str(name))
             tensors.append(tensor)
             group_names.append(str(name))
+        if isinstance(group.get("optimizer"), str):
+            group["optimizer"] = {"name": group["optimizer"]}  # the server's form
         groups.append({"params": group_names, **group})
     if len(dict_groups) > 1 and param_groups:
         raise ValueError("give parameter groups either as torch-style dicts or as param_groups")
-    for group in groups:
-        if isinstance(group.get("optimizer"), str):
-            group["optimizer"] = {"name": group["optimizer"]}
     if len(groups) == 1 and "optimizer" not in groups[0]:
         shared = {k: v for k, v in groups[0].items() if k != "params"}
         return names, tensors, [dict(g) for g in param_groups or ()], shared
