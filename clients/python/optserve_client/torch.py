@@ -532,7 +532,9 @@ def _layout(
     items = list(params)
     if not items:
         raise ValueError("optimizer got an empty parameter list")
-    dict_groups = [dict(g) for g in items] if isinstance(items[0], Mapping) else [{"params": items}]
+    dict_groups: list[dict[str, Any]] = (
+        [dict(g) for g in items] if isinstance(items[0], Mapping) else [{"params": items}]
+    )
     names: list[str] = []
     tensors: list[torch.Tensor] = []
     groups: list[dict[str, Any]] = []
