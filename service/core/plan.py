@@ -129,11 +129,6 @@ class Plan:
         return all(g.optimizer.per_tensor_state for g in self.groups)
 
     @property
-    def mixed_optimizers(self) -> bool:
-        """Whether some group names its own optimizer."""
-        return any(g.own_optimizer for g in self.groups)
-
-    @property
     def ask_tell(self) -> bool:
         """LBFGS with a line search or several iterations: it asks for points to evaluate."""
         probe = getattr(self.optimizer, "ask_tell", None)
