@@ -38,6 +38,15 @@ SCHEDULES: dict[str, dict[str, Any] | None] = {
     "onecycle": {"name": "OneCycleLR", "max_lr": 0.03, "total_steps": 200, "pct_start": 0.25},
     "cyclic": {"name": "CyclicLR", "base_lr": 1e-3, "max_lr": 1e-2, "step_size_up": 25},
     "plateau": {"name": "ReduceLROnPlateau", "factor": 0.5, "patience": 3, "cooldown": 2},
+    "warm-restarts": {"name": "CosineAnnealingWarmRestarts", "T_0": 20, "T_mult": 2},
+    "sequential": {
+        "name": "SequentialLR",
+        "milestones": [30],
+        "schedulers": [
+            {"name": "LinearLR", "start_factor": 0.1, "total_iters": 30},
+            {"name": "ExponentialLR", "gamma": 0.99},
+        ],
+    },
 }
 
 
@@ -58,6 +67,8 @@ CASES += dtype_cases(
         "per-group-muon-adamw-clip-norm": _config(
             SCHEDULES["cosine"], clip_grad_norm={"max_norm": 1.0}
         ),
+        # Steps that leave tensors out: each optimizer skips them, as torch skips a None grad.
+        "per-group-muon-adamw-partial": _config(SCHEDULES["steplr"], missing_grads="skip"),
         # The session's optimizer is SGD; the weights name Muon, one group names Adam.
         "per-group-sgd-muon-adam": {
             "optimizer": {"name": "SGD", "lr": 0.05, "momentum": 0.9, "nesterov": True},
