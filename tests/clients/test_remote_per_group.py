@@ -135,3 +135,35 @@ def test_groups_without_an_optimizer_need_the_sessions() -> None:
         RemoteOptimizer(
             [{"params": weights, "optimizer": "Muon"}, {"params": rest}], url="http://127.0.0.1:9"
         )
+
+
+def test_an_added_group_may_name_its_own_optimizer(client: Client) -> None:
+    net = model(torch.float64)
+    weights, rest = split(net)
+    remote = RemoteOptimizer(rest, optimizer={"name": "AdamW", **ADAMW}, client=client)
+    reference_adamw = torch.optim.AdamW(
+        [p.detach().clone().requires_grad_() for p in rest], **ADAMW
+    )
+    reference_muon = torch.optim.Muon(
+        [p.detach().clone().requires_grad_() for p in weights], **MUON
+    )
+    try:
+        remote.add_param_group({"params": weights, "optimizer": "Muon", **MUON})
+        document = remote.session.refresh().document
+        assert [g["optimizer"] for g in document["param_groups"]] == ["AdamW", "Muon"]
+        twins = [
+            *reference_adamw.param_groups[0]["params"],
+            *reference_muon.param_groups[0]["params"],
+        ]
+        for batch in batches(torch.float64)[:20]:
+            remote.zero_grad()
+            backward(net, batch)
+            for mine, twin in zip([*rest, *weights], twins, strict=True):
+                twin.grad = mine.grad.clone()
+            remote.step()
+            reference_adamw.step()
+            reference_muon.step()
+        for mine, twin in zip([*rest, *weights], twins, strict=True):
+            torch.testing.assert_close(mine, twin, **TOLERANCE[torch.float64])
+    finally:
+        remote.close(delete=True)

@@ -175,6 +175,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         tensors = [members] if isinstance(members, torch.Tensor) else list(members)
         names = given.pop("param_names", None) or self._fresh_names(len(tensors))
         options = {k: _plain(v) for k, v in given.items()}
+        if isinstance(options.get("optimizer"), str):
+            options["optimizer"] = {"name": options["optimizer"]}  # the server's form
         super().add_param_group({**param_group, "param_names": list(names)})
         try:
             if self._holds:
