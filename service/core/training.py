@@ -60,9 +60,9 @@ def initial_state(plan: Plan) -> TrainState:
     """Fresh optimizer state, then the schedule's constructor applied to the groups."""
     groups = [dict(g.hparams) for g in plan.groups]
     opt_states = [
-        plan.optimizer.init(
+        g.optimizer.init(
             [plan.tensors[i].shape for i in g.indices],
-            plan.optimizer.init_hparams(g.hparams, plan.optimizer_config),
+            g.optimizer.init_hparams(g.hparams, g.constructor),
             plan.dtype,
         )
         for g in plan.groups
@@ -157,7 +157,9 @@ def validate_step(
 def needs_params(plan: Plan, state: TrainState) -> bool:
     """Whether a step reads parameter values, with the groups' current hyperparameters
     (an edit may turn weight decay on or off)."""
-    return plan.ask_tell or any(plan.optimizer.needs_params(hp) for hp in state.groups)
+    return plan.ask_tell or any(
+        g.optimizer.needs_params(hp) for g, hp in zip(plan.groups, state.groups, strict=True)
+    )
 
 
 def check_step(
@@ -218,7 +220,7 @@ def apply_checked(
         for d in out:
             d.fill(0)
         return StepOutcome(applied=False, completed=False, reason=reason)
-    if not plan.optimizer.per_tensor_state:
+    if not plan.per_tensor_state:
         grads = [
             np.zeros(t.shape, plan.dtype) if g is None else g
             for t, g in zip(plan.tensors, grads, strict=True)
@@ -252,7 +254,7 @@ def apply_checked(
             shapes = [plan.tensors[i].shape for i in group.indices]
             stepped = tuple(k for k, grad in enumerate(g) if grad is not None)
             state.opt_states[gi] = update_group(
-                plan.optimizer,
+                group.optimizer,
                 shapes,
                 state.opt_states[gi],
                 stepped,
@@ -378,7 +380,7 @@ def _accumulated_from_flat(
 def _group_from_flat(
     plan: Plan, gi: int, arrays: dict[str, np.ndarray], scalars: dict[str, Any]
 ) -> Any:
-    cls, prefix = plan.optimizer.state_type, f"state/group{gi}/"
+    cls, prefix = plan.groups[gi].optimizer.state_type, f"state/group{gi}/"
     if "parts" not in scalars:
         return from_flat(cls, arrays, scalars, prefix=prefix)
     size = len(plan.groups[gi].indices)
@@ -390,7 +392,7 @@ def _group_from_flat(
         for k, entry in enumerate(scalars["parts"])
     ]
     covered = sorted(p for positions, _ in parts for p in positions)
-    if covered != list(range(size)) or not plan.optimizer.per_tensor_state:
+    if covered != list(range(size)) or not plan.groups[gi].optimizer.per_tensor_state:
         raise InvalidInput(f"checkpoint state of group {gi} does not cover its tensors", "state")
     return Parts(parts)
 
