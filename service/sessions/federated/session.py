@@ -20,7 +20,7 @@ import numpy as np
 
 from service.core.errors import InvalidInput
 from service.core.federated import rounds
-from service.core.federated.rounds import Contribution, Federation
+from service.core.federated.rounds import Closing, Contribution, Federation
 from service.core.federated.spec import AggregationSpec
 from service.core.federated.staleness import staleness_weight
 from service.core.training import apply_step, first_nonfinite, validate_step
@@ -60,6 +60,8 @@ class PreparedUpdate:
     """Rounds mode: "count" or "timeout" when this update closes its round."""
     gradient: list[np.ndarray] | None = None
     """The pseudo-gradient, when this update makes an optimizer step."""
+    closing: Closing | None = None
+    """Rounds mode: the round's close, when this update closes it."""
 
 
 def _federation(live: LiveSession) -> Federation:
@@ -112,6 +114,11 @@ def _weight(spec: AggregationSpec, request: UpdateRequest) -> float:
         assert n is not None
         return float(n)
     return 1.0
+
+
+def _checked_closing(live: LiveSession, closing: Closing) -> Closing:
+    _checked_gradient(live, closing.gradient)
+    return closing
 
 
 def _checked_gradient(live: LiveSession, gradient: list[np.ndarray]) -> list[np.ndarray]:
@@ -177,9 +184,8 @@ def _prepare_round_update(
     received = len(opened.contributions) + 1
     prepared.closes = closes if closes is not None else opened.closes_by(spec, now, received)
     if prepared.closes is not None:
-        totals, total_weight = rounds.with_update(opened, weight, delta)
-        gradient = rounds.pseudo_gradient(totals, total_weight, live.plan.dtype)
-        prepared.gradient = _checked_gradient(live, gradient)
+        closing = rounds.closing(federation, live.plan.dtype, (request.client_id, weight, delta))
+        prepared.closing = _checked_closing(live, closing)
     return prepared
 
 
@@ -293,8 +299,8 @@ def apply_update(live: LiveSession, prepared: PreparedUpdate, at: float) -> Upda
         rounds.contribute(opened, contribution, prepared.delta)
         received = len(opened.contributions)
         if prepared.closes is not None:
-            assert prepared.gradient is not None
-            _close(live, federation, prepared.gradient, at, prepared.closes)
+            assert prepared.closing is not None
+            _close(live, federation, prepared.closing, at, prepared.closes)
         return UpdateReply(
             mode="rounds",
             client_id=request.client_id,
@@ -345,13 +351,15 @@ def _step(live: LiveSession, gradient: list[np.ndarray]) -> bool:
 
 
 def _close(
-    live: LiveSession, federation: Federation, gradient: list[np.ndarray], at: float, why: str
+    live: LiveSession, federation: Federation, closing: Closing, at: float, why: str
 ) -> None:
     opened = federation.round
     assert opened is not None
     # Measured before the step: clipping scales the gradient in place.
-    gradient_norm = rounds.norm(gradient)
-    applied = _step(live, gradient)
+    gradient_norm = rounds.norm(closing.gradient)
+    applied = _step(live, closing.gradient)
+    if closing.privacy is not None:
+        federation.privacy = closing.privacy
     federation.remember(
         {
             "round": opened.number,
@@ -364,13 +372,14 @@ def _close(
             "pseudo_gradient_norm": gradient_norm,
             "applied": applied,
             "step": live.state.step,
+            **closing.record,
         }
     )
     federation.round = rounds.next_round(opened, live.state.step, at)
 
 
-def prepare_close(live: LiveSession, now: float, force: bool = False) -> list[np.ndarray] | None:
-    """The pseudo-gradient when the open round closes by timeout at ``now``, else None."""
+def prepare_close(live: LiveSession, now: float, force: bool = False) -> Closing | None:
+    """The round's close when the open round closes by timeout at ``now``, else None."""
     federation = _federation(live)
     opened = federation.round
     if opened is None or not opened.contributions:
@@ -378,12 +387,11 @@ def prepare_close(live: LiveSession, now: float, force: bool = False) -> list[np
     received = len(opened.contributions)
     if not force and opened.closes_by(federation.spec, now, received) != "timeout":
         return None
-    gradient = rounds.pseudo_gradient(opened.total, opened.weight, live.plan.dtype)
-    return _checked_gradient(live, gradient)
+    return _checked_closing(live, rounds.closing(federation, live.plan.dtype))
 
 
-def apply_close(live: LiveSession, gradient: list[np.ndarray], at: float) -> None:
-    _close(live, _federation(live), gradient, at, "timeout")
+def apply_close(live: LiveSession, closing: Closing, at: float) -> None:
+    _close(live, _federation(live), closing, at, "timeout")
 
 
 # -- the log ---------------------------------------------------------------------------------
@@ -422,10 +430,10 @@ def replay(live: LiveSession, event: Event) -> None:
         opened = _federation(live).round
         if opened is None or opened.number != info.get("round"):
             raise InvalidInput(f"logged close of round {info.get('round')} does not follow")
-        gradient = prepare_close(live, event.at, force=True)
-        if gradient is None:
+        closing = prepare_close(live, event.at, force=True)
+        if closing is None:
             raise InvalidInput("logged close of an empty round")
-        apply_close(live, gradient, event.at)
+        apply_close(live, closing, event.at)
         return
     request = UpdateRequest(
         client_id=str(info["client_id"]),
@@ -495,6 +503,8 @@ def round_document(live: LiveSession, now: float) -> dict[str, Any]:
         "mode": "rounds",
         **common,
         "round": opened.number,
+        "proximal_mu": spec.proximal_mu,
+        "clipping_norm": None if federation.privacy is None else federation.privacy.clipping_norm,
         "status": "overdue" if overdue else "open",
         "opened_at": timestamp(opened.opened_at),
         "deadline": None if deadline is None else timestamp(deadline),
