@@ -94,9 +94,11 @@ def _check(spec: AggregatorSpec, n: int) -> None:
     beta, f, m = spec.beta, spec.num_malicious_clients, spec.num_clients_to_keep
     check(0.0 <= beta < 0.5, f"{where}beta", f"beta must be in [0, 0.5), got {beta}", beta)
     check(f >= 0, f"{where}num_malicious_clients", f"num_malicious_clients must be >= 0, got {f}")
-    # Krum's guarantee needs n > 2f + 2; Bulyan's n >= 4f + 3 (Flower skips the round
-    # otherwise). With n >= min_clients, checking min_clients makes every round work.
-    needs = {"Krum": 2 * f + 3, "MultiKrum": 2 * f + 3, "Bulyan": 4 * f + 3}.get(spec.name)
+    # Krum's guarantee against f attackers needs n > 2f + 2; Bulyan's n >= 4f + 3 (Flower
+    # skips the round otherwise). With n >= min_clients, checking min_clients makes every
+    # round work. Krum without attackers (f = 0) is Flower's, for any n.
+    krum = 2 * f + 3 if f > 0 else 1
+    needs = {"Krum": krum, "MultiKrum": krum, "Bulyan": 4 * f + 3}.get(spec.name)
     if needs is not None:
         check(
             n >= needs,
