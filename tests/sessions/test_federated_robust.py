@@ -3,18 +3,27 @@ that survives a restart and a checkpoint, and what the rounds report."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import pytest
 
 from service.core.errors import InvalidHyperparameter
+from service.sessions.errors import IdempotencyKeyReused
 from service.sessions.federated.models import UpdateRequest
 from service.sessions.service import SessionService
 from service.sessions.store import MemoryStore
 from tests.core.flower_scenarios import SCENARIOS, config_for, load_trace
 from tests.sessions.conftest import StoreFactory, running, settle
-from tests.sessions.test_federated import START, held, rounds_config, update
+from tests.sessions.test_federated import (
+    START,
+    client_params,
+    config,
+    held,
+    rounds_config,
+    update,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -153,3 +162,31 @@ async def test_creation_refuses_what_a_round_could_not_aggregate(
         with pytest.raises(InvalidHyperparameter) as caught:
             await service.create("t", rounds_config(8, **aggregation), START)
         assert caught.value.argument.startswith(field)
+
+
+async def test_idempotency_keys_survive_a_restart(store_factory: StoreFactory) -> None:
+    async with running(store_factory()) as service:
+        sid = (await service.create("t", rounds_config(3), START)).id
+        keyed = dataclasses.replace(update(1), idempotency_key="k1")
+        await service.federated.submit("t", sid, keyed)
+        await settle(service)
+    async with running(store_factory()) as service:
+        assert (await service.federated.submit("t", sid, keyed)).duplicate
+        with pytest.raises(IdempotencyKeyReused):
+            await service.federated.submit(
+                "t", sid, dataclasses.replace(update(2), idempotency_key="k1")
+            )
+        assert (await service.federated.round("t", sid))["received"] == 1
+
+
+async def test_async_updates_take_idempotency_keys() -> None:
+    async with running(MemoryStore()) as service:
+        sid = (await service.create("t", config({"mode": "async"}), START)).id
+        first = UpdateRequest("a", "params", client_params(1), base_version=0, idempotency_key="x")
+        await service.federated.submit("t", sid, first)
+        assert (await service.federated.submit("t", sid, first)).duplicate
+        with pytest.raises(IdempotencyKeyReused):
+            await service.federated.submit(
+                "t", sid, dataclasses.replace(first, tensors=client_params(2))
+            )
+        assert (await service.get("t", sid)).step == 1

@@ -54,9 +54,11 @@ class Contribution:
     fingerprint: str
     """What identifies the update's content, for idempotent retries."""
     at: float
+    key: str | None = None
+    """The ``Idempotency-Key`` the update came with."""
 
     def record(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "client_id": self.client_id,
             "num_examples": self.num_examples,
             "weight": self.weight,
@@ -64,6 +66,9 @@ class Contribution:
             "fingerprint": self.fingerprint,
             "at": self.at,
         }
+        if self.key is not None:
+            out["idempotency_key"] = self.key
+        return out
 
 
 @dataclass
@@ -285,8 +290,11 @@ def _contribution(raw: Any) -> Contribution:
     if not isinstance(raw, Mapping):
         raise InvalidInput("federated state: a contribution must be an object", "federated")
     client, fingerprint = raw.get("client_id"), raw.get("fingerprint")
+    key = raw.get("idempotency_key")
     if not isinstance(client, str) or not isinstance(fingerprint, str):
         raise InvalidInput("federated state: contribution ids must be strings", "federated")
+    if key is not None and not isinstance(key, str):
+        raise InvalidInput("federated state: an idempotency key must be a string", "federated")
     return Contribution(
         client_id=client,
         num_examples=_integer(raw.get("num_examples"), "num_examples"),
@@ -294,6 +302,7 @@ def _contribution(raw: Any) -> Contribution:
         norm=_number(raw.get("update_norm"), "update_norm"),
         fingerprint=fingerprint,
         at=_number(raw.get("at"), "at"),
+        key=key,
     )
 
 

@@ -24,6 +24,7 @@ from service.core.federated.rounds import Closing, Contribution, Federation
 from service.core.federated.spec import AggregationSpec
 from service.core.federated.staleness import staleness_weight
 from service.core.training import apply_step, first_nonfinite, validate_step
+from service.sessions.errors import IdempotencyKeyReused
 from service.sessions.federated.errors import (
     RoundClosed,
     RoundNotOpen,
@@ -142,9 +143,40 @@ def prepare_update(
     federation = _federation(live)
     if request.form not in rounds.FORMS:
         raise InvalidInput(f"an update sends 'params' or 'delta', not {request.form!r}", "form")
+    if request.idempotency_key is not None:
+        _check_key(live, federation, request)
     if federation.spec.rounds:
         return _prepare_round_update(live, federation, request, now, closes)
     return _prepare_async_update(live, federation, request)
+
+
+def _keyed(federation: Federation, key: str) -> Mapping[str, Any] | None:
+    """The update accepted with idempotency key ``key``, if the session still knows it:
+    its client, round (or base version) and fingerprint."""
+    opened = federation.round
+    if opened is not None:
+        for c in opened.contributions:
+            if c.key == key:
+                return {"client_id": c.client_id, "at": opened.number, "fp": c.fingerprint}
+    for record in reversed(federation.history):
+        for p in record.get("participants", [record]):
+            if p.get("idempotency_key") == key:
+                at = record.get("round", record.get("base_version"))
+                return {"client_id": p["client_id"], "at": at, "fp": p["fingerprint"]}
+    return None
+
+
+def _check_key(live: LiveSession, federation: Federation, request: UpdateRequest) -> None:
+    """Refuse an idempotency key that came with another update (as steps do: 422). The
+    retry of the keyed update itself is then answered as the duplicate it is."""
+    assert request.idempotency_key is not None
+    earlier = _keyed(federation, request.idempotency_key)
+    if earlier is None:
+        return
+    at = request.round if federation.spec.rounds else request.base_version
+    same_place = (earlier["client_id"], earlier["at"]) == (request.client_id, at)
+    if not same_place or earlier["fp"] != _parse(live, request)[2]:
+        raise IdempotencyKeyReused(request.idempotency_key)
 
 
 def _prepare_round_update(
@@ -295,6 +327,7 @@ def apply_update(live: LiveSession, prepared: PreparedUpdate, at: float) -> Upda
             norm=prepared.norm,
             fingerprint=prepared.fingerprint,
             at=at,
+            key=request.idempotency_key,
         )
         rounds.contribute(opened, contribution, prepared.delta)
         received = len(opened.contributions)
@@ -313,8 +346,10 @@ def apply_update(live: LiveSession, prepared: PreparedUpdate, at: float) -> Upda
     base = request.base_version
     gradient_norm = rounds.norm(prepared.gradient)
     applied = _step(live, prepared.gradient)
+    keyed = {} if request.idempotency_key is None else {"idempotency_key": request.idempotency_key}
     federation.remember(
         {
+            **keyed,
             "version": live.state.step,
             "client_id": request.client_id,
             "base_version": base,
@@ -326,6 +361,11 @@ def apply_update(live: LiveSession, prepared: PreparedUpdate, at: float) -> Upda
             "applied": applied,
             "at": at,
             "fingerprint": prepared.fingerprint,
+            **(
+                {}
+                if request.idempotency_key is None
+                else {"idempotency_key": request.idempotency_key}
+            ),
         }
     )
     return UpdateReply(
@@ -413,6 +453,7 @@ def update_event(prepared: PreparedUpdate, seq: int, at: float) -> Event:
             "round": request.round,
             "base_version": request.base_version,
             "closes": prepared.closes,
+            "idempotency_key": request.idempotency_key,
         },
     )
 
@@ -442,6 +483,7 @@ def replay(live: LiveSession, event: Event) -> None:
         num_examples=info.get("num_examples"),
         round=info.get("round"),
         base_version=info.get("base_version"),
+        idempotency_key=info.get("idempotency_key"),
     )
     prepared = prepare_update(live, request, event.at, closes=info.get("closes"))
     if prepared.duplicate is not None:
@@ -517,7 +559,7 @@ def round_document(live: LiveSession, now: float) -> dict[str, Any]:
 
 def _public(record: Mapping[str, Any]) -> dict[str, Any]:
     """A history record without what only the server needs (fingerprints), times as text."""
-    out = {k: v for k, v in record.items() if k != "fingerprint"}
+    out = {k: v for k, v in record.items() if k not in ("fingerprint", "idempotency_key")}
     for key in ("at", "opened_at", "closed_at"):
         if isinstance(out.get(key), int | float):
             out[key] = timestamp(out[key])
