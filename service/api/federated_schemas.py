@@ -162,7 +162,7 @@ def update_request() -> dict[str, Any]:
                     "or base_version, num_examples in __metadata__",
                 },
             },
-        }
+        },
     }
 
 
