@@ -210,16 +210,11 @@ def from_record(raw: Any) -> PrivacyState:
     return PrivacyState(float(norm), state, count)
 
 
-def norm(arrays: Sequence[np.ndarray]) -> float:
-    """The L2 norm over all tensors, machine-independent (clipping decisions are replayed)."""
-    return math.sqrt(sum(reductions.sum_of_squares(a) for a in arrays))
-
-
 def clip(updates: Sequence[Sequence[np.ndarray]], c: float) -> tuple[list[list[np.ndarray]], int]:
     """Every update scaled to at most norm ``c`` (copies), and how many were scaled down."""
     out, clipped = [], 0
     for update in updates:
-        size = norm(update)
+        size = reductions.total_norm(update)  # machine-independent: clipping is replayed
         scale = min(1.0, c / size) if size > 0 else 1.0
         clipped += scale < 1.0
         out.append([a * scale for a in update])

@@ -159,7 +159,7 @@ def client_delta(
 
 def norm(arrays: Sequence[np.ndarray]) -> float:
     """The L2 norm over all tensors (in a machine-independent order: replies are replayed)."""
-    return math.sqrt(sum(reductions.sum_of_squares(a) for a in arrays))
+    return reductions.total_norm(arrays)
 
 
 def contribute(opened: OpenRound, contribution: Contribution, delta: Sequence[np.ndarray]) -> None:
