@@ -361,11 +361,6 @@ def apply_update(live: LiveSession, prepared: PreparedUpdate, at: float) -> Upda
             "applied": applied,
             "at": at,
             "fingerprint": prepared.fingerprint,
-            **(
-                {}
-                if request.idempotency_key is None
-                else {"idempotency_key": request.idempotency_key}
-            ),
         }
     )
     return UpdateReply(
