@@ -190,3 +190,23 @@ async def test_async_updates_take_idempotency_keys() -> None:
                 "t", sid, dataclasses.replace(first, tensors=client_params(2))
             )
         assert (await service.get("t", sid)).step == 1
+
+
+async def test_a_robust_round_closes_on_its_timer_with_the_updates_it_has() -> None:
+    aggregation = {
+        "round_timeout_s": 0.2,
+        "min_clients": 3,
+        "aggregator": {"name": "FedMedian"},
+        "privacy": {"clipping": "fixed", "clipping_norm": 1e6, "noise_multiplier": 0.0},
+    }
+    async with running(MemoryStore()) as service:
+        sid = (await service.create("t", rounds_config(5, **aggregation), START)).id
+        for c in (1, 2, 3):
+            await service.federated.submit("t", sid, update(c))
+        polled = await service.federated.params("t", sid, after=1, wait=5.0)
+        assert polled is not None and polled.round == 2
+        _, records, _ = await service.federated.history("t", sid, None, 10)
+    assert records[0]["closed_by"] == "timeout" and records[0]["privacy"]["clipped"] == 0
+    for name, values in polled.tensors.items():
+        median = np.median([client_params(c)[name] for c in (1, 2, 3)], axis=0)
+        np.testing.assert_allclose(values, median, rtol=0, atol=1e-12)
