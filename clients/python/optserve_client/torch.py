@@ -47,7 +47,7 @@ from optserve_client._wire import StepResult, Wire
 from optserve_client.client import Client, Session
 from optserve_client.errors import ProtocolError
 
-__all__ = ["ConversionError", "RemoteOptimizer"]
+__all__ = ["ConversionError", "RemoteOptimizer", "proximal_term"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LBFGS = "lbfgs"
@@ -484,6 +484,25 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 return first_loss
             with torch.enable_grad():
                 loss = closure()
+
+
+def proximal_term(
+    parameters: Iterable[torch.Tensor], global_params: Iterable[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's ``mu/2 * ||w - w_global||^2`` summed over all tensors, differentiable in
+    ``parameters``: add it to the local loss (``mu`` is ``Round.proximal_mu``).
+
+    ``global_params`` are the round's params as received, before local training; they
+    take no gradient. The norm is squared, as in the FedProx paper and Flower's docstring
+    formula (Flower's code sample sums unsquared per-tensor norms).
+    """
+    total: torch.Tensor | None = None
+    for w, g in zip(parameters, global_params, strict=True):
+        term = torch.sum((w - g.detach().to(dtype=w.dtype, device=w.device)) ** 2)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("proximal_term needs at least one parameter")
+    return 0.5 * mu * total
 
 
 def _edited(group: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, Any]:
