@@ -14,8 +14,16 @@ It prints the accuracy table, writes a PNG plot (by default docs/federated_digit
 README's figure, wherever it is run from), and exits non-zero unless every
 strategy learned and FedAvg's server params equal the weighted average of the clients'.
 
+Then it attacks: 4 of the 20 clients send poisoned updates (their honest step, flipped
+and scaled by 10), all 20 take part in every round, and the server aggregates with the
+plain average (FedAvg) or a robust rule (FedMedian, Krum assuming 4 attackers,
+FedTrimmedAvg cutting 20% of each tail). The second table and plot
+(docs/federated_digits_poisoned.png) show the average wrecked and the robust rules
+learning; it exits non-zero unless each robust rule ends well above FedAvg.
+
     python examples/federated_digits.py                      # starts its own server
     python examples/federated_digits.py --url http://127.0.0.1:8000 --plot out.png
+    python examples/federated_digits.py --attack-rounds 0    # without the attack
 
 Needs numpy, httpx, scikit-learn and matplotlib.
 """
@@ -48,6 +56,15 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "FedAdam": {"name": "FedAdam", "eta": 0.03, "eta_l": 0.5, "tau": 1e-3},
     "FedYogi": {"name": "FedYogi", "eta": 0.03, "eta_l": 0.5, "tau": 1e-3},
 }
+ATTACKERS = frozenset(range(4))
+"""Clients sending poisoned updates in the attack run."""
+ATTACK_SCALE = -10.0
+AGGREGATORS: dict[str, dict[str, Any]] = {
+    "FedAvg": {"name": "FedAvg"},
+    "FedMedian": {"name": "FedMedian"},
+    "Krum": {"name": "Krum", "num_malicious_clients": len(ATTACKERS)},
+    "FedTrimmedAvg": {"name": "FedTrimmedAvg", "beta": 0.2},
+}
 CLIENT_LR = 0.5
 LOCAL_STEPS = 10
 BATCH = 16
@@ -66,6 +83,15 @@ def arguments() -> argparse.Namespace:
         help="where to write the PNG (default: docs/federated_digits.png, the README's figure)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--attack-rounds", type=int, default=20, help="rounds of the attack run (0: skip it)"
+    )
+    parser.add_argument(
+        "--attack-plot",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "docs" / "federated_digits_poisoned.png",
+        help="where to write the attack run's PNG",
+    )
     return parser.parse_args()
 
 
@@ -162,6 +188,11 @@ def as_arrays(document: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in document["params"].items()}
 
 
+def poisoned(current: dict[str, np.ndarray], trained: dict[str, np.ndarray]) -> dict[str, Any]:
+    """An attacker's update: the honest step, flipped and scaled."""
+    return {k: current[k] + np.float32(ATTACK_SCALE) * (trained[k] - current[k]) for k in current}
+
+
 def run_strategy(
     http: httpx.Client,
     optimizer: dict[str, Any],
@@ -169,8 +200,12 @@ def run_strategy(
     test: tuple[np.ndarray, np.ndarray],
     rounds: int,
     seed: int,
+    per_round: int = PER_ROUND,
+    aggregator: dict[str, Any] | None = None,
+    attackers: frozenset[int] = frozenset(),
 ) -> tuple[list[float], float]:
-    """Accuracy before each round and after the last; the largest FedAvg check error."""
+    """Accuracy before each round and after the last; the largest FedAvg check error
+    (measured only without an aggregator and attackers)."""
     initial = np.random.default_rng(seed).normal(0, 0.01, (FEATURES, CLASSES))
     config = {
         "optimizer": optimizer,
@@ -180,8 +215,10 @@ def run_strategy(
         },
         "aggregation": {
             "mode": "rounds",
-            "clients_per_round": PER_ROUND,
+            "clients_per_round": per_round,
+            "min_clients": per_round,
             "weighting": "num_examples",
+            "aggregator": aggregator,
         },
         "labels": {"example": "federated_digits"},
     }
@@ -200,9 +237,11 @@ def run_strategy(
             current = as_arrays(fetched.json())
             history.append(accuracy(current, *test))
             sent = []
-            for client in sorted(rng.choice(CLIENTS, size=PER_ROUND, replace=False)):
+            for client in sorted(rng.choice(CLIENTS, size=per_round, replace=False)):
                 x, y = data[client]
                 trained = local_training(current, x, y, rng)
+                if client in attackers:
+                    trained = poisoned(current, trained)
                 body = {
                     "client_id": f"client-{client}",
                     "round": r,
@@ -213,7 +252,7 @@ def run_strategy(
                 reply.raise_for_status()
                 sent.append((trained, len(y)))
             assert reply.json()["round_closed"], reply.json()
-            if optimizer["name"] == "FedAvg":
+            if optimizer["name"] == "FedAvg" and aggregator is None and not attackers:
                 # FedAvg's new global params are the examples-weighted average.
                 after = as_arrays(http.get(base + "/round/params").json())
                 total = sum(n for _, n in sent)
@@ -224,14 +263,14 @@ def run_strategy(
         history.append(accuracy(final, *test))
         rounds_doc = http.get(base + "/rounds", params={"limit": 1000}).json()["rounds"]
         assert len(rounds_doc) == rounds and all(
-            len(entry["participants"]) == PER_ROUND for entry in rounds_doc
+            len(entry["participants"]) == per_round for entry in rounds_doc
         )
     finally:
         http.delete(base)
     return history, largest_error
 
 
-def plot(results: dict[str, list[float]], path: Path) -> None:
+def plot(results: dict[str, list[float]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,7 +281,7 @@ def plot(results: dict[str, list[float]], path: Path) -> None:
         ax.plot(range(len(history)), history, marker="o", markersize=3, label=name)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"digits, {CLIENTS} non-IID clients, {PER_ROUND} per round")
+    ax.set_title(title)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -279,15 +318,44 @@ def main() -> None:
                 print(f"FedAvg: largest difference from the weighted average {error:.2e}")
                 assert error < 1e-5, error
 
-    print()
-    print("round  " + "  ".join(f"{name:>8}" for name in results))
-    for r in range(args.rounds + 1):
-        print(f"{r:5d}  " + "  ".join(f"{results[n][r]:8.3f}" for n in results))
-    plot(results, args.plot)
-    print(f"\nwrote {args.plot.resolve()}; {time.monotonic() - started:.1f} s")
+        attacked: dict[str, list[float]] = {}
+        for name, aggregator in AGGREGATORS.items() if args.attack_rounds > 0 else ():
+            attacked[name], _ = run_strategy(
+                http,
+                {"name": "FedAvg"},
+                data,
+                (x_test, y_test),
+                args.attack_rounds,
+                args.seed,
+                per_round=CLIENTS,
+                aggregator=aggregator,
+                attackers=ATTACKERS,
+            )
+
+    table(results, args.rounds)
+    plot(results, args.plot, f"digits, {CLIENTS} non-IID clients, {PER_ROUND} per round")
+    print(f"\nwrote {args.plot.resolve()}")
     for name, history in results.items():
         assert history[-1] > 0.8, f"{name} reached only {history[-1]:.3f}"
         assert history[-1] > history[0] + 0.5, f"{name} did not learn"
+    if attacked:
+        print(f"\n{len(ATTACKERS)} of {CLIENTS} clients poisoned (step x {ATTACK_SCALE:g}):")
+        table(attacked, args.attack_rounds)
+        title = f"digits, {len(ATTACKERS)} of {CLIENTS} clients poisoned, all in every round"
+        plot(attacked, args.attack_plot, title)
+        print(f"\nwrote {args.attack_plot.resolve()}")
+        plain = attacked["FedAvg"][-1]
+        for name, history in attacked.items():
+            if name != "FedAvg":
+                assert history[-1] > max(0.7, plain + 0.3), f"{name} under attack: {history[-1]}"
+    print(f"{time.monotonic() - started:.1f} s")
+
+
+def table(results: dict[str, list[float]], rounds: int) -> None:
+    print()
+    print("round  " + "  ".join(f"{name:>8}" for name in results))
+    for r in range(rounds + 1):
+        print(f"{r:5d}  " + "  ".join(f"{results[n][r]:8.3f}" for n in results))
 
 
 if __name__ == "__main__":

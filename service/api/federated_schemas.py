@@ -54,6 +54,14 @@ ROUND = {
         "received": {"type": "integer"},
         "clients": {"type": "array", "items": {"type": "string"}},
         "needed": {"type": "integer"},
+        "proximal_mu": {
+            **_NUMBER,
+            "description": "FedProx: add mu/2 * ||w - w_round||^2 to the local loss",
+        },
+        "clipping_norm": {
+            "type": ["number", "null"],
+            "description": "with privacy: the norm this round's updates are clipped to",
+        },
         "oldest_base_version": {"type": "integer"},
         "applied_updates": {"type": "integer"},
     },
@@ -134,6 +142,16 @@ def round_params_responses() -> dict[int | str, dict[str, Any]]:
 
 def update_request() -> dict[str, Any]:
     return {
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "a retry with the same key and body gets the same answer; "
+                "the key with another update is refused (422)",
+                "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+            }
+        ],
         "requestBody": {
             "required": True,
             "content": {
@@ -144,7 +162,7 @@ def update_request() -> dict[str, Any]:
                     "or base_version, num_examples in __metadata__",
                 },
             },
-        }
+        },
     }
 
 

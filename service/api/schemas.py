@@ -316,7 +316,12 @@ COMPONENTS: dict[str, Any] = {
                 "type": "array",
                 "items": {"type": "array", "items": _FLOAT},
                 "description": "lr per step (outer) per group (inner)",
-            }
+            },
+            "optimizers": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "the optimizer stepping each group: its own, or the session's",
+            },
         },
     },
     "Catalog": {

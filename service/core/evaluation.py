@@ -21,7 +21,7 @@ def evaluation_point(
     point = [np.asarray(p).copy() for p in params]
     for gi, group in enumerate(plan.groups):
         mine = [params[i] for i in group.indices]
-        x = plan.optimizer.evaluation_point(state.opt_states[gi], mine, state.groups[gi])
+        x = group.optimizer.evaluation_point(state.opt_states[gi], mine, state.groups[gi])
         for i, values in zip(group.indices, x, strict=True):
             point[i] = values
     return point

@@ -64,8 +64,8 @@ def add_group(before: Plan, after: Plan, state: TrainState) -> None:
     shapes = [after.tensors[i].shape for i in added.indices]
     # torch fills a new group's state lazily from the constructor's values, not the group's
     # (Adagrad's initial_accumulator_value), as its constructor does for the first groups.
-    init = after.optimizer.init_hparams(hparams, after.optimizer_config)
-    opt_state = after.optimizer.init(shapes, init, after.dtype)
+    init = added.optimizer.init_hparams(hparams, added.constructor)
+    opt_state = added.optimizer.init(shapes, init, after.dtype)
     state.groups.append(hparams)
     state.opt_states.append(opt_state)
 
@@ -90,7 +90,11 @@ def _check_extends(before: Plan, after: Plan, state: TrainState) -> None:
         problem = "the existing param groups changed"
     elif sorted(after.groups[-1].indices) != list(range(old, len(after.tensors))):
         problem = "the new param group must hold exactly the new tensors"
-    elif after.optimizer is not before.optimizer or after.dtype != before.dtype:
+    elif (
+        after.optimizer is not before.optimizer
+        or [g.optimizer for g in after.groups[:-1]] != [g.optimizer for g in before.groups]
+        or after.dtype != before.dtype
+    ):
         problem = "the optimizer and dtype stay as they are"
     elif _schedule_of(after) != _schedule_of(before):
         problem = "the schedule stays as it is"
@@ -117,16 +121,17 @@ class GroupEdit:
     its state is made again, as torch makes it lazily at the first step."""
 
 
-def _hparams(plan: Plan, group: Mapping[str, Any]) -> dict[str, Any]:
+def _hparams(plan: Plan, index: int, group: Mapping[str, Any]) -> dict[str, Any]:
     """The optimizer's hyperparameters of a group (without what schedules add)."""
-    return {a.name: group[a.name] for a in plan.optimizer.args if a.name in group}
+    args = plan.groups[index].optimizer.args
+    return {a.name: group[a.name] for a in args if a.name in group}
 
 
 def _layout(plan: Plan, index: int, hp: Mapping[str, Any]) -> Any:
     """What a group's state holds: its list lengths and every array's shape (Prodigy's
     ``slice_p`` and SOAP's ``merge_dims`` change shapes, not lengths)."""
     shapes = [plan.tensors[i].shape for i in plan.groups[index].indices]
-    arrays, scalars = to_flat(plan.optimizer.init(shapes, hp, plan.dtype))
+    arrays, scalars = to_flat(plan.groups[index].optimizer.init(shapes, hp, plan.dtype))
     return scalars["__layout__"], {name: a.shape for name, a in arrays.items()}
 
 
@@ -140,19 +145,28 @@ def plan_edit(plan: Plan, state: TrainState, index: int, changes: Mapping[str, A
         )
     if not changes:
         raise InvalidInput("the edit changes nothing: name at least one hyperparameter", "body")
-    known = [a.name for a in plan.optimizer.args]
+    optimizer = plan.groups[index].optimizer
+    known = [a.name for a in optimizer.args]
     where = f"param_groups[{index}]."
+    if "optimizer" in changes:
+        # torch steps a param group with the optimizer that holds it, for good: moving it to
+        # another one drops its state and is a new session's job.
+        raise InvalidHyperparameter(
+            f"{where}optimizer",
+            f"param_groups[{index}] is stepped by {optimizer.name} for the session's "
+            "lifetime; a group's optimizer cannot change: create a new session",
+            changes["optimizer"],
+        )
     for name in changes:
         if name not in known:
             raise InvalidHyperparameter(
                 f"{where}{name}",
-                f"{plan.optimizer.name} has no hyperparameter {name!r}; a group has "
-                f"{', '.join(known)}",
+                f"{optimizer.name} has no hyperparameter {name!r}; a group has {', '.join(known)}",
                 name,
             )
-    current = _hparams(plan, state.groups[index])
-    resolved = plan.optimizer.resolve({**current, **changes}, where=where)
-    probe = getattr(plan.optimizer, "ask_tell", None)
+    current = _hparams(plan, index, state.groups[index])
+    resolved = optimizer.resolve({**current, **changes}, where=where)
+    probe = getattr(optimizer, "ask_tell", None)
     if probe is not None and probe(resolved) != probe(current):
         raise InvalidHyperparameter(
             f"{where}max_iter",
@@ -161,7 +175,7 @@ def plan_edit(plan: Plan, state: TrainState, index: int, changes: Mapping[str, A
         )
     shapes = [plan.tensors[i].shape for i in plan.groups[index].indices]
     try:
-        plan.optimizer.check_shapes(shapes, resolved)
+        optimizer.check_shapes(shapes, resolved)
     except CoreError as exc:
         raise InvalidHyperparameter(f"{where}{next(iter(changes))}", str(exc)) from exc
     edited = [dict(g) for g in state.groups]
@@ -172,7 +186,7 @@ def plan_edit(plan: Plan, state: TrainState, index: int, changes: Mapping[str, A
         fields = ", ".join(sorted(changes))
         raise InvalidHyperparameter(
             f"{where}{next(iter(changes))}",
-            f"changing {fields} after the first step changes the state {plan.optimizer.name} "
+            f"changing {fields} after the first step changes the state {optimizer.name} "
             "keeps per tensor (torch fails at the next step of such a group); create a new "
             "session, or continue with the setting the group started with",
         )
@@ -189,8 +203,11 @@ def apply_edit(plan: Plan, state: TrainState, edit: GroupEdit) -> None:
     group.update(copy.deepcopy(edit.new))
     if edit.fresh_state:
         shapes = [plan.tensors[i].shape for i in plan.groups[edit.index].indices]
-        init = plan.optimizer.init_hparams(_hparams(plan, group), plan.optimizer_config)
-        state.opt_states[edit.index] = plan.optimizer.init(shapes, init, plan.dtype)
+        planned = plan.groups[edit.index]
+        init = planned.optimizer.init_hparams(
+            _hparams(plan, edit.index, group), planned.constructor
+        )
+        state.opt_states[edit.index] = planned.optimizer.init(shapes, init, plan.dtype)
 
 
 def extended_config(

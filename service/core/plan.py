@@ -73,11 +73,21 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Group:
-    """One param group: which tensors (indices into ``Plan.tensors``) and their hparams."""
+    """One param group: which tensors (indices into ``Plan.tensors``), the optimizer that
+    steps them and their hparams."""
 
     indices: tuple[int, ...]
     hparams: Mapping[str, Any]
     overrides: Mapping[str, Any]
+    optimizer: Optimizer[Any]
+    constructor: Mapping[str, Any]
+    """The resolved arguments of the torch optimizer this group belongs to: the session's
+    ``optimizer``, or the group's own ``"optimizer"`` entry."""
+    own_optimizer: bool = False
+    """The group names its own optimizer (``param_groups[i].optimizer``)."""
+
+    def describe_optimizer(self) -> dict[str, Any]:
+        return {"name": self.optimizer.name, **_jsonable(self.constructor)}
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,13 @@ class Plan:
     @property
     def needs_params(self) -> bool:
         """Whether a step reads parameter values (weight decay, or LBFGS ask/tell)."""
-        return self.ask_tell or any(self.optimizer.needs_params(g.hparams) for g in self.groups)
+        return self.ask_tell or any(g.optimizer.needs_params(g.hparams) for g in self.groups)
+
+    @property
+    def per_tensor_state(self) -> bool:
+        """Whether every group keeps its state per tensor (all but LBFGS, which never shares
+        a session with another optimizer)."""
+        return all(g.optimizer.per_tensor_state for g in self.groups)
 
     @property
     def ask_tell(self) -> bool:
@@ -150,7 +166,11 @@ class Plan:
             "schedule": schedule,
             "params": {t.name: {"shape": list(t.shape)} for t in self.tensors},
             "param_groups": [
-                {"params": [self.tensors[i].name for i in g.indices], **_jsonable(g.overrides)}
+                {
+                    "params": [self.tensors[i].name for i in g.indices],
+                    **({"optimizer": g.describe_optimizer()} if g.own_optimizer else {}),
+                    **_jsonable(g.overrides),
+                }
                 for g in self.groups
                 if g.overrides or g is not self.groups[0]
             ],
@@ -164,9 +184,13 @@ class Plan:
         }
 
     def resolved_groups(self) -> list[dict[str, Any]]:
-        """Each group's tensor names and every hyperparameter, defaults filled in."""
+        """Each group's tensor names, optimizer and every hyperparameter, defaults filled in."""
         return [
-            {"params": [self.tensors[i].name for i in g.indices], **_jsonable(g.hparams)}
+            {
+                "params": [self.tensors[i].name for i in g.indices],
+                "optimizer": g.optimizer.name,
+                **_jsonable(g.hparams),
+            }
             for g in self.groups
         ]
 
@@ -244,6 +268,33 @@ def _check_array_shape(shape: list[int], field: str) -> None:
     )
 
 
+def parse_optimizer(raw: Any, field: str) -> tuple[Optimizer[Any], dict[str, Any]]:
+    """An ``{"name": ..., **hparams}`` entry: the optimizer and its constructor's arguments,
+    defaults filled in and checked with torch's messages under ``field``."""
+    given = dict(_mapping(raw, field))
+    optimizer: Optimizer[Any] = _lookup("optimizer", given, field)
+    given.pop("name")
+    return optimizer, optimizer.resolve(given, where=f"{field}.")
+
+
+def _group_optimizer(
+    entry: dict[str, Any], field: str, default: tuple[Optimizer[Any], Mapping[str, Any]]
+) -> tuple[Optimizer[Any], Mapping[str, Any], bool]:
+    """The optimizer a group entry steps with: its own ``"optimizer"``, or the session's."""
+    if "optimizer" not in entry:
+        return default[0], default[1], False
+    optimizer, constructor = parse_optimizer(entry.pop("optimizer"), f"{field}.optimizer")
+    # LBFGS keeps one state over all of its parameters and steps with a closure: torch
+    # cannot step it beside another optimizer on a share of a model's tensors.
+    check(
+        optimizer.per_tensor_state and default[0].per_tensor_state,
+        f"{field}.optimizer.name",
+        "LBFGS doesn't support per-parameter options (parameter groups)",
+        optimizer.name,
+    )
+    return optimizer, constructor, True
+
+
 def _parse_groups(
     raw: Any, tensors: Sequence[TensorSpec], optimizer: Optimizer[Any], base: Mapping[str, Any]
 ) -> tuple[Group, ...]:
@@ -286,13 +337,37 @@ def _parse_groups(
     groups: list[Group] = []
     default = tuple(i for i, t in enumerate(tensors) if t.name not in listed)
     if default:
-        groups.append(Group(default, base, {}))
+        groups.append(Group(default, base, {}, optimizer, base))
+        _check_shapes(groups[0], tensors, "params")
     for gi, (names, overrides) in enumerate(entries):
-        hp = optimizer.resolve({**base, **overrides}, where=f"param_groups[{gi}].")
-        known = {a.name for a in optimizer.args}
+        field = f"param_groups[{gi}]"
+        group_opt, constructor, own = _group_optimizer(overrides, field, (optimizer, base))
+        # A group's overrides apply on top of its own optimizer's constructor arguments,
+        # as torch fills a group's missing keys from that optimizer's defaults.
+        hp = group_opt.resolve({**constructor, **overrides}, where=f"{field}.")
+        known = {a.name for a in group_opt.args}
         clean = {k: hp[k] for k in overrides if k in known}
-        groups.append(Group(tuple(position[n] for n in names), hp, clean))
+        indices = tuple(position[n] for n in names)
+        groups.append(Group(indices, hp, clean, group_opt, constructor, own))
+        _check_shapes(groups[-1], tensors, f"{field}.params")
     return tuple(groups)
+
+
+def optimizer_instances(groups: Sequence[Group]) -> list[list[int]]:
+    """The groups each torch optimizer of a session steps, by index: the session
+    optimizer's groups together, each group that names its own optimizer alone. Rules that
+    couple their groups (Prodigy) couple only those of one instance."""
+    shared = [i for i, g in enumerate(groups) if not g.own_optimizer]
+    own = [[i] for i, g in enumerate(groups) if g.own_optimizer]
+    return ([shared] if shared else []) + own
+
+
+def _check_shapes(group: Group, tensors: Sequence[TensorSpec], field: str) -> None:
+    """A group's tensors fit its optimizer (Muon: 2-D only), or torch's error for ``field``."""
+    try:
+        group.optimizer.check_shapes([tensors[i].shape for i in group.indices], group.hparams)
+    except CoreError as exc:
+        raise InvalidHyperparameter(field, str(exc)) from exc
 
 
 def parse_schedule(raw: Any, field: str = "schedule") -> ScheduleSpec | None:
@@ -353,22 +428,17 @@ def plan_from_config(
         f"dtype must be float32 or float64, got {dtype_name!r}",
         dtype_name,
     )
-    opt_config = dict(_mapping(config.get("optimizer"), "optimizer"))
-    optimizer: Optimizer[Any] = _lookup("optimizer", opt_config, "optimizer")
-    opt_config.pop("name")
-    base = optimizer.resolve(opt_config, where="optimizer.")
+    optimizer, base = parse_optimizer(config.get("optimizer"), "optimizer")
     groups = _parse_groups(config.get("param_groups"), tensors, optimizer, base)
-    for group in groups:
-        try:
-            optimizer.check_shapes([tensors[i].shape for i in group.indices], group.hparams)
-        except CoreError as exc:
-            raise InvalidHyperparameter("params", str(exc)) from exc
     # The default group (tensors no entry lists) comes first and is the optimizer's own.
     entries = len(groups) - (1 if len(groups) > len(config.get("param_groups") or []) else 0)
     fields = ["optimizer."] * (len(groups) - entries) + [
         f"param_groups[{i}]." for i in range(entries)
     ]
-    optimizer.check_groups([g.hparams for g in groups], fields)
+    for members in optimizer_instances(groups):
+        groups[members[0]].optimizer.check_groups(
+            [groups[i].hparams for i in members], [fields[i] for i in members]
+        )
     nonfinite = config.get("nonfinite", "error")
     check(
         nonfinite in ("error", "skip"),

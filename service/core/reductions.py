@@ -24,7 +24,8 @@ the last bits of replayed states, like a change of formula would.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -116,3 +117,8 @@ def dot(a: np.ndarray, b: np.ndarray) -> float:
 def norm2(a: np.ndarray) -> float:
     """The 2-norm, in float64 (round it to the tensor's dtype as torch returns it)."""
     return float(np.sqrt(sum_of_squares(a)))
+
+
+def total_norm(arrays: Iterable[np.ndarray]) -> float:
+    """The 2-norm over several arrays taken as one vector, in float64."""
+    return math.sqrt(sum(sum_of_squares(a) for a in arrays))

@@ -24,7 +24,7 @@ from service.core.accumulation import Accumulated
 from service.core.clipping import clip_grad_norm, clip_grad_value
 from service.core.errors import InvalidInput
 from service.core.partial import Parts, update_group
-from service.core.plan import Plan
+from service.core.plan import Plan, optimizer_instances
 from service.core.state import from_flat, to_flat
 
 
@@ -60,9 +60,9 @@ def initial_state(plan: Plan) -> TrainState:
     """Fresh optimizer state, then the schedule's constructor applied to the groups."""
     groups = [dict(g.hparams) for g in plan.groups]
     opt_states = [
-        plan.optimizer.init(
+        g.optimizer.init(
             [plan.tensors[i].shape for i in g.indices],
-            plan.optimizer.init_hparams(g.hparams, plan.optimizer_config),
+            g.optimizer.init_hparams(g.hparams, g.constructor),
             plan.dtype,
         )
         for g in plan.groups
@@ -157,7 +157,9 @@ def validate_step(
 def needs_params(plan: Plan, state: TrainState) -> bool:
     """Whether a step reads parameter values, with the groups' current hyperparameters
     (an edit may turn weight decay on or off)."""
-    return plan.ask_tell or any(plan.optimizer.needs_params(hp) for hp in state.groups)
+    return plan.ask_tell or any(
+        g.optimizer.needs_params(hp) for g, hp in zip(plan.groups, state.groups, strict=True)
+    )
 
 
 def check_step(
@@ -178,9 +180,10 @@ def check_step(
     if reason is not None:
         return reason
     # A session's groups by index, as PATCH .../param_groups/{index} names them.
-    plan.optimizer.check_groups(
-        state.groups, [f"param_groups[{i}]." for i in range(len(state.groups))]
-    )
+    for members in optimizer_instances(plan.groups):
+        plan.groups[members[0]].optimizer.check_groups(
+            [state.groups[i] for i in members], [f"param_groups[{i}]." for i in members]
+        )
     spec = plan.schedule
     if spec is not None and spec.interval == "step" and state.since_schedule + 1 >= spec.every:
         assert state.schedule_state is not None
@@ -222,7 +225,7 @@ def apply_checked(
         for d in out:
             d.fill(0)
         return StepOutcome(applied=False, completed=False, reason=reason)
-    if not plan.optimizer.per_tensor_state:
+    if not plan.per_tensor_state:
         grads = [
             np.zeros(t.shape, plan.dtype) if g is None else g
             for t, g in zip(plan.tensors, grads, strict=True)
@@ -239,10 +242,12 @@ def apply_checked(
             grad_norm = clipped
     evaluate, completed = False, True
     metric = loss
-    if plan.optimizer.whole_step:
-        _update_whole(plan, state, grads, params, out)
-        return _completed(plan, state, metric, grad_norm)
+    for members in optimizer_instances(plan.groups):
+        if plan.groups[members[0]].optimizer.whole_step:
+            _update_whole(plan, state, members, grads, params, out)
     for gi, group in enumerate(plan.groups):
+        if group.optimizer.whole_step:
+            continue  # stepped with the other groups of its optimizer, above
         g = [grads[i] for i in group.indices]
         p = [params[i] for i in group.indices] if params is not None else None
         o = [out[i] for i in group.indices]
@@ -259,7 +264,7 @@ def apply_checked(
             shapes = [plan.tensors[i].shape for i in group.indices]
             stepped = tuple(k for k, grad in enumerate(g) if grad is not None)
             state.opt_states[gi] = update_group(
-                plan.optimizer,
+                group.optimizer,
                 shapes,
                 state.opt_states[gi],
                 stepped,
@@ -276,22 +281,27 @@ def apply_checked(
 def _update_whole(
     plan: Plan,
     state: TrainState,
+    members: Sequence[int],
     grads: Sequence[np.ndarray | None],
     params: Sequence[np.ndarray | None] | None,
     out: Sequence[np.ndarray],
 ) -> None:
-    """Every group in one call, missing gradients as None (:attr:`Optimizer.whole_step`)."""
-    indices = [g.indices for g in plan.groups]
-    for g, d in zip(grads, out, strict=True):
-        if g is None:
-            d.fill(0)  # the rule leaves a tensor without a gradient where it is
-    state.opt_states = plan.optimizer.update_groups(
+    """The groups ``members`` of one optimizer in one call, missing gradients as None
+    (:attr:`Optimizer.whole_step`)."""
+    indices = [plan.groups[gi].indices for gi in members]
+    for ix in indices:
+        for i in ix:
+            if grads[i] is None:
+                out[i].fill(0)  # the rule leaves a tensor without a gradient where it is
+    stepped = plan.groups[members[0]].optimizer.update_groups(
         [[grads[i] for i in ix] for ix in indices],
-        state.opt_states,
+        [state.opt_states[gi] for gi in members],
         [None if params is None else [params[i] for i in ix] for ix in indices],  # type: ignore[misc]
-        state.groups,
+        [state.groups[gi] for gi in members],
         [[out[i] for i in ix] for ix in indices],
     )
+    for gi, record in zip(members, stepped, strict=True):
+        state.opt_states[gi] = record
 
 
 def _completed(
@@ -418,7 +428,7 @@ def _accumulated_from_flat(
 def _group_from_flat(
     plan: Plan, gi: int, arrays: dict[str, np.ndarray], scalars: dict[str, Any]
 ) -> Any:
-    cls, prefix = plan.optimizer.state_type, f"state/group{gi}/"
+    cls, prefix = plan.groups[gi].optimizer.state_type, f"state/group{gi}/"
     if "parts" not in scalars:
         return from_flat(cls, arrays, scalars, prefix=prefix)
     size = len(plan.groups[gi].indices)
@@ -430,7 +440,7 @@ def _group_from_flat(
         for k, entry in enumerate(scalars["parts"])
     ]
     covered = sorted(p for positions, _ in parts for p in positions)
-    if covered != list(range(size)) or not plan.optimizer.per_tensor_state:
+    if covered != list(range(size)) or not plan.groups[gi].optimizer.per_tensor_state:
         raise InvalidInput(f"checkpoint state of group {gi} does not cover its tensors", "state")
     return Parts(parts)
 

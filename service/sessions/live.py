@@ -356,7 +356,7 @@ class LiveSession:
             grad_norm = outcome.grad_norm
         elif clipping_computes_it and outcome.applied:
             grad_norm = 0.0  # no gradient at all: clipping did nothing, torch's norm is 0
-        every = not plan.optimizer.per_tensor_state
+        every = not plan.per_tensor_state
         moved = [(i, t) for i, t in enumerate(plan.tensors) if every or grads[i] is not None]
         if outcome.applied and self.held is not None:
             for i, _ in moved:
@@ -501,11 +501,15 @@ class LiveSession:
     # -- views ---------------------------------------------------------------------------
 
     def info(self) -> SessionInfo:
-        known = [a.name for a in self.plan.optimizer.args]
         groups = [
             {
                 "params": [self.plan.tensors[i].name for i in group.indices],
-                **{k: list(v) if isinstance(v, tuple) else v for k, v in hp.items() if k in known},
+                "optimizer": group.optimizer.name,
+                **{
+                    k: list(v) if isinstance(v, tuple) else v
+                    for k, v in hp.items()
+                    if k in {a.name for a in group.optimizer.args}
+                },
             }
             for group, hp in zip(self.plan.groups, self.state.groups, strict=True)
         ]

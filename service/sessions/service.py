@@ -434,6 +434,21 @@ class SessionService:
     ) -> builtins.list[builtins.list[float]]:
         """The lr of every group before each step: the default group first, then the
         ``param_groups`` in order. ``metrics`` feeds ReduceLROnPlateau, one per step."""
+        lrs: builtins.list[builtins.list[float]] = self.preview_document(
+            optimizer, schedule, steps, param_groups, metrics
+        )["lr"]
+        return lrs
+
+    def preview_document(
+        self,
+        optimizer: Mapping[str, Any],
+        schedule: Mapping[str, Any] | None,
+        steps: int,
+        param_groups: builtins.list[Any] | None = None,
+        metrics: builtins.list[float] | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`preview`'s lrs, and the optimizer that steps each group (its own, or the
+        session's)."""
         if (
             not isinstance(steps, int)
             or isinstance(steps, bool)
@@ -448,20 +463,24 @@ class SessionService:
             listed = group.get("params") if isinstance(group, Mapping) else None
             if isinstance(listed, list):
                 names.extend(n for n in listed if isinstance(n, str) and n not in names)
-        tensors = {name: {"shape": [1]} for name in names}
+        # 1x1 matrices: every optimizer takes them, Muon (2-D only) included.
+        tensors = {name: {"shape": [1, 1]} for name in names}
         default = "default"
         while default in tensors:
             default += "_"
         config: dict[str, Any] = {
             "optimizer": optimizer,
-            "params": {default: {"shape": [1]}, **tensors},
+            "params": {default: {"shape": [1, 1]}, **tensors},
         }
         if schedule is not None:
             config["schedule"] = schedule
         if param_groups is not None:
             config["param_groups"] = param_groups
         plan = plan_from_config(config)
-        return core_preview(plan, steps, metrics)
+        return {
+            "lr": core_preview(plan, steps, metrics),
+            "optimizers": [g.optimizer.name for g in plan.groups],
+        }
 
     def catalog_optimizers(self) -> builtins.list[dict[str, Any]]:
         return [o.describe() for o in optimizers.all_optimizers()]

@@ -76,7 +76,7 @@ def test_preview_without_schedule_is_constant(client: TestClient) -> None:
     response = client.post(
         "/v1/schedules/preview", json={"optimizer": {"name": "SGD", "lr": 0.3}, "steps": 3}
     )
-    assert response.json() == {"lr": [[0.3], [0.3], [0.3]]}
+    assert response.json() == {"lr": [[0.3], [0.3], [0.3]], "optimizers": ["SGD"]}
 
 
 def test_preview_validation(client: TestClient) -> None:

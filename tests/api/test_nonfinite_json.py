@@ -121,7 +121,7 @@ def test_preview_writes_an_infinite_lr_as_inf(client: TestClient) -> None:
     }
     response = client.post("/v1/schedules/preview", json=body)
     assert response.status_code == 200, response.text
-    assert response.json() == {"lr": [["inf"], ["inf"]]}
+    assert response.json()["lr"] == [["inf"], ["inf"]]
 
 
 def test_a_checkpoint_with_infinite_values_is_strict_and_restores(client: TestClient) -> None:

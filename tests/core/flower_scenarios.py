@@ -41,7 +41,102 @@ class Scenario:
     clients: int = 4
     rounds: int = 5
     seed: int = 0
+    aggregator: dict[str, Any] | None = None
+    """optserve's ``aggregation.aggregator``: on Flower's side the strategy of that name,
+    mixed in under the server optimizer the way Flower's own FedOpt calls FedAvg's."""
+    privacy: dict[str, Any] | None = None
+    """optserve's ``aggregation.privacy``: on Flower's side its server-side DP wrapper."""
+    poisoned: int = 0
+    """Clients (the first ones) sending a sign-flipped, scaled update."""
 
+
+_KRUM = {"name": "Krum", "num_malicious_clients": 1}
+ROBUST = (
+    Scenario("fedmedian", "FedAvg", aggregator={"name": "FedMedian"}, clients=5, poisoned=1),
+    Scenario("fedmedian-even", "FedAvg", aggregator={"name": "FedMedian"}, seed=7, clients=6),
+    Scenario(
+        "fedtrimmedavg",
+        "FedAvg",
+        aggregator={"name": "FedTrimmedAvg", "beta": 0.25},
+        seed=8,
+        clients=8,
+        poisoned=2,
+    ),
+    Scenario("krum", "FedAvg", aggregator=_KRUM, seed=9, clients=6, poisoned=1),
+    Scenario(
+        "multikrum",
+        "FedAvg",
+        aggregator={"name": "MultiKrum", "num_malicious_clients": 1, "num_clients_to_keep": 3},
+        seed=10,
+        clients=6,
+        poisoned=1,
+    ),
+    Scenario(
+        "bulyan",
+        "FedAvg",
+        aggregator={"name": "Bulyan", "num_malicious_clients": 1},
+        seed=11,
+        clients=8,
+        poisoned=1,
+    ),
+    Scenario(
+        "krum-fedadam", "FedAdam", {"eta": 0.05}, aggregator=_KRUM, seed=12, clients=6, poisoned=1
+    ),
+    Scenario(
+        "fedmedian-fedavgm",
+        "FedAvgM",
+        {"server_learning_rate": 0.7, "server_momentum": 0.9},
+        aggregator={"name": "FedMedian"},
+        seed=13,
+        clients=5,
+        poisoned=1,
+    ),
+    Scenario(
+        "dp-fixed",
+        "FedAvg",
+        privacy={"clipping": "fixed", "clipping_norm": 1.0, "noise_multiplier": 0.0, "seed": 1},
+        seed=14,
+        clients=5,
+    ),
+    Scenario(
+        "dp-fixed-fedyogi",
+        "FedYogi",
+        {"eta": 0.03},
+        privacy={"clipping": "fixed", "clipping_norm": 0.8, "noise_multiplier": 0.0, "seed": 2},
+        seed=15,
+        clients=5,
+    ),
+    Scenario(
+        "dp-adaptive",
+        "FedAvg",
+        privacy={"clipping": "adaptive", "noise_multiplier": 0.0, "seed": 3},
+        seed=16,
+        clients=5,
+    ),
+    Scenario(
+        "dp-adaptive-tuned",
+        "FedAvg",
+        privacy={
+            "clipping": "adaptive",
+            "clipping_norm": 0.5,
+            "noise_multiplier": 0.0,
+            "target_unclipped_quantile": 0.8,
+            "clip_norm_lr": 0.5,
+            "seed": 4,
+        },
+        seed=17,
+        clients=5,
+    ),
+    Scenario(
+        "dp-fixed-krum",
+        "FedAvg",
+        aggregator=_KRUM,
+        privacy={"clipping": "fixed", "clipping_norm": 1.0, "noise_multiplier": 0.0, "seed": 5},
+        seed=18,
+        clients=6,
+        poisoned=1,
+    ),
+)
 
 SCENARIOS: dict[str, Scenario] = {
     s.id: s
@@ -57,6 +152,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("fedyogi-defaults", "FedYogi", seed=4, clients=3),
         Scenario("fedadam-float64", "FedAdam", {"eta": 0.2}, dtype="float64", seed=5),
         Scenario("fedyogi-float64", "FedYogi", {"eta": 0.1}, dtype="float64", seed=6),
+        *ROBUST,
     )
 }
 
@@ -124,8 +220,10 @@ def local_training(
     for name, values in received.items():
         target = np.random.default_rng([scenario.seed, 1000 + node]).standard_normal(values.shape)
         noise = 0.05 * rng.standard_normal(values.shape)
-        new = values + 0.3 * (target - values) + noise
-        out[name] = np.asarray(new, dtype=scenario.dtype)
+        step = 0.3 * (target - values) + noise
+        if node <= scenario.poisoned:
+            step *= -5.0  # an attacker: the honest step, flipped and scaled
+        out[name] = np.asarray(values + step, dtype=scenario.dtype)
     return out, int(rng.integers(5, 120))
 
 
@@ -135,7 +233,6 @@ def run_flower(scenario: Scenario) -> Trace:
     import logging
 
     # Imported by name: flwr is optional, and has no type information for mypy.
-    strategies = importlib.import_module("flwr.serverapp.strategy")
     app = importlib.import_module("flwr.app")
     Array, ArrayRecord, Message = app.Array, app.ArrayRecord, app.Message
     MetricRecord, RecordDict = app.MetricRecord, app.RecordDict
@@ -176,13 +273,7 @@ def run_flower(scenario: Scenario) -> Trace:
         if server_round > 0:
             globals_.append({k: np.array(v.numpy()) for k, v in arrays.items()})
 
-    cls = getattr(strategies, scenario.strategy)
-    strategy = cls(
-        fraction_evaluate=0.0,
-        min_train_nodes=scenario.clients,
-        min_available_nodes=scenario.clients,
-        **scenario.kwargs,
-    )
+    strategy = flower_strategy(scenario)
     initial = initial_params(scenario)
     strategy.start(
         ScriptedGrid(),
@@ -191,6 +282,61 @@ def run_flower(scenario: Scenario) -> Trace:
         evaluate_fn=record,
     )
     return Trace(initial, results, globals_)
+
+
+FLOWER_AGGREGATOR_ARGS = {
+    "num_malicious_clients": "num_malicious_nodes",
+    "num_clients_to_keep": "num_nodes_to_select",
+    "beta": "beta",
+}
+
+
+def flower_strategy(scenario: Scenario) -> Any:
+    """Flower's strategy for the scenario: its server optimizer, the aggregator mixed in
+    below it (Flower's FedOpt takes the aggregate from ``super().aggregate_train``), and
+    the DP wrapper around both."""
+    import importlib
+    import math
+
+    strategies = importlib.import_module("flwr.serverapp.strategy")
+    cls = getattr(strategies, scenario.strategy)
+    aggregator = dict(scenario.aggregator or {})
+    if aggregator:
+        robust = getattr(strategies, aggregator.pop("name"))
+        cls = robust if scenario.strategy == "FedAvg" else type("Robust", (cls, robust), {})
+    strategy = cls(
+        fraction_evaluate=0.0,
+        min_train_nodes=scenario.clients,
+        min_available_nodes=scenario.clients,
+        **scenario.kwargs,
+    )
+    for name, value in aggregator.items():
+        setattr(strategy, FLOWER_AGGREGATOR_ARGS[name], value)
+    privacy = scenario.privacy
+    if privacy is None:
+        return strategy
+    if privacy["clipping"] == "fixed":
+        return strategies.DifferentialPrivacyServerSideFixedClipping(
+            strategy, privacy["noise_multiplier"], privacy["clipping_norm"], scenario.clients
+        )
+
+    class PaperRule(strategies.DifferentialPrivacyServerSideAdaptiveClipping):  # type: ignore[misc,name-defined]
+        """Flower's loop, with Andrew et al.'s rule: the unclipped fraction in the update."""
+
+        def _geometric_update(self, clipped_fraction: float) -> None:
+            unclipped = 1.0 - clipped_fraction
+            self.clipping_norm *= math.exp(
+                -self.clip_norm_lr * (unclipped - self.target_clipped_quantile)
+            )
+
+    return PaperRule(
+        strategy,
+        privacy["noise_multiplier"],
+        scenario.clients,
+        initial_clipping_norm=privacy.get("clipping_norm", 0.1),
+        target_clipped_quantile=privacy.get("target_unclipped_quantile", 0.5),
+        clip_norm_lr=privacy.get("clip_norm_lr", 0.2),
+    )
 
 
 def flower_defaults() -> dict[str, dict[str, Any]]:
@@ -214,7 +360,13 @@ def config_for(scenario: Scenario) -> dict[str, Any]:
         "optimizer": {"name": scenario.strategy, **scenario.kwargs},
         "params": {k: {"shape": list(s)} for k, s in SHAPES.items()},
         "dtype": scenario.dtype,
-        "aggregation": {"mode": "rounds", "clients_per_round": scenario.clients},
+        "aggregation": {
+            "mode": "rounds",
+            "clients_per_round": scenario.clients,
+            "min_clients": scenario.clients,
+            "aggregator": scenario.aggregator,
+            "privacy": scenario.privacy,
+        },
     }
 
 
@@ -235,9 +387,10 @@ def run_optserve(scenario: Scenario, trace: Trace) -> list[dict[str, np.ndarray]
             delta = rounds.client_delta("params", [params[t.name] for t in plan.tensors], held)
             contribution = rounds.Contribution(str(node), n, float(n), rounds.norm(delta), "", 0.0)
             rounds.contribute(opened, contribution, delta)
-        gradient = rounds.pseudo_gradient(opened.total, opened.weight, plan.dtype)
+        closing = rounds.closing(federation, plan.dtype)
+        federation.privacy = closing.privacy
         deltas = [np.empty_like(h) for h in held]
-        apply_step(plan, state, gradient, None, deltas)
+        apply_step(plan, state, closing.gradient, None, deltas)
         for values, d in zip(held, deltas, strict=True):
             values += d
         federation.round = rounds.next_round(opened, state.step, 0.0)

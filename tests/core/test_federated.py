@@ -25,6 +25,9 @@ def test_rounds_option_is_resolved_with_defaults() -> None:
         "min_clients": 1,
         "round_timeout_s": None,
         "weighting": "num_examples",
+        "aggregator": {"name": "FedAvg"},
+        "privacy": None,
+        "proximal_mu": 0.0,
     }
     assert parse_aggregation(spec.describe()) == spec
     assert parse_aggregation(None) is None

@@ -8,6 +8,7 @@ Flower's global params; optserve's side is always computed).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Any
 
@@ -130,3 +131,21 @@ def test_flower_names_are_aliases() -> None:
     assert entry["aliases"] == {"eta": "lr"} and entry["family"] == "flower"
     momentum = plan_from_config(_config({"name": "FedAvgM", "server_momentum": 0.5}))
     assert momentum.describe()["optimizer"]["momentum"] == 0.5
+
+
+ROBUST = [s for s in SCENARIOS.values() if s.aggregator is not None or s.privacy is not None]
+
+
+@pytest.mark.parametrize("scenario", ROBUST, ids=[s.id for s in ROBUST])
+def test_the_aggregator_and_clipping_change_the_outcome(scenario: Scenario) -> None:
+    """Each robust or private scenario ends far from plain averaging of the same results, so
+    matching Flower above says the aggregator (or the clipping) was really applied."""
+    trace = flower_trace(scenario)
+    plain = dataclasses.replace(scenario, aggregator=None, privacy=None)
+    ours, averaged = run_optserve(scenario, trace), run_optserve(plain, trace)
+    gap = max(
+        float(np.max(np.abs(mine[k] - plain_[k])))
+        for mine, plain_ in zip(ours, averaged, strict=True)
+        for k in trace.initial
+    )
+    assert gap > 100 * TOLERANCE[scenario.dtype]

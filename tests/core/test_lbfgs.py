@@ -41,6 +41,7 @@ from tests.core.lbfgs_scenarios import (
     load_fixture,
     run_torch,
 )
+from tests.core.recorded import assert_current
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 POINT_ATOL = 1e-10
@@ -118,7 +119,7 @@ def test_fixture_is_current(scenario: Scenario) -> None:
     assert recorded == json.loads(json.dumps(describe(scenario))), hint
     stored, live = load_fixture(scenario), run_torch(scenario)
     assert stored.step_ends == live.step_ends, hint
-    np.testing.assert_array_equal(np.array(stored.points), np.array(live.points), hint)
+    assert_current(np.array(stored.points), np.array(live.points), hint, scenario.dtype)
 
 
 # ---- resuming from a checkpoint -----------------------------------------------------

@@ -14,6 +14,7 @@ from tests.core import golden
 from tests.core.cases import Case, all_cases
 from tests.core.optserve_run import run_optserve
 from tests.core.parity_inputs import make_inputs
+from tests.core.recorded import assert_current
 from tests.core.reference_classes import config_available
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -50,7 +51,7 @@ def test_golden_fixture_is_current(case: Case) -> None:
     live = run_torch(case.config, make_inputs(case))
     stored = golden.load(case)
     for name, value in live.items():
-        np.testing.assert_array_equal(stored[name], value, err_msg=name)
+        assert_current(stored[name], value, err_msg=name)
 
 
 def test_case_ids_are_unique() -> None:

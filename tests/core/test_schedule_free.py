@@ -14,6 +14,7 @@ from service.core.plan import plan_from_config
 from service.core.training import apply_step, initial_state
 from tests.core import optimizer_checks as checks
 from tests.core.cases import DTYPES, Case
+from tests.core.recorded import assert_current
 from tests.core.reference_classes import available
 from tests.core.schedule_free_reference import (
     EVAL_CASES,
@@ -123,7 +124,7 @@ def test_fixture_is_current(case: Case) -> None:
     assert fixture_path(case).exists(), "run: python -m tests.core.make_schedule_free_fixtures"
     stored = load(case)
     for key, value in run_package(case).items():
-        np.testing.assert_array_equal(stored[key], value, err_msg=key)
+        assert_current(stored[key], value, err_msg=key)
 
 
 def test_a_zero_interpolation_weight_is_refused_up_front() -> None:

@@ -35,23 +35,52 @@ def build_scheduler(torch: Any, optimizer: Any, config: Mapping[str, Any]) -> An
     return cls(optimizer, **kwargs)
 
 
-def build_optimizer(torch: Any, config: Mapping[str, Any], tensors: dict[str, Any]) -> Any:
-    opt_config = {k: v for k, v in config["optimizer"].items() if k != "name"}
+def _constructor_args(config: Mapping[str, Any]) -> dict[str, Any]:
+    args = {k: v for k, v in config.items() if k != "name"}
     for key in ("betas", "etas", "step_sizes", "eps"):
-        if isinstance(opt_config.get(key), list):
-            opt_config[key] = tuple(opt_config[key])
-    listed: set[str] = set()
-    groups: list[dict[str, Any]] = []
-    for g in config.get("param_groups") or []:
-        listed.update(g["params"])
-        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in g.items() if k != "params"}
-        groups.append({"params": [tensors[n] for n in g["params"]], **extra})
-    default = [t for n, t in tensors.items() if n not in listed]
-    if default:
-        groups.insert(0, {"params": default})
-    optimizer = reference_class(config["optimizer"]["name"])(groups, **opt_config)
+        if isinstance(args.get(key), list):
+            args[key] = tuple(args[key])
+    return args
+
+
+def _torch_group(entry: Mapping[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    extra = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in entry.items()
+        if k not in ("params", "optimizer")
+    }
+    return {"params": [tensors[n] for n in entry["params"]], **extra}
+
+
+def _construct(torch: Any, config: Mapping[str, Any], groups: list[dict[str, Any]]) -> Any:
+    optimizer = reference_class(config["name"])(groups, **_constructor_args(config))
     if callable(getattr(optimizer, "train", None)):
         optimizer.train()  # schedule-free: parameters hold the training point y
+    return optimizer
+
+
+def build_optimizers(torch: Any, config: Mapping[str, Any], tensors: dict[str, Any]) -> list[Any]:
+    """One torch optimizer per group family: the session's ``optimizer`` over the default
+    group and every group without its own, then one per group naming its own."""
+    listed: set[str] = set()
+    shared: list[dict[str, Any]] = []
+    own: list[Any] = []
+    for g in config.get("param_groups") or []:
+        listed.update(g["params"])
+        if "optimizer" in g:
+            own.append(_construct(torch, g["optimizer"], [_torch_group(g, tensors)]))
+        else:
+            shared.append(_torch_group(g, tensors))
+    default = [t for n, t in tensors.items() if n not in listed]
+    if default:
+        shared.insert(0, {"params": default})
+    first = [_construct(torch, config["optimizer"], shared)] if shared else []
+    return first + own
+
+
+def build_optimizer(torch: Any, config: Mapping[str, Any], tensors: dict[str, Any]) -> Any:
+    """The one torch optimizer of a session whose groups share the session's optimizer."""
+    (optimizer,) = build_optimizers(torch, config, tensors)
     return optimizer
 
 
@@ -67,9 +96,10 @@ def run_torch(config: Mapping[str, Any], inputs: Inputs) -> dict[str, np.ndarray
         name: torch.tensor(value, dtype=dtype, requires_grad=True)
         for name, value in inputs.initial.items()
     }
-    optimizer = build_optimizer(torch, config, tensors)
+    optimizers = build_optimizers(torch, config, tensors)
     schedule = config.get("schedule")
-    scheduler = build_scheduler(torch, optimizer, schedule) if schedule else None
+    # One scheduler per torch optimizer, all built with the same arguments.
+    schedulers = [build_scheduler(torch, o, schedule) for o in optimizers] if schedule else []
     interval = (schedule or {}).get("interval", "step")
     every = (schedule or {}).get("every", 1)
     needs_metric = schedule is not None and schedule["name"].lower() == "reducelronplateau"
@@ -88,17 +118,16 @@ def run_torch(config: Mapping[str, Any], inputs: Inputs) -> dict[str, np.ndarray
                 list(tensors.values()), clip["max_norm"], clip.get("norm_type", 2.0)
             )
         del grads
-        if isinstance(optimizer, torch.optim.LBFGS):
-            # max_iter=1 without line search calls the closure exactly once per step.
-            loss = torch.tensor(inputs.losses[n], dtype=dtype)
-            optimizer.step(lambda loss=loss: loss)
-        else:
-            optimizer.step()
-        if scheduler is None:
-            continue
+        for optimizer in optimizers:
+            if isinstance(optimizer, torch.optim.LBFGS):
+                # max_iter=1 without line search calls the closure exactly once per step.
+                loss = torch.tensor(inputs.losses[n], dtype=dtype)
+                optimizer.step(lambda loss=loss: loss)
+            else:
+                optimizer.step()
         metric = [inputs.losses[n]] if needs_metric else []
-        if interval == "step" and (n + 1) % every == 0:
-            scheduler.step(*metric)
-        if interval == "manual" and (n + 1) % MANUAL_PERIOD == 0:
+        due = interval == "step" and (n + 1) % every == 0
+        due = due or (interval == "manual" and (n + 1) % MANUAL_PERIOD == 0)
+        for scheduler in schedulers if due else []:
             scheduler.step(*metric)
     return {name: t.detach().numpy().copy() for name, t in tensors.items()}

@@ -69,8 +69,20 @@ def server(tmp_path: Path) -> Any:
             running.stop()
 
 
-def test_sigkill_mid_round_loses_no_accepted_update(server: ServerProcess) -> None:
-    aggregation = {"mode": "rounds", "clients_per_round": 3}
+PRIVATE = {
+    "mode": "rounds",
+    "clients_per_round": 3,
+    "aggregator": {"name": "FedMedian"},
+    "privacy": {"clipping": "fixed", "clipping_norm": 2.0, "noise_multiplier": 1.0, "seed": 5},
+}
+
+
+@pytest.mark.parametrize("aggregation", [{"mode": "rounds", "clients_per_round": 3}, PRIVATE])
+def test_sigkill_mid_round_loses_no_accepted_update(
+    server: ServerProcess, aggregation: dict[str, Any]
+) -> None:
+    """Also with a robust aggregator and seeded DP noise: the noise after the restart is
+    the noise an uninterrupted run draws."""
     config = session_config(aggregation)
     # The same rounds in process, never interrupted: what the params must end as.
     with TestClient(create_app(Settings(storage="memory", access_log=False))) as local:
@@ -99,6 +111,8 @@ def test_sigkill_mid_round_loses_no_accepted_update(server: ServerProcess) -> No
         assert got[name].tobytes() == values.tobytes(), name
     history = httpx.get(base + "/rounds").json()["rounds"]
     assert [len(r["participants"]) for r in history] == [3, 3]
+    if "privacy" in aggregation:
+        assert all(r["privacy"]["noise_stddev"] > 0 for r in history)
 
 
 def test_a_timeout_that_passes_while_down_closes_the_round_on_restart(

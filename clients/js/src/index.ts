@@ -40,3 +40,11 @@ export type { FetchLike, RetryEvent } from "./transport.js";
 export type * from "./types.js";
 export { applyDeltas } from "./apply.js";
 export { randomUUID } from "./uuid.js";
+export {
+  FederatedClient,
+  proximalGradient,
+  proximalTerm,
+  type FederatedRound,
+  type SubmitOptions,
+  type Trainer,
+} from "./federated.js";

@@ -34,9 +34,24 @@ export interface TensorSpec {
   data?: Values;
 }
 
+/**
+ * A param group of a session config: its tensors and hyperparameter overrides, and
+ * optionally its own optimizer (Muon for the 2-D weights, say, beside the session's AdamW).
+ * The overrides apply on top of that optimizer's constructor arguments; without one the
+ * group belongs to the session's `optimizer`.
+ */
 export interface ParamGroupConfig {
   params: string[];
+  optimizer?: OptimizerConfig;
   [override: string]: unknown;
+}
+
+/** A param group as the session document shows it: every hyperparameter's current value,
+ * and the class name of the optimizer that steps it. */
+export interface ParamGroupState {
+  params: string[];
+  optimizer: string;
+  [hyperparameter: string]: unknown;
 }
 
 /** The body of `POST /v1/sessions`. */
@@ -74,7 +89,7 @@ export interface SessionDocument {
   lr: number[];
   optimizer: OptimizerConfig;
   schedule?: ScheduleConfig | null;
-  param_groups?: ParamGroupConfig[];
+  param_groups?: ParamGroupState[];
   tensors: Record<string, { shape: number[] }>;
   holds_params: boolean;
   dtype: "float32" | "float64";

@@ -12,6 +12,7 @@ import {
   PreconditionFailedError,
   ValidationError,
   type FloatArray,
+  type ParamGroupConfig,
   type SessionConfig,
 } from "../src/index.js";
 import { startServer, type LiveServer } from "./helpers/live_server.js";
@@ -251,5 +252,40 @@ describe("added groups", () => {
     const result = await session.step(sent);
     assert.deepEqual(Object.keys(result.deltas ?? {}), ["head"]);
     assertClose(result.deltas?.["head"], new ReferenceSGD(0.05).step(sent["head"] as Float64Array, new Float64Array(4)), "head");
+  });
+});
+
+describe("an optimizer per group", () => {
+  it("a group naming its own optimizer steps with it, and the document says which", async () => {
+    const groups: ParamGroupConfig[] = [{ params: ["b"], optimizer: { name: "Adam", lr: 0.02 }, betas: [0.8, 0.99] }];
+    const session = await client("json").createSession(config({ name: "SGD", lr: 0.1, momentum: 0.9 }, { param_groups: groups }));
+    assert.deepEqual(
+      session.document.param_groups?.map((g) => g.optimizer),
+      ["SGD", "Adam"],
+    );
+    assert.equal(session.document.param_groups?.[1]?.["momentum"], undefined);
+    const sgd = new ReferenceSGD(0.1, 0.9);
+    const adam = new ReferenceAdam(2, 0.02, 0.8, 0.99);
+    for (let step = 1; step <= 5; step++) {
+      const sent = grads(step, ["w", "b"]);
+      const result = await session.step(sent);
+      assertClose(result.deltas?.["w"], sgd.step(sent["w"] as Float64Array, new Float64Array(6)), `w at ${step}`);
+      assertClose(result.deltas?.["b"], adam.step(sent["b"] as Float64Array), `b at ${step}`);
+    }
+    await assert.rejects(session.editGroup(1, { optimizer: { name: "SGD" } }), (error: unknown) => {
+      assert.ok(error instanceof ValidationError);
+      assert.equal(error.errors[0]?.field, "param_groups[1].optimizer");
+      return true;
+    });
+  });
+
+  it("Muon on a vector is refused naming the group's field", async () => {
+    const groups: ParamGroupConfig[] = [{ params: ["b"], optimizer: { name: "Muon" } }];
+    await assert.rejects(client().createSession(config({ name: "AdamW" }, { param_groups: groups })), (error: unknown) => {
+      assert.ok(error instanceof ValidationError);
+      assert.equal(error.errors[0]?.field, "param_groups[0].params");
+      assert.match(error.detail, /Muon only supports 2D parameters/);
+      return true;
+    });
   });
 });

@@ -44,6 +44,7 @@ def session_config(
     missing_grads: str | None = None,
     accumulate: Mapping[str, Any] | None = None,
     averaging: Mapping[str, Any] | None = None,
+    aggregation: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """The create body (without tensor data) and the initial values, if the session holds them.
 
@@ -97,6 +98,8 @@ def session_config(
         config["accumulate"] = dict(accumulate)
     if averaging is not None:
         config["averaging"] = dict(averaging)
+    if aggregation is not None:
+        config["aggregation"] = dict(aggregation)
     if labels:
         config["labels"] = dict(labels)
     holds = bool(initial) and hold_params is not False

@@ -86,6 +86,7 @@ class AsyncClient(Connection):
         missing_grads: str | None = None,
         accumulate: Mapping[str, Any] | None = None,
         averaging: Mapping[str, Any] | None = None,
+        aggregation: Mapping[str, Any] | None = None,
     ) -> AsyncSession:
         """See :meth:`optserve_client.Client.create_session`."""
         config, initial = session_config(
@@ -102,6 +103,7 @@ class AsyncClient(Connection):
             missing_grads=missing_grads,
             accumulate=accumulate,
             averaging=averaging,
+            aggregation=aggregation,
         )
         response = await self.send(_calls.create(self.wire, config, initial))
         return AsyncSession(self, _documents.session_document(response))

@@ -93,6 +93,7 @@ class Client(Connection):
         missing_grads: str | None = None,
         accumulate: Mapping[str, Any] | None = None,
         averaging: Mapping[str, Any] | None = None,
+        aggregation: Mapping[str, Any] | None = None,
     ) -> Session:
         """Create a session. ``params`` maps names to shapes (tuples) or initial arrays.
 
@@ -102,7 +103,9 @@ class Client(Connection):
         skips a parameter without a gradient. ``accumulate={"steps": k}`` makes every
         k-th step post apply one step to the mean of the k gradients posted;
         ``averaging={"kind": "ema", "decay": d}`` (or ``"swa"``) keeps averaged weights,
-        read with ``Session.params(average=True)``.
+        read with ``Session.params(average=True)``. ``aggregation={"mode": "rounds", ...}``
+        makes a federated session, which clients join with
+        :class:`optserve_client.federated.FederatedClient`.
         """
         config, initial = session_config(
             optimizer=optimizer,
@@ -118,6 +121,7 @@ class Client(Connection):
             missing_grads=missing_grads,
             accumulate=accumulate,
             averaging=averaging,
+            aggregation=aggregation,
         )
         response = self.send(_calls.create(self.wire, config, initial))
         return Session(self, _documents.session_document(response))

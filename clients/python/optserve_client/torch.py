@@ -47,7 +47,7 @@ from optserve_client._wire import StepResult, Wire
 from optserve_client.client import Client, Session
 from optserve_client.errors import ProtocolError
 
-__all__ = ["ConversionError", "RemoteOptimizer"]
+__all__ = ["ConversionError", "RemoteOptimizer", "proximal_term"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LBFGS = "lbfgs"
@@ -66,6 +66,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
     ``params`` is what torch optimizers take: ``model.named_parameters()`` (the names
     become the session's tensor names), plain tensors (named ``param0``, ``param1``, ...)
     or torch-style group dicts (``[{"params": [...], "weight_decay": 0.0}, ...]``).
+    A group dict may name its own optimizer, ``"optimizer": "Muon"`` (or
+    ``{"name": "Muon", ...constructor args}``): the session then steps that group as torch
+    steps one optimizer per group family, and ``optimizer=`` may be left out when every
+    group names one (the first group's becomes the session's).
     ``param_groups`` instead names tensors, in the server's format. ``optimizer``,
     ``schedule``, ``clip_grad_norm``, ``clip_grad_value`` and ``nonfinite`` are the
     session config of the HTTP API. ``dtype`` defaults to float64 when every parameter
@@ -82,7 +86,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self,
         params: Iterable[Any],
         *,
-        optimizer: Mapping[str, Any],
+        optimizer: Mapping[str, Any] | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
@@ -99,7 +103,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     ) -> None:
         names, tensors, server_groups, shared = _layout(params, param_groups)
         # One torch-style group's options are simply the optimizer's (LBFGS allows no groups).
-        optimizer = {**optimizer, **shared}
+        optimizer = {**_session_optimizer(optimizer, server_groups), **shared}
         self.names: list[str] = names
         self._tensor_of = dict(zip(names, tensors, strict=True))
         self._owns_client = client is None
@@ -145,9 +149,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         resolved = {
             k: _number(v) for k, v in session.document.get("optimizer", {}).items() if k != "name"
         }
+        server = _server_groups(session)
+        # torch fills every group's missing keys from ``defaults``: keep only the names every
+        # group has, so that a Muon group does not gain AdamW's betas.
+        resolved = {k: v for k, v in resolved.items() if all(k in h for _, h in server)}
         torch_groups = [
             {**hparams, "params": [self._tensor_of[n] for n in members], "param_names": members}
-            for members, hparams in _server_groups(session)
+            for members, hparams in server
         ]
         self._constructing = True
         super().__init__(torch_groups, resolved)
@@ -167,6 +175,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         tensors = [members] if isinstance(members, torch.Tensor) else list(members)
         names = given.pop("param_names", None) or self._fresh_names(len(tensors))
         options = {k: _plain(v) for k, v in given.items()}
+        if isinstance(options.get("optimizer"), str):
+            options["optimizer"] = {"name": options["optimizer"]}  # the server's form
         super().add_param_group({**param_group, "param_names": list(names)})
         try:
             if self._holds:
@@ -335,6 +345,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         document = self.session.refresh().document
         name = str(document["optimizer"]["name"])
         check_convertible(name)
+        families = {str(g.get("optimizer", name)) for g in document.get("param_groups", [])}
+        if len(families) > 1:
+            raise ConversionError(
+                f"session {self.session.id} steps its groups with {', '.join(sorted(families))}; "
+                "to_torch builds one torch optimizer and cannot hold groups of several "
+                "optimizers: keep stepping it remotely"
+            )
         arrays, metadata = safetensors.decode(self.session.state())
         groups = [
             ([self._tensor_of[n] for n in members], members, hparams)
@@ -469,6 +486,25 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 loss = closure()
 
 
+def proximal_term(
+    parameters: Iterable[torch.Tensor], global_params: Iterable[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's ``mu/2 * ||w - w_global||^2`` summed over all tensors, differentiable in
+    ``parameters``: add it to the local loss (``mu`` is ``Round.proximal_mu``).
+
+    ``global_params`` are the round's params as received, before local training; they
+    take no gradient. The norm is squared, as in the FedProx paper and Flower's docstring
+    formula (Flower's code sample sums unsquared per-tensor norms).
+    """
+    total: torch.Tensor | None = None
+    for w, g in zip(parameters, global_params, strict=True):
+        term = torch.sum((w - g.detach().to(dtype=w.dtype, device=w.device)) ** 2)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("proximal_term needs at least one parameter")
+    return 0.5 * mu * total
+
+
 def _edited(group: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, Any]:
     """The hyperparameters of a torch group that differ from the server's, as JSON."""
     changed = {}
@@ -517,7 +553,9 @@ def _layout(
     items = list(params)
     if not items:
         raise ValueError("optimizer got an empty parameter list")
-    dict_groups = [dict(g) for g in items] if isinstance(items[0], Mapping) else [{"params": items}]
+    dict_groups: list[dict[str, Any]] = (
+        [dict(g) for g in items] if isinstance(items[0], Mapping) else [{"params": items}]
+    )
     names: list[str] = []
     tensors: list[torch.Tensor] = []
     groups: list[dict[str, Any]] = []
@@ -539,13 +577,31 @@ def _layout(
             names.append(str(name))
             tensors.append(tensor)
             group_names.append(str(name))
+        if isinstance(group.get("optimizer"), str):
+            group["optimizer"] = {"name": group["optimizer"]}  # the server's form
         groups.append({"params": group_names, **group})
     if len(dict_groups) > 1 and param_groups:
         raise ValueError("give parameter groups either as torch-style dicts or as param_groups")
-    if len(groups) == 1:
+    if len(groups) == 1 and "optimizer" not in groups[0]:
         shared = {k: v for k, v in groups[0].items() if k != "params"}
         return names, tensors, [dict(g) for g in param_groups or ()], shared
     return names, tensors, groups, {}
+
+
+def _session_optimizer(
+    optimizer: Mapping[str, Any] | None, server_groups: Sequence[Mapping[str, Any]]
+) -> Mapping[str, Any]:
+    """The session's ``optimizer``: the one given, or the first group's own when every group
+    names one (then the session's steps no group of its own)."""
+    if optimizer is not None:
+        return optimizer
+    named = [g["optimizer"] for g in server_groups if "optimizer" in g]
+    if not named or len(named) != len(server_groups):
+        raise TypeError(
+            "RemoteOptimizer needs optimizer={'name': ...} unless every param group names its "
+            "own 'optimizer'"
+        )
+    return {"name": named[0]["name"]}
 
 
 def _server_groups(session: Session) -> list[tuple[list[str], dict[str, Any]]]:
@@ -553,8 +609,12 @@ def _server_groups(session: Session) -> list[tuple[list[str], dict[str, Any]]]:
     groups = session.document.get("param_groups")
     if not isinstance(groups, list) or not groups:
         raise ProtocolError(f"session {session.id} document lists no param_groups")
+    # "optimizer" names the group's optimizer: torch cannot change it, nor can an edit.
     return [
-        ([str(n) for n in g["params"]], {k: _number(v) for k, v in g.items() if k != "params"})
+        (
+            [str(n) for n in g["params"]],
+            {k: _number(v) for k, v in g.items() if k not in ("params", "optimizer")},
+        )
         for g in groups
     ]
 

@@ -78,5 +78,7 @@ async def preview(request: Request, tenant: TenantDep, service: ServiceDep) -> R
     require_json_answer(request)
     optimizer, schedule, steps, groups, metrics = _preview_args(await json_object(request))
     # Up to 100k schedule steps of Python: keep them off the event loop.
-    lrs = await run_in_threadpool(service.preview, optimizer, schedule, steps, groups, metrics)
-    return json_response({"lr": lrs})
+    document = await run_in_threadpool(
+        service.preview_document, optimizer, schedule, steps, groups, metrics
+    )
+    return json_response(document)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -18,6 +19,7 @@ from service.api.federated_wire import (
 )
 from service.api.media import Wire, require_json_answer, response_wire
 from service.api.responses import json_response, raw_json_response, safetensors_response
+from service.api.routes.steps import parse_idempotency_key
 from service.sessions.federated.coordinator import MAX_PAGE, MAX_WAIT_S
 
 router = APIRouter(tags=["federated"])
@@ -78,11 +80,14 @@ async def post_update(
     service: ServiceDep,
     settings: SettingsDep,
 ) -> Response:
+    key = parse_idempotency_key(request.headers.get("idempotency-key"))
     wire, body = await tensor_body(request)
     if wire is Wire.JSON:
         update = update_from_json(body)
     else:
         update = update_from_safetensors(body, settings.max_tensors_per_session)
+    if key is not None:
+        update = dataclasses.replace(update, idempotency_key=key)
     reply = await service.federated.submit(tenant, session_id, update)
     headers = {"ETag": f'"{reply.version}"'}
     if reply.duplicate:

@@ -12,6 +12,11 @@ which is the gradient the session's optimizer then takes one step on (Flower's
 ``current - aggregated``). Only one delta-sized buffer per tensor is kept, however many
 clients a round has.
 
+A round whose aggregator is not the mean, or whose session clips updates for privacy,
+also keeps every client's delta (:attr:`OpenRound.updates`): the median of n updates
+cannot be had from their sum. :func:`closing` turns a round's updates into its
+pseudo-gradient through clipping, the aggregator and the privacy noise, in that order.
+
 Everything here is plain data plus pure functions; the sessions layer decides when to
 accept, close and log.
 """
@@ -27,11 +32,14 @@ import numpy as np
 
 from service.core import reductions
 from service.core.errors import InvalidInput
+from service.core.federated import aggregators, privacy
+from service.core.federated.privacy import PrivacyState
 from service.core.federated.spec import HISTORY_LIMIT, AggregationSpec
 
 FORMS = ("params", "delta")
 ACCUMULATOR = np.dtype(np.float64)
 TOTAL_PREFIX = "round/total."
+UPDATE_PREFIX = "round/update."
 
 
 @dataclass
@@ -46,9 +54,11 @@ class Contribution:
     fingerprint: str
     """What identifies the update's content, for idempotent retries."""
     at: float
+    key: str | None = None
+    """The ``Idempotency-Key`` the update came with."""
 
     def record(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "client_id": self.client_id,
             "num_examples": self.num_examples,
             "weight": self.weight,
@@ -56,6 +66,9 @@ class Contribution:
             "fingerprint": self.fingerprint,
             "at": self.at,
         }
+        if self.key is not None:
+            out["idempotency_key"] = self.key
+        return out
 
 
 @dataclass
@@ -69,6 +82,8 @@ class OpenRound:
     """sum_i w_i * delta_i per tensor, float64."""
     weight: float = 0.0
     contributions: list[Contribution] = field(default_factory=list)
+    updates: list[list[np.ndarray]] | None = None
+    """Every contribution's (unweighted) delta, float64, when the session needs them."""
 
     def find(self, client_id: str) -> Contribution | None:
         for contribution in self.contributions:
@@ -102,6 +117,8 @@ class Federation:
     history: list[dict[str, Any]] = field(default_factory=list)
     """Closed rounds (rounds mode) or applied updates (async mode), oldest first, at most
     ``HISTORY_LIMIT``."""
+    privacy: PrivacyState | None = None
+    """The clipping norm and noise generator, with ``spec.privacy``."""
 
     def remember(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -117,8 +134,12 @@ def start(
     spec: AggregationSpec, shapes: Sequence[tuple[int, ...]], step: int, now: float
 ) -> Federation:
     """A fresh federation; in rounds mode its first round opens at ``now``."""
-    opened = OpenRound(1, step, now, zeros_like(shapes)) if spec.rounds else None
-    return Federation(spec, opened)
+    opened = None
+    if spec.rounds:
+        opened = OpenRound(1, step, now, zeros_like(shapes))
+        opened.updates = [] if spec.keeps_updates else None
+    dp = None if spec.privacy is None else privacy.start(spec.privacy)
+    return Federation(spec, opened, privacy=dp)
 
 
 def client_delta(
@@ -138,11 +159,13 @@ def client_delta(
 
 def norm(arrays: Sequence[np.ndarray]) -> float:
     """The L2 norm over all tensors (in a machine-independent order: replies are replayed)."""
-    return math.sqrt(sum(reductions.sum_of_squares(a) for a in arrays))
+    return reductions.total_norm(arrays)
 
 
 def contribute(opened: OpenRound, contribution: Contribution, delta: Sequence[np.ndarray]) -> None:
     """Add a client's delta, weighted, to the round's sum. ``delta`` is scaled in place."""
+    if opened.updates is not None:
+        opened.updates.append([d.copy() for d in delta])
     for total, d in zip(opened.total, delta, strict=True):
         d *= contribution.weight
         total += d
@@ -167,24 +190,80 @@ def with_update(
     return totals, opened.weight + weight
 
 
+@dataclass(frozen=True)
+class Closing:
+    """What closing a round gives: the step to take and what the history records of it."""
+
+    gradient: list[np.ndarray]
+    record: dict[str, Any]
+    """Aggregator and privacy facts of the round (merged into its history record)."""
+    privacy: PrivacyState | None
+    """The privacy state after the round (the federation's is untouched until applied)."""
+
+
+def closing(
+    federation: Federation,
+    dtype: np.dtype[Any],
+    extra: tuple[str, float, Sequence[np.ndarray]] | None = None,
+) -> Closing:
+    """The open round's pseudo-gradient, with ``extra`` = (client id, weight, unscaled
+    delta) as one more update, not yet contributed. Changes nothing."""
+    opened, spec = federation.round, federation.spec
+    assert opened is not None
+    if opened.updates is None:
+        if extra is None:
+            return Closing(pseudo_gradient(opened.total, opened.weight, dtype), {}, None)
+        totals, weight = with_update(opened, extra[1], extra[2])
+        return Closing(pseudo_gradient(totals, weight, dtype), {}, None)
+    updates = list(opened.updates)
+    weights = [c.weight for c in opened.contributions]
+    ids = [c.client_id for c in opened.contributions]
+    if extra is not None:
+        ids.append(extra[0])
+        weights.append(extra[1])
+        updates.append([np.asarray(d, dtype=ACCUMULATOR) for d in extra[2]])
+    record: dict[str, Any] = {}
+    clipped = 0
+    dp, after = spec.privacy, federation.privacy
+    if dp is not None:
+        assert after is not None
+        updates, clipped = privacy.clip(updates, after.clipping_norm)
+    aggregate, kept = aggregators.aggregate(spec.aggregator, updates, weights)
+    if kept is not None:
+        record["kept"] = [ids[i] for i in kept]
+    if dp is not None:
+        assert after is not None
+        released = privacy.release(dp, after, aggregate, clipped, len(updates))
+        aggregate, after = released.aggregate, released.state
+        record["privacy"] = released.record
+    return Closing(pseudo_gradient(aggregate, 1.0, dtype), record, after)
+
+
 def next_round(opened: OpenRound, version: int, now: float) -> OpenRound:
     """The round after ``opened``, its sums reset (the buffers are reused)."""
     for total in opened.total:
         total.fill(0.0)
-    return OpenRound(opened.number + 1, version, now, opened.total)
+    fresh = OpenRound(opened.number + 1, version, now, opened.total)
+    fresh.updates = None if opened.updates is None else []
+    return fresh
 
 
 # -- flat form (checkpoints and snapshots) -------------------------------------------------
 
 
 def to_flat(federation: Federation) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Arrays (the open round's sums) and JSON (everything else)."""
+    """Arrays (the open round's sums and kept updates) and JSON (everything else)."""
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"history": [dict(r) for r in federation.history], "round": None}
+    if federation.privacy is not None:
+        meta["privacy"] = federation.privacy.record()
     opened = federation.round
     if opened is not None:
         for i, total in enumerate(opened.total):
             arrays[f"{TOTAL_PREFIX}{i}"] = total
+        for j, update in enumerate(opened.updates or ()):
+            for i, delta in enumerate(update):
+                arrays[f"{UPDATE_PREFIX}{j}.{i}"] = delta
         meta["round"] = {
             "number": opened.number,
             "version": opened.version,
@@ -211,8 +290,11 @@ def _contribution(raw: Any) -> Contribution:
     if not isinstance(raw, Mapping):
         raise InvalidInput("federated state: a contribution must be an object", "federated")
     client, fingerprint = raw.get("client_id"), raw.get("fingerprint")
+    key = raw.get("idempotency_key")
     if not isinstance(client, str) or not isinstance(fingerprint, str):
         raise InvalidInput("federated state: contribution ids must be strings", "federated")
+    if key is not None and not isinstance(key, str):
+        raise InvalidInput("federated state: an idempotency key must be a string", "federated")
     return Contribution(
         client_id=client,
         num_examples=_integer(raw.get("num_examples"), "num_examples"),
@@ -220,6 +302,7 @@ def _contribution(raw: Any) -> Contribution:
         norm=_number(raw.get("update_norm"), "update_norm"),
         fingerprint=fingerprint,
         at=_number(raw.get("at"), "at"),
+        key=key,
     )
 
 
@@ -271,6 +354,11 @@ def from_flat(
         raise InvalidInput("federated state: malformed history", "federated")
     raw = meta.get("round")
     expected = {f"{TOTAL_PREFIX}{i}" for i in range(len(shapes))} if raw is not None else set()
+    kept = 0
+    if raw is not None and spec.keeps_updates:
+        contributions = raw.get("contributions") if isinstance(raw, Mapping) else None
+        kept = len(contributions) if isinstance(contributions, list) else 0
+        expected |= {f"{UPDATE_PREFIX}{j}.{i}" for j in range(kept) for i in range(len(shapes))}
     if set(arrays) != expected:
         raise InvalidInput("federated state: arrays do not match the round", "federated")
     if (raw is None) == spec.rounds:
@@ -281,16 +369,13 @@ def from_flat(
     if raw is not None:
         if not isinstance(raw, Mapping) or not isinstance(raw.get("contributions"), list):
             raise InvalidInput("federated state: malformed round", "federated")
-        totals = []
-        for i, shape in enumerate(shapes):
-            a = arrays[f"{TOTAL_PREFIX}{i}"]
-            if a.dtype != ACCUMULATOR or a.shape != tuple(shape):
-                raise InvalidInput(
-                    f"federated state: round sum {i} has the wrong shape", "federated"
-                )
-            if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
-                raise InvalidInput(f"federated state: round sum {i} is not finite", "federated")
-            totals.append(np.array(a, dtype=ACCUMULATOR, copy=True))
+        totals = [_array(arrays, f"{TOTAL_PREFIX}{i}", s) for i, s in enumerate(shapes)]
+        updates = None
+        if spec.keeps_updates:
+            updates = [
+                [_array(arrays, f"{UPDATE_PREFIX}{j}.{i}", s) for i, s in enumerate(shapes)]
+                for j in range(kept)
+            ]
         contributions = [_contribution(c) for c in raw["contributions"]]
         if len(contributions) >= spec.clients_per_round:
             raise InvalidInput("federated state: the round should have closed", "federated")
@@ -303,5 +388,20 @@ def from_flat(
             total=totals,
             weight=_number(raw.get("weight"), "round weight"),
             contributions=contributions,
+            updates=updates,
         )
-    return Federation(spec, opened, [dict(r) for r in history])
+    dp = None
+    if spec.privacy is not None:
+        dp = privacy.from_record(meta.get("privacy"))
+    elif meta.get("privacy") is not None:
+        raise InvalidInput("federated state: privacy state in a session without it", "federated")
+    return Federation(spec, opened, [dict(r) for r in history], dp)
+
+
+def _array(arrays: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    a = arrays[name]
+    if a.dtype != ACCUMULATOR or a.shape != tuple(shape):
+        raise InvalidInput(f"federated state: {name} has the wrong shape", "federated")
+    if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
+        raise InvalidInput(f"federated state: {name} is not finite", "federated")
+    return np.array(a, dtype=ACCUMULATOR, copy=True)

@@ -4,6 +4,10 @@
 "weighting": "num_examples" | "uniform"}``: a round closes when K updates are in, or once
 T seconds have passed with at least M; its weighted average becomes one step.
 
+Robust aggregation (``"aggregator"``, :mod:`.aggregators`), central differential privacy
+(``"privacy"``, :mod:`.privacy`) and FedProx's ``"proximal_mu"`` (for clients: the server
+only reports it) belong to rounds mode.
+
 ``{"mode": "async", "staleness": {"policy": "constant" | "polynomial", "alpha": a0,
 "a": a, "max_staleness": S}}``: every update is one step, weighted by
 ``alpha * s(staleness)`` (FedAsync, Xie et al., 2019); updates more than S versions old
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.core.errors import InvalidHyperparameter
+from service.core.federated.aggregators import AggregatorSpec, parse_aggregator
+from service.core.federated.privacy import PrivacySpec, parse_privacy
 from service.core.hparams import Arg, check, resolve
 
 FIELD = "aggregation"
@@ -47,6 +53,9 @@ ROUNDS_ARGS = (
         "weight of a client's update in the average",
         choices=("num_examples", "uniform"),
     ),
+    Arg("aggregator", "any", None, "robust aggregation rule (default: FedAvg)", nullable=True),
+    Arg("privacy", "any", None, "central differential privacy", nullable=True),
+    Arg("proximal_mu", "float", 0.0, "FedProx's mu, sent to clients in the round document"),
 )
 ASYNC_ARGS = (
     Arg("mode", "str", None, "'rounds' or 'async'", choices=MODES, required=True),
@@ -66,6 +75,9 @@ STALENESS_ARGS = (
 )
 
 
+MEAN = AggregatorSpec()
+
+
 @dataclass(frozen=True)
 class AggregationSpec:
     mode: str
@@ -77,10 +89,19 @@ class AggregationSpec:
     alpha: float = 1.0
     a: float = 0.5
     max_staleness: int = 10
+    aggregator: AggregatorSpec = MEAN
+    privacy: PrivacySpec | None = None
+    proximal_mu: float = 0.0
 
     @property
     def rounds(self) -> bool:
         return self.mode == "rounds"
+
+    @property
+    def keeps_updates(self) -> bool:
+        """Whether a round keeps every client's delta (a robust aggregator or clipping
+        needs them all) rather than only their running weighted sum."""
+        return not self.aggregator.is_mean or self.privacy is not None
 
     def describe(self) -> dict[str, Any]:
         """The resolved option, in the form :func:`parse_aggregation` accepts."""
@@ -91,6 +112,9 @@ class AggregationSpec:
                 "min_clients": self.min_clients,
                 "round_timeout_s": self.round_timeout_s,
                 "weighting": self.weighting,
+                "aggregator": self.aggregator.describe(),
+                "privacy": None if self.privacy is None else self.privacy.describe(),
+                "proximal_mu": self.proximal_mu,
             }
         return {
             "mode": "async",
@@ -132,12 +156,17 @@ def _rounds(given: Mapping[str, Any]) -> AggregationSpec:
             f"round_timeout_s must be > 0 and at most {MAX_TIMEOUT_S:g}, got {timeout}",
             timeout,
         )
+    mu = hp["proximal_mu"]
+    check(mu >= 0.0, f"{where}proximal_mu", f"proximal_mu must be >= 0, got {mu}", mu)
     return AggregationSpec(
         mode="rounds",
         clients_per_round=k,
         min_clients=m,
         round_timeout_s=timeout,
         weighting=hp["weighting"],
+        aggregator=parse_aggregator(hp["aggregator"], m),
+        privacy=parse_privacy(hp["privacy"], k),
+        proximal_mu=mu,
     )
 
 

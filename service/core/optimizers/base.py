@@ -138,7 +138,14 @@ class Optimizer(ABC, Generic[S]):
 
     def describe(self) -> dict[str, Any]:
         """Catalog entry: name and every argument with type and default."""
-        entry: dict[str, Any] = {"name": self.name, "args": [a.describe() for a in self.args]}
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "args": [a.describe() for a in self.args],
+            # Whether a param group may name it as its own optimizer, beside other groups'
+            # (``param_groups[i].optimizer``): every rule but those keeping one state over all
+            # of a session's tensors.
+            "group_optimizer": self.per_tensor_state,
+        }
         if self.reference is not None:
             entry["reference"] = self.reference
         return entry

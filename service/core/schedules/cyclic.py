@@ -10,8 +10,8 @@ from service.core.hparams import Arg, check
 from service.core.schedules.base import Groups, register
 from service.core.schedules.group_values import (
     check_count,
+    check_momentum,
     float_or_list,
-    momentum_key,
     per_group,
     set_momentum,
     start_momentum_cycle,
@@ -97,14 +97,12 @@ class CyclicLR(LRSchedule):
             "max_lrs": per_group("max_lr", config["max_lr"], groups, where),
         }
         if config["cycle_momentum"]:
-            use_beta1 = momentum_key(groups, where)
+            check_momentum(groups, where)
             base_momentums = per_group("base_momentum", config["base_momentum"], groups, where)
             max_momentums = per_group("max_momentum", config["max_momentum"], groups, where)
             if last_epoch == -1:
-                start_momentum_cycle(groups, max_momentums, base_momentums, use_beta1)
-            state.update(
-                use_beta1=use_beta1, base_momentums=base_momentums, max_momentums=max_momentums
-            )
+                start_momentum_cycle(groups, max_momentums, base_momentums)
+            state.update(base_momentums=base_momentums, max_momentums=max_momentums)
         return state
 
     def begin(self, config: Mapping[str, Any], groups: Groups, where: str) -> State:
@@ -139,7 +137,7 @@ class CyclicLR(LRSchedule):
                 state["base_momentums"], state["max_momentums"], groups, strict=True
             ):
                 base_height = (max_momentum - base_momentum) * scale_factor
-                set_momentum(group, max_momentum - base_height * scale, state["use_beta1"])
+                set_momentum(group, max_momentum - base_height * scale)
         return lrs
 
     @staticmethod

@@ -54,25 +54,27 @@ def per_group(
     return [value] * len(groups)
 
 
-def momentum_key(groups: Groups, where: str) -> bool:
-    """Whether the optimizer cycles beta1 (True) or momentum (False), as torch decides it.
+def check_momentum(groups: Groups, where: str) -> None:
+    """torch's refusal of ``cycle_momentum`` for an optimizer without momentum or betas.
 
-    torch looks at ``optimizer.defaults``; a group here holds every resolved
-    hyperparameter of the optimizer, so its keys are the same names.
+    torch looks at each optimizer's ``defaults``; a group here holds every resolved
+    hyperparameter of its optimizer, so its keys are the same names. Groups stepped by
+    different optimizers (Muon's momentum, AdamW's betas) are each checked, as torch checks
+    each optimizer's own scheduler.
     """
-    first = groups[0] if groups else {}
-    if "momentum" not in first and "betas" not in first:
-        raise InvalidHyperparameter(
-            f"{where}cycle_momentum",
-            "optimizer must support momentum or beta1 with `cycle_momentum` option enabled",
-            True,
-        )
-    return "betas" in first
+    for group in groups or [{}]:
+        if "momentum" not in group and "betas" not in group:
+            raise InvalidHyperparameter(
+                f"{where}cycle_momentum",
+                "optimizer must support momentum or beta1 with `cycle_momentum` option enabled",
+                True,
+            )
 
 
-def set_momentum(group: dict[str, Any], value: float, use_beta1: bool) -> None:
-    """Write momentum, or beta1 keeping beta2, as the cyclic schedules do."""
-    if use_beta1:
+def set_momentum(group: dict[str, Any], value: float) -> None:
+    """Write momentum, or beta1 keeping beta2, as the cyclic schedules do: beta1 when the
+    group's optimizer has ``betas`` (torch's ``use_beta1``)."""
+    if "betas" in group:
         betas = group["betas"]
         new = (value, *betas[1:])
         group["betas"] = new if isinstance(betas, tuple) else list(new)
@@ -81,12 +83,12 @@ def set_momentum(group: dict[str, Any], value: float, use_beta1: bool) -> None:
 
 
 def start_momentum_cycle(
-    groups: Groups, max_momentums: list[float], base_momentums: list[float], use_beta1: bool
+    groups: Groups, max_momentums: list[float], base_momentums: list[float]
 ) -> None:
     """What CyclicLR's and OneCycleLR's constructors do to fresh groups: start each at its
     max momentum (or beta1) and record both bounds in the group, where torch keeps them."""
     for m_momentum, b_momentum, group in zip(max_momentums, base_momentums, groups, strict=True):
-        set_momentum(group, m_momentum, use_beta1)
+        set_momentum(group, m_momentum)
         group["max_momentum"] = m_momentum
         group["base_momentum"] = b_momentum
 

@@ -10,8 +10,8 @@ from service.core.errors import InvalidHyperparameter, InvalidInput
 from service.core.hparams import Arg, check
 from service.core.schedules.base import Groups, register
 from service.core.schedules.group_values import (
+    check_momentum,
     float_or_list,
-    momentum_key,
     per_group,
     set_momentum,
     start_momentum_cycle,
@@ -134,12 +134,11 @@ class OneCycleLR(LRSchedule):
                 group["min_lr"] = group["initial_lr"] / config["final_div_factor"]
         state: State = {}
         if config["cycle_momentum"]:
-            use_beta1 = momentum_key(groups, where)
+            check_momentum(groups, where)
             max_momentums = per_group("max_momentum", config["max_momentum"], groups, where)
             base_momentums = per_group("base_momentum", config["base_momentum"], groups, where)
             if last_epoch == -1:
-                start_momentum_cycle(groups, max_momentums, base_momentums, use_beta1)
-            state["use_beta1"] = use_beta1
+                start_momentum_cycle(groups, max_momentums, base_momentums)
         return state
 
     def attach(self, config: Mapping[str, Any], state: State, groups: Groups, where: str) -> None:
@@ -184,7 +183,7 @@ class OneCycleLR(LRSchedule):
                     lrs.append(anneal(group[start_lr], group[end_lr], pct))
                     if config["cycle_momentum"]:
                         momentum = anneal(group[start_m], group[end_m], pct)
-                        set_momentum(group, momentum, state["use_beta1"])
+                        set_momentum(group, momentum)
                     break
                 start_step = end_step
         return lrs

@@ -109,12 +109,12 @@ class Coordinator:
             def run() -> int | None:
                 live = entry.live
                 now = runtime.now()
-                gradient = federated.prepare_close(live, now)
-                if gradient is None:
+                closing = federated.prepare_close(live, now)
+                if closing is None:
                     return None
                 event = federated.close_event(live, live.seq + 1, now)
                 _, written = runtime.commit(
-                    entry, event, lambda: federated.apply_close(live, gradient, now)
+                    entry, event, lambda: federated.apply_close(live, closing, now)
                 )
                 return written
 

@@ -21,6 +21,9 @@ class UpdateRequest:
     """Rounds mode: the round the client trained in."""
     base_version: int | None = None
     """Async mode: the version (session step) of the params the client trained from."""
+    idempotency_key: str | None = None
+    """The ``Idempotency-Key`` it was sent with: a retry with the key gets the same answer;
+    the key on another update is refused."""
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ import numpy as np
 
 from service.core.errors import InvalidInput
 from service.core.federated import rounds
-from service.core.federated.rounds import Contribution, Federation
+from service.core.federated.rounds import Closing, Contribution, Federation
 from service.core.federated.spec import AggregationSpec
 from service.core.federated.staleness import staleness_weight
 from service.core.training import apply_step, first_nonfinite, validate_step
+from service.sessions.errors import IdempotencyKeyReused
 from service.sessions.federated.errors import (
     RoundClosed,
     RoundNotOpen,
@@ -60,6 +61,8 @@ class PreparedUpdate:
     """Rounds mode: "count" or "timeout" when this update closes its round."""
     gradient: list[np.ndarray] | None = None
     """The pseudo-gradient, when this update makes an optimizer step."""
+    closing: Closing | None = None
+    """Rounds mode: the round's close, when this update closes it."""
 
 
 def _federation(live: LiveSession) -> Federation:
@@ -114,6 +117,11 @@ def _weight(spec: AggregationSpec, request: UpdateRequest) -> float:
     return 1.0
 
 
+def _checked_closing(live: LiveSession, closing: Closing) -> Closing:
+    _checked_gradient(live, closing.gradient)
+    return closing
+
+
 def _checked_gradient(live: LiveSession, gradient: list[np.ndarray]) -> list[np.ndarray]:
     """Refuse, before anything is logged, a pseudo-gradient the step would refuse."""
     plan = live.plan
@@ -135,9 +143,40 @@ def prepare_update(
     federation = _federation(live)
     if request.form not in rounds.FORMS:
         raise InvalidInput(f"an update sends 'params' or 'delta', not {request.form!r}", "form")
+    if request.idempotency_key is not None:
+        _check_key(live, federation, request)
     if federation.spec.rounds:
         return _prepare_round_update(live, federation, request, now, closes)
     return _prepare_async_update(live, federation, request)
+
+
+def _keyed(federation: Federation, key: str) -> Mapping[str, Any] | None:
+    """The update accepted with idempotency key ``key``, if the session still knows it:
+    its client, round (or base version) and fingerprint."""
+    opened = federation.round
+    if opened is not None:
+        for c in opened.contributions:
+            if c.key == key:
+                return {"client_id": c.client_id, "at": opened.number, "fp": c.fingerprint}
+    for record in reversed(federation.history):
+        for p in record.get("participants", [record]):
+            if p.get("idempotency_key") == key:
+                at = record.get("round", record.get("base_version"))
+                return {"client_id": p["client_id"], "at": at, "fp": p["fingerprint"]}
+    return None
+
+
+def _check_key(live: LiveSession, federation: Federation, request: UpdateRequest) -> None:
+    """Refuse an idempotency key that came with another update (as steps do: 422). The
+    retry of the keyed update itself is then answered as the duplicate it is."""
+    assert request.idempotency_key is not None
+    earlier = _keyed(federation, request.idempotency_key)
+    if earlier is None:
+        return
+    at = request.round if federation.spec.rounds else request.base_version
+    same_place = (earlier["client_id"], earlier["at"]) == (request.client_id, at)
+    if not same_place or earlier["fp"] != _parse(live, request)[2]:
+        raise IdempotencyKeyReused(request.idempotency_key)
 
 
 def _prepare_round_update(
@@ -177,9 +216,8 @@ def _prepare_round_update(
     received = len(opened.contributions) + 1
     prepared.closes = closes if closes is not None else opened.closes_by(spec, now, received)
     if prepared.closes is not None:
-        totals, total_weight = rounds.with_update(opened, weight, delta)
-        gradient = rounds.pseudo_gradient(totals, total_weight, live.plan.dtype)
-        prepared.gradient = _checked_gradient(live, gradient)
+        closing = rounds.closing(federation, live.plan.dtype, (request.client_id, weight, delta))
+        prepared.closing = _checked_closing(live, closing)
     return prepared
 
 
@@ -289,12 +327,13 @@ def apply_update(live: LiveSession, prepared: PreparedUpdate, at: float) -> Upda
             norm=prepared.norm,
             fingerprint=prepared.fingerprint,
             at=at,
+            key=request.idempotency_key,
         )
         rounds.contribute(opened, contribution, prepared.delta)
         received = len(opened.contributions)
         if prepared.closes is not None:
-            assert prepared.gradient is not None
-            _close(live, federation, prepared.gradient, at, prepared.closes)
+            assert prepared.closing is not None
+            _close(live, federation, prepared.closing, at, prepared.closes)
         return UpdateReply(
             mode="rounds",
             client_id=request.client_id,
@@ -307,8 +346,10 @@ def apply_update(live: LiveSession, prepared: PreparedUpdate, at: float) -> Upda
     base = request.base_version
     gradient_norm = rounds.norm(prepared.gradient)
     applied = _step(live, prepared.gradient)
+    keyed = {} if request.idempotency_key is None else {"idempotency_key": request.idempotency_key}
     federation.remember(
         {
+            **keyed,
             "version": live.state.step,
             "client_id": request.client_id,
             "base_version": base,
@@ -345,13 +386,15 @@ def _step(live: LiveSession, gradient: list[np.ndarray]) -> bool:
 
 
 def _close(
-    live: LiveSession, federation: Federation, gradient: list[np.ndarray], at: float, why: str
+    live: LiveSession, federation: Federation, closing: Closing, at: float, why: str
 ) -> None:
     opened = federation.round
     assert opened is not None
     # Measured before the step: clipping scales the gradient in place.
-    gradient_norm = rounds.norm(gradient)
-    applied = _step(live, gradient)
+    gradient_norm = rounds.norm(closing.gradient)
+    applied = _step(live, closing.gradient)
+    if closing.privacy is not None:
+        federation.privacy = closing.privacy
     federation.remember(
         {
             "round": opened.number,
@@ -364,13 +407,14 @@ def _close(
             "pseudo_gradient_norm": gradient_norm,
             "applied": applied,
             "step": live.state.step,
+            **closing.record,
         }
     )
     federation.round = rounds.next_round(opened, live.state.step, at)
 
 
-def prepare_close(live: LiveSession, now: float, force: bool = False) -> list[np.ndarray] | None:
-    """The pseudo-gradient when the open round closes by timeout at ``now``, else None."""
+def prepare_close(live: LiveSession, now: float, force: bool = False) -> Closing | None:
+    """The round's close when the open round closes by timeout at ``now``, else None."""
     federation = _federation(live)
     opened = federation.round
     if opened is None or not opened.contributions:
@@ -378,12 +422,11 @@ def prepare_close(live: LiveSession, now: float, force: bool = False) -> list[np
     received = len(opened.contributions)
     if not force and opened.closes_by(federation.spec, now, received) != "timeout":
         return None
-    gradient = rounds.pseudo_gradient(opened.total, opened.weight, live.plan.dtype)
-    return _checked_gradient(live, gradient)
+    return _checked_closing(live, rounds.closing(federation, live.plan.dtype))
 
 
-def apply_close(live: LiveSession, gradient: list[np.ndarray], at: float) -> None:
-    _close(live, _federation(live), gradient, at, "timeout")
+def apply_close(live: LiveSession, closing: Closing, at: float) -> None:
+    _close(live, _federation(live), closing, at, "timeout")
 
 
 # -- the log ---------------------------------------------------------------------------------
@@ -405,6 +448,7 @@ def update_event(prepared: PreparedUpdate, seq: int, at: float) -> Event:
             "round": request.round,
             "base_version": request.base_version,
             "closes": prepared.closes,
+            "idempotency_key": request.idempotency_key,
         },
     )
 
@@ -422,10 +466,10 @@ def replay(live: LiveSession, event: Event) -> None:
         opened = _federation(live).round
         if opened is None or opened.number != info.get("round"):
             raise InvalidInput(f"logged close of round {info.get('round')} does not follow")
-        gradient = prepare_close(live, event.at, force=True)
-        if gradient is None:
+        closing = prepare_close(live, event.at, force=True)
+        if closing is None:
             raise InvalidInput("logged close of an empty round")
-        apply_close(live, gradient, event.at)
+        apply_close(live, closing, event.at)
         return
     request = UpdateRequest(
         client_id=str(info["client_id"]),
@@ -434,6 +478,7 @@ def replay(live: LiveSession, event: Event) -> None:
         num_examples=info.get("num_examples"),
         round=info.get("round"),
         base_version=info.get("base_version"),
+        idempotency_key=info.get("idempotency_key"),
     )
     prepared = prepare_update(live, request, event.at, closes=info.get("closes"))
     if prepared.duplicate is not None:
@@ -495,6 +540,8 @@ def round_document(live: LiveSession, now: float) -> dict[str, Any]:
         "mode": "rounds",
         **common,
         "round": opened.number,
+        "proximal_mu": spec.proximal_mu,
+        "clipping_norm": None if federation.privacy is None else federation.privacy.clipping_norm,
         "status": "overdue" if overdue else "open",
         "opened_at": timestamp(opened.opened_at),
         "deadline": None if deadline is None else timestamp(deadline),
@@ -507,7 +554,7 @@ def round_document(live: LiveSession, now: float) -> dict[str, Any]:
 
 def _public(record: Mapping[str, Any]) -> dict[str, Any]:
     """A history record without what only the server needs (fingerprints), times as text."""
-    out = {k: v for k, v in record.items() if k != "fingerprint"}
+    out = {k: v for k, v in record.items() if k not in ("fingerprint", "idempotency_key")}
     for key in ("at", "opened_at", "closed_at"):
         if isinstance(out.get(key), int | float):
             out[key] = timestamp(out[key])
