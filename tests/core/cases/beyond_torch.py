@@ -7,6 +7,7 @@ Each runs 200 steps in float32 and float64: defaults, non-default arguments, a s
 """
 
 import dataclasses
+from typing import Any
 
 from tests.core.cases import DEFAULT_PARAMS, dtype_cases, optimizer_cases
 
@@ -147,6 +148,35 @@ CASES += dtype_cases(
         },
     }
 )
+# An optimizer per group: Prodigy's estimate covers its own groups (w and b), not the
+# group CAME steps; AdamW beside a group Prodigy steps alone.
+CASES += dtype_cases(
+    {
+        "prodigy-came-per-group": {
+            "optimizer": {"name": "Prodigy", "weight_decay": 0.01},
+            "params": PARAMS,
+            "param_groups": [
+                {"params": ["b"], "d0": 1e-5},
+                {"params": ["head"], "optimizer": {"name": "CAME", "lr": 1e-3}},
+            ],
+        },
+        "adamw-prodigy-per-group": {
+            "optimizer": {"name": "AdamW", "lr": 1e-3},
+            "params": PARAMS,
+            "param_groups": [{"params": ["w"], "optimizer": {"name": "Prodigy", "d_coef": 0.5}}],
+            "schedule": SCHEDULE,
+        },
+    }
+)
+
+
+def _optimizer_names(config: dict[str, Any]) -> list[str]:
+    groups = config.get("param_groups") or []
+    return [
+        config["optimizer"]["name"],
+        *(g["optimizer"]["name"] for g in groups if "optimizer" in g),
+    ]
+
 
 PRODIGY_TOLERANCE = {"float32": {"rtol": 1e-5, "atol": 5e-5}}
 """torch's ``add_(g, alpha=...)`` fuses a multiply-add where numpy rounds twice, and the d
@@ -155,7 +185,7 @@ later step: the largest difference measured over these cases at 200 float32 step
 2.5e-5 (docs/torch-compatibility.md). float64 agrees within the default tolerance."""
 CASES = [
     dataclasses.replace(c, tolerance=PRODIGY_TOLERANCE)
-    if c.config["optimizer"]["name"] == "Prodigy"
+    if "Prodigy" in _optimizer_names(c.config)
     else c
     for c in CASES
 ]
