@@ -28,7 +28,7 @@ class StepRequest:
     loss: float | None = None
     idempotency_key: str | None = None
     fingerprint: str = ""
-    """sha256 of the body, its content type and the return mode (computed by the API)."""
+    """XXH3-128 of the body, its content type and the return mode (computed by the API)."""
     if_match: int | None = None
     want: str = "delta"
 
