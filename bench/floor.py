@@ -276,7 +276,8 @@ def _step_sizes(port: int, session_id: str, grad: np.ndarray, wire: str) -> tupl
     step changes nothing the table reads)."""
     from optserve_client._wire import media_type, step_body
 
-    body = step_body(wire, {"w": grad}, None, None)  # type: ignore[arg-type]
+    parts = step_body(wire, {"w": grad}, None, None)  # type: ignore[arg-type]
+    body = parts if isinstance(parts, bytes) else b"".join(parts)
     kind = media_type(wire)  # type: ignore[arg-type]
     conn = Connection(port)
     path = f"/v1/sessions/{session_id}/step"

@@ -20,7 +20,7 @@ import numpy as np
 from optserve_client.errors import ProtocolError
 
 Parts = Sequence[bytes | memoryview]
-SLICE = 1 << 20
+SLICE = 1 << 16
 """Bytes handed to httpx at a time."""
 MIN_BUFFERED = 1 << 16
 """Replies smaller than this are read the ordinary way: nothing to save."""
