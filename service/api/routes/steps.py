@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from fastapi import APIRouter, Request
@@ -18,6 +19,7 @@ from service.api.step_limit import StepBodyBounds
 from service.api.wire import (
     StepBody,
     fingerprint,
+    sha256_fingerprint,
     step_from_json,
     step_from_safetensors,
     step_reply_json,
@@ -126,6 +128,9 @@ async def step(request: Request) -> Response:
             loss=parsed.loss,
             idempotency_key=key,
             fingerprint=digest,
+            sha256_fingerprint=(
+                None if key is None else functools.partial(sha256_fingerprint, body, wire, returns)
+            ),
             if_match=expected,
             want=returns,
         ),
