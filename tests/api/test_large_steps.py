@@ -7,6 +7,7 @@ piece, many chunks, no declared length), and a replay must answer the same bytes
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 from starlette.requests import Request
 
 from service.api.body import receive_body
+from service.api.media import Wire
+from service.api.wire import fingerprint, sha256_fingerprint
 from service.codec import safetensors
 from tests.api.conftest import SAFETENSORS, make_client, st_body
 from tests.api.reference import InProcess
@@ -101,3 +104,16 @@ def test_decoded_views_of_the_receive_buffer_are_read_only() -> None:
     tensors, _ = safetensors.decode(got)
     assert not tensors["w"].flags.writeable
     np.testing.assert_array_equal(tensors["w"], _grads(0)["w"])
+
+
+def test_the_sha256_fingerprint_is_the_one_earlier_servers_recorded() -> None:
+    """Keys recorded before XXH3 are recognised by recomputing their hash exactly."""
+    body = st_body(_grads(3))
+    earlier = hashlib.sha256(b"application/vnd.optserve.safetensors")
+    earlier.update(b"\ndelta\n")
+    earlier.update(body)
+    assert sha256_fingerprint(body, Wire.SAFETENSORS, "delta") == earlier.hexdigest()
+    assert fingerprint(body, Wire.SAFETENSORS, "delta") != earlier.hexdigest()
+    assert fingerprint(body, Wire.SAFETENSORS, "params") != fingerprint(
+        body, Wire.SAFETENSORS, "delta"
+    )
