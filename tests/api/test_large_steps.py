@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import tracemalloc
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -117,3 +118,26 @@ def test_the_sha256_fingerprint_is_the_one_earlier_servers_recorded() -> None:
     assert fingerprint(body, Wire.SAFETENSORS, "params") != fingerprint(
         body, Wire.SAFETENSORS, "delta"
     )
+
+
+def test_a_large_step_allocates_one_receive_buffer_and_the_deltas() -> None:
+    """No full-size transient beyond those two: no join of the body's chunks, no joined
+    reply, no copy of the gradients (measured with tracemalloc, which numpy reports to)."""
+    size = 1_000_000
+    config = {"optimizer": {"name": "Adam", "lr": 0.01}, "params": {"w": {"shape": [size]}}}
+    body = st_body({"w": np.random.default_rng(0).standard_normal(size).astype(np.float32)})
+    headers = {"Content-Type": SAFETENSORS, "Accept": SAFETENSORS}
+    with make_client() as client:
+        sid = client.post("/v1/sessions", json=config).json()["id"]
+        for _ in range(2):  # the optimizer's state and the allocator's pools are in place
+            client.post(f"/v1/sessions/{sid}/step", content=body, headers=headers)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            response = client.post(f"/v1/sessions/{sid}/step", content=body, headers=headers)
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+    assert response.status_code == 200, response.text
+    full = size * 4
+    assert peak < 2.25 * full, f"{peak / full:.2f} full-size buffers at the peak"
