@@ -3,6 +3,11 @@
 A body is read chunk by chunk with a timeout on each wait: a client that stops sending
 mid-body gets 408 and loses its connection after ``body_timeout_s``, instead of holding its
 buffer forever.
+
+A step's safetensors body is copied into one buffer of its ``Content-Length`` as it
+arrives (:func:`receive_body`). Where this relies on more than ASGI promises: that the
+server (uvicorn) never delivers a body longer or shorter than its declared length without
+failing the request. A surplus would still be kept exactly, at the cost of a join.
 """
 
 from __future__ import annotations
