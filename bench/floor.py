@@ -17,6 +17,9 @@ machine (on a shared machine rerun it; compare ratios, not absolute figures):
    - torch's in-process ``Adam.step`` on a tensor of the same size (best of torch's
      default thread count and one thread, measured in this process).
 
+   JSON rows stop at ``--json-max`` (100k: a 1M JSON step takes about a second of
+   float formatting and parsing, which no transport change moves).
+
    ``floor`` is TCP + torch; ``ratio`` is client over floor (medians). ``server peak RSS``
    is the server's high-water resident memory while stepping that size (``VmHWM`` reset
    through ``/proc/PID/clear_refs`` before the size), ``over idle`` the part above its
@@ -243,7 +246,8 @@ def large_steps(server: Server, echo: EchoServer, size: int, wire: str, repeats:
         for g in grads:
             session.step(g)  # warm-up: connection, allocator, caches
         idle_kib = _status_kib(server.pid, "VmRSS")
-        reset_peak_rss(server.pid)
+        if not reset_peak_rss(server.pid):
+            print("  (cannot reset VmHWM: peak RSS is since start)", file=sys.stderr)
         disk_before = disk_bytes(server.data_dir)
         client_s: list[float] = []
         tcp_s: list[float] = []
