@@ -120,24 +120,69 @@ def test_the_sha256_fingerprint_is_the_one_earlier_servers_recorded() -> None:
     )
 
 
+async def _step_in_process(app: Any, path: str, chunks: list[bytes]) -> tuple[int, int]:
+    """One step through the ASGI app, its body in ``chunks`` as uvicorn delivers it, the
+    reply's parts counted but not joined: the status and the reply's length."""
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+    got: dict[str, int] = {"status": 0, "bytes": 0}
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            got["status"] = message["status"]
+        else:
+            got["bytes"] += memoryview(message.get("body", b"")).nbytes
+
+    headers = [
+        (b"content-type", SAFETENSORS.encode()),
+        (b"accept", SAFETENSORS.encode()),
+        (b"content-length", str(sum(map(len, chunks))).encode()),
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    return got["status"], got["bytes"]
+
+
 def test_a_large_step_allocates_one_receive_buffer_and_the_deltas() -> None:
     """No full-size transient beyond those two: no join of the body's chunks, no joined
-    reply, no copy of the gradients (measured with tracemalloc, which numpy reports to)."""
+    reply, no copy of the gradients (measured with tracemalloc, which numpy reports to;
+    the body's chunks are the sender's, allocated before)."""
     size = 1_000_000
     config = {"optimizer": {"name": "Adam", "lr": 0.01}, "params": {"w": {"shape": [size]}}}
     body = st_body({"w": np.random.default_rng(0).standard_normal(size).astype(np.float32)})
-    headers = {"Content-Type": SAFETENSORS, "Accept": SAFETENSORS}
     with make_client() as client:
         sid = client.post("/v1/sessions", json=config).json()["id"]
+        path = f"/v1/sessions/{sid}/step"
+        assert client.portal is not None
         for _ in range(2):  # the optimizer's state and the allocator's pools are in place
-            client.post(f"/v1/sessions/{sid}/step", content=body, headers=headers)
+            client.portal.call(_step_in_process, client.app, path, list(_pieces(body, 65536)))
+        chunks = list(_pieces(body, 65536))  # uvicorn's, allocated before the step
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
-            response = client.post(f"/v1/sessions/{sid}/step", content=body, headers=headers)
+            status, sent = client.portal.call(_step_in_process, client.app, path, chunks)
             peak = tracemalloc.get_traced_memory()[1] - before
         finally:
             tracemalloc.stop()
-    assert response.status_code == 200, response.text
+    assert status == 200 and sent > size * 4
     full = size * 4
-    assert peak < 2.25 * full, f"{peak / full:.2f} full-size buffers at the peak"
+    # The receive buffer and the deltas are two; Adam's block-sized scratch adds part of
+    # one. A third full-size buffer (a join, a copy) would pass three.
+    assert peak < 3 * full, f"{peak / full:.2f} full-size buffers at the peak"
