@@ -152,6 +152,7 @@ def serve(settings: Settings) -> int:
     from service.api import logs
     from service.api.app import create_app
     from service.api.server import ConnectionGuards, http_protocol
+    from service.heap import keep_large_buffers
 
     try:
         keys = KeyTable.from_settings(settings.api_keys, settings.api_keys_file)
@@ -178,6 +179,7 @@ def serve(settings: Settings) -> int:
     _log_start(settings)
     _log_numerics()
     guards = ConnectionGuards(settings.header_timeout_s, settings.max_idle_connections)
+    keep_large_buffers()
     uvicorn.run(
         create_app(settings),
         http=http_protocol(guards),

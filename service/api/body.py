@@ -3,13 +3,20 @@
 A body is read chunk by chunk with a timeout on each wait: a client that stops sending
 mid-body gets 408 and loses its connection after ``body_timeout_s``, instead of holding its
 buffer forever.
+
+A step's safetensors body is copied into one buffer of its ``Content-Length`` as it
+arrives (:func:`receive_body`). Where this relies on more than ASGI promises: that the
+server (uvicorn) never delivers a body longer or shorter than its declared length without
+failing the request. A surplus would still be kept exactly, at the cost of a join.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from starlette.requests import Request
 
 from service.api.media import Wire, request_wire, require_json_answer
@@ -17,16 +24,22 @@ from service.api.problems import BodyTimeout, BodyTooLarge
 from service.api.wire import parse_json_object
 from service.config import Settings
 
+_CHUNK = 64 * 1024
+"""uvicorn's chunk size: a body of under two is at most two chunks, cheap to join."""
+
 
 def _declared_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     return int(value) if value is not None and value.isdigit() else None
 
 
-async def read_body(request: Request, limit: int | None = None, why: str = "") -> bytes:
-    """The whole body. ``limit`` is a step's own bound (``step_body_bytes``, explained by
-    ``why``): past it, declared or received, the request is 413 at once. The server-wide
-    ``max_body_bytes`` is counted by the RequestContext middleware as the chunks arrive."""
+async def _receive(
+    request: Request, limit: int | None, why: str, take: Callable[[bytes], None]
+) -> int:
+    """Hand each chunk of the body to ``take``; the bytes received. ``limit`` is a step's
+    own bound (``step_body_bytes``, explained by ``why``): past it, declared or received,
+    the request is 413 at once. The server-wide ``max_body_bytes`` is counted by the
+    RequestContext middleware as the chunks arrive."""
     if limit is not None:
         declared = _declared_length(request)
         if declared is not None and declared > limit:
@@ -34,7 +47,6 @@ async def read_body(request: Request, limit: int | None = None, why: str = "") -
     settings: Settings = request.app.state.settings
     wait = settings.body_timeout_s
     loop = asyncio.get_running_loop()
-    chunks: list[bytes] = []
     size = 0
     deadline = asyncio.timeout_at(loop.time() + wait)
     try:
@@ -46,14 +58,62 @@ async def read_body(request: Request, limit: int | None = None, why: str = "") -
                 size += len(chunk)
                 if limit is not None and size > limit:
                     raise BodyTooLarge(limit, "step_body_bytes", why)
-                chunks.append(chunk)
+                take(chunk)
     except TimeoutError:
         if deadline.expired():
             raise BodyTimeout(wait) from None
         raise
+    return size
+
+
+async def read_body(request: Request, limit: int | None = None, why: str = "") -> bytes:
+    """The whole body as one ``bytes`` (see :func:`_receive` for ``limit``)."""
+    chunks: list[bytes] = []
+    await _receive(request, limit, why, chunks.append)
     if len(chunks) == 1:
         return chunks[0]
     return b"".join(chunks)
+
+
+async def receive_body(
+    request: Request, limit: int | None = None, why: str = ""
+) -> bytes | memoryview:
+    """The whole body, copied chunk by chunk into one buffer of its declared length.
+
+    ASGI hands the body over as ``bytes`` chunks (uvicorn's are at most 64 KiB); joining
+    them at the end is a second full-size copy and a second full-size allocation. With a
+    ``Content-Length`` each chunk goes straight to its place in a buffer allocated once.
+    This relies on uvicorn (h11 and httptools alike) failing a request whose body is
+    longer or shorter than its ``Content-Length`` rather than delivering it; ASGI itself
+    does not promise that, so a surplus is still kept, not lost. Without a length the
+    chunks are joined as :func:`read_body` does.
+
+    The buffer is ``np.empty``: its pages become resident only as bytes arrive, so a
+    declared length costs no memory before the body does (the middleware's body budget
+    counts what arrives). It is writable: decoders must hand out read-only views.
+    """
+    declared = _declared_length(request)
+    if declared is None or (limit is not None and declared > limit) or declared < 2 * _CHUNK:
+        return await read_body(request, limit, why)
+    view = np.empty(declared, dtype=np.uint8).data
+    extra: list[bytes] = []
+    filled = 0
+
+    def take(chunk: bytes) -> None:
+        nonlocal filled
+        room = declared - filled
+        if len(chunk) <= room:
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        else:  # more than declared: uvicorn fails such a request first; stay exact anyway
+            view[filled:declared] = chunk[:room]
+            filled = declared
+            extra.append(chunk[room:])
+
+    await _receive(request, limit, why, take)
+    if filled == declared and not extra:
+        return view
+    return bytes(view[:filled]) + b"".join(extra)
 
 
 async def tensor_body(request: Request) -> tuple[Wire, bytes]:

@@ -10,9 +10,9 @@ and the ranges must tile the buffer exactly (no gaps, no overlap, no trailing by
 Anything else raises :class:`MalformedBody`, so a truncated or hostile body can never
 surface as an exception of another kind.
 
-Decoded arrays are zero-copy, read-only views of the input where the data is aligned
-for its dtype, and aligned copies otherwise. BF16, which numpy lacks, decodes to float32
-(exactly: bf16 is the upper half of a float32).
+Decoded arrays are zero-copy, read-only views of the input (a writable one too) where the
+data is aligned for its dtype, and aligned copies otherwise. BF16, which numpy lacks,
+decodes to float32 (exactly: bf16 is the upper half of a float32).
 """
 
 from __future__ import annotations
@@ -68,11 +68,15 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
         raise ValueError(f"dtype {dtype} has no safetensors encoding") from None
 
 
-def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize ``tensors`` (and string ``metadata``) to safetensors bytes.
+def encode_parts(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> list[bytes | memoryview]:
+    """Safetensors bytes as buffers to send in order: the header, then a view of each
+    tensor's memory (no copy for C-ordered little-endian arrays).
 
     Tensors are laid out by descending alignment, then name, so every tensor of the buffer
-    starts aligned for its dtype; the header is padded to a multiple of 8 bytes.
+    starts aligned for its dtype; the header is padded to a multiple of 8 bytes. The views
+    share the arrays' memory: they are valid while the arrays are left unchanged.
     """
     arrays: list[tuple[str, np.ndarray]] = []
     for name, value in tensors.items():
@@ -96,10 +100,15 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
         offset += array.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    # bytes.join copies each buffer once, straight from the arrays' memory.
-    parts: list[bytes | memoryview] = [struct.pack("<Q", len(text)), text]
-    parts.extend(array.reshape(-1).view(np.uint8).data for _, array in arrays)
-    return b"".join(parts)
+    parts: list[bytes | memoryview] = [struct.pack("<Q", len(text)) + text]
+    parts.extend(array.reshape(-1).view(np.uint8).data for _, array in arrays if array.nbytes)
+    return parts
+
+
+def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize ``tensors`` (and string ``metadata``) to safetensors bytes
+    (:func:`encode_parts`, joined: one copy, straight from the arrays' memory)."""
+    return b"".join(encode_parts(tensors, metadata))
 
 
 def decode(
@@ -241,4 +250,6 @@ def _read(raw: memoryview, label: str, shape: tuple[int, ...]) -> np.ndarray:
         array = (array.astype(np.uint32) << 16).view(np.float32)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
+    # A view of a writable receive buffer must not let the step change the request.
+    array.flags.writeable = False
     return array.reshape(shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -28,7 +29,10 @@ class StepRequest:
     loss: float | None = None
     idempotency_key: str | None = None
     fingerprint: str = ""
-    """sha256 of the body, its content type and the return mode (computed by the API)."""
+    """XXH3-128 of the body, its content type and the return mode (computed by the API)."""
+    sha256_fingerprint: Callable[[], str] | None = None
+    """The fingerprint servers before XXH3 recorded (sha256 of the same), computed only
+    when a key recorded by one of them is retried."""
     if_match: int | None = None
     want: str = "delta"
 

@@ -38,7 +38,7 @@ class Steps:
         entry = await runtime.entry(tenant, session_id)
         key = request.idempotency_key
         if key is not None:
-            kept = entry.window.answer(key, request.fingerprint)
+            kept = entry.window.answer(key, request.fingerprint, request.sha256_fingerprint)
             if kept is not None:
                 return kept
         window = entry.window
@@ -48,7 +48,7 @@ class Steps:
             async with runtime.locked(tenant, session_id) as entry:
                 if key is not None and entry.window is not window:
                     # Reloaded meanwhile: the reloaded window knows what the store holds.
-                    kept = entry.window.answer(key, request.fingerprint)
+                    kept = entry.window.answer(key, request.fingerprint, request.sha256_fingerprint)
                     if kept is not None:
                         return kept
                 if request.if_match is not None and request.if_match != entry.info.step:
@@ -75,7 +75,7 @@ class Steps:
         if key is not None:
             archived = self.runtime.store.find_key(live.record.id, key)
             if archived is not None:
-                refuse_old_key(archived, request.fingerprint)
+                refuse_old_key(archived, request.fingerprint, request.sha256_fingerprint)
         prepared = live.prepare(request.grads, request.params, request.loss, request.want)
         reason = live.check(prepared)
         event = Event(

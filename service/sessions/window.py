@@ -15,11 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.sessions.errors import IdempotencyExpired, IdempotencyKeyReused, StepInFlight
 from service.sessions.models import StepReply
 from service.sessions.store.base import KeyRecord
+
+OlderFingerprint = Callable[[], str] | None
+"""The request's fingerprint as servers before XXH3 computed it (sha256), on demand."""
+_SHA256_HEX = 64
+"""Digits of a sha256 fingerprint (XXH3-128 has 32): tells a key's recorder apart."""
+
+
+def same_request(recorded: str, fingerprint: str, older: OlderFingerprint = None) -> bool:
+    """Whether a key's recorded fingerprint is this request's, by the hash it was made with."""
+    if recorded == fingerprint:
+        return True
+    return older is not None and len(recorded) == _SHA256_HEX and recorded == older()
 
 
 def reply_bytes(reply: StepReply) -> int:
@@ -52,20 +65,22 @@ class Window:
     keys: dict[str, KeyRecord] = field(default_factory=dict)
     """Keys of the events still in the store's history (older ones are the store's)."""
 
-    def answer(self, key: str, fingerprint: str) -> StepReply | None:
+    def answer(
+        self, key: str, fingerprint: str, older: OlderFingerprint = None
+    ) -> StepReply | None:
         """The stored reply for a retry, or an error; None for a key not seen yet."""
         if key in self.inflight:
             raise StepInFlight(key)
         kept = self.kept.get(key)
         if kept is not None:
-            if kept.fingerprint != fingerprint:
+            if not same_request(kept.fingerprint, fingerprint, older):
                 raise IdempotencyKeyReused(key)
             if kept.shed:
                 raise IdempotencyExpired(key, kept.reply.step)
             return dataclasses.replace(kept.reply, replayed=True)
         record = self.keys.get(key)
         if record is not None:
-            refuse_old_key(record, fingerprint)
+            refuse_old_key(record, fingerprint, older)
         return None
 
     def keep(self, key: str, fingerprint: str, reply: StepReply, seq: int) -> None:
@@ -108,8 +123,8 @@ class Window:
                 del self.keys[record.key]
 
 
-def refuse_old_key(record: KeyRecord, fingerprint: str) -> None:
+def refuse_old_key(record: KeyRecord, fingerprint: str, older: OlderFingerprint = None) -> None:
     """A key used before, out of the window: refused, saying when it was applied."""
-    if record.fingerprint != fingerprint:
+    if not same_request(record.fingerprint, fingerprint, older):
         raise IdempotencyKeyReused(record.key)
     raise IdempotencyExpired(record.key, record.step)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optserve_client import safetensors
 from optserve_client.safetensors import SafetensorsError, decode, encode
 from safetensors.numpy import load as reference_load
 from safetensors.numpy import save as reference_save
@@ -142,3 +143,22 @@ def test_corrupted_valid_files_decode_or_fail_cleanly(data: st.DataObject) -> No
     except SafetensorsError:
         return
     assert all(isinstance(t, np.ndarray) for t in tensors.values())
+
+
+def test_decode_copies_unless_a_writable_buffer_is_handed_over() -> None:
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    buffer = bytearray(safetensors.encode({"x": values}))
+    copied, _ = safetensors.decode(buffer)
+    shared, _ = safetensors.decode(buffer, copy=False)
+    buffer[-4:] = np.float32(-1).tobytes()
+    assert copied["x"][1, 2] == 5 and shared["x"][1, 2] == -1
+    assert copied["x"].flags.writeable and shared["x"].flags.writeable
+    read_only, _ = safetensors.decode(bytes(buffer), copy=False)
+    assert read_only["x"].flags.writeable  # bytes cannot be shared writable: copied
+
+
+def test_encode_parts_joined_is_encode() -> None:
+    tensors = {"b": np.ones(3, np.float64), "a": np.arange(5, dtype=np.float32)}
+    parts = safetensors.encode_parts(tensors, {"k": "v"})
+    assert b"".join(parts) == safetensors.encode(tensors, {"k": "v"})
+    assert any(isinstance(p, memoryview) for p in parts)  # the arrays, not copies

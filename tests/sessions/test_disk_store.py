@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.sessions.store import DiskStore, KeyRecord, disk, logfile
+from service.sessions.store import DiskStore, KeyRecord, appender, disk, history, logfile
 from service.sessions.store.disk import SESSIONS_DIR
 from tests.sessions.test_store_contract import event, record, snapshot
 
@@ -241,3 +241,26 @@ def test_an_unfinished_line_of_archived_keys_is_cut_before_the_next(tmp_path: Pa
     loaded = store.load_session("s1")
     assert loaded is not None and loaded.damage is None
     store.close()
+
+
+def test_appends_reserve_blocks_past_the_end_and_closing_gives_them_back(tmp_path: Path) -> None:
+    """The log's size is that of its frames; the blocks ahead of it are the store's own
+    business, allocated while it appends and released when it closes."""
+    store = DiskStore(tmp_path)
+    store.open()
+    store.create(record(), snapshot(0, 1.0))
+    log = tmp_path / SESSIONS_DIR / "s1" / history.log_name(0)
+    written = sum(store.append("s1", event(seq)) for seq in (1, 2))
+    reserved = log.stat().st_blocks * 512
+    assert log.stat().st_size == written
+    if appender._fallocate is None:
+        pytest.skip("no fallocate here: nothing is reserved")
+    assert reserved >= appender.RESERVE_MIN  # ahead of the two small frames
+    store.close()
+    assert log.stat().st_size == written
+    assert log.stat().st_blocks * 512 < reserved
+    reopened = DiskStore(tmp_path)
+    reopened.open()
+    loaded = reopened.load_session("s1")
+    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2]
+    reopened.close()

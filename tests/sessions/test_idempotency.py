@@ -4,6 +4,7 @@ serialization of one session's steps while other sessions go on."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import tracemalloc
 from typing import Any
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 
 from service.sessions.errors import IdempotencyExpired, IdempotencyKeyReused, StepInFlight
-from service.sessions.models import StepRequest
+from service.sessions.models import StepReply, StepRequest
 from service.sessions.store import Event, MemoryStore
+from service.sessions.store.base import KeyRecord
+from service.sessions.window import Window, refuse_old_key
 from tests.sessions.conftest import StoreFactory, grads_for, running, settle
 
 pytestmark = pytest.mark.anyio
@@ -252,3 +255,26 @@ async def test_the_window_of_a_large_session_holds_one_reply_not_sixteen() -> No
         tracemalloc.stop()
     assert state >= 3 * 4 * size  # params, exp_avg, exp_avg_sq
     assert held < 1.5 * state, f"{held / state:.2f}x the session's state"
+
+
+def test_a_key_recorded_with_a_sha256_fingerprint_is_still_recognised() -> None:
+    """Servers before XXH3 recorded sha256 fingerprints: a retry of such a key across the
+    upgrade replays (or is refused as expired), not refused as a reused key."""
+    older = hashlib.sha256(b"the request").hexdigest()
+    reply = StepReply(step=3, lr=[0.1], applied=True, evaluate=False, tensors=None)
+    window = Window(size=4, max_bytes=1 << 20)
+    window.keep("k", older, reply, seq=3)
+    asked: list[bool] = []
+
+    def sha256_of_request() -> str:
+        asked.append(True)
+        return older
+
+    replay = window.answer("k", "x" * 32, sha256_of_request)
+    assert replay is not None and replay.replayed and replay.step == 3 and asked
+    with pytest.raises(IdempotencyKeyReused):
+        window.answer("k", "x" * 32, lambda: hashlib.sha256(b"another").hexdigest())
+    with pytest.raises(IdempotencyKeyReused):
+        window.answer("k", "x" * 32)  # without the older hash: not the same request
+    with pytest.raises(IdempotencyExpired):
+        refuse_old_key(KeyRecord("k", older, 3, 3), "x" * 32, sha256_of_request)

@@ -1,7 +1,7 @@
 /** The entry point: one Client per server (and API key). */
 
 import { encode, type TensorInput } from "./safetensors.js";
-import { Session } from "./session.js";
+import { checkUploadDtype, Session } from "./session.js";
 import { Transport, type TransportOptions } from "./transport.js";
 import type {
   CatalogEntry,
@@ -10,6 +10,7 @@ import type {
   SessionConfig,
   SessionDocument,
   TensorSpec,
+  UploadDtype,
   WireFormat,
 } from "./types.js";
 import { JSON_TYPE, SAFETENSORS_TYPE, numbersFrom, parseJson, toJson, toTypedArray } from "./wire.js";
@@ -18,6 +19,12 @@ import { JSON_TYPE, SAFETENSORS_TYPE, numbersFrom, parseJson, toJson, toTypedArr
 export interface ClientOptions extends TransportOptions {
   /** How tensors travel by default. Default "safetensors". */
   format?: WireFormat;
+  /**
+   * Round step gradients to this dtype for the upload (half a float32 body). The server
+   * widens them to the session's dtype, so a step equals torch's step on
+   * `grad.to(dtype).to(float32)`, not on `grad`. Needs the safetensors format.
+   */
+  uploadDtype?: UploadDtype;
 }
 
 export interface CreateOptions {
@@ -38,14 +45,17 @@ export interface SessionPage {
 export class Client {
   readonly transport: Transport;
   readonly format: WireFormat;
+  readonly uploadDtype: UploadDtype | undefined;
 
   constructor(options: ClientOptions) {
-    this.transport = new Transport(options);
     this.format = options.format ?? "safetensors";
+    this.uploadDtype = checkUploadDtype(options.uploadDtype, this.format);
+    this.transport = new Transport(options);
   }
 
   private session(document: SessionDocument): Session {
-    return new Session({ transport: this.transport, format: this.format }, document);
+    const context = { transport: this.transport, format: this.format, uploadDtype: this.uploadDtype };
+    return new Session(context, document);
   }
 
   /** `POST /v1/sessions`: a new session with the optimizer, schedule and tensors given. */

@@ -1,6 +1,6 @@
 /** A handle on one server-side optimizer session. */
 
-import { encode, type FloatArray, type TensorInput } from "./safetensors.js";
+import { encode, type DType, type FloatArray, type TensorInput } from "./safetensors.js";
 import { errorFromResponse, type Transport } from "./transport.js";
 import type {
   AddGroupOptions,
@@ -13,6 +13,7 @@ import type {
   StepRecord,
   StepResult,
   TensorSpec,
+  UploadDtype,
   Values,
   WireFormat,
 } from "./types.js";
@@ -38,6 +39,20 @@ const CHANGES_PAGE = 1000;
 export interface SessionContext {
   transport: Transport;
   format: WireFormat;
+  uploadDtype?: UploadDtype | undefined;
+}
+
+const UPLOAD_WIRE_DTYPE: Record<UploadDtype, DType> = { bfloat16: "BF16", float16: "F16" };
+
+/** `uploadDtype` as given, refused where it cannot apply (JSON bodies are decimal text). */
+export function checkUploadDtype(uploadDtype: UploadDtype | undefined, format: WireFormat): UploadDtype | undefined {
+  if (uploadDtype !== undefined && !(uploadDtype in UPLOAD_WIRE_DTYPE)) {
+    throw new TypeError(`uploadDtype must be "bfloat16" or "float16", got ${JSON.stringify(uploadDtype)}`);
+  }
+  if (uploadDtype !== undefined && format !== "safetensors") {
+    throw new TypeError("uploadDtype needs the safetensors format (JSON sends decimal text)");
+  }
+  return uploadDtype;
 }
 
 export class Session {
@@ -110,11 +125,14 @@ export class Session {
     const headers: Record<string, string> = { "Idempotency-Key": idempotencyKey, ...this.precondition(options.ifMatch) };
 
     const shapes = this.shapes;
+    const uploadDtype = checkUploadDtype(this.context.uploadDtype, format);
     let body: Uint8Array<ArrayBuffer> | string;
     if (format === "safetensors") {
       const tensors: Record<string, TensorInput> = {};
       for (const [name, data] of Object.entries(named)) {
-        tensors[name] = { data, shape: shapeFor(shapes[name], data.length) };
+        const shape = shapeFor(shapes[name], data.length);
+        // The gradients only: parameter values are never rounded.
+        tensors[name] = uploadDtype === undefined ? { data, shape } : { data, shape, dtype: UPLOAD_WIRE_DTYPE[uploadDtype] };
       }
       for (const [name, data] of Object.entries(options.params ?? {})) {
         tensors[PARAMS_PREFIX + name] = { data, shape: shapeFor(shapes[name], data.length) };

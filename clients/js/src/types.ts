@@ -109,6 +109,9 @@ export interface SessionDocument {
 /** How tensors travel: safetensors (binary, exact, compact; the default) or JSON. */
 export type WireFormat = "safetensors" | "json";
 
+/** A narrower dtype step gradients are rounded to for the upload (`ClientOptions.uploadDtype`). */
+export type UploadDtype = "bfloat16" | "float16";
+
 /** What a step returns besides its metadata. */
 export type ReturnMode = "delta" | "params" | "none";
 

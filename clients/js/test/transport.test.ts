@@ -104,6 +104,30 @@ describe("steps over safetensors", () => {
   });
 });
 
+describe("uploadDtype", () => {
+  it("rounds the gradients, not the parameter values, to the upload dtype", async () => {
+    for (const [uploadDtype, label] of [["bfloat16", "BF16"], ["float16", "F16"]] as const) {
+      const s = await session(client({ uploadDtype }));
+      server.queue(stepReply(1));
+      const params = { w: Float32Array.from([0.1, 0.2, 0.3, 0.4]), b: Float32Array.from([1, 2]) };
+      await s.step({ w: Float32Array.from([1 + 2 ** -9, 2, 3, 4]), b: Float32Array.from([5, 6]) }, { params });
+      const sent = decode(server.requests[0]?.body ?? new Uint8Array());
+      assert.equal(sent.tensors["w"]?.dtype, label);
+      assert.equal(sent.tensors["b"]?.dtype, label);
+      assert.equal(sent.tensors["params/w"]?.dtype, "F32");
+      // 1 + 2^-9 is a bfloat16 tie (rounds to 1), exact in float16.
+      assert.equal(sent.tensors["w"]?.data[0], label === "BF16" ? 1 : 1 + 2 ** -9);
+      server.requests.length = 0;
+    }
+  });
+
+  it("is refused with JSON bodies", async () => {
+    assert.throws(() => client({ format: "json", uploadDtype: "bfloat16" }), TypeError);
+    const s = await session(client({ uploadDtype: "float16" }));
+    await assert.rejects(s.step(grads, { format: "json" }), TypeError);
+  });
+});
+
 describe("steps over JSON", () => {
   it("sends numbers (non-finite ones as Python reads them) and reads nested deltas", async () => {
     const s = await session(client({ format: "json" }));

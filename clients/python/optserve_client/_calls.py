@@ -26,7 +26,8 @@ class Call:
     path: str
     """Relative to the server's root, e.g. ``/v1/sessions``."""
     headers: dict[str, str] = field(default_factory=dict)
-    content: bytes | None = None
+    content: bytes | Sequence[bytes | memoryview] | None = None
+    """The body: bytes, or buffers sent in order without being joined."""
     params: dict[str, str] = field(default_factory=dict)
     safety: Safety = "idempotent"
     gone_ok_on_retry: bool = False
@@ -97,7 +98,7 @@ def delete(session_id: str) -> Call:
 def step(
     session_id: str,
     wire: Wire,
-    body: bytes,
+    body: bytes | Sequence[bytes | memoryview],
     returns: Returns,
     idempotency_key: str,
     if_match: int | None,

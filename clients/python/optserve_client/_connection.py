@@ -7,7 +7,7 @@ import os
 from optserve_client._calls import Call
 from optserve_client._retry import RetryPolicy
 from optserve_client._tries import Tries
-from optserve_client._wire import Wire
+from optserve_client._wire import UPLOAD_DTYPES, UploadDtype, Wire
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -27,10 +27,21 @@ class Connection:
     """The settings :class:`~optserve_client.Client` and ``AsyncClient`` share; each adds
     its own httpx client for :attr:`url`, with :func:`auth_headers`."""
 
-    def __init__(self, url: str | None, wire: Wire, retry: RetryPolicy | None) -> None:
+    def __init__(
+        self,
+        url: str | None,
+        wire: Wire,
+        retry: RetryPolicy | None,
+        upload_dtype: UploadDtype | None = None,
+    ) -> None:
+        if upload_dtype is not None and upload_dtype not in UPLOAD_DTYPES:
+            raise ValueError(f"upload_dtype must be one of {UPLOAD_DTYPES} or None")
+        if upload_dtype is not None and wire != "safetensors":
+            raise ValueError("upload_dtype needs wire='safetensors' (JSON sends decimal text)")
         self.url = server_root(url)
         self.wire: Wire = wire
         self.retry = retry or RetryPolicy()
+        self.upload_dtype: UploadDtype | None = upload_dtype
 
     def _tries(self, call: Call) -> Tries:
         return Tries(call, self.retry, self.url)

@@ -15,6 +15,7 @@ from optserve_client import _calls, _documents
 from optserve_client._wire import (
     Returns,
     StepResult,
+    UploadDtype,
     Wire,
     as_array,
     parse_step,
@@ -114,8 +115,11 @@ def _is_shape(value: Any) -> TypeGuard[tuple[int, ...]]:
 class SessionView:
     """A session's document, kept current by every step; shared by both session types."""
 
-    def __init__(self, document: Mapping[str, Any], wire: Wire) -> None:
+    def __init__(
+        self, document: Mapping[str, Any], wire: Wire, upload_dtype: UploadDtype | None = None
+    ) -> None:
         self.wire: Wire = wire
+        self.upload_dtype: UploadDtype | None = upload_dtype
         self._update(document)
 
     def _update(self, document: Mapping[str, Any]) -> None:
@@ -214,6 +218,7 @@ class SessionView:
             self._named(grads, "grads"),
             self._named(params, "params") if params is not None else None,
             loss,
+            self.upload_dtype,
         )
         expected: int | None
         if if_match is True:
@@ -231,10 +236,10 @@ class SessionView:
             expected,
         )
 
-    def _tensors(self, response: httpx.Response) -> dict[str, np.ndarray]:
+    def _tensors(self, response: httpx.Response, body: bytes | memoryview) -> dict[str, np.ndarray]:
         """The ``{name: array}`` reply of ``GET .../params``, in this session's dtype."""
         return parse_tensor_reply(
-            response.headers.get("content-type", ""), response.content, self.shapes, self.dtype
+            response.headers.get("content-type", ""), body, self.shapes, self.dtype
         )
 
     def _absorb_reply(self, response: httpx.Response) -> None:
@@ -242,10 +247,12 @@ class SessionView:
         if response.content:
             self._absorb(_documents.json_body(response))
 
-    def _step_result(self, response: httpx.Response, returns: Returns) -> StepResult:
+    def _step_result(
+        self, response: httpx.Response, body: bytes | memoryview, returns: Returns
+    ) -> StepResult:
         result = parse_step(
             response.headers.get("content-type", ""),
-            response.content,
+            body,
             returns,
             self.shapes,
             self.dtype,

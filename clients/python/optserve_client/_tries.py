@@ -12,6 +12,7 @@ import httpx
 
 from optserve_client._calls import Call
 from optserve_client._retry import RetryPolicy, next_delay
+from optserve_client._transfer import content_length, request_content
 from optserve_client.errors import TransportError, error_from_response
 
 
@@ -27,11 +28,15 @@ class Tries:
     def request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
         """The request for the next try, built by the client that sends it."""
         call = self.call
+        headers = call.headers
+        if call.content is not None and not isinstance(call.content, bytes):
+            # Sent in parts: without a length httpx would send it chunked.
+            headers = {**headers, "content-length": str(content_length(call.content))}
         return http.build_request(
             call.method,
             call.path,
-            headers=call.headers,
-            content=call.content,
+            headers=headers,
+            content=request_content(call.content, sync=isinstance(http, httpx.Client)),
             params=call.params or None,
         )
 

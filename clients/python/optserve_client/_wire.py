@@ -20,6 +20,11 @@ from optserve_client.errors import ProtocolError
 
 Wire = Literal["safetensors", "json"]
 Returns = Literal["delta", "params", "none"]
+UploadDtype = Literal["bfloat16", "float16"]
+"""A narrower dtype gradients are rounded to for the upload (half the bytes of float32)."""
+UPLOAD_DTYPES = ("bfloat16", "float16")
+Body = bytes | list[bytes | memoryview]
+"""A request body: bytes, or buffers (a header and views of arrays) sent in order."""
 
 JSON = "application/json"
 SAFETENSORS = safetensors.MEDIA_TYPE
@@ -71,14 +76,22 @@ def step_body(
     grads: Mapping[str, np.ndarray],
     params: Mapping[str, np.ndarray] | None,
     loss: float | None,
-) -> bytes:
-    """The body of ``POST .../step``; arrays already in the session's dtype and shapes."""
+    upload_dtype: UploadDtype | None = None,
+) -> Body:
+    """The body of ``POST .../step``; arrays already in the session's dtype and shapes.
+
+    Safetensors bodies are the header and views of the arrays (nothing joined), the
+    gradients rounded to ``upload_dtype`` if given (parameter values never are).
+    """
     if wire == "safetensors":
-        tensors: dict[str, np.ndarray] = dict(grads)
+        tensors: dict[str, np.ndarray] = {n: _rounded(g, upload_dtype) for n, g in grads.items()}
         for name, value in (params or {}).items():
             tensors[PARAMS_PREFIX + name] = value
         metadata = {"loss": repr(float(loss))} if loss is not None else None
-        return safetensors.encode(tensors, metadata)
+        bfloat16 = set(grads) if upload_dtype == "bfloat16" else ()
+        return safetensors.encode_parts(tensors, metadata, bfloat16=bfloat16)
+    if upload_dtype is not None:
+        raise ValueError("upload_dtype needs wire='safetensors' (JSON sends decimal text)")
     body: dict[str, Any] = {"grads": {n: g.tolist() for n, g in grads.items()}}
     if params is not None:
         body["params"] = {n: p.tolist() for n, p in params.items()}
@@ -87,9 +100,17 @@ def step_body(
     return json.dumps(body).encode()
 
 
+def _rounded(grad: np.ndarray, upload_dtype: UploadDtype | None) -> np.ndarray:
+    if upload_dtype == "bfloat16":
+        return safetensors.to_bfloat16(grad)
+    if upload_dtype == "float16":
+        return grad.astype(np.float16)  # round to nearest even, as torch's .half()
+    return grad
+
+
 def parse_step(
     content_type: str,
-    content: bytes,
+    content: bytes | memoryview,
     returns: Returns,
     shapes: Mapping[str, tuple[int, ...]],
     dtype: np.dtype[Any],
@@ -149,7 +170,7 @@ def parse_tensors(
 
 def parse_tensor_reply(
     content_type: str,
-    content: bytes,
+    content: bytes | memoryview,
     shapes: Mapping[str, tuple[int, ...]],
     dtype: np.dtype[Any],
 ) -> dict[str, np.ndarray]:
@@ -162,9 +183,9 @@ def parse_tensor_reply(
     return parse_tensors(document.get("params", document), shapes, dtype)
 
 
-def load_json(content: bytes) -> dict[str, Any]:
+def load_json(content: bytes | memoryview) -> dict[str, Any]:
     try:
-        value = json.loads(content)
+        value = json.loads(bytes(content) if isinstance(content, memoryview) else content)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"reply is not JSON: {exc}") from None
     if not isinstance(value, dict):
@@ -172,9 +193,10 @@ def load_json(content: bytes) -> dict[str, Any]:
     return value
 
 
-def _decode(content: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _decode(content: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     try:
-        return safetensors.decode(content)
+        # A reply read into its own buffer is handed over: its arrays are views of it.
+        return safetensors.decode(content, copy=isinstance(content, bytes))
     except safetensors.SafetensorsError as exc:
         raise ProtocolError(f"reply is not valid safetensors: {exc}") from None
 

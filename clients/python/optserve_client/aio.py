@@ -17,7 +17,8 @@ from optserve_client import _calls, _documents, _history
 from optserve_client._connection import Connection, auth_headers
 from optserve_client._retry import RetryPolicy
 from optserve_client._session import ParamsSpec, SessionView, TensorsIn, session_config
-from optserve_client._wire import Returns, StepResult, Wire
+from optserve_client._transfer import aread_reply
+from optserve_client._wire import SAFETENSORS, Returns, StepResult, UploadDtype, Wire
 
 
 class AsyncClient(Connection):
@@ -32,8 +33,9 @@ class AsyncClient(Connection):
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        upload_dtype: UploadDtype | None = None,
     ) -> None:
-        super().__init__(url, wire, retry)
+        super().__init__(url, wire, retry, upload_dtype)
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers=auth_headers(api_key),
@@ -57,17 +59,28 @@ class AsyncClient(Connection):
 
     async def send(self, call: _calls.Call) -> httpx.Response:
         """Send ``call``, retrying what its safety allows; raise typed errors."""
+        return (await self.send_for_tensors(call, ""))[0]
+
+    async def send_for_tensors(
+        self, call: _calls.Call, media_type: str
+    ) -> tuple[httpx.Response, bytes | memoryview]:
+        """:meth:`send`, and the body, read into one buffer when it is of ``media_type``."""
         tries = self._tries(call)
         delay: float | None
         while True:
             try:
-                response = await self._http.send(tries.request(self._http))
+                response = await self._http.send(tries.request(self._http), stream=True)
+                try:
+                    ok = response.is_success
+                    body = await aread_reply(response, media_type) if ok else await response.aread()
+                finally:
+                    await response.aclose()
             except httpx.TransportError as exc:
                 delay = tries.after_transport_error(exc)
             else:
                 delay = tries.after_response(response)
                 if delay is None:
-                    return response
+                    return response, body
             await asyncio.sleep(delay)
 
     async def create_session(
@@ -158,7 +171,7 @@ class AsyncSession(SessionView):
     """One optimizer session; see :class:`optserve_client.Session`."""
 
     def __init__(self, client: AsyncClient, document: Mapping[str, Any]) -> None:
-        super().__init__(document, client.wire)
+        super().__init__(document, client.wire, client.upload_dtype)
         self.client = client
 
     async def step(
@@ -172,13 +185,14 @@ class AsyncSession(SessionView):
         idempotency_key: str | None = None,
     ) -> StepResult:
         call = self._step_call(grads, params, loss, returns, if_match, idempotency_key)
-        return self._step_result(await self.client.send(call), returns)
+        response, body = await self.client.send_for_tensors(call, SAFETENSORS)
+        return self._step_result(response, body, returns)
 
     async def params(
         self, *, evaluation: bool = False, average: bool = False
     ) -> dict[str, np.ndarray]:
         call = _calls.params(self.id, self.wire, evaluation, average)
-        return self._tensors(await self.client.send(call))
+        return self._tensors(*(await self.client.send_for_tensors(call, SAFETENSORS)))
 
     async def state(self) -> bytes:
         return (await self.client.send(_calls.state(self.id))).content

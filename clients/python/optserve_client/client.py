@@ -14,7 +14,8 @@ from optserve_client import _calls, _documents, _history
 from optserve_client._connection import DEFAULT_URL, Connection, auth_headers, server_root
 from optserve_client._retry import RetryPolicy
 from optserve_client._session import ParamsSpec, SessionView, TensorsIn, session_config
-from optserve_client._wire import Returns, StepResult, Wire
+from optserve_client._transfer import read_reply
+from optserve_client._wire import SAFETENSORS, Returns, StepResult, UploadDtype, Wire
 
 __all__ = ["DEFAULT_URL", "Client", "Session", "auth_headers", "server_root"]
 
@@ -37,8 +38,9 @@ class Client(Connection):
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
+        upload_dtype: UploadDtype | None = None,
     ) -> None:
-        super().__init__(url, wire, retry)
+        super().__init__(url, wire, retry, upload_dtype)
         self._http = httpx.Client(
             base_url=self.url,
             headers=auth_headers(api_key),
@@ -62,17 +64,29 @@ class Client(Connection):
 
     def send(self, call: _calls.Call) -> httpx.Response:
         """Send ``call``, retrying what its safety allows; raise typed errors."""
+        return self.send_for_tensors(call, "")[0]
+
+    def send_for_tensors(
+        self, call: _calls.Call, media_type: str
+    ) -> tuple[httpx.Response, bytes | memoryview]:
+        """:meth:`send`, and the body, read into one buffer when it is of ``media_type``
+        (``_transfer.read_reply``)."""
         tries = self._tries(call)
         delay: float | None
         while True:
             try:
-                response = self._http.send(tries.request(self._http))
+                response = self._http.send(tries.request(self._http), stream=True)
+                try:
+                    ok = response.is_success
+                    body = read_reply(response, media_type) if ok else response.read()
+                finally:
+                    response.close()
             except httpx.TransportError as exc:
                 delay = tries.after_transport_error(exc)
             else:
                 delay = tries.after_response(response)
                 if delay is None:
-                    return response
+                    return response, body
             time.sleep(delay)
 
     # Sessions
@@ -181,7 +195,7 @@ class Session(SessionView):
     """One optimizer session on the server. Its document is refreshed by every step."""
 
     def __init__(self, client: Client, document: Mapping[str, Any]) -> None:
-        super().__init__(document, client.wire)
+        super().__init__(document, client.wire, client.upload_dtype)
         self.client = client
 
     def step(
@@ -202,14 +216,15 @@ class Session(SessionView):
         ``Idempotency-Key`` is generated unless given; retries reuse it.
         """
         call = self._step_call(grads, params, loss, returns, if_match, idempotency_key)
-        return self._step_result(self.client.send(call), returns)
+        response, body = self.client.send_for_tensors(call, SAFETENSORS)
+        return self._step_result(response, body, returns)
 
     def params(self, *, evaluation: bool = False, average: bool = False) -> dict[str, np.ndarray]:
         """The parameters a session holds; with ``evaluation``, the point to evaluate the
         model at (schedule-free optimizers' average, what their ``eval()`` sets); with
         ``average`` their averaged copy (a session created with ``averaging``)."""
         call = _calls.params(self.id, self.wire, evaluation, average)
-        return self._tensors(self.client.send(call))
+        return self._tensors(*self.client.send_for_tensors(call, SAFETENSORS))
 
     def state(self) -> bytes:
         """A self-describing safetensors checkpoint; ``Client.restore`` continues it."""

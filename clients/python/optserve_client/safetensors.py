@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MEDIA_TYPE", "SafetensorsError", "decode", "encode"]
+__all__ = ["MEDIA_TYPE", "SafetensorsError", "decode", "encode", "encode_parts", "to_bfloat16"]
 
 MEDIA_TYPE = "application/vnd.optserve.safetensors"
 
@@ -47,40 +47,65 @@ class SafetensorsError(ValueError):
     """The bytes are not a well-formed safetensors file."""
 
 
-def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize ``tensors`` (and string ``metadata``) into safetensors bytes."""
+def encode_parts(
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    bfloat16: Collection[str] = (),
+) -> list[bytes | memoryview]:
+    """Safetensors bytes as buffers to send in order: the header, then a view of each
+    tensor's memory (no copy for a C-ordered array of a little-endian dtype).
+
+    ``bfloat16`` names tensors given as ``uint16`` bfloat16 bits (:func:`to_bfloat16`),
+    written with dtype ``BF16``. The views share the arrays' memory.
+    """
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    chunks: list[bytes] = []
+    chunks: list[memoryview] = []
     offset = 0
     for name, value in tensors.items():
         array = np.asarray(value)
-        dtype_name = _NAMES.get(array.dtype.newbyteorder("="))
-        if dtype_name is None:
+        dtype_name = "BF16" if name in bfloat16 else _NAMES.get(array.dtype.newbyteorder("="))
+        if dtype_name is None or (dtype_name == "BF16" and array.dtype != np.uint16):
             raise TypeError(f"tensor {name!r}: dtype {array.dtype} has no safetensors equivalent")
-        data = np.asarray(array, dtype=_DTYPES[dtype_name], order="C").tobytes()
+        wire_dtype = np.dtype("<u2") if dtype_name == "BF16" else _DTYPES[dtype_name]
+        data = np.ascontiguousarray(array, dtype=wire_dtype).reshape(-1).view(np.uint8).data
         header[name] = {
             "dtype": dtype_name,
             "shape": list(array.shape),
-            "data_offsets": [offset, offset + len(data)],
+            "data_offsets": [offset, offset + data.nbytes],
         }
         chunks.append(data)
-        offset += len(data)
+        offset += data.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     # Pad with spaces so the tensor data starts 8-byte aligned, as the reference writer does.
     raw += b" " * (-len(raw) % 8)
-    return b"".join([struct.pack("<Q", len(raw)), raw, *chunks])
+    return [struct.pack("<Q", len(raw)) + raw, *(c for c in chunks if c.nbytes)]
+
+
+def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize ``tensors`` (and string ``metadata``) into safetensors bytes."""
+    return b"".join(encode_parts(tensors, metadata))
+
+
+def to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 as torch rounds them (to nearest, ties to even;
+    NaN stays a quiet NaN), as their ``uint16`` bits."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(array), np.uint16(0x7FC0), rounded)
 
 
 def decode(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview, *, copy: bool = True
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes into ``({name: array}, metadata)``.
 
     Every header entry is validated: known dtype, non-negative integer shape, offsets that
     match the shape's byte size and tile the data section exactly, with nothing left over.
-    Arrays are fresh, writable copies in native byte order.
+    Arrays are fresh, writable copies in native byte order; with ``copy=False`` and a
+    writable ``data`` (a buffer the caller hands over) they are views of it instead.
     """
     view = memoryview(data).cast("B")
     if len(view) < 8:
@@ -112,7 +137,7 @@ def decode(
             raise SafetensorsError(
                 f"tensor {name!r}: {end - start} bytes do not hold shape {list(shape)}"
             )
-        tensors[name] = _array(body[start:end], dtype_name, shape)
+        tensors[name] = _array(body[start:end], dtype_name, shape, copy)
         expected_start = end
     if expected_start != len(body):
         raise SafetensorsError(f"{len(body) - expected_start} trailing bytes after the tensors")
@@ -162,10 +187,14 @@ def _itemsize(dtype_name: str) -> int:
     return 2 if dtype_name == "BF16" else _DTYPES[dtype_name].itemsize
 
 
-def _array(raw: memoryview, dtype_name: str, shape: tuple[int, ...]) -> np.ndarray:
+def _array(raw: memoryview, dtype_name: str, shape: tuple[int, ...], copy: bool) -> np.ndarray:
     if dtype_name == "BF16":
         # bfloat16 is the top half of a float32, so widening is exact.
         halves = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return halves.view(np.float32).reshape(shape)
     dtype = _DTYPES[dtype_name]
-    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+    array = np.frombuffer(raw, dtype=dtype)
+    # Read-only bytes are copied, so that every array returned is writable.
+    if copy or raw.readonly or not array.dtype.isnative or not array.flags.aligned:
+        array = array.astype(dtype.newbyteorder("="), copy=True)
+    return array.reshape(shape)

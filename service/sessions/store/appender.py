@@ -9,16 +9,26 @@ lengths and buffers, so every frame starts on a :data:`BLOCK` boundary (zero pad
 between) and is staged through a page-aligned buffer per thread. Where ``O_DIRECT`` is
 refused (tmpfs, some network filesystems) the same layout is written through the page
 cache instead.
+
+A log's blocks are reserved ahead of its end (:func:`reserve`, ``fallocate`` with
+``FALLOC_FL_KEEP_SIZE``, on Linux): an append into blocks the file already owns changes
+only its size, so its ``fdatasync`` commits no block allocation. On a virtual disk that
+took a small durable append from 4 ms to 0.25 ms, which is what bounds the rate of small
+durable steps. The file's size stays that of its frames (readers see nothing new); the
+reserved blocks past it are given back when the log is closed (:func:`release`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 BLOCK = 4096
 """Frames start at multiples of this; it is a multiple of every common logical block size."""
@@ -26,6 +36,49 @@ BLOCK = 4096
 _DIRECT = getattr(os, "O_DIRECT", 0)
 _ZEROS = bytes(BLOCK)
 _local = threading.local()
+
+_KEEP_SIZE = 0x01
+"""``FALLOC_FL_KEEP_SIZE``: allocate blocks past the end without changing the size."""
+RESERVE_MIN = 1 << 20
+RESERVE_MAX = 64 << 20
+NO_RESERVING = 1 << 62
+"""What :func:`reserve` returns where the filesystem cannot reserve: never try again."""
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        function = libc.fallocate
+    except (OSError, AttributeError, TypeError):
+        return None  # not Linux: appends allocate as they go
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _load_fallocate()
+
+
+def reserve(fd: int, end: int, frame: int) -> int:
+    """Reserve blocks from ``end`` (the file's size) for at least ``frame`` more bytes and
+    a margin (eight such frames, between 1 and 64 MiB); returns the reserved end, or
+    :data:`NO_RESERVING` where the filesystem or system does not support it."""
+    if _fallocate is None:
+        return NO_RESERVING
+    length = aligned(max(frame, min(RESERVE_MAX, max(RESERVE_MIN, 8 * frame))))
+    if _fallocate(fd, _KEEP_SIZE, end, length) != 0:
+        if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return NO_RESERVING
+        return end  # out of space, say: the append itself will report it
+    return end + length
+
+
+def release(fd: int, size: int) -> None:
+    """Give back the blocks reserved past ``size`` (the end of the log's frames)."""
+    if _fallocate is not None:
+        # A failure only leaves the reservation in place: the log is intact either way.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
 
 
 def aligned(n: int) -> int:

@@ -136,6 +136,12 @@ class _Log:
     start: int
     size: int
     last_seq: int
+    reserved: int = 0
+    """The end of the blocks reserved for appends (``appender.reserve``)."""
+
+    def close(self) -> None:
+        appender.release(self.fd, self.size)
+        os.close(self.fd)
 
 
 class DiskStore(Store):
@@ -169,7 +175,7 @@ class DiskStore(Store):
     def close(self) -> None:
         with self._logs_lock:
             for entry in self._logs.values():
-                os.close(entry.fd)
+                entry.close()
             self._logs.clear()
         with self._db_lock:
             if self._db is not None:
@@ -404,7 +410,7 @@ class DiskStore(Store):
         with self._logs_lock:
             old = self._logs.pop(record.id, None)
             if old is not None:
-                os.close(old.fd)
+                old.close()
             self._logs[record.id] = _Log(fd, direct, last_segment, size, found.last_seq)
         return StoredSession(record, base, found.events, found.later_snapshots, keys)
 
@@ -443,7 +449,7 @@ class DiskStore(Store):
         with self._logs_lock:
             old = self._logs.pop(session_id, None)
         if old is not None:
-            os.close(old.fd)
+            old.close()
         quarantine = self.root / QUARANTINE_DIR
         quarantine.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -497,11 +503,16 @@ class DiskStore(Store):
         if event.seq != entry.last_seq + 1:
             raise ValueError(f"event {event.seq} does not follow event {entry.last_seq}")
         buffers = logfile.encode(event, session_id)
+        frame = appender.aligned(sum(memoryview(b).nbytes for b in buffers))
+        if entry.size + frame > entry.reserved:
+            entry.reserved = appender.reserve(entry.fd, entry.size, frame)
         try:
             written = appender.append(entry.fd, entry.direct, entry.size, buffers)
         except BaseException:
-            # Leave no partial frame behind for the next append to follow.
+            # Leave no partial frame behind for the next append to follow (this gives
+            # back the reserved blocks too).
             os.ftruncate(entry.fd, entry.size)
+            entry.reserved = min(entry.reserved, entry.size)
             raise
         entry.size += written
         entry.last_seq = event.seq
@@ -519,7 +530,7 @@ class DiskStore(Store):
             old = self._logs.get(session_id)
             self._logs[session_id] = _Log(fd, direct, snapshot.seq, 0, snapshot.seq)
         if old is not None:
-            os.close(old.fd)
+            old.close()
 
         def write() -> None:
             write_durably(directory / snap_name(snapshot.seq), data)

@@ -1,0 +1,439 @@
+"""A user's step against its floor: the official client next to the least the same work costs.
+
+    python bench/floor.py [--sizes 1e3,1e5,1e6,1e7] [--wires safetensors,json]
+                          [--repeats N] [--rate-seconds 5] [--rate-rounds 3] [--clients 4]
+
+Two tables, each measured side by side in one run so that both columns see the same
+machine (on a shared machine rerun it; compare ratios, not absolute figures):
+
+1. **Large steps.** A durable server (``python -m service serve``, disk storage, access
+   log on: the defaults a user runs) and a raw TCP echo server (``bench/tcp_echo.py``)
+   run as subprocesses on free loopback ports. For each size and wire, one Adam session
+   over one float32 tensor holding no parameters is stepped with the official client's
+   ``Session.step`` (httpx underneath, deltas returned). Interleaved with each step:
+
+   - the TCP floor: the step's request bytes up and its reply bytes down through the echo
+     server (what any server must pay to move the bytes: kernel copies and wake-ups);
+   - torch's in-process ``Adam.step`` on a tensor of the same size (best of torch's
+     default thread count and one thread, measured in this process).
+
+   JSON rows stop at ``--json-max`` (100k: a 1M JSON step takes about a second of
+   float formatting and parsing, which no transport change moves).
+
+   ``floor`` is TCP + torch; ``ratio`` is client over floor (medians). ``server peak RSS``
+   is the server's high-water resident memory while stepping that size (``VmHWM`` reset
+   through ``/proc/PID/clear_refs`` before the size), ``over idle`` the part above its
+   resident memory before it; ``disk/step`` is how much the data directory grew per step.
+
+2. **Small durable steps.** ``--clients`` processes each step their own 1k-parameter
+   session with JSON bodies over raw keep-alive sockets, as fast as the server answers,
+   for ``--rate-seconds``; then the same clients post the same bodies to a bare FastAPI
+   route (``bench/floor.py --bare-echo``: same uvicorn protocol, parses the JSON and
+   answers a document of the same shape). The two alternate ``--rate-rounds`` times;
+   the table has the median of each and their ratio.
+
+Linux only (``/proc``); torch (``pip install torch==2.13.0``) for the torch column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "clients" / "python"))
+
+from bench.http_step import Connection, TorchAdam, prepared_request, step_bodies  # noqa: E402
+from bench.tcp_echo import EchoServer  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_healthy(port: int, process: subprocess.Popen[bytes], path: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = Connection(port)
+            status, _ = conn.request("GET", path)
+            conn.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+@dataclass
+class Server:
+    port: int
+    pid: int
+    data_dir: Path
+
+
+@contextmanager
+def durable_server() -> Iterator[Server]:
+    """``python -m service serve`` with disk storage in a fresh data directory."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="optserve-floor-") as data:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")},
+            "OPTSERVE_STORAGE": "disk",
+            "OPTSERVE_DATA_DIR": data,
+            "OPTSERVE_MAX_BODY_BYTES": str(1 << 30),
+            "OPTSERVE_LOG_LEVEL": "warning",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            _wait_healthy(port, process, "/healthz")
+            yield Server(port, process.pid, Path(data))
+        finally:
+            _stop(process)
+
+
+@contextmanager
+def bare_echo_server() -> Iterator[int]:
+    """This file's ``--bare-echo`` mode in a subprocess: the bare FastAPI route."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--bare-echo", str(port)], cwd=ROOT
+    )
+    try:
+        _wait_healthy(port, process, "/healthz")
+        yield port
+    finally:
+        _stop(process)
+
+
+def serve_bare_echo(port: int) -> None:
+    """A FastAPI app with one route that parses a JSON step body and answers a document of
+    the same shape (step, lr, applied, deltas of the same length), on the same uvicorn
+    protocol as the service: what any JSON route on this stack costs."""
+    import uvicorn
+
+    from service.api.server import http_protocol
+
+    app = FastAPI()
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b"ok")
+
+    @app.post("/v1/sessions/{session_id}/step")
+    async def step(request: Request) -> Response:
+        document = json.loads(await request.body())
+        grads = {
+            name: np.asarray(values, dtype=np.float64) for name, values in document["grads"].items()
+        }
+        reply = {
+            "step": 1,
+            "lr": [1e-3],
+            "applied": True,
+            "deltas": {n: g.tolist() for n, g in grads.items()},
+        }
+        return Response(json.dumps(reply).encode(), media_type="application/json")
+
+    uvicorn.run(
+        app,
+        http=http_protocol(None),
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )
+
+
+# -- the server's memory and disk ---------------------------------------------------------
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Restart ``VmHWM`` from the current RSS (Linux >= 4.0; False where refused)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+# -- large steps ------------------------------------------------------------------------
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+@dataclass
+class Row:
+    size: int
+    wire: str
+    client_ms: float
+    tcp_ms: float
+    torch_ms: float | None
+    peak_rss_mib: float
+    over_idle_mib: float
+    disk_per_step: float
+
+    @property
+    def floor_ms(self) -> float:
+        return self.tcp_ms + (self.torch_ms or 0.0)
+
+
+def repeats_for(size: int, override: int | None) -> int:
+    if override:
+        return override
+    return max(7, min(200, int(2e6 // max(size, 1))))
+
+
+def large_steps(server: Server, echo: EchoServer, size: int, wire: str, repeats: int) -> Row:
+    from optserve_client import Client
+
+    rng = np.random.default_rng(size)
+    grads = [rng.standard_normal(size, dtype=np.float32) for _ in range(2)]
+    reference = TorchAdam(size) if _has_torch() else None
+    echo_client = echo.client()
+    with Client(f"http://127.0.0.1:{server.port}", wire=wire) as client:  # type: ignore[arg-type]
+        session = client.create_session({"name": "Adam", "lr": 1e-3}, {"w": (size,)})
+        # The bytes the echo moves: this step's own request and reply bodies.
+        request_bytes, reply_bytes = _step_sizes(server.port, session.id, grads[0], wire)
+        for g in grads:
+            session.step(g)  # warm-up: connection, allocator, caches
+        idle_kib = _status_kib(server.pid, "VmRSS")
+        if not reset_peak_rss(server.pid):
+            print("  (cannot reset VmHWM: peak RSS is since start)", file=sys.stderr)
+        disk_before = disk_bytes(server.data_dir)
+        client_s: list[float] = []
+        tcp_s: list[float] = []
+        torch_s: list[float] = []
+        for n in range(repeats):
+            start = time.perf_counter()
+            session.step(grads[n % 2])
+            client_s.append(time.perf_counter() - start)
+            tcp_s.append(echo_client.round_trip(request_bytes, reply_bytes))
+            if reference is not None:
+                torch_s.append(_torch_best(reference))
+        peak_kib = _status_kib(server.pid, "VmHWM")
+        disk_after = disk_bytes(server.data_dir)
+        session.delete()
+    echo_client.close()
+    return Row(
+        size,
+        wire,
+        _median_ms(client_s),
+        _median_ms(tcp_s),
+        _median_ms(torch_s) if torch_s else None,
+        peak_kib / 1024,
+        (peak_kib - idle_kib) / 1024,
+        (disk_after - disk_before) / repeats,
+    )
+
+
+def _step_sizes(port: int, session_id: str, grad: np.ndarray, wire: str) -> tuple[int, int]:
+    """Request and reply bytes of one step, the reply measured by sending it (the
+    step changes nothing the table reads)."""
+    from optserve_client._wire import media_type, step_body
+
+    parts = step_body(wire, {"w": grad}, None, None)  # type: ignore[arg-type]
+    body = parts if isinstance(parts, bytes) else b"".join(parts)
+    kind = media_type(wire)  # type: ignore[arg-type]
+    conn = Connection(port)
+    path = f"/v1/sessions/{session_id}/step"
+    status, reply = conn.send_prepared(prepared_request(path, body, kind, kind))
+    conn.close()
+    if status != 200:
+        raise RuntimeError(f"step failed: {status} {reply[:300]!r}")
+    return len(body), len(reply)
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torch_best(reference: TorchAdam) -> float:
+    """One torch step at its default thread count and one at one thread; the faster (on a
+    shared machine torch's threads can wait on each other for milliseconds)."""
+    default = reference.torch.get_num_threads()
+    first = reference.step_seconds()
+    reference.torch.set_num_threads(1)
+    second = reference.step_seconds()
+    reference.torch.set_num_threads(default)
+    return min(first, second)
+
+
+# -- small durable steps ----------------------------------------------------------------
+
+
+def _rate_client(port: int, create: bool, seconds: float, start_at: float, results: Any) -> None:
+    conn = Connection(port)
+    sid = "bare"
+    if create:
+        config = {"optimizer": {"name": "Adam", "lr": 1e-3}, "params": {"w": {"shape": [1000]}}}
+        status, body = conn.request(
+            "POST", "/v1/sessions", json.dumps(config).encode(), "application/json"
+        )
+        if status != 201:
+            raise RuntimeError(f"create failed: {status} {body[:300]!r}")
+        sid = json.loads(body)["id"]
+    path = f"/v1/sessions/{sid}/step"
+    requests = [prepared_request(path, b, t, t) for b, t in step_bodies(1000, "json", 4)]
+    while time.time() < start_at:
+        time.sleep(0.001)
+    done = failed = 0
+    end = start_at + seconds
+    while time.time() < end:
+        status, _ = conn.send_prepared(requests[done % len(requests)])
+        if status == 200:
+            done += 1
+        else:
+            failed += 1
+    conn.close()
+    results.put((done, failed))
+
+
+def step_rate(port: int, durable: bool, clients: int, seconds: float) -> tuple[float, int]:
+    """Steps per second of ``clients`` processes together, and failed requests."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start_at = time.time() + 3.0
+    workers = [
+        context.Process(target=_rate_client, args=(port, durable, seconds, start_at, results))
+        for _ in range(clients)
+    ]
+    for worker in workers:
+        worker.start()
+    totals = [results.get(timeout=seconds + 120) for _ in workers]
+    for worker in workers:
+        worker.join()
+    return sum(t[0] for t in totals) / seconds, sum(t[1] for t in totals)
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1e3,1e5,1e6,1e7")
+    parser.add_argument("--wires", default="safetensors,json")
+    parser.add_argument("--json-max", type=float, default=1e5, help="largest size sent as JSON")
+    parser.add_argument("--repeats", type=int, default=0, help="steps per row (default by size)")
+    parser.add_argument("--rate-seconds", type=float, default=5.0)
+    parser.add_argument("--rate-rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--bare-echo", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_echo:
+        serve_bare_echo(args.bare_echo)
+        return 0
+    sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+    wires = [w for w in args.wires.split(",") if w]
+
+    rows: list[Row] = []
+    rates: dict[str, list[float]] = {"optserve": [], "bare": []}
+    failures = 0
+    with durable_server() as server:
+        echo = EchoServer(_free_port())
+        try:
+            for size in sizes:
+                for wire in wires:
+                    if wire == "json" and size > args.json_max:
+                        continue
+                    row = large_steps(server, echo, size, wire, repeats_for(size, args.repeats))
+                    rows.append(row)
+                    print(f"  {wire:11s} {size:>10,d}: {row.client_ms:9.2f} ms", file=sys.stderr)
+        finally:
+            echo.stop()
+        if args.rate_seconds > 0:
+            with bare_echo_server() as bare_port:
+                for _ in range(args.rate_rounds):
+                    for name, port, durable in (
+                        ("optserve", server.port, True),
+                        ("bare", bare_port, False),
+                    ):
+                        rate, failed = step_rate(port, durable, args.clients, args.rate_seconds)
+                        rates[name].append(rate)
+                        failures += failed
+
+    print("\nAdam, one float32 tensor, durable (disk) server, session holding no params\n")
+    print(
+        "| params | wire | official client (ms) | TCP echo (ms) | torch step (ms) "
+        "| floor (ms) | ratio | server peak RSS (MiB) | over idle (MiB) | disk/step (MB) |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        torch_text = f"{r.torch_ms:.3f}" if r.torch_ms is not None else "n/a"
+        print(
+            f"| {r.size:,d} | {r.wire} | {r.client_ms:.2f} | {r.tcp_ms:.2f} | {torch_text} "
+            f"| {r.floor_ms:.2f} | {r.client_ms / r.floor_ms:.2f}x | {r.peak_rss_mib:.0f} "
+            f"| {r.over_idle_mib:.0f} | {r.disk_per_step / 1e6:.3f} |"
+        )
+    if rates["optserve"]:
+        ours, bare = statistics.median(rates["optserve"]), statistics.median(rates["bare"])
+        print(
+            f"\n{args.clients} client processes, 1k-param JSON steps "
+            f"(median of {args.rate_rounds} alternating {args.rate_seconds:g} s rounds)\n"
+        )
+        print("| server | steps/s |")
+        print("|---|---:|")
+        print(f"| optserve, durable (disk) | {ours:,.0f} |")
+        print(f"| bare FastAPI JSON echo | {bare:,.0f} |")
+        print(f"| ratio | {ours / bare:.2f}x |" if bare else "| ratio | n/a |")
+        if failures:
+            print(f"\n{failures} requests failed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

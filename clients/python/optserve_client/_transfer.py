@@ -1,0 +1,120 @@
+"""Moving tensor bytes through httpx without its copies: uploads from the arrays' memory,
+replies read into one buffer.
+
+A request body given to httpx as ``bytes`` must first be joined from the header and the
+tensors (a full-size copy); given as these uploads it is sent from views of the arrays, in
+slices small enough that the one copy h11 makes of each stays in the CPU's cache. A reply
+read with ``response.read()`` is joined from its chunks; read here, each chunk is copied
+once into a buffer allocated at the reply's ``Content-Length``, and the arrays decoded
+from it are views of that buffer (no further copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+
+from optserve_client.errors import ProtocolError
+
+Parts = Sequence[bytes | memoryview]
+SLICE = 1 << 16
+"""Bytes handed to httpx at a time."""
+MIN_BUFFERED = 1 << 16
+"""Replies smaller than this are read the ordinary way: nothing to save."""
+
+
+def content_length(parts: Parts) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
+
+
+def _slices(parts: Parts) -> Iterator[bytes | memoryview]:
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, view.nbytes, SLICE):
+            yield view[start : start + SLICE]
+
+
+class Upload:
+    """A request body of ``parts``, re-iterable (each retry sends it again)."""
+
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        return _slices(self.parts)
+
+
+class AsyncUpload:
+    """:class:`Upload` for ``httpx.AsyncClient``, which takes only async iterables."""
+
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+
+    async def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
+        for piece in _slices(self.parts):
+            yield piece
+
+
+def _buffer(response: httpx.Response, media_type: str) -> memoryview | None:
+    """A buffer for the reply's body, or None where it is read the ordinary way: no
+    length, a small or encoded body, or a type other than ``media_type``."""
+    length = response.headers.get("content-length", "")
+    kind = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if (
+        not length.isdigit()
+        or int(length) < MIN_BUFFERED
+        or kind != media_type
+        or "content-encoding" in response.headers
+    ):
+        return None
+    return np.empty(int(length), dtype=np.uint8).data
+
+
+class _Filling:
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.filled = 0
+
+    def take(self, chunk: bytes) -> None:
+        end = self.filled + len(chunk)
+        if end > self.view.nbytes:
+            raise ProtocolError("reply is longer than its Content-Length")
+        self.view[self.filled : end] = chunk
+        self.filled = end
+
+    def done(self) -> memoryview:
+        if self.filled != self.view.nbytes:
+            raise ProtocolError("reply is shorter than its Content-Length")
+        return self.view
+
+
+def read_reply(response: httpx.Response, media_type: str) -> bytes | memoryview:
+    """The body of a streamed ``response``: in one buffer when of ``media_type``."""
+    view = _buffer(response, media_type)
+    if view is None:
+        return response.read()
+    filling = _Filling(view)
+    for chunk in response.iter_raw():
+        filling.take(chunk)
+    return filling.done()
+
+
+async def aread_reply(response: httpx.Response, media_type: str) -> bytes | memoryview:
+    """:func:`read_reply` for an ``httpx.AsyncClient`` response."""
+    view = _buffer(response, media_type)
+    if view is None:
+        return await response.aread()
+    filling = _Filling(view)
+    async for chunk in response.aiter_raw():
+        filling.take(chunk)
+    return filling.done()
+
+
+def request_content(parts: bytes | Parts | None, sync: bool) -> Any:
+    """What httpx takes as ``content=`` for a body of ``bytes`` or of ``parts``."""
+    if parts is None or isinstance(parts, bytes):
+        return parts
+    return Upload(parts) if sync else AsyncUpload(parts)
