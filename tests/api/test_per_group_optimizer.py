@@ -164,6 +164,28 @@ def test_a_group_optimizer_that_cannot_take_the_group_is_refused(
     assert client.get("/v1/sessions").json()["sessions"] == []
 
 
+@pytest.mark.parametrize(
+    ("session", "group", "named"),
+    [
+        ("AdamW", "AdamWScheduleFree", "AdamWScheduleFree"),
+        ("SGDScheduleFree", "Muon", "SGDScheduleFree"),
+        ("AdamW", "LBFGS", "LBFGS"),
+    ],
+)
+def test_an_optimizer_that_steps_every_tensor_shares_no_session(
+    client: TestClient, session: str, group: str, named: str
+) -> None:
+    config = {
+        **_muon_on(["w"]),
+        "optimizer": {"name": session},
+        "param_groups": [{"params": ["w"], "optimizer": {"name": group}}],
+    }
+    document = problem(client.post("/v1/sessions", json=config), 422)
+    assert [e["field"] for e in document["errors"]] == ["param_groups[0].optimizer.name"]
+    assert document["detail"].startswith(named)
+    assert client.get("/v1/sessions").json()["sessions"] == []
+
+
 def test_edits_follow_each_groups_optimizer_and_its_optimizer_stays(client: TestClient) -> None:
     case = PARITY["per-group-muon-adamw-none-float64"]
     inputs = make_inputs(case)
