@@ -120,6 +120,31 @@ def test_a_checkpoint_restores_a_session_of_two_optimizers(client: TestClient) -
         np.testing.assert_array_equal(a[name], b[name])
 
 
+@pytest.mark.parametrize("relabelled", ["SGD", "Adam"])
+def test_a_checkpoint_whose_group_names_another_optimizer_is_refused(
+    client: TestClient, relabelled: str
+) -> None:
+    """The Muon group's config says SGD (which keeps a momentum buffer too) or Adam; the
+    state is Muon's. Restoring it would fail at the next step."""
+    case = PARITY["per-group-muon-adamw-none-float64"]
+    inputs = make_inputs(case)
+    sid = _create(client, case.config, inputs.initial)
+    _step(client, sid, inputs.grads[0], None, "json")
+    tensors, metadata = safetensors.decode(client.get(f"/v1/sessions/{sid}/state").content)
+    config = json.loads(metadata["session"])
+    weights = config["param_groups"][0]["params"]
+    config["param_groups"][0] = {"params": weights, "optimizer": {"name": relabelled}}
+    forged = safetensors.encode(
+        {n: np.asarray(v) for n, v in tensors.items()},
+        {**metadata, "session": json.dumps(config)},
+    )
+    response = client.post("/v1/sessions", content=forged, headers={"Content-Type": SAFETENSORS})
+    document = problem(response, 422)
+    assert [e["field"] for e in document["errors"]] == ["state"]
+    assert relabelled in document["detail"]
+    assert [s["id"] for s in client.get("/v1/sessions").json()["sessions"]] == [sid]
+
+
 def _muon_on(names: list[str]) -> dict[str, Any]:
     return {
         "optimizer": {"name": "AdamW"},
