@@ -248,6 +248,33 @@ def test_an_added_group_may_bring_its_own_optimizer(client: TestClient) -> None:
     assert "Muon only supports 2D parameters" in document["detail"]
 
 
+@pytest.mark.parametrize(
+    ("options", "field", "words"),
+    [
+        ({"optimizer": {"name": "Muon"}}, "params", "Muon only supports 2D parameters"),
+        ({"optimizer": {"name": "LBFGS"}}, "optimizer.name", "LBFGS"),
+        ({"optimizer": {"name": "Muon", "lr": -1.0}}, "optimizer.lr", "-1.0"),
+        ({"optimizer": "Muon"}, "optimizer", "optimizer must be an object"),
+        ({"optimizer": {"name": "Muon"}, "betas": [0.9, 0.9]}, "betas", "unknown argument betas"),
+        ({"lr": -1.0}, "lr", "Invalid learning rate: -1.0"),
+    ],
+)
+def test_a_refused_added_group_names_the_fields_of_its_request(
+    client: TestClient, options: dict[str, Any], field: str, words: str
+) -> None:
+    """The request has no ``param_groups``: its errors name its own keys, not those of
+    the config entry it becomes (``param_groups[1]``, the session's group 2)."""
+    case = PARITY["per-group-muon-adamw-none-float64"]
+    inputs = make_inputs(case)
+    sid = _create(client, case.config, inputs.initial)
+    before = client.get(f"/v1/sessions/{sid}/state").content
+    body = {"params": {"v": {"shape": [3], "data": [0.0] * 3}}, **options}
+    document = problem(client.post(f"/v1/sessions/{sid}/param_groups", json=body), 422)
+    assert [e["field"] for e in document["errors"]] == [field]
+    assert words in document["detail"] and "param_groups[" not in document["detail"]
+    assert client.get(f"/v1/sessions/{sid}/state").content == before
+
+
 def test_preview_and_catalog_know_group_optimizers(client: TestClient) -> None:
     body = {
         "optimizer": MUON_ADAMW["optimizer"],
