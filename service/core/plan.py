@@ -124,8 +124,8 @@ class Plan:
 
     @property
     def per_tensor_state(self) -> bool:
-        """Whether every group keeps its state per tensor (all but LBFGS, which never shares
-        a session with another optimizer)."""
+        """Whether every group keeps its state per tensor (all but LBFGS and the schedule-free
+        optimizers, none of which shares a session with another optimizer)."""
         return all(g.optimizer.per_tensor_state for g in self.groups)
 
     @property
