@@ -145,6 +145,33 @@ def test_a_checkpoint_whose_group_names_another_optimizer_is_refused(
     assert [s["id"] for s in client.get("/v1/sessions").json()["sessions"]] == [sid]
 
 
+def test_a_checkpoint_restores_values_its_schedule_moved_past_the_constructors_checks(
+    client: TestClient,
+) -> None:
+    """The counterpart of the check above: CyclicLR cycles SGD's nesterov momentum down to
+    0, which SGD's constructor refuses but its steps take, as in torch."""
+    config = {
+        "optimizer": {"name": "SGD", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+        "schedule": {
+            "name": "CyclicLR",
+            "base_lr": 0.01,
+            "max_lr": 0.1,
+            "step_size_up": 2,
+            "base_momentum": 0.0,
+            "max_momentum": 0.9,
+        },
+    }
+    sid = _create(client, config, {"w": np.ones(2)})
+    for _ in range(2):
+        _step(client, sid, {"w": np.ones(2)}, None, "json")
+    assert client.get(f"/v1/sessions/{sid}").json()["param_groups"][0]["momentum"] == 0.0
+    checkpoint = client.get(f"/v1/sessions/{sid}/state").content
+    restored = client.post(
+        "/v1/sessions", content=checkpoint, headers={"Content-Type": SAFETENSORS}
+    )
+    assert restored.status_code == 201, restored.text
+
+
 def _muon_on(names: list[str]) -> dict[str, Any]:
     return {
         "optimizer": {"name": "AdamW"},
