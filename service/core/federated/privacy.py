@@ -258,7 +258,8 @@ def clip(updates: Sequence[Sequence[np.ndarray]], c: float) -> tuple[list[list[n
 def _next_norm(c: float, exponent: float) -> float:
     """``c * exp(exponent)`` kept in the clipping norms' range: a large ``clip_norm_lr``
     would otherwise overflow ``exp`` or reach a zero norm, which clips every update to
-    nothing and no checkpoint accepts. Computed in log space, so nothing overflows."""
+    nothing and no checkpoint accepts. Computed in log space, so nothing overflows; inside
+    the range, as Flower computes it."""
     log_norm = math.log(c) + exponent
     low, high = math.log(MIN_CLIPPING_NORM), math.log(MAX_CLIPPING_NORM)
     return (
