@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.core.errors import CoreError, InvalidHyperparameter, InvalidInput
+from service.core.errors import CoreError, InvalidHyperparameter, InvalidInput, UnknownArguments
 from service.core.plan import Plan
 from service.core.schedules.group_values import clone
 from service.core.state import to_flat
@@ -208,6 +208,23 @@ def apply_edit(plan: Plan, state: TrainState, edit: GroupEdit) -> None:
             _hparams(plan, edit.index, group), planned.constructor
         )
         state.opt_states[edit.index] = planned.optimizer.init(shapes, init, plan.dtype)
+
+
+def in_added_group(exc: InvalidHyperparameter, config: Mapping[str, Any]) -> InvalidHyperparameter:
+    """``exc`` raised for :func:`extended_config`'s output, its fields as the add request
+    names them (``lr``, ``optimizer.name``, ``params``), not as the config's new entry
+    (``param_groups[K].lr``), which the request never had and whose index is not the
+    group's index in the session document."""
+    prefix = f"param_groups[{len(config['param_groups']) - 1}]."
+
+    def field(path: str) -> str:
+        return path[len(prefix) :] if path.startswith(prefix) else path
+
+    exc.argument = field(exc.argument)
+    exc.args = (str(exc).replace(prefix, ""),)
+    if isinstance(exc, UnknownArguments):
+        exc.errors = [(field(f), message.replace(prefix, "")) for f, message in exc.errors]
+    return exc
 
 
 def extended_config(

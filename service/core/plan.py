@@ -124,8 +124,8 @@ class Plan:
 
     @property
     def per_tensor_state(self) -> bool:
-        """Whether every group keeps its state per tensor (all but LBFGS, which never shares
-        a session with another optimizer)."""
+        """Whether every group keeps its state per tensor (all but LBFGS and the schedule-free
+        optimizers, none of which shares a session with another optimizer)."""
         return all(g.optimizer.per_tensor_state for g in self.groups)
 
     @property
@@ -284,15 +284,26 @@ def _group_optimizer(
     if "optimizer" not in entry:
         return default[0], default[1], False
     optimizer, constructor = parse_optimizer(entry.pop("optimizer"), f"{field}.optimizer")
+    for either in (optimizer, default[0]):
+        _check_shares(either, field)
+    return optimizer, constructor, True
+
+
+def _check_shares(optimizer: Optimizer[Any], field: str) -> None:
+    """Refuse a session of two optimizers where one keeps its state over every tensor."""
+    if optimizer.per_tensor_state:
+        return
     # LBFGS keeps one state over all of its parameters and steps with a closure: torch
     # cannot step it beside another optimizer on a share of a model's tensors.
-    check(
-        optimizer.per_tensor_state and default[0].per_tensor_state,
-        f"{field}.optimizer.name",
-        "LBFGS doesn't support per-parameter options (parameter groups)",
-        optimizer.name,
-    )
-    return optimizer, constructor, True
+    message = "LBFGS doesn't support per-parameter options (parameter groups)"
+    if optimizer.name != "LBFGS":
+        # Schedule-free advances its step count and moves every tensor towards its average
+        # on every step, gradient or not: a session's step reaches each of its tensors.
+        message = (
+            f"{optimizer.name} steps every tensor of a session on every step: it cannot "
+            "share a session with another optimizer"
+        )
+    raise InvalidHyperparameter(f"{field}.optimizer.name", message, optimizer.name)
 
 
 def _parse_groups(

@@ -449,6 +449,22 @@ def _plain(group: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
 
 
+def _group_hparams(plan: Plan, gi: int, raw: Any) -> dict[str, Any]:
+    """A checkpoint's hyperparameters of group ``gi``, checked against the optimizer that
+    steps it: a config naming another optimizer than the state's (Muon's group relabelled
+    SGD) is refused here rather than failing inside the next step."""
+    optimizer = plan.groups[gi].optimizer
+    known = [a.name for a in optimizer.args]
+    # Names only, not the constructor's range checks: a schedule may have moved a value
+    # where the constructor would refuse it (CyclicLR cycling SGD's nesterov momentum to 0).
+    if not isinstance(raw, dict) or any(name not in raw for name in known):
+        raise InvalidInput(
+            f"checkpoint state of group {gi} does not hold {optimizer.name}'s hyperparameters",
+            "state",
+        )
+    return dict(raw)
+
+
 def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> TrainState:
     """Rebuild a state from :func:`state_to_flat`'s output, checked against the plan.
 
@@ -471,7 +487,7 @@ def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, A
         ]
         return TrainState(
             step=int(meta["step"]),
-            groups=[dict(g) for g in meta["groups"]],
+            groups=[_group_hparams(plan, gi, g) for gi, g in enumerate(meta["groups"])],
             opt_states=records,
             schedule_state=copy.deepcopy(meta["schedule_state"]),
             skipped=int(meta.get("skipped", 0)),

@@ -16,7 +16,7 @@ import numpy as np
 
 from service.core import accumulation, averaging
 from service.core.clipping import total_norm
-from service.core.errors import InvalidInput
+from service.core.errors import InvalidHyperparameter, InvalidInput
 from service.core.federated.rounds import Federation
 from service.core.group_changes import (
     GroupEdit,
@@ -24,6 +24,7 @@ from service.core.group_changes import (
     apply_edit,
     check_add,
     extended_config,
+    in_added_group,
     plan_edit,
 )
 from service.core.plan import Plan, TensorSpec, plan_from_config
@@ -463,9 +464,12 @@ class LiveSession:
                 "averaging",
             )
         config = extended_config(self.config, tensors, options)
-        plan = plan_from_config(
-            config, ignore=federated_state.OUTER_KEYS, schedule_groups=len(self.state.groups)
-        )
+        try:
+            plan = plan_from_config(
+                config, ignore=federated_state.OUTER_KEYS, schedule_groups=len(self.state.groups)
+            )
+        except InvalidHyperparameter as exc:
+            raise in_added_group(exc, config) from None
         check_add(self.plan, plan, self.state)
         added = plan.tensors[len(self.plan.tensors) :]
         values: list[np.ndarray] | None = None

@@ -424,21 +424,6 @@ class SessionService:
 
     # -- catalog and preview -------------------------------------------------------------
 
-    def preview(
-        self,
-        optimizer: Mapping[str, Any],
-        schedule: Mapping[str, Any] | None,
-        steps: int,
-        param_groups: builtins.list[Any] | None = None,
-        metrics: builtins.list[float] | None = None,
-    ) -> builtins.list[builtins.list[float]]:
-        """The lr of every group before each step: the default group first, then the
-        ``param_groups`` in order. ``metrics`` feeds ReduceLROnPlateau, one per step."""
-        lrs: builtins.list[builtins.list[float]] = self.preview_document(
-            optimizer, schedule, steps, param_groups, metrics
-        )["lr"]
-        return lrs
-
     def preview_document(
         self,
         optimizer: Mapping[str, Any],
@@ -447,8 +432,9 @@ class SessionService:
         param_groups: builtins.list[Any] | None = None,
         metrics: builtins.list[float] | None = None,
     ) -> dict[str, Any]:
-        """:meth:`preview`'s lrs, and the optimizer that steps each group (its own, or the
-        session's)."""
+        """``lr``: the lr of every group before each step, the default group first, then the
+        ``param_groups`` in order (``metrics`` feeds ReduceLROnPlateau, one per step);
+        ``optimizers``: the optimizer that steps each group (its own, or the session's)."""
         if (
             not isinstance(steps, int)
             or isinstance(steps, bool)

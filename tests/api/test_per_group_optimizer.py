@@ -120,6 +120,58 @@ def test_a_checkpoint_restores_a_session_of_two_optimizers(client: TestClient) -
         np.testing.assert_array_equal(a[name], b[name])
 
 
+@pytest.mark.parametrize("relabelled", ["SGD", "Adam"])
+def test_a_checkpoint_whose_group_names_another_optimizer_is_refused(
+    client: TestClient, relabelled: str
+) -> None:
+    """The Muon group's config says SGD (which keeps a momentum buffer too) or Adam; the
+    state is Muon's. Restoring it would fail at the next step."""
+    case = PARITY["per-group-muon-adamw-none-float64"]
+    inputs = make_inputs(case)
+    sid = _create(client, case.config, inputs.initial)
+    _step(client, sid, inputs.grads[0], None, "json")
+    tensors, metadata = safetensors.decode(client.get(f"/v1/sessions/{sid}/state").content)
+    config = json.loads(metadata["session"])
+    weights = config["param_groups"][0]["params"]
+    config["param_groups"][0] = {"params": weights, "optimizer": {"name": relabelled}}
+    forged = safetensors.encode(
+        {n: np.asarray(v) for n, v in tensors.items()},
+        {**metadata, "session": json.dumps(config)},
+    )
+    response = client.post("/v1/sessions", content=forged, headers={"Content-Type": SAFETENSORS})
+    document = problem(response, 422)
+    assert [e["field"] for e in document["errors"]] == ["state"]
+    assert relabelled in document["detail"]
+    assert [s["id"] for s in client.get("/v1/sessions").json()["sessions"]] == [sid]
+
+
+def test_a_checkpoint_restores_values_its_schedule_moved_past_the_constructors_checks(
+    client: TestClient,
+) -> None:
+    """The counterpart of the check above: CyclicLR cycles SGD's nesterov momentum down to
+    0, which SGD's constructor refuses but its steps take, as in torch."""
+    config = {
+        "optimizer": {"name": "SGD", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+        "schedule": {
+            "name": "CyclicLR",
+            "base_lr": 0.01,
+            "max_lr": 0.1,
+            "step_size_up": 2,
+            "base_momentum": 0.0,
+            "max_momentum": 0.9,
+        },
+    }
+    sid = _create(client, config, {"w": np.ones(2)})
+    for _ in range(2):
+        _step(client, sid, {"w": np.ones(2)}, None, "json")
+    assert client.get(f"/v1/sessions/{sid}").json()["param_groups"][0]["momentum"] == 0.0
+    checkpoint = client.get(f"/v1/sessions/{sid}/state").content
+    restored = client.post(
+        "/v1/sessions", content=checkpoint, headers={"Content-Type": SAFETENSORS}
+    )
+    assert restored.status_code == 201, restored.text
+
+
 def _muon_on(names: list[str]) -> dict[str, Any]:
     return {
         "optimizer": {"name": "AdamW"},
@@ -164,6 +216,28 @@ def test_a_group_optimizer_that_cannot_take_the_group_is_refused(
     assert client.get("/v1/sessions").json()["sessions"] == []
 
 
+@pytest.mark.parametrize(
+    ("session", "group", "named"),
+    [
+        ("AdamW", "AdamWScheduleFree", "AdamWScheduleFree"),
+        ("SGDScheduleFree", "Muon", "SGDScheduleFree"),
+        ("AdamW", "LBFGS", "LBFGS"),
+    ],
+)
+def test_an_optimizer_that_steps_every_tensor_shares_no_session(
+    client: TestClient, session: str, group: str, named: str
+) -> None:
+    config = {
+        **_muon_on(["w"]),
+        "optimizer": {"name": session},
+        "param_groups": [{"params": ["w"], "optimizer": {"name": group}}],
+    }
+    document = problem(client.post("/v1/sessions", json=config), 422)
+    assert [e["field"] for e in document["errors"]] == ["param_groups[0].optimizer.name"]
+    assert document["detail"].startswith(named)
+    assert client.get("/v1/sessions").json()["sessions"] == []
+
+
 def test_edits_follow_each_groups_optimizer_and_its_optimizer_stays(client: TestClient) -> None:
     case = PARITY["per-group-muon-adamw-none-float64"]
     inputs = make_inputs(case)
@@ -199,6 +273,33 @@ def test_an_added_group_may_bring_its_own_optimizer(client: TestClient) -> None:
     vector = {"params": {"v": {"shape": [3], "data": [0.0] * 3}}, "optimizer": {"name": "Muon"}}
     document = problem(client.post(f"/v1/sessions/{sid}/param_groups", json=vector), 422)
     assert "Muon only supports 2D parameters" in document["detail"]
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "words"),
+    [
+        ({"optimizer": {"name": "Muon"}}, "params", "Muon only supports 2D parameters"),
+        ({"optimizer": {"name": "LBFGS"}}, "optimizer.name", "LBFGS"),
+        ({"optimizer": {"name": "Muon", "lr": -1.0}}, "optimizer.lr", "-1.0"),
+        ({"optimizer": "Muon"}, "optimizer", "optimizer must be an object"),
+        ({"optimizer": {"name": "Muon"}, "betas": [0.9, 0.9]}, "betas", "unknown argument betas"),
+        ({"lr": -1.0}, "lr", "Invalid learning rate: -1.0"),
+    ],
+)
+def test_a_refused_added_group_names_the_fields_of_its_request(
+    client: TestClient, options: dict[str, Any], field: str, words: str
+) -> None:
+    """The request has no ``param_groups``: its errors name its own keys, not those of
+    the config entry it becomes (``param_groups[1]``, the session's group 2)."""
+    case = PARITY["per-group-muon-adamw-none-float64"]
+    inputs = make_inputs(case)
+    sid = _create(client, case.config, inputs.initial)
+    before = client.get(f"/v1/sessions/{sid}/state").content
+    body = {"params": {"v": {"shape": [3], "data": [0.0] * 3}}, **options}
+    document = problem(client.post(f"/v1/sessions/{sid}/param_groups", json=body), 422)
+    assert [e["field"] for e in document["errors"]] == [field]
+    assert words in document["detail"] and "param_groups[" not in document["detail"]
+    assert client.get(f"/v1/sessions/{sid}/state").content == before
 
 
 def test_preview_and_catalog_know_group_optimizers(client: TestClient) -> None:

@@ -15,7 +15,7 @@ import pytest
 from service.core.errors import InvalidHyperparameter
 from service.core.federated import aggregators, privacy, rounds
 from service.core.federated.aggregators import AggregatorSpec
-from service.core.federated.spec import parse_aggregation
+from service.core.federated.spec import HISTORY_LIMIT, parse_aggregation
 
 SHAPES = [(3, 2), (4,)]
 
@@ -231,3 +231,29 @@ def test_a_private_robust_round_survives_its_flat_form() -> None:
         rounds.from_flat(spec, SHAPES, {k: v for k, v in arrays.items() if k[-3:] != "2.1"}, meta)
     with pytest.raises(Exception, match="privacy"):
         rounds.from_flat(spec, SHAPES, arrays, {**meta, "privacy": {"clipping_norm": -1}})
+
+
+def test_the_history_finds_keyed_updates_until_it_forgets_their_round() -> None:
+    spec = parse_aggregation({"mode": "rounds", "clients_per_round": 2})
+    assert spec is not None
+    federation = rounds.start(spec, [(1,)], 0, 0.0)
+
+    def record(number: int) -> dict[str, Any]:
+        participants = [
+            {"client_id": f"c{k}", "fingerprint": f"fp{number}.{k}", "idempotency_key": key}
+            for k, key in enumerate([f"k{number}", None])
+        ]
+        return {"round": number, "participants": participants}
+
+    federation.remember(record(1))
+    found = federation.keyed("k1")  # built from the history at the first look-up
+    assert found == rounds.KeyedUpdate("c0", 1, "fp1.0")
+    for number in range(2, HISTORY_LIMIT + 2):
+        federation.remember(record(number))  # kept up to date from then on
+    assert federation.keyed("k1") is None  # round 1 left the history
+    assert federation.keyed("k2") == rounds.KeyedUpdate("c0", 2, "fp2.0")
+    last = HISTORY_LIMIT + 1
+    assert federation.keyed(f"k{last}") == rounds.KeyedUpdate("c0", last, f"fp{last}.0")
+    rebuilt = rounds.Federation(spec, federation.round, list(federation.history))
+    for number in (1, 2, last):
+        assert rebuilt.keyed(f"k{number}") == federation.keyed(f"k{number}")

@@ -212,18 +212,19 @@ async def test_catalogs_list_every_optimizer_and_schedule() -> None:
 
 async def test_preview_gives_the_lr_per_step_per_group() -> None:
     async with running(MemoryStore()) as service:
-        lrs = service.preview(
+        lrs = service.preview_document(
             {"name": "SGD", "lr": 1.0},
             {"name": "StepLR", "step_size": 2, "gamma": 0.5},
             5,
             [{"params": ["head"], "lr": 0.1}],
-        )
+        )["lr"]
         assert len(lrs) == 5
         assert [round(step[0], 12) for step in lrs] == [1.0, 1.0, 0.5, 0.5, 0.25]
         assert [round(step[1], 12) for step in lrs] == [0.1, 0.1, 0.05, 0.05, 0.025]
-        assert service.preview({"name": "SGD", "lr": 0.3}, None, 2) == [[0.3], [0.3]]
+        document = service.preview_document({"name": "SGD", "lr": 0.3}, None, 2)
+        assert document == {"lr": [[0.3], [0.3]], "optimizers": ["SGD"]}
         with pytest.raises(InvalidHyperparameter) as steps:
-            service.preview({"name": "SGD"}, None, 0)
+            service.preview_document({"name": "SGD"}, None, 0)
         assert steps.value.argument == "steps"
         with pytest.raises((InvalidHyperparameter, UnknownName)):
-            service.preview({"name": "SGD"}, {"name": "NoSuchLR"}, 3)
+            service.preview_document({"name": "SGD"}, {"name": "NoSuchLR"}, 3)

@@ -46,6 +46,12 @@ from service.core.hparams import Arg, check, resolve
 FIELD = "aggregation.privacy"
 CLIPPING = ("fixed", "adaptive")
 MAX_SEED = 2**63 - 1
+MIN_CLIPPING_NORM = 1e-100
+MAX_CLIPPING_NORM = 1e100
+"""Every clipping norm, the adaptive loop's included, stays in this range: far beyond any
+update's norm on either side, and its product with any allowed noise multiplier (the
+noise's stddev) stays finite."""
+MAX_NOISE_MULTIPLIER = 1e100
 _COMMON = (
     Arg("clipping", "str", None, "'fixed' or 'adaptive'", choices=CLIPPING, required=True),
     Arg("noise_multiplier", "float", None, "z: noise stddev over clipping norm", required=True),
@@ -119,8 +125,20 @@ def parse_privacy(raw: Any, clients_per_round: int) -> PrivacySpec | None:
     where = f"{FIELD}."
     hp = resolve(ADAPTIVE_ARGS if clipping == "adaptive" else FIXED_ARGS, raw, where=where)
     z, c, seed = hp["noise_multiplier"], hp["clipping_norm"], hp["seed"]
-    check(z >= 0.0, f"{where}noise_multiplier", f"noise_multiplier must be >= 0, got {z}", z)
-    check(c > 0.0, f"{where}clipping_norm", f"clipping_norm must be > 0, got {c}", c)
+    # Infinite values pass torch-style range checks but make every round's release
+    # non-finite: the session could never close a round again.
+    check(
+        0.0 <= z <= MAX_NOISE_MULTIPLIER,
+        f"{where}noise_multiplier",
+        f"noise_multiplier must be from 0 to {MAX_NOISE_MULTIPLIER:g}, got {z}",
+        z,
+    )
+    check(
+        MIN_CLIPPING_NORM <= c <= MAX_CLIPPING_NORM,
+        f"{where}clipping_norm",
+        f"clipping_norm must be from {MIN_CLIPPING_NORM:g} to {MAX_CLIPPING_NORM:g}, got {c}",
+        c,
+    )
     if seed is not None:
         check(0 <= seed <= MAX_SEED, f"{where}seed", f"seed must be from 0 to {MAX_SEED}", seed)
     if clipping == "fixed":
@@ -136,13 +154,18 @@ def parse_privacy(raw: Any, clients_per_round: int) -> PrivacySpec | None:
         f"target_unclipped_quantile must be in [0, 1], got {target}",
         target,
     )
-    check(lr > 0.0, f"{where}clip_norm_lr", f"clip_norm_lr must be > 0, got {lr}", lr)
+    check(
+        0.0 < lr < math.inf,
+        f"{where}clip_norm_lr",
+        f"clip_norm_lr must be finite and > 0, got {lr}",
+        lr,
+    )
     if count_stddev is None:
         count_stddev = clients_per_round / 20 if z > 0 else 0.0
     check(
-        count_stddev >= 0.0,
+        0.0 <= count_stddev < math.inf,
         f"{where}clipped_count_stddev",
-        f"clipped_count_stddev must be >= 0, got {count_stddev}",
+        f"clipped_count_stddev must be finite and >= 0, got {count_stddev}",
         count_stddev,
     )
     aggregate_z = 0.0
@@ -155,7 +178,18 @@ def parse_privacy(raw: Any, clients_per_round: int) -> PrivacySpec | None:
             f"({2 * count_stddev}): raise clipped_count_stddev or clients_per_round",
             count_stddev,
         )
-        aggregate_z = (z**-2 - (2 * count_stddev) ** -2) ** -0.5
+        try:
+            aggregate_z = (z**-2 - (2 * count_stddev) ** -2) ** -0.5
+        except (OverflowError, ZeroDivisionError):  # z**-2 beyond floats, or the two equal
+            aggregate_z = math.inf
+        check(
+            aggregate_z <= MAX_NOISE_MULTIPLIER,
+            f"{where}noise_multiplier",
+            f"noise_multiplier ({z}) leaves the aggregate a noise multiplier of "
+            f"{aggregate_z:g}, beyond {MAX_NOISE_MULTIPLIER:g}: lower it or raise "
+            "clipped_count_stddev",
+            z,
+        )
     return PrivacySpec("adaptive", c, z, seed, target, lr, float(count_stddev), float(aggregate_z))
 
 
@@ -221,6 +255,18 @@ def clip(updates: Sequence[Sequence[np.ndarray]], c: float) -> tuple[list[list[n
     return out, clipped
 
 
+def _next_norm(c: float, exponent: float) -> float:
+    """``c * exp(exponent)`` kept in the clipping norms' range: a large ``clip_norm_lr``
+    would otherwise overflow ``exp`` or reach a zero norm, which clips every update to
+    nothing and no checkpoint accepts. Computed in log space, so nothing overflows; inside
+    the range, as Flower computes it."""
+    log_norm = math.log(c) + exponent
+    low, high = math.log(MIN_CLIPPING_NORM), math.log(MAX_CLIPPING_NORM)
+    return (
+        c * math.exp(exponent) if low < log_norm < high else math.exp(min(max(log_norm, low), high))
+    )
+
+
 @dataclass(frozen=True)
 class Release:
     """One round's privatised aggregate and what the history reports about it."""
@@ -246,7 +292,7 @@ def release(
     if spec.adaptive:
         # Drawn before the aggregate's noise, in Flower's order.
         unclipped = (n - clipped + float(generator.normal(0.0, spec.clipped_count_stddev))) / n
-        next_norm = c * math.exp(-spec.clip_norm_lr * (unclipped - spec.target_unclipped_quantile))
+        next_norm = _next_norm(c, -spec.clip_norm_lr * (unclipped - spec.target_unclipped_quantile))
         record.update(unclipped_fraction=unclipped, next_clipping_norm=next_norm)
     stddev = spec.aggregate_noise_multiplier * c / n
     noisy = [np.asarray(a + generator.normal(0.0, stddev, a.shape)) for a in aggregate]

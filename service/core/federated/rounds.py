@@ -119,11 +119,53 @@ class Federation:
     ``HISTORY_LIMIT``."""
     privacy: PrivacyState | None = None
     """The clipping norm and noise generator, with ``spec.privacy``."""
+    _keys: dict[str, KeyedUpdate] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    """The history's updates by idempotency key, built at the first look-up: every keyed
+    update looks its key up, and the history holds up to HISTORY_LIMIT rounds of
+    clients_per_round participants each."""
 
     def remember(self, record: dict[str, Any]) -> None:
         self.history.append(record)
+        if self._keys is not None:
+            self._keys.update(_keyed_updates(record))
         if len(self.history) > HISTORY_LIMIT:
-            del self.history[: len(self.history) - HISTORY_LIMIT]
+            forgotten = self.history[: len(self.history) - HISTORY_LIMIT]
+            del self.history[: len(forgotten)]
+            keys = self._keys
+            if keys is not None:
+                for old in forgotten:
+                    for key in _keyed_updates(old):
+                        keys.pop(key, None)
+
+    def keyed(self, key: str) -> KeyedUpdate | None:
+        """The update of the history that came with idempotency key ``key``, if any."""
+        if self._keys is None:
+            self._keys = {}
+            for record in self.history:
+                self._keys.update(_keyed_updates(record))
+        return self._keys.get(key)
+
+
+@dataclass(frozen=True)
+class KeyedUpdate:
+    """Who sent an update with an idempotency key, where (round, or async base version),
+    and its fingerprint: what a retry with that key must match."""
+
+    client_id: str
+    at: Any
+    fingerprint: str
+
+
+def _keyed_updates(record: Mapping[str, Any]) -> dict[str, KeyedUpdate]:
+    """A history record's keyed updates (a round's participants, or one async update)."""
+    at = record.get("round", record.get("base_version"))
+    return {
+        p["idempotency_key"]: KeyedUpdate(p["client_id"], at, p["fingerprint"])
+        for p in record.get("participants", [record])
+        if p.get("idempotency_key") is not None
+    }
 
 
 def zeros_like(shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:

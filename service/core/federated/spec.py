@@ -19,6 +19,7 @@ dotted field paths (``"aggregation.min_clients"``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -157,7 +158,12 @@ def _rounds(given: Mapping[str, Any]) -> AggregationSpec:
             timeout,
         )
     mu = hp["proximal_mu"]
-    check(mu >= 0.0, f"{where}proximal_mu", f"proximal_mu must be >= 0, got {mu}", mu)
+    check(
+        0.0 <= mu < math.inf,
+        f"{where}proximal_mu",
+        f"proximal_mu must be finite and >= 0, got {mu}",
+        mu,
+    )
     return AggregationSpec(
         mode="rounds",
         clients_per_round=k,

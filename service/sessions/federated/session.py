@@ -20,7 +20,7 @@ import numpy as np
 
 from service.core.errors import InvalidInput
 from service.core.federated import rounds
-from service.core.federated.rounds import Closing, Contribution, Federation
+from service.core.federated.rounds import Closing, Contribution, Federation, KeyedUpdate
 from service.core.federated.spec import AggregationSpec
 from service.core.federated.staleness import staleness_weight
 from service.core.training import apply_step, first_nonfinite, validate_step
@@ -150,20 +150,14 @@ def prepare_update(
     return _prepare_async_update(live, federation, request)
 
 
-def _keyed(federation: Federation, key: str) -> Mapping[str, Any] | None:
-    """The update accepted with idempotency key ``key``, if the session still knows it:
-    its client, round (or base version) and fingerprint."""
+def _keyed(federation: Federation, key: str) -> KeyedUpdate | None:
+    """The update accepted with idempotency key ``key``, if the session still knows it."""
     opened = federation.round
     if opened is not None:
         for c in opened.contributions:
             if c.key == key:
-                return {"client_id": c.client_id, "at": opened.number, "fp": c.fingerprint}
-    for record in reversed(federation.history):
-        for p in record.get("participants", [record]):
-            if p.get("idempotency_key") == key:
-                at = record.get("round", record.get("base_version"))
-                return {"client_id": p["client_id"], "at": at, "fp": p["fingerprint"]}
-    return None
+                return KeyedUpdate(c.client_id, opened.number, c.fingerprint)
+    return federation.keyed(key)
 
 
 def _check_key(live: LiveSession, federation: Federation, request: UpdateRequest) -> None:
@@ -174,8 +168,8 @@ def _check_key(live: LiveSession, federation: Federation, request: UpdateRequest
     if earlier is None:
         return
     at = request.round if federation.spec.rounds else request.base_version
-    same_place = (earlier["client_id"], earlier["at"]) == (request.client_id, at)
-    if not same_place or earlier["fp"] != _parse(live, request)[2]:
+    same_place = (earlier.client_id, earlier.at) == (request.client_id, at)
+    if not same_place or earlier.fingerprint != _parse(live, request)[2]:
         raise IdempotencyKeyReused(request.idempotency_key)
 
 
