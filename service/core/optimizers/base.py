@@ -92,6 +92,13 @@ class Optimizer(ABC, Generic[S]):
         """Reject tensor shapes the rule cannot handle with the group's hyperparameters
         ``hp`` (Muon: 2-D only)."""
 
+    def extra_state_elements(self, shapes: Sequence[Shape], hp: Mapping[str, Any]) -> int:
+        """State entries that do not grow with the parameters but faster (SOAP's ``d x d``
+        bases): a session's element limit counts them beside the parameters, since they
+        can outweigh them by orders of magnitude. The parameter-shaped moments every rule
+        keeps are not counted, as for every other optimizer."""
+        return 0
+
     @abstractmethod
     def init(self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]) -> S:
         """Fresh state for a group of tensors with these shapes."""

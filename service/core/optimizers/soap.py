@@ -33,6 +33,14 @@ from service.core.hparams import Arg, check
 from service.core.optimizers.base import Optimizer, Shape, register
 from service.core.optimizers.muon import lerp
 
+MAX_PRECONDITIONED_DIM = 4096
+"""The longest dimension optserve gives a preconditioner. A dimension of length d keeps two
+d x d matrices and costs an O(d^3) ``eigh`` at its first step, then a matrix product and QR
+of that size every ``precondition_frequency`` steps: at 4096 one float64 ``eigh`` took 11.6
+s on the development machine's 2 cores (2048: 1.5 s), and the package's default
+``max_precondition_dim`` (10000) would hold a step worker for minutes and 1.6 GB. Shapes
+that would get a longer one are refused when the group is made, naming the argument."""
+
 
 @dataclass
 class SOAPState:
@@ -211,20 +219,39 @@ class SOAP(Optimizer[SOAPState]):
         check(hp["eps"] >= 0.0, f"{where}eps", "eps must be non-negative", hp["eps"])
 
     def check_shapes(self, shapes: Sequence[Shape], hp: Mapping[str, Any]) -> None:
-        if not hp["merge_dims"]:
-            return
         for shape in shapes:
+            layout = _Layout.of(tuple(shape), hp, hp["data_format"])
+            largest = max((b for b in layout.blocks if b is not None), default=0)
+            if largest > MAX_PRECONDITIONED_DIM:
+                raise InvalidHyperparameter(
+                    "max_precondition_dim",
+                    f"a tensor of shape {list(shape)} would get a {largest}x{largest} "
+                    f"preconditioner with max_precondition_dim={hp['max_precondition_dim']}; "
+                    f"optserve preconditions dimensions of at most {MAX_PRECONDITIONED_DIM} "
+                    "(each costs an eigendecomposition of that size): set "
+                    f"max_precondition_dim to {MAX_PRECONDITIONED_DIM} or less, which leaves "
+                    "longer dimensions unpreconditioned, as the package does",
+                )
             # merge_small_dims gives [1] when every dimension fits, and the package's
             # reshape to it fails at the first step for any tensor of more than one entry.
             size = math.prod(shape)
-            layout = _Layout.of(tuple(shape), hp, hp["data_format"])
-            if math.prod(layout.working) != size:
+            if hp["merge_dims"] and math.prod(layout.working) != size:
                 raise InvalidHyperparameter(
                     "merge_dims",
                     f"merge_dims cannot take a tensor of shape {list(shape)} with "
                     f"max_precondition_dim={hp['max_precondition_dim']}: its {size} entries "
                     "all fit in one dimension, which the package reshapes to [1]",
                 )
+
+    def extra_state_elements(self, shapes: Sequence[Shape], hp: Mapping[str, Any]) -> int:
+        # Each preconditioned dimension keeps two d x d matrices: its statistic and basis.
+        data_format = hp.get("constructor_data_format", hp["data_format"])
+        return sum(
+            2 * block * block
+            for shape in shapes
+            for block in _Layout.of(tuple(shape), hp, data_format).blocks
+            if block is not None
+        )
 
     def needs_params(self, hp: Mapping[str, Any]) -> bool:
         return bool(hp["weight_decay"])
