@@ -199,6 +199,34 @@ def signatures_match_torch(*names: str) -> PytestFunction:
     return test
 
 
+def assert_refused_beyond_package(
+    name: str, given: Mapping[str, Any], argument: str, message: str
+) -> None:
+    """optserve refuses a value its reference package takes (and then runs on meaninglessly):
+    naming the argument, and the package indeed taking it when present (the difference
+    docs/torch-compatibility.md lists)."""
+    optimizer = optimizers.get(name)
+    with pytest.raises(InvalidHyperparameter) as caught:
+        optimizer.resolve(given, where="optimizer.")
+    assert caught.value.argument == f"optimizer.{argument}"
+    assert str(caught.value) == message
+    if HAVE_TORCH and available(name):
+        import torch
+
+        torch_given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+        reference_class(optimizer.name)([torch.zeros(2, requires_grad=True)], **torch_given)
+
+
+def refused_beyond_package(name: str, rows: Sequence[Rejection]) -> PytestFunction:
+    """:func:`assert_refused_beyond_package` for every row."""
+
+    @pytest.mark.parametrize(("given", "argument", "message"), rows)
+    def test(given: Mapping[str, object], argument: str, message: str) -> None:
+        assert_refused_beyond_package(name, given, argument, message)
+
+    return test
+
+
 def invalid_hyperparameters_rejected(table: Mapping[str, Sequence[Rejection]]) -> PytestFunction:
     """Every row of every optimizer in ``table``; parametrized by optimizer when several."""
     if len(table) == 1:

@@ -35,6 +35,13 @@ INVALID: list[checks.Rejection] = [
     ({"max_precondition_dim": 0}, "max_precondition_dim", "max_precondition_dim must be positive"),
     ({"eps": -1e-8}, "eps", "eps must be non-negative"),
 ]
+BEYOND_PACKAGE: list[checks.Rejection] = [
+    # The package takes it, and its statistics then extrapolate.
+    ({"shampoo_beta": 1.5}, "shampoo_beta", "shampoo_beta must be at most 1"),
+]
+test_values_the_package_takes_and_runs_on_meaninglessly_are_refused = checks.refused_beyond_package(
+    "SOAP", BEYOND_PACKAGE
+)
 
 test_update_matches_pytorch_optimizer_for_200_steps = checks.updates_match_torch(CASES)
 test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(CASES, prime=12)

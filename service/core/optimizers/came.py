@@ -130,6 +130,15 @@ class CAME(Optimizer[CAMEState]):
                 list(betas),
             )
 
+        # The package checks none of these. A negative eps can make the squared gradient's
+        # average negative and its root NaN; a clip_threshold of 0 divides by zero and a
+        # negative one turns clipping off.
+        eps = hp["eps"]
+        check(min(eps) >= 0.0, f"{where}eps", f"Invalid epsilon value: {list(eps)}", list(eps))
+        clip, wd = hp["clip_threshold"], hp["weight_decay"]
+        check(clip > 0.0, f"{where}clip_threshold", f"Invalid clip_threshold value: {clip}", clip)
+        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+
     def needs_params(self, hp: Mapping[str, Any]) -> bool:
         return bool(hp["weight_decay"])
 

@@ -214,6 +214,15 @@ class SOAP(Optimizer[SOAPState]):
                 f"{name} must be non-negative",
                 value,
             )
+        # The package only asks for a non-negative shampoo_beta; above 1 the statistics'
+        # moving average extrapolates away from the gradients' outer products.
+        sb = hp["shampoo_beta"]
+        check(
+            sb is None or sb <= 1.0,
+            f"{where}shampoo_beta",
+            "shampoo_beta must be at most 1",
+            sb,
+        )
         for name in ("precondition_frequency", "max_precondition_dim"):
             check(hp[name] > 0, f"{where}{name}", f"{name} must be positive", hp[name])
         check(hp["eps"] >= 0.0, f"{where}eps", "eps must be non-negative", hp["eps"])
