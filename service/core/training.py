@@ -177,6 +177,8 @@ def check_step(
     step durably before applying it checks it first, so that nothing recorded is refused.
     """
     reason = validate_step(plan, grads, params, loss, needs_params(plan, state))
+    if reason is None:
+        reason = _check_grads_fit(plan, state, grads)
     if reason is not None:
         return reason
     # A session's groups by index, as PATCH .../param_groups/{index} names them.
@@ -188,6 +190,58 @@ def check_step(
     if spec is not None and spec.interval == "step" and state.since_schedule + 1 >= spec.every:
         assert state.schedule_state is not None
         spec.schedule.check_step(spec.config, state.schedule_state, state.groups, loss)
+    return None
+
+
+def _check_grads_fit(
+    plan: Plan, state: TrainState, grads: Sequence[np.ndarray | None]
+) -> str | None:
+    """Refuse (or skip, as non-finite input) finite gradients a rule cannot take
+    (:meth:`Optimizer.grads_to_check`: SOAP's statistics overflowing at a tensor's first
+    gradient), looking at them as clipping will leave them, on copies."""
+    wanted = [
+        (gi, list(g.optimizer.grads_to_check(state.opt_states[gi])))
+        for gi, g in enumerate(plan.groups)
+    ]
+    wanted = [
+        (gi, ks)
+        for gi, ks in wanted
+        if any(grads[plan.groups[gi].indices[k]] is not None for k in ks)
+    ]
+    if not wanted:
+        return None
+    seen = [None if g is None else g.copy() for g in grads]
+    _clip(plan, [g for g in seen if g is not None])
+    for gi, ks in wanted:
+        group = plan.groups[gi]
+        for k in ks:
+            i = group.indices[k]
+            grad = seen[i]
+            why = (
+                ""
+                if grad is None
+                else group.optimizer.check_grad(k, grad, state.opt_states[gi], state.groups[gi])
+            )
+            if why:
+                name = plan.tensors[i].name
+                reason = f"grads {name!r} {why}"
+                if plan.nonfinite == "error":
+                    raise InvalidInput(reason, f"grads.{name}")
+                return reason
+    return None
+
+
+def _clip(plan: Plan, present: Sequence[np.ndarray]) -> float | None:
+    """The session's clipping of the gradients given, in place, as torch's utilities clip
+    them; the 2-norm they had when clipping computes it."""
+    # With no gradient at all torch's clipping does nothing (and returns a norm of 0).
+    if plan.clip_grad_value is not None and present:
+        clip_grad_value(present, plan.clip_grad_value["clip_value"])
+    if plan.clip_grad_norm is not None and present:
+        clip = plan.clip_grad_norm
+        clipped = clip_grad_norm(present, clip["max_norm"], clip["norm_type"])
+        if plan.clipping_computes_grad_norm:
+            return clipped
     return None
 
 
@@ -230,16 +284,7 @@ def apply_checked(
             np.zeros(t.shape, plan.dtype) if g is None else g
             for t, g in zip(plan.tensors, grads, strict=True)
         ]
-    present = [g for g in grads if g is not None]
-    # With no gradient at all torch's clipping does nothing (and returns a norm of 0).
-    if plan.clip_grad_value is not None and present:
-        clip_grad_value(present, plan.clip_grad_value["clip_value"])
-    grad_norm = None
-    if plan.clip_grad_norm is not None and present:
-        clip = plan.clip_grad_norm
-        clipped = clip_grad_norm(present, clip["max_norm"], clip["norm_type"])
-        if plan.clipping_computes_grad_norm:
-            grad_norm = clipped
+    grad_norm = _clip(plan, [g for g in grads if g is not None])
     evaluate, completed = False, True
     metric = loss
     for members in optimizer_instances(plan.groups):

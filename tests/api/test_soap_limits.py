@@ -80,3 +80,21 @@ def test_an_added_group_that_would_outgrow_the_limit_is_refused() -> None:
             "invalid-hyperparameter",
         )
         assert client.get(f"/v1/sessions/{sid}").json() == before
+
+
+def test_a_first_gradient_overflowing_the_statistics_is_a_422_and_the_session_goes_on(
+    client: TestClient,
+) -> None:
+    config = {
+        "optimizer": {"name": "SOAP", "weight_decay": 0.0},
+        "params": {"w": {"shape": [3, 3]}},
+        "dtype": "float64",
+    }
+    sid = client.post("/v1/sessions", json=config).json()["id"]
+    # Finite in float64; its outer products (3e400) are not.
+    huge = client.post(f"/v1/sessions/{sid}/step", json={"grads": {"w": [[1e200] * 3] * 3}})
+    document = problem(huge, 422, "invalid-input")
+    assert "overflow SOAP's statistics" in document["detail"]
+    assert client.get(f"/v1/sessions/{sid}").json()["step"] == 0
+    step = client.post(f"/v1/sessions/{sid}/step", json={"grads": {"w": [[1.0] * 3] * 3}})
+    assert step.status_code == 200, step.text

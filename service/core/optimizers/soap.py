@@ -252,6 +252,35 @@ class SOAP(Optimizer[SOAPState]):
                     "all fit in one dimension, which the package reshapes to [1]",
                 )
 
+    def grads_to_check(self, state: SOAPState) -> Sequence[int]:
+        return [i for i, started in enumerate(state.started) if not started]
+
+    def check_grad(
+        self, index: int, grad: np.ndarray, state: SOAPState, hp: Mapping[str, Any]
+    ) -> str:
+        # A tensor's first bases are an eigh of its statistics, which fails (in the package
+        # too) when they overflow. Each statistic's largest entry is on its diagonal (it is
+        # a Gram matrix), the sums of squares over the other dimensions, and the
+        # moving average at the start only scales it down.
+        layout = _Layout.of(grad.shape, hp, state.data_format)
+        x = grad if len(layout.shape) == 1 else layout.to_working(grad)
+        with np.errstate(over="ignore"):  # an overflow is what is looked for
+            squares = np.square(x, dtype=np.float64)
+            sums = [
+                squares.sum(axis=tuple(a for a in range(x.ndim) if a != axis))
+                for axis, block in enumerate(layout.blocks)
+                if block is not None
+            ]
+        limit = float(np.finfo(grad.dtype).max)
+        for diagonal in sums:
+            largest = float(diagonal.max(initial=0.0))
+            if not largest <= limit:
+                return (
+                    f"overflow SOAP's statistics in {grad.dtype} (an entry of {largest:.3g}): "
+                    "its first eigenbasis cannot be computed; clip the gradients"
+                )
+        return ""
+
     def extra_state_elements(self, shapes: Sequence[Shape], hp: Mapping[str, Any]) -> int:
         # Each preconditioned dimension keeps two d x d matrices: its statistic and basis.
         data_format = hp.get("constructor_data_format", hp["data_format"])
