@@ -33,13 +33,15 @@ from service.core.hparams import Arg, check
 from service.core.optimizers.base import Optimizer, Shape, register
 from service.core.optimizers.muon import lerp
 
-MAX_PRECONDITIONED_DIM = 4096
+MAX_PRECONDITIONED_DIM = 2048
 """The longest dimension optserve gives a preconditioner. A dimension of length d keeps two
-d x d matrices and costs an O(d^3) ``eigh`` at its first step, then a matrix product and QR
-of that size every ``precondition_frequency`` steps: at 4096 one float64 ``eigh`` took 11.6
-s on the development machine's 2 cores (2048: 1.5 s), and the package's default
-``max_precondition_dim`` (10000) would hold a step worker for minutes and 1.6 GB. Shapes
-that would get a longer one are refused when the group is made, naming the argument."""
+d x d matrices and costs an O(d^3) ``eigh`` at its tensor's first step, then a product and
+QR of that size every ``precondition_frequency`` steps, beside projections of O(d) per
+entry every step. Measured on the development machine's 2 shared cores, float32, a
+d x d tensor with ``precondition_frequency=1``: first step 97.7 s and then 61-69 s a step
+at d = 4096, 15.1 s and then 10-11 s at 2048; the package's default
+``max_precondition_dim`` (10000) would hold a step worker far longer. Shapes that would
+get a longer one are refused when the group is made, naming the argument."""
 
 
 @dataclass
