@@ -13,7 +13,7 @@ checked before anything is mutated, so a rejected step leaves the state untouche
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,9 @@ import numpy as np
 from service.core import accumulation
 from service.core.accumulation import Accumulated
 from service.core.clipping import clip_grad_norm, clip_grad_value
-from service.core.errors import InvalidInput
+from service.core.errors import CoreError, InvalidHyperparameter, InvalidInput
+from service.core.hparams import check, resolve
+from service.core.optimizers.base import Shape
 from service.core.partial import Parts, update_group
 from service.core.plan import Plan, optimizer_instances
 from service.core.state import from_flat, to_flat
@@ -490,6 +492,53 @@ def _group_from_flat(
     return Parts(parts)
 
 
+def _check_restored(plan: Plan, gi: int, record: Any, hp: Mapping[str, Any]) -> None:
+    """A checkpoint's record (or each part of it) has scalars its rule can step on, and the
+    group's restored hyperparameters ``hp`` keep the arrays the plan's do (Prodigy's
+    ``slice_p`` and SOAP's ``max_precondition_dim`` shape them; the arrays were checked
+    against the plan's)."""
+    group = plan.groups[gi]
+    shapes = [plan.tensors[i].shape for i in group.indices]
+    init_hp = group.optimizer.init_hparams(hp, group.constructor)
+    planned = group.optimizer.init_hparams(group.hparams, group.constructor)
+    parts = record.parts if isinstance(record, Parts) else [(tuple(range(len(shapes))), record)]
+    for positions, part in parts:
+        part_shapes = [shapes[p] for p in positions]
+        fresh = group.optimizer.init(part_shapes, init_hp, plan.dtype)
+        why = group.optimizer.check_restored(part, fresh)
+        if _array_shapes(fresh) != _array_shapes(
+            group.optimizer.init(part_shapes, planned, plan.dtype)
+        ):
+            why = "its hyperparameters change the arrays its state keeps"
+        if why:
+            raise InvalidInput(f"checkpoint state of group {gi}: {why}", "state")
+
+
+def _array_shapes(record: Any) -> dict[str, Shape]:
+    arrays, _ = to_flat(record)
+    return {name: a.shape for name, a in arrays.items()}
+
+
+def _restored_group(plan: Plan, gi: int, group: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyperparameters of group ``gi``, of the types and in the ranges the
+    optimizer's constructor takes, but lr, which a schedule may have taken to 0 where the
+    constructor refuses 0 (Prodigy), and which need only be a number of at least 0."""
+    optimizer = plan.groups[gi].optimizer
+    where = f"state.groups[{gi}]."
+    known = {a.name for a in optimizer.args}
+    typed = resolve(optimizer.args, {k: v for k, v in group.items() if k in known}, where=where)
+    ranged = dict(typed)
+    if "lr" in typed:
+        check(typed["lr"] >= 0.0, f"{where}lr", f"lr must be at least 0, got {typed['lr']}")
+        ranged["lr"] = plan.groups[gi].hparams["lr"]
+    optimizer.validate(ranged, where)
+    try:
+        optimizer.check_shapes([plan.tensors[i].shape for i in plan.groups[gi].indices], typed)
+    except CoreError as exc:
+        raise InvalidHyperparameter(f"{where}params", str(exc)) from exc
+    return {**group, **typed}
+
+
 def _plain(group: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
 
@@ -514,9 +563,12 @@ def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, A
         records = [
             _group_from_flat(plan, gi, owned, opt_scalars[gi]) for gi in range(len(plan.groups))
         ]
+        groups = [_restored_group(plan, gi, g) for gi, g in enumerate(meta["groups"])]
+        for gi, record in enumerate(records):
+            _check_restored(plan, gi, record, groups[gi])
         return TrainState(
             step=int(meta["step"]),
-            groups=[dict(g) for g in meta["groups"]],
+            groups=groups,
             opt_states=records,
             schedule_state=copy.deepcopy(meta["schedule_state"]),
             skipped=int(meta.get("skipped", 0)),

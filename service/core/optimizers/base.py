@@ -92,6 +92,12 @@ class Optimizer(ABC, Generic[S]):
         """Reject tensor shapes the rule cannot handle with the group's hyperparameters
         ``hp`` (Muon: 2-D only)."""
 
+    def check_restored(self, restored: S, fresh: S) -> str:
+        """Why a checkpoint's record for a group cannot be stepped (a scalar of another type,
+        length or range than the rule keeps), or ``""``; ``fresh`` is :meth:`init`'s record
+        for the same tensors. Nothing is checked by default."""
+        return ""
+
     def grads_to_check(self, state: S) -> Sequence[int]:
         """The group's tensors whose next gradient :meth:`check_grad` must see before the
         step is taken (none by default): a step is checked before it is recorded, so a

@@ -21,6 +21,7 @@ import numpy as np
 from service.core import reductions
 from service.core.hparams import Arg, check
 from service.core.optimizers.base import Optimizer, Shape, register
+from service.core.optimizers.restored import mismatch as restored_mismatch
 
 _FACTORED_FIELDS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
 
@@ -141,6 +142,10 @@ class CAME(Optimizer[CAMEState]):
 
     def needs_params(self, hp: Mapping[str, Any]) -> bool:
         return bool(hp["weight_decay"])
+
+    def check_restored(self, restored: CAMEState, fresh: CAMEState) -> str:
+        why = restored_mismatch(restored, fresh, ("step",))
+        return why or (f"step {restored.step} is negative" if restored.step < 0 else "")
 
     def list_members(self, field: str, shapes: Sequence[Shape]) -> list[int]:
         factored = [i for i, shape in enumerate(shapes) if _factored(shape)]

@@ -33,6 +33,7 @@ from service.core.errors import InvalidHyperparameter
 from service.core.hparams import Arg, check
 from service.core.kernels import constants, decay_add_square_, elementwise
 from service.core.optimizers.base import Optimizer, Shape, register
+from service.core.optimizers.restored import mismatch as restored_mismatch
 
 
 @dataclass
@@ -162,6 +163,16 @@ class Prodigy(Optimizer[ProdigyState]):
 
     def needs_params(self, hp: Mapping[str, Any]) -> bool:
         return True  # the estimate measures the distance from the starting point
+
+    def check_restored(self, restored: ProdigyState, fresh: ProdigyState) -> str:
+        names = ("d", "d_max", "d_numerator", "d_hat", "k", "started")
+        why = restored_mismatch(restored, fresh, names)
+        if why:
+            return why
+        # d starts at d0 > 0 and never shrinks; later steps divide by it.
+        if not (0.0 < restored.d < math.inf and 0.0 < restored.d_max < math.inf):
+            return f"d {restored.d} and d_max {restored.d_max} must be positive and finite"
+        return f"k {restored.k} is negative" if restored.k < 0 else ""
 
     def init(
         self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]

@@ -32,6 +32,7 @@ from service.core.errors import InvalidHyperparameter
 from service.core.hparams import Arg, check
 from service.core.optimizers.base import Optimizer, Shape, register
 from service.core.optimizers.muon import lerp
+from service.core.optimizers.restored import mismatch as restored_mismatch
 
 MAX_PRECONDITIONED_DIM = 2048
 """The longest dimension optserve gives a preconditioner. A dimension of length d keeps two
@@ -253,6 +254,25 @@ class SOAP(Optimizer[SOAPState]):
                     f"max_precondition_dim={hp['max_precondition_dim']}: its {size} entries "
                     "all fit in one dimension, which the package reshapes to [1]",
                 )
+
+    def check_restored(self, restored: SOAPState, fresh: SOAPState) -> str:
+        names = ("step", "maximize", "data_format", "started", "shampoo_beta")
+        why = restored_mismatch(restored, fresh, (*names, "precondition_frequency"))
+        if why:
+            return why
+        if restored.step < 0:
+            return f"step {restored.step} is negative"
+        if restored.data_format != fresh.data_format:
+            # The statistics' shapes follow the constructor's layout.
+            return f"data_format {restored.data_format!r} is not {fresh.data_format!r}"
+        for i, started in enumerate(restored.started):
+            beta, every = restored.shampoo_beta[i], restored.precondition_frequency[i]
+            if started and not (0.0 <= beta <= 1.0 and every >= 1):
+                return (
+                    f"tensor {i}'s shampoo_beta {beta} or precondition_frequency {every} "
+                    "is out of range"
+                )
+        return ""
 
     def grads_to_check(self, state: SOAPState) -> Sequence[int]:
         return [i for i, started in enumerate(state.started) if not started]
