@@ -492,24 +492,31 @@ def _group_from_flat(
     return Parts(parts)
 
 
-def _check_restored(plan: Plan, gi: int, record: Any, hp: Mapping[str, Any]) -> None:
-    """A checkpoint's record (or each part of it) has scalars its rule can step on, and the
-    group's restored hyperparameters ``hp`` keep the arrays the plan's do (Prodigy's
-    ``slice_p`` and SOAP's ``max_precondition_dim`` shape them; the arrays were checked
-    against the plan's)."""
+def _fresh_record(
+    plan: Plan, gi: int, hp: Mapping[str, Any], positions: Sequence[int] | None = None
+) -> Any:
+    """:meth:`Optimizer.init`'s record for group ``gi`` (or its tensors at ``positions``)
+    with the hyperparameters ``hp``."""
     group = plan.groups[gi]
     shapes = [plan.tensors[i].shape for i in group.indices]
+    if positions is not None:
+        shapes = [shapes[p] for p in positions]
     init_hp = group.optimizer.init_hparams(hp, group.constructor)
-    planned = group.optimizer.init_hparams(group.hparams, group.constructor)
-    parts = record.parts if isinstance(record, Parts) else [(tuple(range(len(shapes))), record)]
+    return group.optimizer.init(shapes, init_hp, plan.dtype)
+
+
+def _check_restored(plan: Plan, gi: int, record: Any, hp: Mapping[str, Any]) -> None:
+    """A checkpoint's record (or each part of it) keeps the arrays its rule keeps with the
+    group's hyperparameters ``hp`` (SOAP's count of bases, say; LBFGS's history varies)
+    and scalars it can step on."""
+    optimizer = plan.groups[gi].optimizer
+    whole = tuple(range(len(plan.groups[gi].indices)))
+    parts = record.parts if isinstance(record, Parts) else [(whole, record)]
     for positions, part in parts:
-        part_shapes = [shapes[p] for p in positions]
-        fresh = group.optimizer.init(part_shapes, init_hp, plan.dtype)
-        why = group.optimizer.check_restored(part, fresh)
-        if _array_shapes(fresh) != _array_shapes(
-            group.optimizer.init(part_shapes, planned, plan.dtype)
-        ):
-            why = "its hyperparameters change the arrays its state keeps"
+        fresh = _fresh_record(plan, gi, hp, positions)
+        why = optimizer.check_restored(part, fresh)
+        if optimizer.per_tensor_state and _array_shapes(part) != _array_shapes(fresh):
+            why = "its arrays are not those its hyperparameters keep"
         if why:
             raise InvalidInput(f"checkpoint state of group {gi}: {why}", "state")
 
@@ -550,11 +557,15 @@ def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, A
     match what a fresh state of this plan has: same names, shapes and dtypes.
     """
     fresh = initial_state(plan)
-    fresh_arrays, _ = state_to_flat(plan, fresh)
     try:
         opt_scalars = meta["optimizer_state"]
         if len(opt_scalars) != len(plan.groups) or len(meta["groups"]) != len(plan.groups):
             raise InvalidInput("checkpoint groups do not match its config", "state")
+        groups = [_restored_group(plan, gi, g) for gi, g in enumerate(meta["groups"])]
+        # The state a group keeps follows its current hyperparameters: an edit before the
+        # first step (amsgrad, slice_p) makes it again with the edited ones.
+        fresh.opt_states = [_fresh_record(plan, gi, groups[gi]) for gi in range(len(groups))]
+        fresh_arrays, _ = state_to_flat(plan, fresh)
         for name, a in arrays.items():
             ref = fresh_arrays.get(name)
             if a.dtype != plan.dtype or (ref is not None and ref.shape != a.shape):
@@ -563,7 +574,6 @@ def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, A
         records = [
             _group_from_flat(plan, gi, owned, opt_scalars[gi]) for gi in range(len(plan.groups))
         ]
-        groups = [_restored_group(plan, gi, g) for gi, g in enumerate(meta["groups"])]
         for gi, record in enumerate(records):
             _check_restored(plan, gi, record, groups[gi])
         return TrainState(

@@ -103,3 +103,34 @@ def test_an_untouched_checkpoint_still_restores_and_steps(client: TestClient, na
     assert restored.status_code == 201, restored.text
     step = client.post(f"/v1/sessions/{restored.json()['id']}/step", json=GRADS)
     assert step.status_code == 200, step.text
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "edit"),
+    [
+        ({"name": "Adam"}, {"amsgrad": True}),
+        ({"name": "Prodigy"}, {"slice_p": 3}),
+        ({"name": "SOAP", "weight_decay": 0.0}, {"max_precondition_dim": 2}),
+    ],
+)
+def test_a_checkpoint_after_an_edit_that_made_the_state_again_restores(
+    client: TestClient, optimizer: dict[str, Any], edit: dict[str, Any]
+) -> None:
+    """An edit before the first step makes the group's state with the edited values; its
+    checkpoint is checked against those, not the config's."""
+    config = {
+        "optimizer": optimizer,
+        "params": {"w": {"shape": [4, 4], "data": np.zeros((4, 4)).tolist()}},
+        "dtype": "float64",
+    }
+    sid = client.post("/v1/sessions", json=config).json()["id"]
+    assert client.patch(f"/v1/sessions/{sid}/param_groups/0", json=edit).status_code == 200
+    grads = {"grads": {"w": np.ones((4, 4)).tolist()}}
+    for _ in range(2):
+        assert client.post(f"/v1/sessions/{sid}/step", json=grads).status_code == 200
+    exported = client.get(f"/v1/sessions/{sid}/state").content
+    restored = client.post("/v1/sessions", content=exported, headers={"Content-Type": SAFETENSORS})
+    assert restored.status_code == 201, restored.text
+    copy_id = restored.json()["id"]
+    original = client.post(f"/v1/sessions/{sid}/step", json=grads)
+    assert client.post(f"/v1/sessions/{copy_id}/step", json=grads).content == original.content
