@@ -528,8 +528,11 @@ def _array_shapes(record: Any) -> dict[str, Shape]:
 
 def _restored_group(plan: Plan, gi: int, group: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's hyperparameters of group ``gi``, of the types and in the ranges the
-    optimizer's constructor takes, but lr, which a schedule may have taken to 0 where the
-    constructor refuses 0 (Prodigy), and which need only be a number of at least 0."""
+    optimizer's constructor takes; but what schedules write (lr, and with cycle_momentum
+    momentum or betas[0]) may have left those ranges as torch lets them (a OneCycleLR
+    max_momentum above 1, an lr of 0 where Prodigy's constructor refuses 0): those are
+    checked for type only, lr for being at least 0."""
+    planned = plan.groups[gi].hparams
     optimizer = plan.groups[gi].optimizer
     where = f"state.groups[{gi}]."
     known = {a.name for a in optimizer.args}
@@ -537,7 +540,12 @@ def _restored_group(plan: Plan, gi: int, group: Mapping[str, Any]) -> dict[str, 
     ranged = dict(typed)
     if "lr" in typed:
         check(typed["lr"] >= 0.0, f"{where}lr", f"lr must be at least 0, got {typed['lr']}")
-        ranged["lr"] = plan.groups[gi].hparams["lr"]
+    for name in ("lr", "momentum"):
+        if name in typed:
+            ranged[name] = planned[name]
+    betas = typed.get("betas")
+    if betas is not None and len(betas) == len(planned["betas"]):
+        ranged["betas"] = (planned["betas"][0], *betas[1:])
     optimizer.validate(ranged, where)
     try:
         optimizer.check_shapes([plan.tensors[i].shape for i in plan.groups[gi].indices], typed)

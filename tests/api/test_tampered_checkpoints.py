@@ -134,3 +134,24 @@ def test_a_checkpoint_after_an_edit_that_made_the_state_again_restores(
     copy_id = restored.json()["id"]
     original = client.post(f"/v1/sessions/{sid}/step", json=grads)
     assert client.post(f"/v1/sessions/{copy_id}/step", json=grads).content == original.content
+
+
+def test_a_checkpoint_whose_schedule_took_betas_past_the_constructors_range_restores(
+    client: TestClient,
+) -> None:
+    """OneCycleLR's max_momentum above 1 writes such betas[0], as torch lets it."""
+    config = {
+        "optimizer": {"name": "Adam"},
+        "params": {"w": {"shape": [2], "data": [0.0, 0.0]}},
+        "dtype": "float64",
+        "schedule": {"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 20, "max_momentum": 1.5},
+    }
+    sid = client.post("/v1/sessions", json=config).json()["id"]
+    for _ in range(2):
+        assert (
+            client.post(f"/v1/sessions/{sid}/step", json={"grads": {"w": [1.0, 1.0]}}).status_code
+            == 200
+        )
+    exported = client.get(f"/v1/sessions/{sid}/state").content
+    restored = client.post("/v1/sessions", content=exported, headers={"Content-Type": SAFETENSORS})
+    assert restored.status_code == 201, restored.text
