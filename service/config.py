@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     max_elements_per_session: int = Field(
         default=100_000_000,
         ge=1,
-        description="parameter elements per session, over all its tensors",
+        description="parameter elements per session, over all its tensors, plus SOAP's "
+        "preconditioner entries",
     )
     max_sessions_per_tenant: int = Field(default=1000, ge=1, description="live sessions per tenant")
     idempotency_window: int = Field(

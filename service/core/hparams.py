@@ -159,6 +159,13 @@ def coerce(arg: Arg, value: Any, where: str = "") -> Any:
             raise InvalidHyperparameter(
                 field, f"{field} has a non-numeric entry: {_shown_list(value)}", value
             )
+        # As for a single float: no range check can refuse NaN (every comparison is
+        # false), and an argument without one (CAME's eps, Rprop's step_sizes) would
+        # take it and turn every later step into NaN.
+        if any(isinstance(v, float) and math.isnan(v) for v in value):
+            raise InvalidHyperparameter(
+                field, f"Invalid {arg.name} value: {_shown_list(value)}", value
+            )
         if arg.kind == "float_pair":
             if len(value) != 2:
                 raise InvalidHyperparameter(

@@ -145,6 +145,17 @@ class Plan:
     def size(self) -> int:
         return sum(t.size for t in self.tensors)
 
+    def elements(self, hparams: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """What the session's element limit counts: the parameters, plus the state that
+        outgrows them (:meth:`Optimizer.extra_state_elements`) with each group's
+        ``hparams`` (the plan's own by default; a running session's edited ones)."""
+        hps = hparams if hparams is not None else [g.hparams for g in self.groups]
+        extra = sum(
+            g.optimizer.extra_state_elements([self.tensors[i].shape for i in g.indices], hp)
+            for g, hp in zip(self.groups, hps, strict=True)
+        )
+        return self.size + extra
+
     def index(self, name: str) -> int | None:
         for i, t in enumerate(self.tensors):
             if t.name == name:

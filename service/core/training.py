@@ -13,7 +13,7 @@ checked before anything is mutated, so a rejected step leaves the state untouche
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,9 @@ import numpy as np
 from service.core import accumulation
 from service.core.accumulation import Accumulated
 from service.core.clipping import clip_grad_norm, clip_grad_value
-from service.core.errors import InvalidInput
+from service.core.errors import CoreError, InvalidHyperparameter, InvalidInput
+from service.core.hparams import check, resolve
+from service.core.optimizers.base import Shape
 from service.core.partial import Parts, update_group
 from service.core.plan import Plan, optimizer_instances
 from service.core.state import from_flat, to_flat
@@ -177,6 +179,8 @@ def check_step(
     step durably before applying it checks it first, so that nothing recorded is refused.
     """
     reason = validate_step(plan, grads, params, loss, needs_params(plan, state))
+    if reason is None:
+        reason = _check_grads_fit(plan, state, grads)
     if reason is not None:
         return reason
     # A session's groups by index, as PATCH .../param_groups/{index} names them.
@@ -188,6 +192,58 @@ def check_step(
     if spec is not None and spec.interval == "step" and state.since_schedule + 1 >= spec.every:
         assert state.schedule_state is not None
         spec.schedule.check_step(spec.config, state.schedule_state, state.groups, loss)
+    return None
+
+
+def _check_grads_fit(
+    plan: Plan, state: TrainState, grads: Sequence[np.ndarray | None]
+) -> str | None:
+    """Refuse (or skip, as non-finite input) finite gradients a rule cannot take
+    (:meth:`Optimizer.grads_to_check`: SOAP's statistics overflowing at a tensor's first
+    gradient), looking at them as clipping will leave them, on copies."""
+    wanted = [
+        (gi, list(g.optimizer.grads_to_check(state.opt_states[gi])))
+        for gi, g in enumerate(plan.groups)
+    ]
+    wanted = [
+        (gi, ks)
+        for gi, ks in wanted
+        if any(grads[plan.groups[gi].indices[k]] is not None for k in ks)
+    ]
+    if not wanted:
+        return None
+    seen = [None if g is None else g.copy() for g in grads]
+    _clip(plan, [g for g in seen if g is not None])
+    for gi, ks in wanted:
+        group = plan.groups[gi]
+        for k in ks:
+            i = group.indices[k]
+            grad = seen[i]
+            why = (
+                ""
+                if grad is None
+                else group.optimizer.check_grad(k, grad, state.opt_states[gi], state.groups[gi])
+            )
+            if why:
+                name = plan.tensors[i].name
+                reason = f"grads {name!r} {why}"
+                if plan.nonfinite == "error":
+                    raise InvalidInput(reason, f"grads.{name}")
+                return reason
+    return None
+
+
+def _clip(plan: Plan, present: Sequence[np.ndarray]) -> float | None:
+    """The session's clipping of the gradients given, in place, as torch's utilities clip
+    them; the 2-norm they had when clipping computes it."""
+    # With no gradient at all torch's clipping does nothing (and returns a norm of 0).
+    if plan.clip_grad_value is not None and present:
+        clip_grad_value(present, plan.clip_grad_value["clip_value"])
+    if plan.clip_grad_norm is not None and present:
+        clip = plan.clip_grad_norm
+        clipped = clip_grad_norm(present, clip["max_norm"], clip["norm_type"])
+        if plan.clipping_computes_grad_norm:
+            return clipped
     return None
 
 
@@ -230,16 +286,7 @@ def apply_checked(
             np.zeros(t.shape, plan.dtype) if g is None else g
             for t, g in zip(plan.tensors, grads, strict=True)
         ]
-    present = [g for g in grads if g is not None]
-    # With no gradient at all torch's clipping does nothing (and returns a norm of 0).
-    if plan.clip_grad_value is not None and present:
-        clip_grad_value(present, plan.clip_grad_value["clip_value"])
-    grad_norm = None
-    if plan.clip_grad_norm is not None and present:
-        clip = plan.clip_grad_norm
-        clipped = clip_grad_norm(present, clip["max_norm"], clip["norm_type"])
-        if plan.clipping_computes_grad_norm:
-            grad_norm = clipped
+    grad_norm = _clip(plan, [g for g in grads if g is not None])
     evaluate, completed = False, True
     metric = loss
     for members in optimizer_instances(plan.groups):
@@ -445,6 +492,74 @@ def _group_from_flat(
     return Parts(parts)
 
 
+def _fresh_record(
+    plan: Plan, gi: int, hp: Mapping[str, Any], positions: Sequence[int] | None = None
+) -> Any:
+    """:meth:`Optimizer.init`'s record for group ``gi`` (or its tensors at ``positions``)
+    with the hyperparameters ``hp``."""
+    group = plan.groups[gi]
+    shapes = [plan.tensors[i].shape for i in group.indices]
+    if positions is not None:
+        shapes = [shapes[p] for p in positions]
+    init_hp = group.optimizer.init_hparams(hp, group.constructor)
+    return group.optimizer.init(shapes, init_hp, plan.dtype)
+
+
+def _check_restored(plan: Plan, gi: int, record: Any, hp: Mapping[str, Any]) -> None:
+    """A checkpoint's record (or each part of it) keeps the arrays its rule keeps with the
+    group's hyperparameters ``hp`` (SOAP's count of bases, say; LBFGS's history varies)
+    and scalars it can step on."""
+    optimizer = plan.groups[gi].optimizer
+    whole = tuple(range(len(plan.groups[gi].indices)))
+    parts = record.parts if isinstance(record, Parts) else [(whole, record)]
+    # The arrays were made with the hyperparameters of the first step; a schedule may have
+    # moved what it writes since (CyclicLR cycling SGD's momentum to 0 leaves its buffers),
+    # so either the current values or those with the planned lr, momentum and beta1 fit.
+    candidates = (hp, _with_planned_schedule_values(plan, gi, hp))
+    for positions, part in parts:
+        fresh = _fresh_record(plan, gi, hp, positions)
+        why = optimizer.check_restored(part, fresh)
+        layouts = (_array_shapes(_fresh_record(plan, gi, c, positions)) for c in candidates)
+        if optimizer.per_tensor_state and _array_shapes(part) not in layouts:
+            why = "its arrays are not those its hyperparameters keep"
+        if why:
+            raise InvalidInput(f"checkpoint state of group {gi}: {why}", "state")
+
+
+def _with_planned_schedule_values(plan: Plan, gi: int, hp: Mapping[str, Any]) -> dict[str, Any]:
+    """``hp`` with the values schedules write (lr, momentum, betas[0]) as the plan has them."""
+    planned = plan.groups[gi].hparams
+    made = {**hp, **{k: planned[k] for k in ("lr", "momentum") if k in hp and k in planned}}
+    if "betas" in hp and "betas" in planned and len(hp["betas"]) == len(planned["betas"]):
+        made["betas"] = (planned["betas"][0], *hp["betas"][1:])
+    return made
+
+
+def _array_shapes(record: Any) -> dict[str, Shape]:
+    arrays, _ = to_flat(record)
+    return {name: a.shape for name, a in arrays.items()}
+
+
+def _restored_group(plan: Plan, gi: int, group: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyperparameters of group ``gi``, of the types and in the ranges the
+    optimizer's constructor takes; but what schedules write (lr, and with cycle_momentum
+    momentum or betas[0]) may have left those ranges as torch lets them (a OneCycleLR
+    max_momentum above 1, an lr of 0 where Prodigy's constructor refuses 0): those are
+    checked for type only, lr for being at least 0."""
+    optimizer = plan.groups[gi].optimizer
+    where = f"state.groups[{gi}]."
+    known = {a.name for a in optimizer.args}
+    typed = resolve(optimizer.args, {k: v for k, v in group.items() if k in known}, where=where)
+    if "lr" in typed:
+        check(typed["lr"] >= 0.0, f"{where}lr", f"lr must be at least 0, got {typed['lr']}")
+    optimizer.validate(_with_planned_schedule_values(plan, gi, typed), where)
+    try:
+        optimizer.check_shapes([plan.tensors[i].shape for i in plan.groups[gi].indices], typed)
+    except CoreError as exc:
+        raise InvalidHyperparameter(f"{where}params", str(exc)) from exc
+    return {**group, **typed}
+
+
 def _plain(group: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
 
@@ -472,11 +587,18 @@ def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, A
     match what a fresh state of this plan has: same names, shapes and dtypes.
     """
     fresh = initial_state(plan)
-    fresh_arrays, _ = state_to_flat(plan, fresh)
     try:
         opt_scalars = meta["optimizer_state"]
         if len(opt_scalars) != len(plan.groups) or len(meta["groups"]) != len(plan.groups):
             raise InvalidInput("checkpoint groups do not match its config", "state")
+        groups = [
+            _restored_group(plan, gi, _group_hparams(plan, gi, g))
+            for gi, g in enumerate(meta["groups"])
+        ]
+        # The state a group keeps follows its current hyperparameters: an edit before the
+        # first step (amsgrad, slice_p) makes it again with the edited ones.
+        fresh.opt_states = [_fresh_record(plan, gi, groups[gi]) for gi in range(len(groups))]
+        fresh_arrays, _ = state_to_flat(plan, fresh)
         for name, a in arrays.items():
             ref = fresh_arrays.get(name)
             if a.dtype != plan.dtype or (ref is not None and ref.shape != a.shape):
@@ -485,9 +607,11 @@ def state_from_flat(plan: Plan, arrays: dict[str, np.ndarray], meta: dict[str, A
         records = [
             _group_from_flat(plan, gi, owned, opt_scalars[gi]) for gi in range(len(plan.groups))
         ]
+        for gi, record in enumerate(records):
+            _check_restored(plan, gi, record, groups[gi])
         return TrainState(
             step=int(meta["step"]),
-            groups=[_group_hparams(plan, gi, g) for gi, g in enumerate(meta["groups"])],
+            groups=groups,
             opt_states=records,
             schedule_state=copy.deepcopy(meta["schedule_state"]),
             skipped=int(meta.get("skipped", 0)),

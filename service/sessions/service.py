@@ -14,7 +14,7 @@ import bisect
 import builtins
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from service.core import optimizers, schedules
 from service.core.errors import InvalidHyperparameter, InvalidInput
 from service.core.evaluation import evaluation_point
-from service.core.plan import SCHEDULE_OPTIONS, plan_from_config
+from service.core.plan import SCHEDULE_OPTIONS, Plan, plan_from_config
 from service.core.training import initial_state
 from service.core.training import preview as core_preview
 from service.sessions import checkpoint
@@ -147,7 +147,11 @@ class SessionService:
     async def ready(self) -> bool:
         return self._started and await self.runtime.run_io(self.store.ping)
 
-    def _check_size(self, tensors: int, elements: int) -> None:
+    def _check_size(self, plan: Plan, hparams: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """The session's tensors and elements (parameters, and state that outgrows them:
+        SOAP's bases, with the groups' ``hparams`` when an edit would change them) fit
+        the limits."""
+        tensors, elements = len(plan.tensors), plan.elements(hparams)
         if tensors > self.limits.max_tensors_per_session:
             raise LimitExceeded("tensors per session", self.limits.max_tensors_per_session, tensors)
         if elements > self.limits.max_elements_per_session:
@@ -172,7 +176,7 @@ class SessionService:
     ) -> SessionInfo:
         core, labels = _session_config(config)
         plan = plan_from_config(core, ignore=federated_state.OUTER_KEYS)
-        self._check_size(len(plan.tensors), plan.size)
+        self._check_size(plan)
         held = None
         if params is not None:
             held = await self.runtime.run(lambda: initial_params(plan.tensors, plan.dtype, params))
@@ -207,7 +211,7 @@ class SessionService:
         restored = await self.runtime.run(lambda: checkpoint.restore(arrays, metadata))
         core, _ = _session_config(restored.config)
         labels = _labels(restored.labels)
-        self._check_size(len(restored.plan.tensors), restored.plan.size)
+        self._check_size(restored.plan)
         if restored.plan.averaging is not None and restored.held is None:
             raise InvalidHyperparameter("averaging", "averaging needs a checkpoint with params")
         if restored.plan.ask_tell and restored.held is None:
@@ -302,12 +306,19 @@ class SessionService:
 
     async def edit_group(self, tenant: str, session_id: str, edit: GroupEditRequest) -> SessionInfo:
         """``param_groups[index].update(values)``: checked, logged, applied from the next step."""
-        return await self._change(
-            tenant,
-            session_id,
-            edit.if_match,
-            lambda live: edit_event(live, edit, self.runtime.now()),
-        )
+
+        def change(live: LiveSession) -> tuple[Event, Callable[[], None]] | None:
+            planned = edit_event(live, edit, self.runtime.now())
+            if planned is not None:
+                # An edit before the first step may give SOAP longer bases.
+                info = planned[0].info
+                assert info is not None, "an edit event records its change"
+                groups = [dict(g) for g in live.state.groups]
+                groups[info["group"]].update(info["set"])
+                self._check_size(live.plan, groups)
+            return planned
+
+        return await self._change(tenant, session_id, edit.if_match, change)
 
     async def add_group(self, tenant: str, session_id: str, add: AddGroupRequest) -> SessionInfo:
         """``add_param_group``: new tensors in a new last group, checked, logged, applied."""
@@ -315,7 +326,7 @@ class SessionService:
         def change(live: LiveSession) -> tuple[Event, Callable[[], None]]:
             logged, apply = add_event(live, add, self.runtime.now())
             plan = apply.planned.plan
-            self._check_size(len(plan.tensors), plan.size)
+            self._check_size(plan)
             return logged, apply
 
         info = await self._change(tenant, session_id, add.if_match, change)

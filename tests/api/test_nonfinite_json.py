@@ -91,6 +91,23 @@ def test_nan_by_name_is_refused_like_the_token(client: TestClient) -> None:
     assert by_name["detail"] == token["detail"] == "Invalid lr value: nan"
 
 
+@pytest.mark.parametrize(
+    "optimizer,field",
+    [
+        ({"name": "CAME", "lr": 1e-3, "eps": ["nan", 1e-16]}, "optimizer.eps"),
+        ({"name": "Rprop", "step_sizes": [1e-6, "nan"]}, "optimizer.step_sizes"),
+        ({"name": "CAME", "lr": 1e-3, "betas": [0.9, "NaN", 0.99]}, "optimizer.betas"),
+    ],
+)
+def test_nan_in_a_list_argument_is_refused(
+    client: TestClient, optimizer: dict[str, Any], field: str
+) -> None:
+    """Arguments without a range check of their own refuse NaN entries too."""
+    document = problem(client.post("/v1/sessions", json=config(optimizer=optimizer)), 422)
+    assert document["errors"][0]["field"] == field
+    assert "nan" in document["detail"]
+
+
 def test_an_infinite_lr_and_the_update_it_makes(client: TestClient) -> None:
     """torch accepts lr=inf; the lr lists and the overflowed deltas are written as strings."""
     created = client.post("/v1/sessions", json=config(optimizer={"name": "SGD", "lr": "inf"}))

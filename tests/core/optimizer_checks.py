@@ -82,22 +82,29 @@ def assert_checkpoint_continues_exactly(case: Case, prime: int = 7, more: int = 
         np.testing.assert_array_equal(p, q)
 
 
-def assert_rejected(name: str, given: Mapping[str, Any], argument: str, message: str) -> None:
-    """optserve names the argument and value, in torch's words; torch agrees when present."""
-    optimizer = optimizers.get(name)
+def _refused_by_optserve(name: str, given: Mapping[str, Any], argument: str, message: str) -> None:
     with pytest.raises(InvalidHyperparameter) as caught:
-        optimizer.resolve(given, where="optimizer.")
+        optimizers.get(name).resolve(given, where="optimizer.")
     assert caught.value.argument == f"optimizer.{argument}"
     assert str(caught.value) == message
-    if HAVE_TORCH and available(name):
-        import torch
 
-        torch_given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-        param = torch.zeros(2, requires_grad=True)
+
+def _construct_reference(name: str, given: Mapping[str, Any]) -> None:
+    """The reference optimizer on one tensor with ``given`` (lists as torch's tuples)."""
+    import torch
+
+    torch_given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    reference_class(optimizers.get(name).name)([torch.zeros(2, requires_grad=True)], **torch_given)
+
+
+def assert_rejected(name: str, given: Mapping[str, Any], argument: str, message: str) -> None:
+    """optserve names the argument and value, in torch's words; torch agrees when present."""
+    _refused_by_optserve(name, given, argument, message)
+    if HAVE_TORCH and available(name):
         # Any exception: pytorch_optimizer raises its own NegativeLRError; the message is
         # what is compared.
         with pytest.raises(Exception) as torch_caught:
-            reference_class(optimizer.name)([param], **torch_given)
+            _construct_reference(name, given)
         if torch_caught.type is AssertionError:
             # lion-pytorch asserts its ranges, with no message to compare.
             assert str(torch_caught.value) == ""
@@ -195,6 +202,27 @@ def signatures_match_torch(*names: str) -> PytestFunction:
     @pytest.mark.parametrize("name", names)
     def test(name: str) -> None:
         assert_signature_matches_torch(name)
+
+    return test
+
+
+def assert_refused_beyond_package(
+    name: str, given: Mapping[str, Any], argument: str, message: str
+) -> None:
+    """optserve refuses a value its reference package takes (and then runs on meaninglessly):
+    naming the argument, and the package indeed taking it when present (the difference
+    docs/torch-compatibility.md lists)."""
+    _refused_by_optserve(name, given, argument, message)
+    if HAVE_TORCH and available(name):
+        _construct_reference(name, given)
+
+
+def refused_beyond_package(name: str, rows: Sequence[Rejection]) -> PytestFunction:
+    """:func:`assert_refused_beyond_package` for every row."""
+
+    @pytest.mark.parametrize(("given", "argument", "message"), rows)
+    def test(given: Mapping[str, object], argument: str, message: str) -> None:
+        assert_refused_beyond_package(name, given, argument, message)
 
     return test
 

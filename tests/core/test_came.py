@@ -27,6 +27,16 @@ INVALID: list[checks.Rejection] = [
     ({"lr": 1e-3, "betas": [0.9, 1.5, 0.99]}, "betas", "Invalid beta parameter at index 1: 1.5"),
     ({"lr": 1e-3, "betas": [-0.1, 0.9, 0.99]}, "betas", "Invalid beta parameter at index 0: -0.1"),
 ]
+BEYOND_PACKAGE: list[checks.Rejection] = [
+    # The package takes these, and its steps then turn NaN or stop clipping.
+    ({"lr": 1e-3, "eps": [-1.0, 1e-16]}, "eps", "Invalid epsilon value: [-1.0, 1e-16]"),
+    ({"lr": 1e-3, "clip_threshold": 0.0}, "clip_threshold", "Invalid clip_threshold value: 0.0"),
+    ({"lr": 1e-3, "clip_threshold": -1.0}, "clip_threshold", "Invalid clip_threshold value: -1.0"),
+    ({"lr": 1e-3, "weight_decay": -0.1}, "weight_decay", "Invalid weight_decay value: -0.1"),
+]
+test_values_the_package_takes_and_runs_on_meaninglessly_are_refused = checks.refused_beyond_package(
+    "CAME", BEYOND_PACKAGE
+)
 
 test_update_matches_came_pytorch_for_200_steps = checks.updates_match_torch(CASES)
 test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(CASES)

@@ -35,6 +35,18 @@ INVALID: list[checks.Rejection] = [
     ({"betas": [1.0, 0.999]}, "betas", "Invalid beta parameter at index 0: 1.0"),
     ({"betas": [0.9, -0.1]}, "betas", "Invalid beta parameter at index 1: -0.1"),
 ]
+BEYOND_PACKAGE: list[checks.Rejection] = [
+    # The package takes these and runs on without ever moving d (or with extrapolating sums).
+    ({"beta3": 1.5}, "beta3", "Invalid beta3 value: 1.5"),
+    ({"beta3": -0.1}, "beta3", "Invalid beta3 value: -0.1"),
+    ({"d_coef": 0.0}, "d_coef", "Invalid d_coef value: 0.0"),
+    ({"d_coef": -1.0}, "d_coef", "Invalid d_coef value: -1.0"),
+    ({"growth_rate": 0.5}, "growth_rate", "Invalid growth_rate value: 0.5 (d could never grow)"),
+    ({"weight_decay": -0.1}, "weight_decay", "Invalid weight_decay value: -0.1"),
+]
+test_values_the_package_takes_and_runs_on_meaninglessly_are_refused = checks.refused_beyond_package(
+    "Prodigy", BEYOND_PACKAGE
+)
 
 test_update_matches_prodigyopt_for_200_steps = checks.updates_match_torch(CASES)
 test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(CASES)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.core import optimizers
-from service.core.errors import InvalidHyperparameter
+from service.core.errors import InvalidHyperparameter, InvalidInput
 from service.core.group_changes import plan_edit
 from service.core.optimizers.soap import merge_small_dims
 from service.core.plan import plan_from_config
@@ -35,6 +35,13 @@ INVALID: list[checks.Rejection] = [
     ({"max_precondition_dim": 0}, "max_precondition_dim", "max_precondition_dim must be positive"),
     ({"eps": -1e-8}, "eps", "eps must be non-negative"),
 ]
+BEYOND_PACKAGE: list[checks.Rejection] = [
+    # The package takes it, and its statistics then extrapolate.
+    ({"shampoo_beta": 1.5}, "shampoo_beta", "shampoo_beta must be at most 1"),
+]
+test_values_the_package_takes_and_runs_on_meaninglessly_are_refused = checks.refused_beyond_package(
+    "SOAP", BEYOND_PACKAGE
+)
 
 test_update_matches_pytorch_optimizer_for_200_steps = checks.updates_match_torch(CASES)
 test_state_round_trip_continues_exactly = checks.checkpoints_continue_exactly(CASES, prime=12)
@@ -145,3 +152,76 @@ def test_an_edit_turning_on_merge_dims_for_a_small_tensor_is_refused() -> None:
     with pytest.raises(InvalidHyperparameter) as caught:
         plan_edit(plan, initial_state(plan), 0, {"merge_dims": True})
     assert caught.value.argument == "param_groups[0].merge_dims"
+
+
+OVERFLOWING = np.full((3, 3), 1e20, dtype=np.float32)
+"""Finite in float32, but its outer products (3e40) are not: the package's first ``eigh``
+fails on such a statistic."""
+
+
+def _overflow_config(**config: Any) -> dict[str, Any]:
+    return {
+        "optimizer": {"name": "SOAP", "weight_decay": 0.0},
+        "params": {"w": {"shape": [3, 3]}, "b": {"shape": [3]}},
+        "dtype": "float32",
+        **config,
+    }
+
+
+def _state_arrays(state: Any) -> dict[str, np.ndarray]:
+    from service.core.state import to_flat
+
+    arrays, scalars = to_flat(state.opt_states[0])
+    return {**{k: a.copy() for k, a in arrays.items()}, "scalars": np.array(repr(scalars))}
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_a_first_gradient_overflowing_the_statistics_is_refused_before_anything_changes(
+    later: bool,
+) -> None:
+    plan = plan_from_config(_overflow_config(missing_grads="skip"))
+    state = initial_state(plan)
+    out = [np.empty((3, 3), np.float32), np.empty(3, np.float32)]
+    if later:  # w starts late: b has stepped, w has no statistics yet
+        apply_step(plan, state, [None, np.ones(3, np.float32)], None, out)
+    before = _state_arrays(state)
+    with pytest.raises(InvalidInput) as caught:
+        apply_step(plan, state, [OVERFLOWING.copy(), np.ones(3, np.float32)], None, out)
+    assert caught.value.field == "grads.w"
+    assert "overflow SOAP's statistics in float32" in str(caught.value)
+    after = _state_arrays(state)
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_an_overflowing_first_gradient_is_skipped_under_nonfinite_skip() -> None:
+    plan = plan_from_config(_overflow_config(nonfinite="skip"))
+    state = initial_state(plan)
+    out = [np.empty((3, 3), np.float32), np.empty(3, np.float32)]
+    outcome = apply_step(plan, state, [OVERFLOWING.copy(), np.ones(3, np.float32)], None, out)
+    assert not outcome.applied and "grads 'w' overflow" in str(outcome.reason)
+    assert state.opt_states[0].started == [False, False]
+
+
+def test_an_overflowing_gradient_that_clipping_scales_down_is_taken() -> None:
+    plan = plan_from_config(_overflow_config(clip_grad_norm={"max_norm": 1.0}))
+    state = initial_state(plan)
+    out = [np.empty((3, 3), np.float32), np.empty(3, np.float32)]
+    outcome = apply_step(plan, state, [OVERFLOWING.copy(), np.ones(3, np.float32)], None, out)
+    assert outcome.applied and state.opt_states[0].started == [True, True]
+    assert all(np.isfinite(q).all() for q in state.opt_states[0].q)
+
+
+@pytest.mark.skipif(not checks.HAVE_TORCH or not available("SOAP"), reason="needs the package")
+def test_the_package_fails_on_such_a_first_gradient() -> None:
+    """What the refusal stands for: the package's eigh raises on the overflowed statistic."""
+    import torch
+
+    from tests.core.reference_classes import reference_class
+
+    w = torch.zeros(3, 3, requires_grad=True)
+    optimizer = reference_class("SOAP")([w], weight_decay=0.0)
+    w.grad = torch.tensor(OVERFLOWING)
+    with pytest.raises(RuntimeError):
+        optimizer.step()

@@ -92,6 +92,30 @@ class Optimizer(ABC, Generic[S]):
         """Reject tensor shapes the rule cannot handle with the group's hyperparameters
         ``hp`` (Muon: 2-D only)."""
 
+    def check_restored(self, restored: S, fresh: S) -> str:
+        """Why a checkpoint's record for a group cannot be stepped (a scalar of another type,
+        length or range than the rule keeps), or ``""``; ``fresh`` is :meth:`init`'s record
+        for the same tensors. Nothing is checked by default."""
+        return ""
+
+    def grads_to_check(self, state: S) -> Sequence[int]:
+        """The group's tensors whose next gradient :meth:`check_grad` must see before the
+        step is taken (none by default): a step is checked before it is recorded, so a
+        rule that would fail on a finite gradient must say so then, not midway."""
+        return ()
+
+    def check_grad(self, index: int, grad: np.ndarray, state: S, hp: Mapping[str, Any]) -> str:
+        """Why the rule cannot take ``grad`` (as clipping leaves it) for tensor ``index``
+        of the group, or ``""`` when it can; asked only for :meth:`grads_to_check`."""
+        return ""
+
+    def extra_state_elements(self, shapes: Sequence[Shape], hp: Mapping[str, Any]) -> int:
+        """State entries that do not grow with the parameters but faster (SOAP's ``d x d``
+        bases): a session's element limit counts them beside the parameters, since they
+        can outweigh them by orders of magnitude. The parameter-shaped moments every rule
+        keeps are not counted, as for every other optimizer."""
+        return 0
+
     @abstractmethod
     def init(self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]) -> S:
         """Fresh state for a group of tensors with these shapes."""

@@ -21,6 +21,7 @@ import numpy as np
 from service.core import reductions
 from service.core.hparams import Arg, check
 from service.core.optimizers.base import Optimizer, Shape, register
+from service.core.optimizers.restored import mismatch as restored_mismatch
 
 _FACTORED_FIELDS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
 
@@ -130,8 +131,21 @@ class CAME(Optimizer[CAMEState]):
                 list(betas),
             )
 
+        # The package checks none of these. A negative eps can make the squared gradient's
+        # average negative and its root NaN; a clip_threshold of 0 divides by zero and a
+        # negative one turns clipping off.
+        eps = hp["eps"]
+        check(min(eps) >= 0.0, f"{where}eps", f"Invalid epsilon value: {list(eps)}", list(eps))
+        clip, wd = hp["clip_threshold"], hp["weight_decay"]
+        check(clip > 0.0, f"{where}clip_threshold", f"Invalid clip_threshold value: {clip}", clip)
+        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
+
     def needs_params(self, hp: Mapping[str, Any]) -> bool:
         return bool(hp["weight_decay"])
+
+    def check_restored(self, restored: CAMEState, fresh: CAMEState) -> str:
+        why = restored_mismatch(restored, fresh, ("step",))
+        return why or (f"step {restored.step} is negative" if restored.step < 0 else "")
 
     def list_members(self, field: str, shapes: Sequence[Shape]) -> list[int]:
         factored = [i for i, shape in enumerate(shapes) if _factored(shape)]

@@ -33,6 +33,7 @@ from service.core.errors import InvalidHyperparameter
 from service.core.hparams import Arg, check
 from service.core.kernels import constants, decay_add_square_, elementwise
 from service.core.optimizers.base import Optimizer, Shape, register
+from service.core.optimizers.restored import mismatch as restored_mismatch
 
 
 @dataclass
@@ -125,6 +126,26 @@ class Prodigy(Optimizer[ProdigyState]):
                 f"Invalid beta parameter at index {i}: {beta}",
                 hp["betas"],
             )
+        # The package checks none of these; outside these ranges its run is meaningless
+        # rather than failing: beta3 above 1 makes the estimate's sums extrapolate, a d_coef
+        # of 0 or below makes every estimate 0 or negative and a growth_rate below 1 caps
+        # d below itself, so d stays d0 forever (d = max(d, min(d_hat, d * growth_rate))).
+        beta3 = hp["beta3"]
+        check(
+            beta3 is None or 0.0 <= beta3 <= 1.0,
+            f"{where}beta3",
+            f"Invalid beta3 value: {beta3}",
+            beta3,
+        )
+        d_coef, growth_rate, wd = hp["d_coef"], hp["growth_rate"], hp["weight_decay"]
+        check(d_coef > 0.0, f"{where}d_coef", f"Invalid d_coef value: {d_coef}", d_coef)
+        check(
+            growth_rate >= 1.0,
+            f"{where}growth_rate",
+            f"Invalid growth_rate value: {growth_rate} (d could never grow)",
+            growth_rate,
+        )
+        check(wd >= 0.0, f"{where}weight_decay", f"Invalid weight_decay value: {wd}", wd)
         # The package slices with [::slice_p], which fails on anything below 1.
         slice_p = hp["slice_p"]
         check(slice_p >= 1, f"{where}slice_p", f"slice_p must be at least 1: {slice_p}", slice_p)
@@ -142,6 +163,16 @@ class Prodigy(Optimizer[ProdigyState]):
 
     def needs_params(self, hp: Mapping[str, Any]) -> bool:
         return True  # the estimate measures the distance from the starting point
+
+    def check_restored(self, restored: ProdigyState, fresh: ProdigyState) -> str:
+        names = ("d", "d_max", "d_numerator", "d_hat", "k", "started")
+        why = restored_mismatch(restored, fresh, names)
+        if why:
+            return why
+        # d starts at d0 > 0 and never shrinks; later steps divide by it.
+        if not (0.0 < restored.d < math.inf and 0.0 < restored.d_max < math.inf):
+            return f"d {restored.d} and d_max {restored.d_max} must be positive and finite"
+        return f"k {restored.k} is negative" if restored.k < 0 else ""
 
     def init(
         self, shapes: Sequence[Shape], hp: Mapping[str, Any], dtype: np.dtype[Any]

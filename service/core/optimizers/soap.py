@@ -32,6 +32,17 @@ from service.core.errors import InvalidHyperparameter
 from service.core.hparams import Arg, check
 from service.core.optimizers.base import Optimizer, Shape, register
 from service.core.optimizers.muon import lerp
+from service.core.optimizers.restored import mismatch as restored_mismatch
+
+MAX_PRECONDITIONED_DIM = 2048
+"""The longest dimension optserve gives a preconditioner. A dimension of length d keeps two
+d x d matrices and costs an O(d^3) ``eigh`` at its tensor's first step, then a product and
+QR of that size every ``precondition_frequency`` steps, beside projections of O(d) per
+entry every step. Measured on the development machine's 2 shared cores, float32, a
+d x d tensor with ``precondition_frequency=1``: first step 97.7 s and then 61-69 s a step
+at d = 4096, 15.1 s and then 10-11 s at 2048; the package's default
+``max_precondition_dim`` (10000) would hold a step worker far longer. Shapes that would
+get a longer one are refused when the group is made, naming the argument."""
 
 
 @dataclass
@@ -206,25 +217,101 @@ class SOAP(Optimizer[SOAPState]):
                 f"{name} must be non-negative",
                 value,
             )
+        # The package only asks for a non-negative shampoo_beta; above 1 the statistics'
+        # moving average extrapolates away from the gradients' outer products.
+        sb = hp["shampoo_beta"]
+        check(
+            sb is None or sb <= 1.0,
+            f"{where}shampoo_beta",
+            "shampoo_beta must be at most 1",
+            sb,
+        )
         for name in ("precondition_frequency", "max_precondition_dim"):
             check(hp[name] > 0, f"{where}{name}", f"{name} must be positive", hp[name])
         check(hp["eps"] >= 0.0, f"{where}eps", "eps must be non-negative", hp["eps"])
 
     def check_shapes(self, shapes: Sequence[Shape], hp: Mapping[str, Any]) -> None:
-        if not hp["merge_dims"]:
-            return
         for shape in shapes:
+            layout = _Layout.of(tuple(shape), hp, hp["data_format"])
+            largest = max((b for b in layout.blocks if b is not None), default=0)
+            if largest > MAX_PRECONDITIONED_DIM:
+                raise InvalidHyperparameter(
+                    "max_precondition_dim",
+                    f"a tensor of shape {list(shape)} would get a {largest}x{largest} "
+                    f"preconditioner with max_precondition_dim={hp['max_precondition_dim']}; "
+                    f"optserve preconditions dimensions of at most {MAX_PRECONDITIONED_DIM} "
+                    "(each costs an eigendecomposition of that size): set "
+                    f"max_precondition_dim to {MAX_PRECONDITIONED_DIM} or less, which leaves "
+                    "longer dimensions unpreconditioned, as the package does",
+                )
             # merge_small_dims gives [1] when every dimension fits, and the package's
             # reshape to it fails at the first step for any tensor of more than one entry.
             size = math.prod(shape)
-            layout = _Layout.of(tuple(shape), hp, hp["data_format"])
-            if math.prod(layout.working) != size:
+            if hp["merge_dims"] and math.prod(layout.working) != size:
                 raise InvalidHyperparameter(
                     "merge_dims",
                     f"merge_dims cannot take a tensor of shape {list(shape)} with "
                     f"max_precondition_dim={hp['max_precondition_dim']}: its {size} entries "
                     "all fit in one dimension, which the package reshapes to [1]",
                 )
+
+    def check_restored(self, restored: SOAPState, fresh: SOAPState) -> str:
+        names = ("step", "maximize", "data_format", "started", "shampoo_beta")
+        why = restored_mismatch(restored, fresh, (*names, "precondition_frequency"))
+        if why:
+            return why
+        if restored.step < 0:
+            return f"step {restored.step} is negative"
+        if restored.data_format != fresh.data_format:
+            # The statistics' shapes follow the constructor's layout.
+            return f"data_format {restored.data_format!r} is not {fresh.data_format!r}"
+        for i, started in enumerate(restored.started):
+            beta, every = restored.shampoo_beta[i], restored.precondition_frequency[i]
+            if started and not (0.0 <= beta <= 1.0 and every >= 1):
+                return (
+                    f"tensor {i}'s shampoo_beta {beta} or precondition_frequency {every} "
+                    "is out of range"
+                )
+        return ""
+
+    def grads_to_check(self, state: SOAPState) -> Sequence[int]:
+        return [i for i, started in enumerate(state.started) if not started]
+
+    def check_grad(
+        self, index: int, grad: np.ndarray, state: SOAPState, hp: Mapping[str, Any]
+    ) -> str:
+        # A tensor's first bases are an eigh of its statistics, which fails (in the package
+        # too) when they overflow. Each statistic's largest entry is on its diagonal (it is
+        # a Gram matrix), the sums of squares over the other dimensions, and the
+        # moving average at the start only scales it down.
+        layout = _Layout.of(grad.shape, hp, state.data_format)
+        x = grad if len(layout.shape) == 1 else layout.to_working(grad)
+        with np.errstate(over="ignore"):  # an overflow is what is looked for
+            squares = np.square(x, dtype=np.float64)
+            sums = [
+                squares.sum(axis=tuple(a for a in range(x.ndim) if a != axis))
+                for axis, block in enumerate(layout.blocks)
+                if block is not None
+            ]
+        limit = float(np.finfo(grad.dtype).max)
+        for diagonal in sums:
+            largest = float(diagonal.max(initial=0.0))
+            if not largest <= limit:
+                return (
+                    f"overflow SOAP's statistics in {grad.dtype} (an entry of {largest:.3g}): "
+                    "its first eigenbasis cannot be computed; clip the gradients"
+                )
+        return ""
+
+    def extra_state_elements(self, shapes: Sequence[Shape], hp: Mapping[str, Any]) -> int:
+        # Each preconditioned dimension keeps two d x d matrices: its statistic and basis.
+        data_format = hp.get("constructor_data_format", hp["data_format"])
+        return sum(
+            2 * block * block
+            for shape in shapes
+            for block in _Layout.of(tuple(shape), hp, data_format).blocks
+            if block is not None
+        )
 
     def needs_params(self, hp: Mapping[str, Any]) -> bool:
         return bool(hp["weight_decay"])
