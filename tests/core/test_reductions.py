@@ -76,3 +76,11 @@ def test_the_shape_does_not_matter_only_the_elements_in_order() -> None:
 def test_dot_refuses_arrays_of_different_sizes() -> None:
     with pytest.raises(ValueError, match="sizes 3 and 4"):
         reductions.dot(np.ones(3), np.ones(4))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_a_sum_of_squares_is_the_dot_of_an_array_with_itself_to_the_bit(dtype: type) -> None:
+    """Squares are taken in one widening ufunc call, products by widening first: the two
+    must round alike, or a norm would change with the function that took it."""
+    a = _values(3 * LANES + 11, dtype, 5)
+    assert reductions.sum_of_squares(a) == reductions.dot(a, a)

@@ -114,7 +114,13 @@ async def aread_reply(response: httpx.Response, media_type: str) -> bytes | memo
 
 
 def request_content(parts: bytes | Parts | None, sync: bool) -> Any:
-    """What httpx takes as ``content=`` for a body of ``bytes`` or of ``parts``."""
+    """What httpx takes as ``content=`` for a body of ``bytes`` or of ``parts``.
+
+    A body smaller than one slice is joined (a copy of a few KiB): sent in parts it would
+    cost a system call and a segment per part, which made a 1k-parameter step 2-3% slower
+    (1.43 against 1.40 ms, steps alternating in one run; five runs alike)."""
     if parts is None or isinstance(parts, bytes):
         return parts
+    if content_length(parts) < SLICE:
+        return b"".join(parts)
     return Upload(parts) if sync else AsyncUpload(parts)
