@@ -62,7 +62,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 
-from bench.http_step import Connection, TorchAdam, prepared_request, step_bodies  # noqa: E402
+from bench.http_step import (  # noqa: E402
+    Connection,
+    TorchAdam,
+    prepared_request,
+    step_until,
+)
 from bench.tcp_echo import EchoServer  # noqa: E402
 
 
@@ -325,20 +330,7 @@ def _rate_client(port: int, create: bool, seconds: float, start_at: float, resul
         if status != 201:
             raise RuntimeError(f"create failed: {status} {body[:300]!r}")
         sid = json.loads(body)["id"]
-    path = f"/v1/sessions/{sid}/step"
-    requests = [prepared_request(path, b, t, t) for b, t in step_bodies(1000, "json", 4)]
-    while time.time() < start_at:
-        time.sleep(0.001)
-    done = failed = 0
-    end = start_at + seconds
-    while time.time() < end:
-        status, _ = conn.send_prepared(requests[done % len(requests)])
-        if status == 200:
-            done += 1
-        else:
-            failed += 1
-    conn.close()
-    results.put((done, failed))
+    results.put(step_until(conn, sid, start_at, seconds))
 
 
 def step_rate(port: int, durable: bool, clients: int, seconds: float) -> tuple[float, int]:

@@ -250,15 +250,14 @@ def http_step_ms(port: int, size: int, wire: str) -> tuple[float, float | None]:
     return statistics.median(http_samples) * 1e3, torch_ms
 
 
-def _client(port: int, seconds: float, start_at: float, results: Any) -> None:
-    conn = Connection(port)
-    sid = create_session(conn, 1000)
+def step_until(conn: Connection, sid: str, start_at: float, seconds: float) -> tuple[int, int]:
+    """1k-param JSON steps of session ``sid`` from ``start_at`` for ``seconds`` (every
+    client process starts together): how many answered 200, and how many did not."""
     path = f"/v1/sessions/{sid}/step"
     requests = [prepared_request(path, b, t, t) for b, t in step_bodies(1000, "json", 4)]
     while time.time() < start_at:
         time.sleep(0.001)
-    done = 0
-    failed = 0
+    done = failed = 0
     end = start_at + seconds
     while time.time() < end:
         status, _ = conn.send_prepared(requests[done % len(requests)])
@@ -267,7 +266,12 @@ def _client(port: int, seconds: float, start_at: float, results: Any) -> None:
         else:
             failed += 1
     conn.close()
-    results.put((done, failed))
+    return done, failed
+
+
+def _client(port: int, seconds: float, start_at: float, results: Any) -> None:
+    conn = Connection(port)
+    results.put(step_until(conn, create_session(conn, 1000), start_at, seconds))
 
 
 def cpu_seconds(pid: int) -> float:
