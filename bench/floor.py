@@ -42,7 +42,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,33 +64,12 @@ sys.path.insert(0, str(ROOT / "clients" / "python"))
 from bench.http_step import (  # noqa: E402
     Connection,
     TorchAdam,
+    free_port,
     prepared_request,
     step_until,
+    wait_healthy,
 )
 from bench.tcp_echo import EchoServer  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_healthy(port: int, process: subprocess.Popen[bytes], path: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            conn = Connection(port)
-            status, _ = conn.request("GET", path)
-            conn.close()
-            if status == 200:
-                return
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.1)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -110,7 +88,7 @@ class Server:
 @contextmanager
 def durable_server() -> Iterator[Server]:
     """``python -m service serve`` with disk storage in a fresh data directory."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="optserve-floor-") as data:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")},
@@ -126,7 +104,7 @@ def durable_server() -> Iterator[Server]:
             stdout=subprocess.DEVNULL,
         )
         try:
-            _wait_healthy(port, process, "/healthz")
+            wait_healthy(port, process, "/healthz")
             yield Server(port, process.pid, Path(data))
         finally:
             _stop(process)
@@ -135,12 +113,12 @@ def durable_server() -> Iterator[Server]:
 @contextmanager
 def bare_echo_server() -> Iterator[int]:
     """This file's ``--bare-echo`` mode in a subprocess: the bare FastAPI route."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--bare-echo", str(port)], cwd=ROOT
     )
     try:
-        _wait_healthy(port, process, "/healthz")
+        wait_healthy(port, process, "/healthz")
         yield port
     finally:
         _stop(process)
@@ -376,7 +354,7 @@ def main() -> int:
     rates: dict[str, list[float]] = {"optserve": [], "bare": []}
     failures = 0
     with durable_server() as server:
-        echo = EchoServer(_free_port())
+        echo = EchoServer(free_port())
         try:
             for size in sizes:
                 for wire in wires:

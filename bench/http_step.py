@@ -110,16 +110,33 @@ def prepared_request(path: str, body: bytes, content_type: str, accept: str) -> 
 # -- the server ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
 
 
+def wait_healthy(port: int, process: subprocess.Popen[bytes], path: str) -> None:
+    """Until ``path`` answers 200; a server that exits or takes a minute is an error."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = Connection(port)
+            status, _ = conn.request("GET", path)
+            conn.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.1)
+
+
 @contextmanager
 def server(storage: str, access_log: bool) -> Iterator[tuple[int, int]]:
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="optserve-bench-") as data:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")},
@@ -136,19 +153,7 @@ def server(storage: str, access_log: bool) -> Iterator[tuple[int, int]]:
             stdout=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    conn = Connection(port)
-                    status, _ = conn.request("GET", "/healthz")
-                    conn.close()
-                    if status == 200:
-                        break
-                except OSError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.1)
+            wait_healthy(port, process, "/healthz")
             yield port, process.pid
         finally:
             os.kill(process.pid, signal.SIGTERM)
