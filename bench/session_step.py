@@ -24,6 +24,7 @@ import numpy as np
 from service.core.plan import plan_from_config
 from service.core.training import apply_step, initial_state
 from service.sessions.models import Limits, StepRequest
+from service.sessions.runtime import Runtime
 from service.sessions.service import SessionService
 from service.sessions.store import DiskStore, MemoryStore
 
@@ -37,8 +38,8 @@ async def measure(size: int, steps: int, data_dir: Path) -> tuple[float, float, 
     state = initial_state(plan)
     out = [np.empty(size, dtype=np.float32)]
     limits = Limits(max_elements_per_session=10**9)
-    memory = SessionService(MemoryStore(keep_history=False), limits)
-    disk = SessionService(DiskStore(data_dir), limits)
+    memory = SessionService(Runtime(MemoryStore(keep_history=False)), limits)
+    disk = SessionService(Runtime(DiskStore(data_dir)), limits)
     services = {"memory": memory, "disk": disk}
     for service in services.values():
         await service.start()

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from service.sessions.models import Limits, StepRequest
+from service.sessions.runtime import Runtime
 from service.sessions.service import SessionService
 from service.sessions.store import DiskStore, Event, Store
 from service.sessions.store.postgres import PostgresStore
@@ -63,7 +64,7 @@ def ms(values: list[float], q: float) -> float:
 
 async def measure(size: int, steps: int, stores: dict[str, Store]) -> dict[str, list[float]]:
     limits = Limits(max_elements_per_session=10**9)
-    services = {k: SessionService(s, limits) for k, s in stores.items()}
+    services = {k: SessionService(Runtime(s), limits) for k, s in stores.items()}
     for service in services.values():
         await service.start()
     times: dict[str, list[float]] = {f"{k} step": [] for k in services}

@@ -29,6 +29,7 @@ from service.api.routes import (
 )
 from service.config import Settings
 from service.sessions.models import Limits
+from service.sessions.runtime import Runtime
 from service.sessions.service import SessionService
 from service.sessions.store.base import Store
 from service.sessions.store.disk import DiskStore
@@ -81,9 +82,8 @@ def build_service(settings: Settings) -> SessionService:
         max_elements_per_session=settings.max_elements_per_session,
         max_sessions_per_tenant=settings.max_sessions_per_tenant,
     )
-    return SessionService(
+    runtime = Runtime(
         store,
-        limits,
         idempotency_window=settings.idempotency_window,
         idempotency_window_bytes=settings.idempotency_window_bytes,
         snapshot_every=settings.snapshot_every,
@@ -92,6 +92,7 @@ def build_service(settings: Settings) -> SessionService:
         lease_ttl=settings.lease_seconds,
         step_history=settings.step_history,
     )
+    return SessionService(runtime, limits)
 
 
 def create_app(settings: Settings | None = None, service: SessionService | None = None) -> FastAPI:

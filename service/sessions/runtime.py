@@ -124,8 +124,8 @@ class Runtime:
         self,
         store: Store,
         *,
-        window: int = 16,
-        window_bytes: int = IDEMPOTENCY_WINDOW_BYTES,
+        idempotency_window: int = 16,
+        idempotency_window_bytes: int = IDEMPOTENCY_WINDOW_BYTES,
         snapshot_every: int | None = None,
         snapshot_log_ratio: float | None = None,
         workers: int = 4,
@@ -135,11 +135,11 @@ class Runtime:
         lease_ttl: float = DEFAULT_TTL,
         step_history: int = STEP_HISTORY,
     ) -> None:
-        if window < 1:
+        if idempotency_window < 1:
             raise ValueError("idempotency_window must be >= 1")
         self.store = store
-        self.window = window
-        self.window_bytes = window_bytes
+        self.window = idempotency_window
+        self.window_bytes = idempotency_window_bytes
         policy = store.snapshot_policy
         self.snapshots = dataclasses.replace(
             policy,

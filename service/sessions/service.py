@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import builtins
 import contextlib
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,7 @@ from service.sessions.federated import state as federated_state
 from service.sessions.federated.coordinator import Coordinator
 from service.sessions.groups import AddGroupRequest, GroupEditRequest, add_event, edit_event
 from service.sessions.ids import new_id
-from service.sessions.live import STEP_HISTORY, LiveSession, initial_params
+from service.sessions.live import LiveSession, initial_params
 from service.sessions.models import (
     Change,
     Limits,
@@ -48,10 +47,9 @@ from service.sessions.models import (
     StepReply,
     StepRequest,
 )
-from service.sessions.runtime import IDEMPOTENCY_WINDOW_BYTES, Runtime
+from service.sessions.runtime import Runtime
 from service.sessions.steps import Steps
-from service.sessions.store.base import Event, SessionRecord, Snapshot, Store
-from service.sessions.store.leases import DEFAULT_TTL
+from service.sessions.store.base import Event, SessionRecord, Snapshot
 
 MAX_LABELS = 64
 MAX_LABEL_KEY = 63
@@ -97,36 +95,11 @@ def _session_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 class SessionService:
-    def __init__(
-        self,
-        store: Store,
-        limits: Limits,
-        *,
-        idempotency_window: int = 16,
-        idempotency_window_bytes: int = IDEMPOTENCY_WINDOW_BYTES,
-        snapshot_every: int | None = None,
-        snapshot_log_ratio: float | None = None,
-        workers: int = 4,
-        clock: Callable[[], float] = time.time,
-        memory_budget: int | None = None,
-        idle_evict_s: float | None = None,
-        lease_ttl: float = DEFAULT_TTL,
-        step_history: int = STEP_HISTORY,
-    ) -> None:
-        self.runtime = Runtime(
-            store,
-            window=idempotency_window,
-            window_bytes=idempotency_window_bytes,
-            snapshot_every=snapshot_every,
-            snapshot_log_ratio=snapshot_log_ratio,
-            workers=workers,
-            clock=clock,
-            memory_budget=memory_budget,
-            idle_evict_s=idle_evict_s,
-            lease_ttl=lease_ttl,
-            step_history=step_history,
-        )
-        self.store = store
+    def __init__(self, runtime: Runtime, limits: Limits) -> None:
+        """The service over ``runtime`` (its store, locks, idempotency windows, snapshots,
+        eviction and leases, configured there)."""
+        self.runtime = runtime
+        self.store = runtime.store
         self.limits = limits
         self.steps = Steps(self.runtime)
         self.federated = Coordinator(self.runtime)

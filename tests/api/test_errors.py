@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.config import Settings
 from service.sessions.models import Limits
+from service.sessions.runtime import Runtime
 from service.sessions.service import SessionService
 from service.sessions.store.base import Event
 from service.sessions.store.memory import MemoryStore
@@ -99,7 +100,7 @@ def test_409_for_a_step_in_flight_with_the_same_key() -> None:
             gate.wait(timeout=10)
             return super().append(session_id, event)
 
-    service = SessionService(SlowStore(), Limits())
+    service = SessionService(Runtime(SlowStore()), Limits())
     app = create_app(Settings(storage="memory", access_log=False), service)
 
     async def scenario() -> tuple[int, int, int]:
@@ -233,7 +234,9 @@ def test_503_when_the_store_fails_and_nothing_is_applied() -> None:
             return super().append(session_id, event)
 
     store = FlakyStore()
-    app = create_app(Settings(storage="memory", access_log=False), SessionService(store, Limits()))
+    app = create_app(
+        Settings(storage="memory", access_log=False), SessionService(Runtime(store), Limits())
+    )
     with StrictJSONClient(app) as client:
         sid = client.post("/v1/sessions", json=adam_config()).json()["id"]
         assert client.post(f"/v1/sessions/{sid}/step", json=JSON_GRADS).status_code == 200

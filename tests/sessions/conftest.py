@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from service.sessions.models import Limits
+from service.sessions.runtime import Runtime
 from service.sessions.service import SessionService
 from service.sessions.store import DiskStore, MemoryStore, Store
 
@@ -41,7 +42,7 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactor
 async def running(
     store: Store, limits: Limits | None = None, **options: Any
 ) -> AsyncIterator[SessionService]:
-    service = SessionService(store, limits or Limits(), **options)
+    service = SessionService(Runtime(store, **options), limits or Limits())
     await service.start()
     try:
         yield service

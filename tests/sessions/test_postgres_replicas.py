@@ -18,6 +18,7 @@ import pytest
 
 from service.sessions.errors import StorageError
 from service.sessions.models import Limits, StepRequest
+from service.sessions.runtime import Runtime
 from service.sessions.service import SessionService
 from service.sessions.store.postgres import PostgresStore
 from tests.sessions.conftest import grads_for, running
@@ -40,7 +41,7 @@ def request(i: int) -> StepRequest:
 
 async def test_a_session_moves_to_another_replica_under_a_new_lease(postgres_url: str) -> None:
     start = {"w": np.zeros((3, 2), dtype=np.float32)}
-    a = SessionService(PostgresStore(postgres_url), Limits(), lease_ttl=30)
+    a = SessionService(Runtime(PostgresStore(postgres_url), lease_ttl=30), Limits())
     await a.start()
     a_open = True
     try:
@@ -91,7 +92,7 @@ async def test_a_federated_round_closes_on_the_replica_that_took_its_session_ove
     postgres_url: str,
 ) -> None:
     aggregation = rounds_config(3, round_timeout_s=0.5, min_clients=2)
-    a = SessionService(PostgresStore(postgres_url), Limits(), lease_ttl=0.6)
+    a = SessionService(Runtime(PostgresStore(postgres_url), lease_ttl=0.6), Limits())
     await a.start()
     try:
         sid = (await a.create("t", aggregation, FED_START)).id
