@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from service.api.auth import OPEN_TENANT, KeyTable
 from service.api.metrics import Metrics
@@ -59,6 +59,11 @@ ServiceDep = Annotated[SessionService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 TenantDep = Annotated[str, Depends(authenticate)]
+
+PageLimit = Annotated[int, Query(ge=1, le=1000)]
+"""The most entries one page of a listing answers."""
+AfterPosition = Annotated[int | None, Query(ge=0)]
+"""The cursor of a listing by position (steps, changes): the entries after this one."""
 
 
 @dataclass(frozen=True)

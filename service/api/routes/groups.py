@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from service.api import schemas
 from service.api.body import json_object
-from service.api.deps import ServiceDep, TenantDep
+from service.api.deps import AfterPosition, PageLimit, ServiceDep, TenantDep
 from service.api.media import require_json_answer
 from service.api.problems import InvalidRequest
 from service.api.responses import json_response, session_response
@@ -93,8 +93,8 @@ async def list_changes(
     request: Request,
     tenant: TenantDep,
     service: ServiceDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    limit: PageLimit = 100,
+    after: AfterPosition = None,
 ) -> Response:
     require_json_answer(request)
     changes, cursor = await service.changes(tenant, session_id, after, limit)

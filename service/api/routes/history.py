@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api import schemas
-from service.api.deps import ServiceDep, TenantDep
+from service.api.deps import AfterPosition, PageLimit, ServiceDep, TenantDep
 from service.api.media import require_json_answer
 from service.api.responses import json_response
 
@@ -25,8 +23,8 @@ async def list_steps(
     request: Request,
     tenant: TenantDep,
     service: ServiceDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    limit: PageLimit = 100,
+    after: AfterPosition = None,
 ) -> Response:
     require_json_answer(request)
     records, cursor = await service.history(tenant, session_id, after, limit)

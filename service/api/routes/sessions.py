@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from service.api import offload, schemas
 from service.api.body import json_object, tensor_body
-from service.api.deps import MetricsDep, ServiceDep, SettingsDep, TenantDep
+from service.api.deps import MetricsDep, PageLimit, ServiceDep, SettingsDep, TenantDep
 from service.api.media import Wire, require_json_answer, response_wire
 from service.api.problems import InvalidRequest
 from service.api.responses import (
@@ -97,7 +97,7 @@ async def list_sessions(
     request: Request,
     tenant: TenantDep,
     service: ServiceDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: PageLimit = 100,
     after: Annotated[str | None, Query(max_length=256)] = None,
 ) -> Response:
     require_json_answer(request)
