@@ -41,6 +41,7 @@ fails its checksums or does not read back to its head.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -69,6 +70,18 @@ class SessionRecord:
     labels: dict[str, str]
     created_at: float
     """Unix time."""
+
+    def catalog_row(self) -> tuple[str, str, str, str, float]:
+        """The record as a catalog's ``sessions`` row (id, tenant, config, labels,
+        created_at), config and labels as JSON text: the disk and PostgreSQL catalogs'
+        layout."""
+        config, labels = json.dumps(self.config), json.dumps(self.labels)
+        return self.id, self.tenant, config, labels, self.created_at
+
+    @classmethod
+    def from_catalog_row(cls, row: Sequence[Any]) -> SessionRecord:
+        """The record a :meth:`catalog_row` was made of."""
+        return cls(str(row[0]), str(row[1]), json.loads(row[2]), json.loads(row[3]), float(row[4]))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ session damaged (``history``), and its files are left exactly as they are.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -267,13 +266,7 @@ class DiskStore(Store):
             db.execute(
                 "INSERT OR REPLACE INTO sessions (id, tenant, config, labels, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.tenant,
-                    json.dumps(record.config),
-                    json.dumps(record.labels),
-                    record.created_at,
-                ),
+                record.catalog_row(),
             )
             db.executemany(
                 "INSERT OR REPLACE INTO keys (session, key, fingerprint, step, seq) "
@@ -341,7 +334,7 @@ class DiskStore(Store):
                 rows = self._conn().execute(query + " ORDER BY created_at, id").fetchall()
             else:
                 rows = self._conn().execute(query + " WHERE id = ?", (session_id,)).fetchall()
-        return [_record(row) for row in rows]
+        return [SessionRecord.from_catalog_row(row) for row in rows]
 
     def records(self) -> list[SessionRecord]:
         return self._rows()
@@ -588,11 +581,6 @@ class DiskStore(Store):
                 .fetchone()
             )
         return None if row is None else KeyRecord(key, row[0], row[1], row[2])
-
-
-def _record(row: tuple[str, str, str, str, float]) -> SessionRecord:
-    session_id, tenant, config, labels, created_at = row
-    return SessionRecord(session_id, tenant, json.loads(config), json.loads(labels), created_at)
 
 
 def _fsync_file(path: Path) -> None:

@@ -30,7 +30,6 @@ pool replaces broken connections and reconnects once the database is back.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -335,13 +334,7 @@ class PostgresStore(Store):
                 conn.execute(
                     "INSERT INTO sessions (id, tenant, config, labels, created_at) "
                     "VALUES (%s, %s, %s, %s, %s)",
-                    (
-                        record.id,
-                        record.tenant,
-                        json.dumps(record.config),
-                        json.dumps(record.labels),
-                        record.created_at,
-                    ),
+                    record.catalog_row(),
                 )
                 conn.execute(
                     "INSERT INTO session_logs (session_id, head, base) VALUES (%s, %s, %s)",
@@ -379,7 +372,7 @@ class PostgresStore(Store):
                 "SELECT id, tenant, config, labels, created_at FROM sessions "
                 "ORDER BY created_at, id"
             ).fetchall()
-        return [_record(row) for row in rows]
+        return [SessionRecord.from_catalog_row(row) for row in rows]
 
     def session_ids_of(self, tenant: str, after: str | None, limit: int) -> list[str]:
         with self._conn() as conn:
@@ -417,7 +410,7 @@ class PostgresStore(Store):
             ).fetchone()
             if row is None:
                 return None
-            record = _record(row)
+            record = SessionRecord.from_catalog_row(row)
             head = int(row[5])
             manifests = conn.execute(
                 "SELECT seq, size, chunks FROM session_snapshots "
@@ -584,10 +577,3 @@ def check_reachable(url: str, timeout: float = 5.0) -> str | None:
     except psycopg.Error as exc:
         return f"cannot reach the database at {redact(url)}: {first_line(exc)}"
     return None
-
-
-def _record(row: Any) -> SessionRecord:
-    """A ``sessions`` row (id, tenant, config, labels, created_at) as a record."""
-    return SessionRecord(
-        str(row[0]), str(row[1]), json.loads(row[2]), json.loads(row[3]), float(row[4])
-    )
