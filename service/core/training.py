@@ -515,12 +515,16 @@ def _check_restored(plan: Plan, gi: int, record: Any, hp: Mapping[str, Any]) -> 
     # The arrays were made with the hyperparameters of the first step; a schedule may have
     # moved what it writes since (CyclicLR cycling SGD's momentum to 0 leaves its buffers),
     # so either the current values or those with the planned lr, momentum and beta1 fit.
-    candidates = (hp, _with_planned_schedule_values(plan, gi, hp))
+    as_made = _with_planned_schedule_values(plan, gi, hp)
     for positions, part in parts:
         fresh = _fresh_record(plan, gi, hp, positions)
         why = optimizer.check_restored(part, fresh)
-        layouts = (_array_shapes(_fresh_record(plan, gi, c, positions)) for c in candidates)
-        if optimizer.per_tensor_state and _array_shapes(part) not in layouts:
+        shapes = _array_shapes(part)
+        if (
+            optimizer.per_tensor_state
+            and shapes != _array_shapes(fresh)
+            and shapes != _array_shapes(_fresh_record(plan, gi, as_made, positions))
+        ):
             why = "its arrays are not those its hyperparameters keep"
         if why:
             raise InvalidInput(f"checkpoint state of group {gi}: {why}", "state")
