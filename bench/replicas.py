@@ -64,7 +64,7 @@ from optserve_client import safetensors as wire  # noqa: E402
 
 from bench.tcp_echo import EchoClient, EchoServer  # noqa: E402
 from tests.e2e.proxy_process import ProxyProcess, haproxy_binary  # noqa: E402
-from tests.e2e.server_process import ServerProcess, free_port  # noqa: E402
+from tests.e2e.server_process import ServerProcess, free_port, memory  # noqa: E402
 from tests.postgres_cluster import Cluster, bin_dir  # noqa: E402
 
 SAFETENSORS = "application/vnd.optserve.safetensors"
@@ -272,16 +272,6 @@ def print_latency(rows: list[tuple[int, int, dict[str, list[float]]]]) -> None:
 # -- 2. sessions under a memory budget ---------------------------------------------------
 
 
-def rss(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in bytes."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(value.split()[0]) * 1024
-    return values
-
-
 def disk_usage(path: Path) -> int:
     total = 0
     for directory, _, files in os.walk(path):
@@ -330,7 +320,7 @@ def memory_budget(workdir: Path, sessions: int, size: int, budget: int, cold: in
         server.start()
         assert server.process is not None
         pid = server.process.pid
-        rss_empty = rss(pid)["VmRSS"]
+        rss_empty = memory(pid)["VmRSS"]
         grads = gradients(size)
         stored: list[Session] = []
         began = time.monotonic()
@@ -359,8 +349,8 @@ def memory_budget(workdir: Path, sessions: int, size: int, budget: int, cold: in
         time.sleep(0.5)  # the log lines of the last evictions
         run.evictions = len(evicted(workdir / "server.log"))
         run.held = sessions + len(cold_sessions) - run.evictions
-        memory = rss(pid)
-        run.rss_end, run.rss_peak = memory["VmRSS"], memory["VmHWM"]
+        held = memory(pid)
+        run.rss_end, run.rss_peak = held["VmRSS"], held["VmHWM"]
         run.stored_bytes = disk_usage(workdir / "data")
         return run
     finally:
