@@ -50,7 +50,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
@@ -63,8 +63,9 @@ from optserve_client import Client, RetryPolicy, Session  # noqa: E402
 from optserve_client import safetensors as wire  # noqa: E402
 
 from bench.tcp_echo import EchoClient, EchoServer  # noqa: E402
-from tests.e2e.proxy_process import ProxyProcess, haproxy_binary  # noqa: E402
-from tests.e2e.server_process import ServerProcess, free_port, memory  # noqa: E402
+from tests.e2e.deployment import Fleet  # noqa: E402
+from tests.e2e.proxy_process import haproxy_binary  # noqa: E402
+from tests.e2e.server_process import Logs, ServerProcess, free_port, memory  # noqa: E402
 from tests.postgres_cluster import Cluster, bin_dir  # noqa: E402
 
 SAFETENSORS = "application/vnd.optserve.safetensors"
@@ -86,49 +87,15 @@ def seconds(samples: Sequence[float]) -> str:
 # -- the processes ---------------------------------------------------------------------
 
 
-class Logs:
-    """Log files of the processes started, closed at the end."""
-
-    def __init__(self, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        self._open: list[IO[bytes]] = []
-
-    def open(self, name: str) -> IO[bytes]:
-        log = open(self.workdir / name, "ab")  # noqa: SIM115 (closed in close())
-        self._open.append(log)
-        return log
-
-    def close(self) -> None:
-        for log in self._open:
-            log.close()
-
-
-class Replicas:
+class Replicas(Fleet[Cluster]):
     """PostgreSQL, ``count`` replicas on it and HAProxy in front (a context manager)."""
 
     def __init__(self, workdir: Path, count: int, lease_seconds: float) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
+        super().__init__(workdir)
         self.count = count
         self.lease_seconds = lease_seconds
-        self.logs = Logs(workdir)
-        self.database: Cluster | None = None
-        self.replicas: list[ServerProcess] = []
-        self.proxy: ProxyProcess | None = None
 
-    def __enter__(self) -> Replicas:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _start(self) -> None:
+    def start(self) -> None:
         binaries = bin_dir()
         if binaries is None:
             raise SystemExit("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
@@ -143,34 +110,7 @@ class Replicas:
             "OPTSERVE_LEASE_SECONDS": str(self.lease_seconds),
             "OPTSERVE_LOG_LEVEL": "info",  # the startup lines time a start's phases
         }
-        for n in range(1, self.count + 1):
-            replica = ServerProcess(
-                self.workdir / f"replica{n}-data",
-                self.logs.open(f"replica{n}.log"),
-                env,
-                args=["--storage", "postgres"],
-            )
-            self.replicas.append(replica)
-            replica.start()
-        addresses = [f"127.0.0.1:{replica.port}" for replica in self.replicas]
-        self.proxy = ProxyProcess(proxy_binary, addresses, self.workdir, self.logs.open("haproxy"))
-        self.proxy.start()
-        self.proxy.wait_servers_up()
-
-    def stop(self) -> None:
-        with contextlib.ExitStack() as stack:
-            if self.database is not None:
-                stack.callback(self.database.remove)
-            for replica in self.replicas:
-                stack.callback(replica.stop)
-            if self.proxy is not None:
-                stack.callback(self.proxy.stop)
-        self.logs.close()
-
-    @property
-    def url(self) -> str:
-        assert self.proxy is not None
-        return self.proxy.url
+        self._start_fleet(self.count, env, "postgres", proxy_binary)
 
     def log_path(self, index: int) -> Path:
         return self.workdir / f"replica{index + 1}.log"

@@ -97,6 +97,24 @@ class ServerProcess(ChildProcess):
         self._launch(command, env, self.url + "/readyz", 60, "the server", cwd=REPO)
 
 
+class Logs:
+    """Log files of the processes started, opened in ``workdir`` and closed at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self._open: list[IO[bytes]] = []
+
+    def open(self, name: str) -> IO[bytes]:
+        log = open(self.workdir / name, "ab")  # noqa: SIM115 (closed in close())
+        self._open.append(log)
+        return log
+
+    def close(self) -> None:
+        for log in self._open:
+            log.close()
+
+
 @contextlib.contextmanager
 def running_server(
     root: Path, env: Mapping[str, str] | None = None, args: Sequence[str] = ()
