@@ -24,10 +24,11 @@
    restart under ``-X importtime`` says where a start's time goes.
 
 The processes are the end-to-end harness's (``tests/e2e``: ``ServerProcess``,
-``ProxyProcess`` with ``deploy/haproxy.cfg``) on a throwaway PostgreSQL cluster
-(``tests/postgres_cluster.py``: ``fsync`` and ``synchronous_commit`` on, as in
-production; ``tests/e2e/deployment.py`` runs its own with ``fsync`` off, fine for crash
-tests but not for timing commits), all on loopback, each stopped by its PID. Needs
+``ProxyProcess`` with ``deploy/haproxy.cfg``, both started by its ``Fleet``) on a
+throwaway PostgreSQL cluster (``tests/postgres_cluster.py``: ``fsync`` and
+``synchronous_commit`` on, as in production; ``tests/e2e/deployment.py`` runs its own
+with ``fsync`` off, fine for crash tests but not for timing commits), all on loopback,
+each stopped by its PID. Needs
 ``haproxy`` and the PostgreSQL server binaries (``initdb``, ``pg_ctl``).
 """
 

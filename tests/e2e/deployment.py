@@ -1,5 +1,8 @@
 """The deployment under test: PostgreSQL (for the shared store), N replicas, HAProxy in
-front; started in that order, every process stopped by its PID on the way out."""
+front; started in that order, every process stopped by its PID on the way out.
+
+``Fleet`` is the part that does not depend on the chaos plan (replicas, HAProxy, stopping);
+``bench/replicas.py`` runs its own PostgreSQL under one too."""
 
 from __future__ import annotations
 
