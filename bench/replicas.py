@@ -24,10 +24,11 @@
    restart under ``-X importtime`` says where a start's time goes.
 
 The processes are the end-to-end harness's (``tests/e2e``: ``ServerProcess``,
-``ProxyProcess`` with ``deploy/haproxy.cfg``) on a throwaway PostgreSQL cluster
-(``tests/postgres_cluster.py``: ``fsync`` and ``synchronous_commit`` on, as in
-production; ``tests/e2e/deployment.py`` runs its own with ``fsync`` off, fine for crash
-tests but not for timing commits), all on loopback, each stopped by its PID. Needs
+``ProxyProcess`` with ``deploy/haproxy.cfg``, both started by its ``Fleet``) on a
+throwaway PostgreSQL cluster (``tests/postgres_cluster.py``: ``fsync`` and
+``synchronous_commit`` on, as in production; ``tests/e2e/deployment.py`` runs its own
+with ``fsync`` off, fine for crash tests but not for timing commits), all on loopback,
+each stopped by its PID. Needs
 ``haproxy`` and the PostgreSQL server binaries (``initdb``, ``pg_ctl``).
 """
 
@@ -50,7 +51,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
@@ -63,8 +64,9 @@ from optserve_client import Client, RetryPolicy, Session  # noqa: E402
 from optserve_client import safetensors as wire  # noqa: E402
 
 from bench.tcp_echo import EchoClient, EchoServer  # noqa: E402
-from tests.e2e.proxy_process import ProxyProcess, haproxy_binary  # noqa: E402
-from tests.e2e.server_process import ServerProcess, free_port  # noqa: E402
+from tests.e2e.deployment import Fleet  # noqa: E402
+from tests.e2e.proxy_process import haproxy_binary  # noqa: E402
+from tests.e2e.server_process import Logs, ServerProcess, free_port, memory  # noqa: E402
 from tests.postgres_cluster import Cluster, bin_dir  # noqa: E402
 
 SAFETENSORS = "application/vnd.optserve.safetensors"
@@ -86,49 +88,15 @@ def seconds(samples: Sequence[float]) -> str:
 # -- the processes ---------------------------------------------------------------------
 
 
-class Logs:
-    """Log files of the processes started, closed at the end."""
-
-    def __init__(self, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        self._open: list[IO[bytes]] = []
-
-    def open(self, name: str) -> IO[bytes]:
-        log = open(self.workdir / name, "ab")  # noqa: SIM115 (closed in close())
-        self._open.append(log)
-        return log
-
-    def close(self) -> None:
-        for log in self._open:
-            log.close()
-
-
-class Replicas:
+class Replicas(Fleet[Cluster]):
     """PostgreSQL, ``count`` replicas on it and HAProxy in front (a context manager)."""
 
     def __init__(self, workdir: Path, count: int, lease_seconds: float) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
+        super().__init__(workdir)
         self.count = count
         self.lease_seconds = lease_seconds
-        self.logs = Logs(workdir)
-        self.database: Cluster | None = None
-        self.replicas: list[ServerProcess] = []
-        self.proxy: ProxyProcess | None = None
 
-    def __enter__(self) -> Replicas:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _start(self) -> None:
+    def start(self) -> None:
         binaries = bin_dir()
         if binaries is None:
             raise SystemExit("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
@@ -143,34 +111,7 @@ class Replicas:
             "OPTSERVE_LEASE_SECONDS": str(self.lease_seconds),
             "OPTSERVE_LOG_LEVEL": "info",  # the startup lines time a start's phases
         }
-        for n in range(1, self.count + 1):
-            replica = ServerProcess(
-                self.workdir / f"replica{n}-data",
-                self.logs.open(f"replica{n}.log"),
-                env,
-                args=["--storage", "postgres"],
-            )
-            self.replicas.append(replica)
-            replica.start()
-        addresses = [f"127.0.0.1:{replica.port}" for replica in self.replicas]
-        self.proxy = ProxyProcess(proxy_binary, addresses, self.workdir, self.logs.open("haproxy"))
-        self.proxy.start()
-        self.proxy.wait_servers_up()
-
-    def stop(self) -> None:
-        with contextlib.ExitStack() as stack:
-            if self.database is not None:
-                stack.callback(self.database.remove)
-            for replica in self.replicas:
-                stack.callback(replica.stop)
-            if self.proxy is not None:
-                stack.callback(self.proxy.stop)
-        self.logs.close()
-
-    @property
-    def url(self) -> str:
-        assert self.proxy is not None
-        return self.proxy.url
+        self._start_fleet(self.count, env, "postgres", proxy_binary)
 
     def log_path(self, index: int) -> Path:
         return self.workdir / f"replica{index + 1}.log"
@@ -272,16 +213,6 @@ def print_latency(rows: list[tuple[int, int, dict[str, list[float]]]]) -> None:
 # -- 2. sessions under a memory budget ---------------------------------------------------
 
 
-def rss(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in bytes."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(value.split()[0]) * 1024
-    return values
-
-
 def disk_usage(path: Path) -> int:
     total = 0
     for directory, _, files in os.walk(path):
@@ -330,7 +261,7 @@ def memory_budget(workdir: Path, sessions: int, size: int, budget: int, cold: in
         server.start()
         assert server.process is not None
         pid = server.process.pid
-        rss_empty = rss(pid)["VmRSS"]
+        rss_empty = memory(pid)["VmRSS"]
         grads = gradients(size)
         stored: list[Session] = []
         began = time.monotonic()
@@ -359,8 +290,8 @@ def memory_budget(workdir: Path, sessions: int, size: int, budget: int, cold: in
         time.sleep(0.5)  # the log lines of the last evictions
         run.evictions = len(evicted(workdir / "server.log"))
         run.held = sessions + len(cold_sessions) - run.evictions
-        memory = rss(pid)
-        run.rss_end, run.rss_peak = memory["VmRSS"], memory["VmHWM"]
+        held = memory(pid)
+        run.rss_end, run.rss_peak = held["VmRSS"], held["VmHWM"]
         run.stored_bytes = disk_usage(workdir / "data")
         return run
     finally:

@@ -8,19 +8,14 @@ from pathlib import Path
 import pytest
 
 from tests.browser.chromium import browser_page
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import ServerProcess, running_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("docs-page")
-    with (root / "server.log").open("wb") as log:
-        process = ServerProcess(root / "data", log)
-        process.start()
-        try:
-            yield process
-        finally:
-            process.stop()
+    with running_server(root) as process:
+        yield process
 
 
 def test_docs_renders_and_lists_the_endpoints_without_other_hosts(

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.browser.chromium import Watched, browser_page
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import ServerProcess, running_server
 
 KEY = "ui-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -26,14 +26,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("ui-page")
-    with (root / "server.log").open("wb") as log:
-        env = {"OPTSERVE_API_KEYS": f"team:{KEY},other:other-key"}
-        process = ServerProcess(root / "data", log, env=env)
-        process.start()
-        try:
-            yield process
-        finally:
-            process.stop()
+    env = {"OPTSERVE_API_KEYS": f"team:{KEY},other:other-key"}
+    with running_server(root, env) as process:
+        yield process
 
 
 def _post(server: ServerProcess, path: str, body: dict[str, Any], key: str = KEY) -> Any:

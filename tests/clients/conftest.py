@@ -11,7 +11,6 @@ starts one that requires API keys.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.server_process import free_port, terminate
+
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_SRC = REPO / "clients" / "python"
 
@@ -29,12 +30,6 @@ CLIENT_SRC = REPO / "clients" / "python"
 sys.path.insert(0, str(CLIENT_SRC))
 
 API_KEYS = "alice:key-alice,bob:key-bob"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(log: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -61,17 +56,8 @@ def start_server(log: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    stop_server(process)
+    terminate(process)
     raise RuntimeError(f"server did not become healthy in 60 s:\n{log.read_text()}")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +66,7 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield url
     finally:
-        stop_server(process)
+        terminate(process)
 
 
 @pytest.fixture(scope="session")
@@ -90,4 +76,4 @@ def live_url_with_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     try:
         yield url
     finally:
-        stop_server(process)
+        terminate(process)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.docs.snippets import LANGUAGES, MARKERS, REPO, Snippet, against, every_snippet, runnable
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import ServerProcess, running_server
 
 
 def _id(snippet: Snippet) -> str:
@@ -28,13 +28,8 @@ def _id(snippet: Snippet) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("snippet-server")
-    with (root / "server.log").open("wb") as log:
-        process = ServerProcess(root / "data", log)
-        process.start()
-        try:
-            yield process
-        finally:
-            process.stop()
+    with running_server(root) as process:
+        yield process
 
 
 def _env() -> dict[str, str]:

@@ -1,68 +1,73 @@
 """The deployment under test: PostgreSQL (for the shared store), N replicas, HAProxy in
-front; started in that order, every process stopped by its PID on the way out."""
+front; started in that order, every process stopped by its PID on the way out.
+
+``Fleet`` is the part that does not depend on the chaos plan (replicas, HAProxy, stopping);
+``bench/replicas.py`` runs its own PostgreSQL under one too."""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
+from typing import Generic, Protocol, Self, TypeVar
 
 from tests.e2e.chaos_plan import HarnessError, Plan
 from tests.e2e.postgres_process import PostgresCluster, postgres_binaries
 from tests.e2e.proxy_process import ProxyProcess, haproxy_binary
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import Logs, ServerProcess
 
 
-class Deployment:
-    """PostgreSQL (for the postgres store), the replicas and HAProxy, started in order.
+class _Database(Protocol):
+    @property
+    def url(self) -> str: ...
 
-    Use as a context manager: everything started is stopped on the way out, failure or not.
+    def remove(self) -> None: ...
+
+
+DatabaseT = TypeVar("DatabaseT", bound=_Database)
+
+
+class Fleet(Generic[DatabaseT]):
+    """Replicas of the server, HAProxy in front, and the database under them if any.
+
+    Use as a context manager: everything started is stopped by its PID on the way out,
+    failure or not. Subclasses say in ``start`` what they need and call ``_start_fleet``.
     """
 
-    def __init__(self, plan: Plan, workdir: Path) -> None:
-        self.plan = plan
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.database: PostgresCluster | None = None
+        self.logs = Logs(workdir)
+        self.database: DatabaseT | None = None
         self.replicas: list[ServerProcess] = []
         self.proxy: ProxyProcess | None = None
-        self._logs: list[IO[bytes]] = []
-
-    def _log(self, name: str) -> IO[bytes]:
-        log = open(self.workdir / name, "ab")  # noqa: SIM115 (closed in stop())
-        self._logs.append(log)
-        return log
 
     def start(self) -> None:
-        plan = self.plan
-        env = {"OPTSERVE_SNAPSHOT_EVERY": "25", "OPTSERVE_LEASE_SECONDS": str(plan.lease_seconds)}
-        if plan.storage == "postgres":
-            binaries = postgres_binaries()
-            if binaries is None:
-                raise HarnessError("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
-            self.database = PostgresCluster(binaries)
-            self.database.init()
-            self.database.start()
-            env["OPTSERVE_DATABASE_URL"] = self.database.url
-        for n in range(1, plan.replicas + 1):
+        raise NotImplementedError
+
+    def _start_fleet(
+        self, count: int, env: Mapping[str, str], storage: str, proxy_binary: str
+    ) -> None:
+        """``count`` replicas on ``storage``, then HAProxy; returns once it routes to all."""
+        for n in range(1, count + 1):
             replica = ServerProcess(
                 self.workdir / f"replica{n}-data",
-                self._log(f"replica{n}.log"),
+                self.logs.open(f"replica{n}.log"),
                 env,
-                args=["--storage", plan.storage],
+                args=["--storage", storage],
             )
+            # Listed before it starts, so that stop() stops one that fails half-way.
             self.replicas.append(replica)
             replica.start()
-        binary = haproxy_binary()
-        if binary is None:
-            raise HarnessError("no haproxy binary")
         addresses = [f"127.0.0.1:{replica.port}" for replica in self.replicas]
-        self.proxy = ProxyProcess(binary, addresses, self.workdir, self._log("haproxy.log"))
+        self.proxy = ProxyProcess(
+            proxy_binary, addresses, self.workdir, self.logs.open("haproxy.log")
+        )
         self.proxy.start()
         self.proxy.wait_servers_up()
 
     def stop(self) -> None:
-        """Stop every process this deployment started, each by its PID."""
+        """Stop every process this fleet started, each by its PID."""
         with contextlib.ExitStack() as stack:
             if self.database is not None:
                 stack.callback(self.database.remove)
@@ -70,10 +75,9 @@ class Deployment:
                 stack.callback(replica.stop)
             if self.proxy is not None:
                 stack.callback(self.proxy.stop)
-        for log in self._logs:
-            log.close()
+        self.logs.close()
 
-    def __enter__(self) -> Deployment:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -88,6 +92,30 @@ class Deployment:
     def url(self) -> str:
         assert self.proxy is not None
         return self.proxy.url
+
+
+class Deployment(Fleet[PostgresCluster]):
+    """The chaos plan's deployment: its store, replicas and lease, PostgreSQL if it asks."""
+
+    def __init__(self, plan: Plan, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.plan = plan
+
+    def start(self) -> None:
+        plan = self.plan
+        env = {"OPTSERVE_SNAPSHOT_EVERY": "25", "OPTSERVE_LEASE_SECONDS": str(plan.lease_seconds)}
+        if plan.storage == "postgres":
+            binaries = postgres_binaries()
+            if binaries is None:
+                raise HarnessError("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
+            self.database = PostgresCluster(binaries)
+            self.database.init()
+            self.database.start()
+            env["OPTSERVE_DATABASE_URL"] = self.database.url
+        binary = haproxy_binary()
+        if binary is None:
+            raise HarnessError("no haproxy binary")
+        self._start_fleet(plan.replicas, env, plan.storage, binary)
 
     def restart_replica(self, n: int, down_s: float) -> None:
         """SIGKILL replica ``n``, start it again, return once HAProxy routes to it."""

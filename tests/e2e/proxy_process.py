@@ -12,7 +12,6 @@ import io
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from typing import IO
 
 import httpx
 
-from tests.e2e.server_process import REPO, free_port, terminate, wait_answering
+from tests.e2e.server_process import REPO, ChildProcess, free_port
 
 TEMPLATE = REPO / "deploy" / "haproxy.cfg"
 _SERVER_LINE = re.compile(r"^(?P<indent>\s*)server replica\d+ .*$")
@@ -72,10 +71,11 @@ def check_config(binary: str, path: Path, env: dict[str, str] | None = None) -> 
     return done.stdout + done.stderr
 
 
-class ProxyProcess:
+class ProxyProcess(ChildProcess):
     """``haproxy -db`` (foreground, one process) on two free loopback ports."""
 
     def __init__(self, binary: str, replicas: Sequence[str], workdir: Path, log: IO[bytes]):
+        super().__init__(log)
         self.binary = binary
         self.port = free_port()
         self.stats_port = free_port()
@@ -88,32 +88,10 @@ class ProxyProcess:
             "OPTSERVE_STATS_BIND": f"127.0.0.1:{self.stats_port}",
         }
         check_config(binary, self.config, self.env)
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start_seconds: list[float] = []
 
     def start(self) -> None:
-        began = time.monotonic()
-        self.process = subprocess.Popen(
-            [self.binary, "-db", "-f", str(self.config)],
-            env={**os.environ, **self.env},
-            stdout=self.log,
-            stderr=self.log,
-        )
-        wait_answering(self.process, self.stats_url + "/", 30, "haproxy")
-        self.start_seconds.append(time.monotonic() - began)
-
-    def kill(self) -> None:
-        """SIGKILL: open connections drop, new ones are refused until it is back."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            terminate(self.process)
-            self.process = None
+        command = [self.binary, "-db", "-f", str(self.config)]
+        self._launch(command, {**os.environ, **self.env}, self.stats_url + "/", 30, "haproxy")
 
     def servers(self) -> dict[str, str]:
         """Each replica's state on the stats page (``UP``, ``DOWN``, ...)."""

@@ -5,13 +5,14 @@ The end-to-end tests that kill the server and start it again share this harness.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -27,46 +28,37 @@ def free_port() -> int:
         return port
 
 
-class ServerProcess:
-    """The real server on 127.0.0.1 and a free port, open (no API keys), logging to ``log``."""
+class ChildProcess:
+    """A subprocess logging to ``log``, started until a URL answers, stopped by its PID.
 
-    def __init__(
-        self,
-        data_dir: Path,
-        log: IO[bytes],
-        env: Mapping[str, str] | None = None,
-        args: Sequence[str] = (),
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = data_dir
+    ``start_seconds`` holds how long each start took until that URL answered 200.
+    """
+
+    def __init__(self, log: IO[bytes]) -> None:
         self.log = log
-        self.env = dict(env or {})
-        self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
         self.start_seconds: list[float] = []
-        """How long each start took until /readyz answered 200."""
 
     @property
     def restarts(self) -> int:
         return max(len(self.start_seconds) - 1, 0)
 
-    def start(self) -> None:
-        env = {**os.environ, "OPTSERVE_ACCESS_LOG": "false", "OPTSERVE_LOG_LEVEL": "warning"}
-        env.pop("OPTSERVE_API_KEYS", None)
-        env.pop("OPTSERVE_STORAGE", None)
-        env.update(self.env)
-        command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
-        command += ["--data-dir", str(self.data_dir), *self.args]
+    def _launch(
+        self,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        ready_url: str,
+        seconds: float,
+        what: str,
+        cwd: Path | None = None,
+    ) -> None:
         began = time.monotonic()
-        self.process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=self.log, stderr=self.log
-        )
-        wait_answering(self.process, self.url + "/readyz", 60, "the server")
+        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log, stderr=self.log)
+        wait_answering(self.process, ready_url, seconds, what)
         self.start_seconds.append(time.monotonic() - began)
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as in a crash."""
+        """SIGKILL: no shutdown code runs, as in a crash; open connections drop."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
@@ -76,6 +68,75 @@ class ServerProcess:
         if self.process is not None:
             terminate(self.process)
             self.process = None
+
+
+class ServerProcess(ChildProcess):
+    """The real server on 127.0.0.1 and a free port, open (no API keys), logging to ``log``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        log: IO[bytes],
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(log)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.env = dict(env or {})
+        self.args = list(args)
+
+    def start(self) -> None:
+        env = {**os.environ, "OPTSERVE_ACCESS_LOG": "false", "OPTSERVE_LOG_LEVEL": "warning"}
+        env.pop("OPTSERVE_API_KEYS", None)
+        env.pop("OPTSERVE_STORAGE", None)
+        env.update(self.env)
+        command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
+        command += ["--data-dir", str(self.data_dir), *self.args]
+        self._launch(command, env, self.url + "/readyz", 60, "the server", cwd=REPO)
+
+
+class Logs:
+    """Log files of the processes started, opened in ``workdir`` and closed at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self._open: list[IO[bytes]] = []
+
+    def open(self, name: str) -> IO[bytes]:
+        log = open(self.workdir / name, "ab")  # noqa: SIM115 (closed in close())
+        self._open.append(log)
+        return log
+
+    def close(self) -> None:
+        for log in self._open:
+            log.close()
+
+
+@contextlib.contextmanager
+def running_server(
+    root: Path, env: Mapping[str, str] | None = None, args: Sequence[str] = ()
+) -> Iterator[ServerProcess]:
+    """A started server on ``root/data`` logging to ``root/server.log``, stopped on the way out."""
+    with (root / "server.log").open("wb") as log:
+        process = ServerProcess(root / "data", log, env, args)
+        process.start()
+        try:
+            yield process
+        finally:
+            process.stop()
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of ``pid`` from ``/proc/<pid>/status``, in bytes."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(value.split()[0]) * 1024
+    return values
 
 
 def wait_answering(process: subprocess.Popen[bytes], url: str, seconds: float, what: str) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from service.codec import safetensors
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import ServerProcess, running_server
 
 K = 4
 SAFETENSORS = "application/vnd.optserve.safetensors"
@@ -28,13 +28,8 @@ SAFETENSORS = "application/vnd.optserve.safetensors"
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    with open(tmp_path / "server.log", "wb") as log:
-        running = ServerProcess(tmp_path / "data", log, {"OPTSERVE_SNAPSHOT_EVERY": "3"})
-        running.start()
-        try:
-            yield running
-        finally:
-            running.stop()
+    with running_server(tmp_path, {"OPTSERVE_SNAPSHOT_EVERY": "3"}) as running:
+        yield running
 
 
 def test_a_kill_after_three_of_four_posts_resumes_with_three(server: ServerProcess) -> None:

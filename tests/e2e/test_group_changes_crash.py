@@ -17,20 +17,15 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import ServerProcess, running_server
 
 SHAPES = {"w": (30, 20), "b": (20,)}
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    with open(tmp_path / "server.log", "wb") as log:
-        running = ServerProcess(tmp_path / "data", log, {"OPTSERVE_SNAPSHOT_EVERY": "3"})
-        running.start()
-        try:
-            yield running
-        finally:
-            running.stop()
+    with running_server(tmp_path, {"OPTSERVE_SNAPSHOT_EVERY": "3"}) as running:
+        yield running
 
 
 def _values(rng: np.random.Generator, shape: tuple[int, ...]) -> list[float]:

@@ -16,7 +16,7 @@ from typing import IO
 import httpx
 import pytest
 
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import ServerProcess, memory
 
 MiB = 1 << 20
 BUDGET = 64 * MiB
@@ -29,16 +29,6 @@ MAX_IDLE = 5
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/status").exists(), reason="reads memory from /proc"
 )
-
-
-def _memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of ``pid``, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +121,7 @@ def _concurrently(path: str, port: int, count: int = 4) -> list[tuple[bytes, int
 
 def test_chunked_uploads_to_a_small_session_are_refused_early(server: ServerProcess) -> None:
     sid = httpx.post(f"{server.url}/v1/sessions", json=SMALL).json()["id"]
-    before = _memory(_pid(server))["VmRSS"]
+    before = memory(_pid(server))["VmRSS"]
     began = time.monotonic()
     results = _concurrently(f"/v1/sessions/{sid}/step", server.port)
     elapsed = time.monotonic() - began
@@ -142,7 +132,7 @@ def test_chunked_uploads_to_a_small_session_are_refused_early(server: ServerProc
         # a header), long before the 600 MB; what was sent is that plus socket buffers.
         assert problem["limit"] == "step_body_bytes" and problem["maximum"] < MiB
         assert sent < 64 * MiB
-    growth = _memory(_pid(server))["VmHWM"] - before
+    growth = memory(_pid(server))["VmHWM"] - before
     assert growth < BUDGET, f"peak RSS grew by {growth / MiB:.1f} MiB"
     assert elapsed < 15
     assert httpx.get(f"{server.url}/v1/sessions/{sid}").json()["step"] == 0
@@ -151,7 +141,7 @@ def test_chunked_uploads_to_a_small_session_are_refused_early(server: ServerProc
 def test_bodies_in_flight_stay_within_the_budget(server: ServerProcess) -> None:
     # Session creation has no per-session bound: each upload may take up to
     # max_body_bytes, and together they may not pass the in-flight budget.
-    before = _memory(_pid(server))["VmRSS"]
+    before = memory(_pid(server))["VmRSS"]
     results = _concurrently("/v1/sessions", server.port)
     statuses = sorted(_status(response) for response, _ in results)
     assert set(statuses) <= {413, 503}, statuses
@@ -162,7 +152,7 @@ def test_bodies_in_flight_stay_within_the_budget(server: ServerProcess) -> None:
             assert b"/problems/busy" in response
     # The budget counts body bytes; the peak adds the transport's buffers and the
     # allocator's slack around them.
-    growth = _memory(_pid(server))["VmHWM"] - before
+    growth = memory(_pid(server))["VmHWM"] - before
     assert growth < 1.5 * BUDGET, f"peak RSS grew by {growth / MiB:.1f} MiB"
     assert httpx.get(f"{server.url}/readyz").status_code == 200
 

@@ -19,20 +19,15 @@ from service.codec import safetensors
 from tests.core.cases.per_group import CASES
 from tests.core.parity_inputs import make_inputs
 from tests.core.test_parity import TOLERANCE, _reference
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import ServerProcess, running_server
 
 SAFETENSORS = "application/vnd.optserve.safetensors"
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    with open(tmp_path / "server.log", "wb") as log:
-        running = ServerProcess(tmp_path / "data", log, {"OPTSERVE_SNAPSHOT_EVERY": "7"})
-        running.start()
-        try:
-            yield running
-        finally:
-            running.stop()
+    with running_server(tmp_path, {"OPTSERVE_SNAPSHOT_EVERY": "7"}) as running:
+        yield running
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

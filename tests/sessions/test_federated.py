@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from service.sessions.federated.models import UpdateRequest
 from service.sessions.models import StepRequest
 from service.sessions.service import SessionService
 from service.sessions.store import MemoryStore
-from tests.core.flower_scenarios import SCENARIOS, Scenario, config_for, load_trace
+from tests.core.flower_scenarios import SCENARIOS, Scenario, Trace, config_for, load_trace
 from tests.sessions.conftest import StoreFactory, running, settle
 
 pytestmark = pytest.mark.anyio
@@ -62,6 +63,19 @@ def update(client: int, round_: int = 1, n: int = 10, **more: Any) -> UpdateRequ
 
 async def held(service: SessionService, sid: str) -> dict[str, np.ndarray]:
     return await service.params("t", sid)
+
+
+async def replay(
+    service: SessionService, scenario: Scenario, trace: Trace
+) -> AsyncIterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Flower's recorded client results submitted round by round to a new session; after
+    each round, what the session holds and Flower's global model for that round."""
+    session = (await service.create("t", config_for(scenario), trace.initial)).id
+    for r, results in enumerate(trace.results, start=1):
+        for node, n, params in results:
+            request = UpdateRequest(f"n{node}", "params", params, num_examples=n, round=r)
+            await service.federated.submit("t", session, request)
+        yield await held(service, session), trace.globals[r - 1]
 
 
 def average(updates: list[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
@@ -358,13 +372,8 @@ async def test_presets_through_the_service_match_flower(sid: str) -> None:
     trace = load_trace(scenario)
     dtype = np.dtype(scenario.dtype)
     async with running(MemoryStore()) as service:
-        session = (await service.create("t", config_for(scenario), trace.initial)).id
-        for r, results in enumerate(trace.results, start=1):
-            for node, n, params in results:
-                request = UpdateRequest(f"n{node}", "params", params, num_examples=n, round=r)
-                await service.federated.submit("t", session, request)
-            got = await held(service, session)
-            for name, values in trace.globals[r - 1].items():
+        async for got, expected in replay(service, scenario, trace):
+            for name, values in expected.items():
                 assert got[name].dtype == dtype
                 tolerance = 1e-6 if dtype == np.float32 else 1e-12
                 np.testing.assert_allclose(got[name], values, rtol=0, atol=tolerance)

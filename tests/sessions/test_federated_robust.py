@@ -14,13 +14,14 @@ from service.sessions.errors import IdempotencyKeyReused
 from service.sessions.federated.models import UpdateRequest
 from service.sessions.service import SessionService
 from service.sessions.store import MemoryStore
-from tests.core.flower_scenarios import SCENARIOS, config_for, load_trace
+from tests.core.flower_scenarios import SCENARIOS, load_trace
 from tests.sessions.conftest import StoreFactory, running, settle
 from tests.sessions.test_federated import (
     START,
     client_params,
     config,
     held,
+    replay,
     rounds_config,
     update,
 )
@@ -127,13 +128,8 @@ async def test_robust_scenarios_through_the_service_match_flower(sid: str) -> No
     scenario = SCENARIOS[sid]
     trace = load_trace(scenario)
     async with running(MemoryStore()) as service:
-        session = (await service.create("t", config_for(scenario), trace.initial)).id
-        for r, results in enumerate(trace.results, start=1):
-            for node, n, params in results:
-                request = UpdateRequest(f"n{node}", "params", params, num_examples=n, round=r)
-                await service.federated.submit("t", session, request)
-            got = await held(service, session)
-            for name, values in trace.globals[r - 1].items():
+        async for got, expected in replay(service, scenario, trace):
+            for name, values in expected.items():
                 np.testing.assert_allclose(got[name], values, rtol=0, atol=1e-6)
 
 
