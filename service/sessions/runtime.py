@@ -43,6 +43,7 @@ from service.core.errors import CoreError
 from service.core.plan import plan_from_config
 from service.core.training import initial_state
 from service.sessions import checkpoint
+from service.sessions.committer import Committer
 from service.sessions.errors import (
     SessionDamaged,
     SessionError,
@@ -79,6 +80,23 @@ IDEMPOTENCY_WINDOW_BYTES = 1 << 20
 """Tensor bytes of older kept replies per session, beyond the newest (which is kept whole)."""
 JANITOR_PERIOD_S = 5.0
 """How often idle sessions are looked for (and leases renewed)."""
+
+
+def _run_now(fn: Callable[..., int], *args: object) -> Future[int]:
+    """``fn(*args)`` run here, as a completed future (its result or its exception)."""
+    try:
+        result = fn(*args)
+    except BaseException as exc:
+        return _failed(exc)
+    done: Future[int] = Future()
+    done.set_result(result)
+    return done
+
+
+def _failed(exc: BaseException) -> Future[int]:
+    done: Future[int] = Future()
+    done.set_exception(exc)
+    return done
 
 
 def event_size(event: Event) -> int:
@@ -160,6 +178,7 @@ class Runtime:
         """Wall-clock time of events (Unix seconds)."""
         self._compute = ThreadPoolExecutor(workers, thread_name_prefix="optserve-step")
         self._io = ThreadPoolExecutor(workers, thread_name_prefix="optserve-store")
+        self._committer = Committer(workers, "optserve-append")
         self._sessions: dict[str, Entry] = {}
         self._loading: dict[str, asyncio.Lock] = {}
         self.per_tenant: Counter[str] = Counter()
@@ -214,6 +233,8 @@ class Runtime:
         for task in tasks:
             with contextlib.suppress(Exception):
                 await task
+        # Appends under way finish before the store closes their logs.
+        self._committer.close()
         await self.run_io(self.store.close)
         self._compute.shutdown(wait=True)
         self._io.shutdown(wait=True)
@@ -487,27 +508,77 @@ class Runtime:
         a store thread while ``apply`` computes, so the ``fdatasync`` costs no extra time
         when the update takes as long. Returns ``apply``'s result and the event's bytes.
         """
-        live = entry.live
-        sid = live.record.id
+        sid = entry.id
         if self.store.shared:
             self._hold(sid)
-        pending: Future[int] = Future()
         if self.store.durable and event_size(event) >= OVERLAP_MIN_BYTES:
             pending = self._io.submit(self.store.append, sid, event)
         else:
-            try:
-                pending.set_result(self.store.append(sid, event))
-            except BaseException as exc:
-                pending.set_exception(exc)
+            pending = _run_now(self.store.append, sid, event)
         try:
             result = apply()
         except BaseException:
-            # A fault of ours mid-update: the state may be half changed and the event may
-            # be durable. Rebuild the session from the store so memory and store agree.
             with contextlib.suppress(BaseException):
                 pending.result()
+            # A fault of ours mid-update: the state may be half changed and the event may
+            # be durable. Rebuild the session from the store so memory and store agree.
             self.discard(entry)
             raise
+        return result, self._settle(entry, event, pending)
+
+    async def commit_on_loop(
+        self, entry: Entry, event: Event, apply: Callable[[], T]
+    ) -> tuple[T, int]:
+        """:meth:`commit` on the event loop, for small sessions of a store no other process
+        shares: the update runs here while a store thread appends (a durable store).
+
+        A small update costs less than the hand-offs to a compute thread and back, and
+        less than the GIL handovers between that thread and the loop; only the append,
+        which waits on the device, leaves the loop.
+        """
+        pending: asyncio.Future[int] | Future[int]
+        if self.store.durable:
+            try:
+                prepared = self.store.prepare_append(
+                    entry.id, event, asynchronous=self._committer.asynchronous
+                )
+                pending = self._committer.submit(prepared)
+            except BaseException as exc:
+                pending = _failed(exc)
+        else:
+            pending = _run_now(self.store.append, entry.id, event)
+        try:
+            result = apply()
+        except BaseException:
+            await self._append_over(entry, pending)
+            # A fault of ours mid-update: the state may be half changed and the event may
+            # be durable. Rebuild the session from the store so memory and store agree.
+            self.discard(entry)
+            raise
+        await self._append_over(entry, pending)
+        return result, self._settle(entry, event, pending)
+
+    async def _append_over(self, entry: Entry, pending: asyncio.Future[int] | Future[int]) -> None:
+        """Wait until ``pending`` is over, whatever its outcome (read by the caller)."""
+        if pending.done():
+            return
+        assert isinstance(pending, asyncio.Future)
+        try:
+            await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # The server is stopping mid-append: memory may be ahead of the store, so the
+            # session is loaded afresh from the store once the append is over.
+            pending.add_done_callback(lambda _: self.discard(entry))
+            raise
+        except BaseException:
+            return
+
+    def _settle(
+        self, entry: Entry, event: Event, pending: asyncio.Future[int] | Future[int]
+    ) -> int:
+        """The stored event's bytes once ``pending`` (its append) succeeded, moving the
+        session on to it; a failed append drops the session's memory instead."""
+        sid = entry.id
         try:
             written = pending.result()
         except Fenced as exc:
@@ -522,9 +593,9 @@ class Runtime:
             raise StorageError(
                 f"the change could not be stored; it was not applied: {exc}"
             ) from exc
-        live.seq = event.seq
-        live.updated_at = event.at
-        return result, written
+        entry.live.seq = event.seq
+        entry.live.updated_at = event.at
+        return written
 
     def discard(self, entry: Entry) -> None:
         """Drop what memory holds of a session that may no longer match its store; its next

@@ -16,7 +16,7 @@ A step, under the session's lock:
 from __future__ import annotations
 
 import asyncio
-import functools
+from collections.abc import Callable
 
 from service.sessions.errors import PreconditionFailed
 from service.sessions.models import StepReply, StepRequest
@@ -25,8 +25,8 @@ from service.sessions.store.base import Event
 from service.sessions.window import refuse_old_key
 
 INLINE_MAX_ELEMENTS = 1 << 14
-"""In-memory steps of sessions this small run on the event loop: the thread hand-off would
-cost more than the update (about a third of a 1k-parameter step's CPU time)."""
+"""Steps of sessions this small run on the event loop (a durable store's append on a store
+thread): the hand-offs to a compute thread and back would cost more than the update."""
 
 
 class Steps:
@@ -53,13 +53,7 @@ class Steps:
                         return kept
                 if request.if_match is not None and request.if_match != entry.info.step:
                     raise PreconditionFailed(request.if_match, entry.info.etag)
-                apply = functools.partial(self._apply, entry, request)
-                if not runtime.store.durable and entry.live.plan.size <= INLINE_MAX_ELEMENTS:
-                    # Yield once, so that a due snapshot of this session gets its turn.
-                    await asyncio.sleep(0)
-                    reply, event_bytes = apply()
-                else:
-                    reply, event_bytes = await runtime.run(apply)
+                reply, event_bytes = await self._commit(entry, request)
                 runtime.after_event(entry, event_bytes)
                 if key is not None:
                     entry.window.keep(key, request.fingerprint, reply, entry.live.seq)
@@ -68,11 +62,35 @@ class Steps:
             if key is not None:
                 window.inflight.discard(key)
 
-    def _apply(self, entry: Entry, request: StepRequest) -> tuple[StepReply, int]:
-        """On a worker thread, under the session lock: check, log and apply one step."""
+    async def _commit(self, entry: Entry, request: StepRequest) -> tuple[StepReply, int]:
+        """Check, log and apply one step, under the session lock: on a compute thread, or
+        on the event loop for a small session of a store no other process shares."""
+        runtime = self.runtime
+        if runtime.store.shared or entry.live.plan.size > INLINE_MAX_ELEMENTS:
+            return await runtime.run(lambda: runtime.commit(entry, *self._checked(entry, request)))
+        key = request.idempotency_key
+        # Keys of compacted events are the store's; a durable store is asked off the loop.
+        archive = key is not None and entry.base_seq > 0
+        if key is not None and archive and runtime.store.durable:
+            sid, used = entry.id, key
+            archived = await runtime.run_io(lambda: runtime.store.find_key(sid, used))
+            if archived is not None:
+                refuse_old_key(archived, request.fingerprint, request.sha256_fingerprint)
+            archive = False
+        else:
+            # Yield once, so that a due snapshot of this session gets its turn.
+            await asyncio.sleep(0)
+        return await runtime.commit_on_loop(entry, *self._checked(entry, request, archive))
+
+    def _checked(
+        self, entry: Entry, request: StepRequest, archive: bool = True
+    ) -> tuple[Event, Callable[[], StepReply]]:
+        """The step's event once its inputs are checked, and the update that applies it.
+
+        ``archive``: look the key up among those the store archived (a blocking call)."""
         live = entry.live
         key = request.idempotency_key
-        if key is not None:
+        if key is not None and archive:
             archived = self.runtime.store.find_key(live.record.id, key)
             if archived is not None:
                 refuse_old_key(archived, request.fingerprint, request.sha256_fingerprint)
@@ -89,6 +107,4 @@ class Steps:
             params=prepared.sent_params,
             loss=prepared.loss,
         )
-        return self.runtime.commit(
-            entry, event, lambda: live.apply(prepared, reason, event.seq, event.at)
-        )
+        return event, lambda: live.apply(prepared, reason, event.seq, event.at)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def only_log(root: Path) -> Path:
 def test_a_torn_last_record_is_dropped_and_the_log_goes_on(tmp_path: Path) -> None:
     store = opened(tmp_path)
     store.create(record(), snapshot(0, 1.0))
-    store.append("s1", event(1))
-    size_after_one = only_log(tmp_path).stat().st_size
+    # The log's frames start at 0; zeros written ahead follow them while it is open.
+    size_after_one = store.append("s1", event(1))
     store.append("s1", event(2))
     store.close()
     frame = sum(len(bytes(b)) for b in logfile.encode(event(2)))
@@ -53,19 +54,24 @@ def test_a_torn_last_record_is_dropped_and_the_log_goes_on(tmp_path: Path) -> No
     store.close()
 
 
-def test_zeros_after_the_last_record_are_cut_off(tmp_path: Path) -> None:
-    # An append that extended the file but whose data never reached the disk.
+def test_zeros_after_the_last_record_are_room_for_the_next(tmp_path: Path) -> None:
+    # Zeros written ahead of the log's end (or an extension whose data never reached the
+    # disk): the next record goes right after the last one, and closing gives them back.
     store = opened(tmp_path)
     store.create(record(), snapshot(0, 1.0))
-    store.append("s1", event(1))
+    size = store.append("s1", event(1))
     store.close()
-    size = only_log(tmp_path).stat().st_size
     with open(only_log(tmp_path), "ab") as f:
-        f.write(bytes(4096))
+        f.write(bytes(4 * 4096))
     store = opened(tmp_path)
     loaded = store.load_session("s1")
     assert loaded is not None and loaded.damage is None and [e.seq for e in loaded.events] == [1]
+    size += store.append("s1", event(2))
+    store.close()
     assert only_log(tmp_path).stat().st_size == size
+    store = opened(tmp_path)
+    loaded = store.load_session("s1")
+    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2]
     store.close()
 
 
@@ -186,8 +192,7 @@ def test_a_failed_append_leaves_no_partial_frame(
 ) -> None:
     store = opened(tmp_path)
     store.create(record(), snapshot(0, 1.0))
-    store.append("s1", event(1))
-    size = only_log(tmp_path).stat().st_size
+    size = store.append("s1", event(1))
 
     def failing_sync(fd: int) -> None:
         raise OSError(5, "Input/output error")
@@ -243,19 +248,45 @@ def test_an_unfinished_line_of_archived_keys_is_cut_before_the_next(tmp_path: Pa
     store.close()
 
 
-def test_appends_reserve_blocks_past_the_end_and_closing_gives_them_back(tmp_path: Path) -> None:
-    """The log's size is that of its frames; the blocks ahead of it are the store's own
-    business, allocated while it appends and released when it closes."""
+def test_small_appends_write_zeros_ahead_and_closing_gives_them_back(tmp_path: Path) -> None:
+    """A log of small frames holds written zeros past its last frame while it is open (so
+    that the next appends change no metadata); closing cuts them off."""
     store = DiskStore(tmp_path)
     store.open()
     store.create(record(), snapshot(0, 1.0))
     log = tmp_path / SESSIONS_DIR / "s1" / history.log_name(0)
-    written = sum(store.append("s1", event(seq)) for seq in (1, 2))
+    first = store.append("s1", event(1))
+    # The first append wrote the zeros after its frame, the second overwrote some of them.
+    written = first + store.append("s1", event(2))
+    assert log.stat().st_size == first + appender.ZEROS_AHEAD_MIN
+    assert not logfile.read_file(log)[written:].any()
+    store.close()
+    assert log.stat().st_size == written
+    reopened = DiskStore(tmp_path)
+    reopened.open()
+    loaded = reopened.load_session("s1")
+    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2]
+    reopened.close()
+
+
+def test_large_appends_reserve_blocks_past_the_end_and_closing_gives_them_back(
+    tmp_path: Path,
+) -> None:
+    """A log of large frames keeps its size that of its frames; the blocks ahead of it are
+    the store's own business, allocated while it appends and released when it closes."""
+    store = DiskStore(tmp_path)
+    store.open()
+    store.create(record(), snapshot(0, 1.0))
+    log = tmp_path / SESSIONS_DIR / "s1" / history.log_name(0)
+    large = {"w": np.ones(appender.ZEROS_AHEAD_MAX_FRAME // 4 + 1, dtype=np.float32)}
+    written = sum(
+        store.append("s1", dataclasses.replace(event(seq), grads=large)) for seq in (1, 2)
+    )
     reserved = log.stat().st_blocks * 512
     assert log.stat().st_size == written
     if appender._fallocate is None:
         pytest.skip("no fallocate here: nothing is reserved")
-    assert reserved >= appender.RESERVE_MIN  # ahead of the two small frames
+    assert reserved >= written + appender.RESERVE_MIN
     store.close()
     assert log.stat().st_size == written
     assert log.stat().st_blocks * 512 < reserved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
@@ -122,10 +123,21 @@ def test_a_bad_frame_with_intact_frames_after_it_is_damage() -> None:
 
 
 def test_a_last_frame_with_a_sector_never_written_is_torn() -> None:
-    first, second = frame_bytes(sample(1)), bytearray(frame_bytes(sample(2)))
+    big = dataclasses.replace(sample(2), grads={"w": np.ones(1000, dtype=np.float32)})
+    first, second = frame_bytes(sample(1)), bytearray(frame_bytes(big))
     second[:512] = bytes(512)
     scan = logfile.scan(np.frombuffer(first + bytes(second), dtype=np.uint8))
     assert [e.seq for e in scan.events] == [1] and scan.torn
+
+
+def test_a_torn_frame_in_zeros_written_ahead_is_torn() -> None:
+    big = dataclasses.replace(sample(2), grads={"w": np.ones(1000, dtype=np.float32)})
+    first, second = frame_bytes(sample(1)), bytearray(frame_bytes(big))
+    second[1024:1536] = bytes(512)
+    data = np.frombuffer(first + bytes(second) + bytes(3 * BLOCK), dtype=np.uint8)
+    scan = logfile.scan(data)
+    assert [e.seq for e in scan.events] == [1] and scan.torn and scan.damage is None
+    assert scan.valid_bytes == len(first)
 
 
 def test_a_frame_of_another_session_is_damage() -> None:
@@ -135,11 +147,19 @@ def test_a_frame_of_another_session_is_damage() -> None:
     assert [e.seq for e in logfile.scan(np.frombuffer(raw, dtype=np.uint8), "other").events] == [1]
 
 
-def test_zeroed_tail_is_not_a_frame() -> None:
-    data = np.frombuffer(frame_bytes(sample(1)) + bytes(4096), dtype=np.uint8)
-    scan = logfile.scan(data)
+def test_zeros_after_the_last_frame_are_room_for_the_next() -> None:
+    first = frame_bytes(sample(1))
+    scan = logfile.scan(np.frombuffer(first + bytes(3 * BLOCK), dtype=np.uint8))
     assert [e.seq for e in scan.events] == [1]
-    assert scan.torn
+    assert scan.clean and scan.valid_bytes == len(first)
+
+
+def test_a_frame_after_zeros_is_damage() -> None:
+    # Zeros are room only at the end: an intact frame after them means lost frames.
+    data = frame_bytes(sample(1)) + bytes(BLOCK) + frame_bytes(sample(3))
+    scan = logfile.scan(np.frombuffer(data, dtype=np.uint8))
+    assert [e.seq for e in scan.events] == [1] and scan.damage is not None
+    assert [e.seq for e in scan.beyond] == [3]
 
 
 def test_write_all_writes_every_buffer(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from service.sessions.store.aio import DirectWrite
 from service.sessions.store.policy import SnapshotPolicy
 
 EventKind = Literal["step", "schedule", "update", "close", "edit", "add_group"]
@@ -188,6 +189,16 @@ def process_owner() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
 
 
+@dataclass
+class PreparedAppend:
+    """An encoded event, to be written by one of two means."""
+
+    write: Callable[[], int]
+    """Writes it durably (blocking I/O); returns what :meth:`Store.append` returns."""
+    direct: DirectWrite | None = None
+    """The same write as one asynchronous request, where the store offers one."""
+
+
 class Store(ABC):
     """Durable (or not) home of every session's history."""
 
@@ -272,6 +283,15 @@ class Store(ABC):
         Returns the bytes the event takes in the store (for the snapshot policy). The
         caller hands the event's arrays over: it never modifies them afterwards.
         """
+
+    def prepare_append(
+        self, session_id: str, event: Event, asynchronous: bool = False
+    ) -> PreparedAppend:
+        """:meth:`append` in two parts: this one encodes the event (CPU work, on the
+        caller's thread); what it returns writes it. Appends of one session are prepared
+        and written one at a time, in order. ``asynchronous``: the caller can submit a
+        :class:`DirectWrite` (``aio``), so the store may offer one."""
+        return PreparedAppend(lambda: self.append(session_id, event))
 
     @abstractmethod
     def snapshot(self, session_id: str, snapshot: Snapshot) -> Callable[[], None]:

@@ -37,13 +37,15 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.sessions.store import appender, history, logfile
+from service.sessions.store.aio import DirectWrite
 from service.sessions.store.base import (
     Event,
     KeyRecord,
+    PreparedAppend,
     SessionRecord,
     Snapshot,
     Store,
@@ -137,6 +139,23 @@ class _Log:
     last_seq: int
     reserved: int = 0
     """The end of the blocks reserved for appends (``appender.reserve``)."""
+    zeroed: int = 0
+    """The end of the written zeros past the last frame (``appender.zeros_ahead``)."""
+    staging: appender.Staging = field(default_factory=appender.Staging)
+    """Where frames written by an asynchronous request wait for it."""
+
+    def appended(self, seq: int, written: int) -> int:
+        """Record a frame of ``written`` bytes, event ``seq``, as durable."""
+        self.size += written
+        self.last_seq = seq
+        return written
+
+    def cut(self) -> None:
+        """Leave no partial frame behind for the next append to follow (this gives back
+        the reserved blocks and written zeros too)."""
+        os.ftruncate(self.fd, self.size)
+        self.reserved = min(self.reserved, self.size)
+        self.zeroed = min(self.zeroed, self.size)
 
     def close(self) -> None:
         appender.release(self.fd, self.size)
@@ -398,13 +417,18 @@ class DiskStore(Store):
         if found.needs_segment:
             os.close(self._new_segment(directory, base.seq)[0])
         last_segment = max(s for s in seqs(directory, "log-", ".bin") if s >= base.seq)
-        size = (directory / log_name(last_segment)).stat().st_size
+        file_size = (directory / log_name(last_segment)).stat().st_size
+        # Past the last frame the file holds zeros (written ahead, or a torn tail just cut).
+        scanned = [seg for seg in found.segments if seg.start == last_segment]
+        size = min(file_size, scanned[0].scan.valid_bytes) if scanned else file_size
         fd, direct = appender.open_log(directory / log_name(last_segment), create=False)
         with self._logs_lock:
             old = self._logs.pop(record.id, None)
             if old is not None:
                 old.close()
-            self._logs[record.id] = _Log(fd, direct, last_segment, size, found.last_seq)
+            self._logs[record.id] = _Log(
+                fd, direct, last_segment, size, found.last_seq, zeroed=file_size
+            )
         return StoredSession(record, base, found.events, found.later_snapshots, keys)
 
     # -- repair ------------------------------------------------------------------------
@@ -492,24 +516,44 @@ class DiskStore(Store):
         return opened
 
     def append(self, session_id: str, event: Event) -> int:
+        return self.prepare_append(session_id, event).write()
+
+    def prepare_append(
+        self, session_id: str, event: Event, asynchronous: bool = False
+    ) -> PreparedAppend:
         entry = self._log(session_id)
         if event.seq != entry.last_seq + 1:
             raise ValueError(f"event {event.seq} does not follow event {entry.last_seq}")
         buffers = logfile.encode(event, session_id)
-        frame = appender.aligned(sum(memoryview(b).nbytes for b in buffers))
-        if entry.size + frame > entry.reserved:
-            entry.reserved = appender.reserve(entry.fd, entry.size, frame)
-        try:
-            written = appender.append(entry.fd, entry.direct, entry.size, buffers)
-        except BaseException:
-            # Leave no partial frame behind for the next append to follow (this gives
-            # back the reserved blocks too).
-            os.ftruncate(entry.fd, entry.size)
-            entry.reserved = min(entry.reserved, entry.size)
-            raise
-        entry.size += written
-        entry.last_seq = event.seq
-        return written
+        views, total = appender.frame_views(buffers)
+        frame = appender.aligned(total)
+        direct = None
+        if asynchronous and entry.direct and entry.size + frame <= entry.zeroed:
+            staged = entry.staging.fill(views, frame)
+            direct = DirectWrite(
+                entry.fd,
+                entry.staging.address,
+                staged.nbytes,
+                entry.size,
+                finish=lambda: entry.appended(event.seq, frame),
+                abandon=entry.cut,
+            )
+
+        def write() -> int:
+            # Past the written zeros, this append writes the next stretch of them.
+            zeros = 0 if entry.size + frame <= entry.zeroed else appender.zeros_ahead(frame)
+            if not zeros and entry.size + frame > entry.reserved:
+                entry.reserved = appender.reserve(entry.fd, entry.size, frame)
+            try:
+                written = appender.append(entry.fd, entry.direct, entry.size, buffers, zeros)
+            except BaseException:
+                entry.cut()
+                raise
+            if zeros:
+                entry.zeroed = entry.size + written + zeros
+            return entry.appended(event.seq, written)
+
+        return PreparedAppend(write, direct)
 
     def snapshot(self, session_id: str, snapshot: Snapshot) -> Callable[[], None]:
         entry = self._log(session_id)

@@ -10,7 +10,8 @@ frames can be written with ``O_DIRECT``; see ``appender``)::
 The checksum covers both lengths, the header and the data. Reading a log tells three
 endings apart:
 
-- *clean*: the file ends after its last whole frame;
+- *clean*: the file ends after its last whole frame, or holds only zeros after it (room
+  written ahead for the next frames, see ``appender``);
 - *torn*: what follows the last whole frame is one write that never completed (shorter
   than its frame says, or with a sector that never reached the disk, all zeros) and
   nothing intact comes after it. A crash mid-append leaves this, and since appends are
@@ -165,7 +166,8 @@ def scan(data: np.ndarray, session: str | None = None) -> Scan:
             )
         events.append(event)
         pos += size
-    if pos >= end:
+    if pos >= end or not data[pos:end].any():
+        # Zeros after the last frame are room written ahead for the next ones.
         return Scan(events, pos, False)
     why = _not_torn(data, buf, pos, end)
     if why is None and not _intact_after(data, buf, pos, end):
@@ -206,7 +208,7 @@ def _not_torn(data: np.ndarray, buf: memoryview, pos: int, end: int) -> str | No
     frame_end = pos + PREFIX_SIZE + header_len + _pad(header_len) + data_len
     if frame_end >= end:
         return None
-    if aligned(frame_end) < end:
+    if aligned(frame_end) < end and data[aligned(frame_end) : end].any():
         return f"record at byte {pos} is followed by more data"
     for sector in range(pos, frame_end, SECTOR):
         if not data[sector : min(sector + SECTOR, frame_end)].any():
