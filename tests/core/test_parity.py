@@ -51,7 +51,7 @@ def test_golden_fixture_is_current(case: Case) -> None:
     live = run_torch(case.config, make_inputs(case))
     stored = golden.load(case)
     for name, value in live.items():
-        assert_current(stored[name], value, err_msg=name)
+        assert_current(stored[name], value, err_msg=name, tolerance=case.tolerance_of(TOLERANCE))
 
 
 def test_case_ids_are_unique() -> None:
