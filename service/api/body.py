@@ -48,11 +48,17 @@ async def _receive(
     wait = settings.body_timeout_s
     loop = asyncio.get_running_loop()
     size = 0
-    deadline = asyncio.timeout_at(loop.time() + wait)
+    # The deadline moves only once it is less than ``wait`` away, to an eighth past it: a
+    # stall is cut between ``wait`` and 9/8 of it after the last chunk, and a body that
+    # arrives at once never moves its timer (each move costs a timer re-arm).
+    slack = wait / 8
+    deadline = asyncio.timeout_at(loop.time() + wait + slack)
     try:
         async with deadline:
             async for chunk in request.stream():
-                deadline.reschedule(loop.time() + wait)
+                now = loop.time()
+                if (deadline.when() or now) - now < wait:
+                    deadline.reschedule(now + wait + slack)
                 if not chunk:
                     continue
                 size += len(chunk)

@@ -47,6 +47,7 @@ class Committer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._want_aio = asynchronous
         self._aio: AsyncWrites | None = None
+        self._batch: list[tuple[PreparedAppend, asyncio.Future[int]]] = []
 
     @property
     def asynchronous(self) -> bool:
@@ -60,18 +61,36 @@ class Committer:
             self._start(loop)
         done: asyncio.Future[int] = loop.create_future()
         if prepared.direct is not None and self._aio is not None:
-            try:
-                self._aio.submit(prepared.direct, _completion(prepared.direct, done))
-                return done
-            except OSError as exc:
-                # Nothing was written: this write, and the ones after it, go to a thread.
-                log.warning("asynchronous writes refused; appends use threads (%s)", exc)
-                self._stop_aio(loop)
-        self._queue.put((prepared.write, done))
+            # Submitted with the others prepared in this turn of the loop, in one request.
+            if not self._batch:
+                loop.call_soon(self._submit_batch)
+            self._batch.append((prepared, done))
+        else:
+            self._queue.put((prepared.write, done))
         return done
+
+    def _submit_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        while batch and self._aio is not None:
+            writes = []
+            for prepared, done in batch:
+                assert prepared.direct is not None
+                writes.append((prepared.direct, _completion(prepared.direct, done)))
+            try:
+                batch = batch[self._aio.submit(writes) :]
+            except OSError as exc:
+                # Nothing of the rest was written: they, and the writes after them, go to
+                # the writer threads.
+                log.warning("asynchronous writes refused; appends use threads (%s)", exc)
+                assert self._loop is not None
+                self._stop_aio(self._loop)
+        for prepared, done in batch:
+            self._queue.put((prepared.write, done))
 
     def close(self) -> None:
         """Stop once the writes submitted so far are done."""
+        if self._batch:
+            self._submit_batch()
         if self._loop is not None:
             self._stop_aio(self._loop)
         for _ in self._threads:

@@ -77,8 +77,9 @@ class Steps:
             if archived is not None:
                 refuse_old_key(archived, request.fingerprint, request.sha256_fingerprint)
             archive = False
-        else:
-            # Yield once, so that a due snapshot of this session gets its turn.
+        elif not runtime.store.durable:
+            # Yield once, so that a due snapshot of this session gets its turn (a durable
+            # store's append yields anyway).
             await asyncio.sleep(0)
         return await runtime.commit_on_loop(entry, *self._checked(entry, request, archive))
 
