@@ -31,19 +31,24 @@ from tests.e2e.server_process import ServerProcess
 pytestmark = pytest.mark.slow
 
 SAFETENSORS = "application/vnd.optserve.safetensors"
-SHAPES = {"w": (200, 200), "b": (200,)}  # 320 KB of float64 per step: the overlapped path
+Shapes = dict[str, tuple[int, ...]]
+LARGE: Shapes = {"w": (200, 200), "b": (200,)}
+"""320 KB of float64 per step: updated on a compute thread, appended beside it."""
+SMALL: Shapes = {"w": (40, 25), "b": (25,)}
+"""1k parameters: updated on the event loop, appended by asynchronous writes (into zeros
+written ahead) where the kernel offers them."""
 LR, MOMENTUM, WEIGHT_DECAY, DAMPENING = 0.01, 0.9, 1e-3, 0.1
 KILLS = 4
 MIN_STEPS = 60
 
 
-def gradients(i: int) -> dict[str, np.ndarray]:
+def gradients(i: int, shapes: Shapes) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(i)
-    return {name: rng.standard_normal(shape) for name, shape in SHAPES.items()}
+    return {name: rng.standard_normal(shape) for name, shape in shapes.items()}
 
 
-def initial() -> dict[str, np.ndarray]:
-    return {k: v * 0.1 for k, v in gradients(10_000).items()}
+def initial(shapes: Shapes) -> dict[str, np.ndarray]:
+    return {k: v * 0.1 for k, v in gradients(10_000, shapes).items()}
 
 
 @pytest.fixture
@@ -72,10 +77,10 @@ def killer(server: ServerProcess, done: threading.Event, errors: list[BaseExcept
 
 
 def send_step(
-    client: httpx.Client, server: ServerProcess, sid: str, i: int
+    client: httpx.Client, server: ServerProcess, sid: str, i: int, shapes: Shapes
 ) -> tuple[int, dict[str, np.ndarray], bool]:
     """POST step ``i`` until it is answered; retries keep its idempotency key."""
-    body = safetensors.encode(gradients(i))
+    body = safetensors.encode(gradients(i, shapes))
     headers = {"Content-Type": SAFETENSORS, "Accept": SAFETENSORS, "Idempotency-Key": f"step-{i}"}
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -99,12 +104,12 @@ def send_step(
     raise AssertionError(f"step {i} was never answered")
 
 
-def numpy_sgd(count: int) -> dict[str, np.ndarray]:
+def numpy_sgd(count: int, shapes: Shapes) -> dict[str, np.ndarray]:
     """torch.optim.SGD's update rule (momentum, dampening, weight decay), transcribed."""
-    params = initial()
+    params = initial(shapes)
     buffers: dict[str, np.ndarray] = {}
     for i in range(1, count + 1):
-        for name, g in gradients(i).items():
+        for name, g in gradients(i, shapes).items():
             d = g + WEIGHT_DECAY * params[name]
             if name in buffers:
                 buffers[name] = MOMENTUM * buffers[name] + (1 - DAMPENING) * d
@@ -114,12 +119,12 @@ def numpy_sgd(count: int) -> dict[str, np.ndarray]:
     return params
 
 
-def torch_sgd(count: int) -> dict[str, np.ndarray] | None:
+def torch_sgd(count: int, shapes: Shapes) -> dict[str, np.ndarray] | None:
     try:
         import torch
     except ImportError:
         return None
-    tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in initial().items()}
+    tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in initial(shapes).items()}
     opt = torch.optim.SGD(
         list(tensors.values()),
         lr=LR,
@@ -128,13 +133,16 @@ def torch_sgd(count: int) -> dict[str, np.ndarray] | None:
         weight_decay=WEIGHT_DECAY,
     )
     for i in range(1, count + 1):
-        for name, g in gradients(i).items():
+        for name, g in gradients(i, shapes).items():
             tensors[name].grad = torch.tensor(g, dtype=torch.float64)
         opt.step()
     return {k: v.numpy() for k, v in tensors.items()}
 
 
-def test_every_acknowledged_step_survives_sigkill_exactly_once(server: ServerProcess) -> None:
+@pytest.mark.parametrize("shapes", [LARGE, SMALL], ids=["large", "small"])
+def test_every_acknowledged_step_survives_sigkill_exactly_once(
+    server: ServerProcess, shapes: Shapes
+) -> None:
     config: dict[str, Any] = {
         "optimizer": {
             "name": "SGD",
@@ -144,7 +152,8 @@ def test_every_acknowledged_step_survives_sigkill_exactly_once(server: ServerPro
             "weight_decay": WEIGHT_DECAY,
         },
         "params": {
-            n: {"shape": list(s), "data": initial()[n].ravel().tolist()} for n, s in SHAPES.items()
+            n: {"shape": list(s), "data": initial(shapes)[n].ravel().tolist()}
+            for n, s in shapes.items()
         },
         "dtype": "float64",
     }
@@ -155,14 +164,14 @@ def test_every_acknowledged_step_survives_sigkill_exactly_once(server: ServerPro
     done = threading.Event()
     errors: list[BaseException] = []
     thread = threading.Thread(target=killer, args=(server, done, errors), daemon=True)
-    client_params = initial()
+    client_params = initial(shapes)
     replays = 0
     i = 0
     with httpx.Client(timeout=10) as client:
         thread.start()
         while not done.is_set() or i < MIN_STEPS:
             i += 1
-            step, deltas, replayed = send_step(client, server, sid, i)
+            step, deltas, replayed = send_step(client, server, sid, i, shapes)
             assert step == i, f"step {i} was acknowledged as step {step}"
             replays += replayed
             for name, delta in deltas.items():
@@ -181,14 +190,14 @@ def test_every_acknowledged_step_survives_sigkill_exactly_once(server: ServerPro
             f"{server.url}/v1/sessions/{sid}/params", headers={"Accept": SAFETENSORS}, timeout=10
         ).content
     )
-    for name in SHAPES:
+    for name in shapes:
         assert held[name].tobytes() == client_params[name].tobytes(), name
-    reference = numpy_sgd(i)
-    for name in SHAPES:
+    reference = numpy_sgd(i, shapes)
+    for name in shapes:
         np.testing.assert_allclose(held[name], reference[name], rtol=1e-12, atol=1e-14)
-    replayed_by_torch = torch_sgd(i)
+    replayed_by_torch = torch_sgd(i, shapes)
     if replayed_by_torch is not None:
-        for name in SHAPES:
+        for name in shapes:
             np.testing.assert_allclose(held[name], replayed_by_torch[name], rtol=1e-10, atol=1e-12)
     starts = ", ".join(f"{s:.1f}" for s in server.start_seconds)
     print(f"{i} steps, {KILLS + 1} kills, {replays} replies replayed; starts took {starts} s")

@@ -89,6 +89,22 @@ async def test_small_steps_are_appended_by_asynchronous_writes(
     assert np.array_equal(held["w"], want["w"])
 
 
+@needs_aio
+async def test_appends_prepared_in_one_loop_turn_share_one_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = Counting(monkeypatch)
+    async with running(DiskStore(tmp_path)) as service:
+        sids = [(await service.create("t", CONFIG, START)).id for _ in range(4)]
+        for i in range(5):
+            g = grads_for(SHAPES, seed=i)
+            replies = await asyncio.gather(
+                *(service.step("t", sid, StepRequest(grads=g)) for sid in sids)
+            )
+            assert [r.step for r in replies] == [i + 1] * 4
+    assert counting.submitted >= 16 and counting.requests < counting.submitted
+
+
 async def test_refused_asynchronous_writes_fall_back_to_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
