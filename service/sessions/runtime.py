@@ -530,11 +530,12 @@ class Runtime:
         self, entry: Entry, event: Event, apply: Callable[[], T]
     ) -> tuple[T, int]:
         """:meth:`commit` on the event loop, for small sessions of a store no other process
-        shares: the update runs here while a store thread appends (a durable store).
+        shares: the event is encoded here and written by the committer (one asynchronous
+        kernel request, or a writer thread) while the update runs here too.
 
         A small update costs less than the hand-offs to a compute thread and back, and
-        less than the GIL handovers between that thread and the loop; only the append,
-        which waits on the device, leaves the loop.
+        less than the GIL handovers between that thread and the loop (see
+        :mod:`service.sessions.committer`).
         """
         pending: asyncio.Future[int] | Future[int]
         if self.store.durable:

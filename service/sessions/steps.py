@@ -9,8 +9,8 @@ A step, under the session's lock:
    (``LiveSession.prepare``), then core's checks of the values (``LiveSession.check``:
    finiteness, a schedule that cannot advance);
 3. the event (the checked inputs) is committed: appended to the store while the update is
-   computed (:meth:`Runtime.commit`), so the reply is returned only once the step is
-   durable.
+   computed (:meth:`Runtime.commit` on a compute thread, :meth:`Runtime.commit_on_loop`
+   for small sessions), so the reply is returned only once the step is durable.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from service.sessions.store.base import Event
 from service.sessions.window import refuse_old_key
 
 INLINE_MAX_ELEMENTS = 1 << 14
-"""Steps of sessions this small run on the event loop (a durable store's append on a store
-thread): the hand-offs to a compute thread and back would cost more than the update."""
+"""Steps of sessions this small run on the event loop (a durable store's write goes to the
+committer): the hand-offs to a compute thread and back would cost more than the update."""
 
 
 class Steps:

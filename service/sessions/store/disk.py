@@ -542,7 +542,7 @@ class DiskStore(Store):
         def write() -> int:
             # Past the written zeros, this append writes the next stretch of them.
             zeros = 0 if entry.size + frame <= entry.zeroed else appender.zeros_ahead(frame)
-            if not zeros and entry.size + frame > entry.reserved:
+            if not zeros and entry.size + frame > max(entry.reserved, entry.zeroed):
                 entry.reserved = appender.reserve(entry.fd, entry.size, frame)
             try:
                 written = appender.append(entry.fd, entry.direct, entry.size, buffers, zeros)
