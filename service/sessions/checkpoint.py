@@ -85,7 +85,7 @@ def export(
             arrays[AVERAGE_PREFIX + spec.name] = values
         metadata["average"] = json.dumps({"n_averaged": average.n_averaged})
     if history:
-        metadata["steps"] = strict_json.dumps([r.to_json() for r in history])
+        metadata["steps"] = "[" + ",".join(r.json_text for r in history) + "]"
     if federation is not None:
         federated_arrays, federated_metadata = federated.export(federation)
         arrays.update(federated_arrays)

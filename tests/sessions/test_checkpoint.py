@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.codec import safetensors
+from service.codec import safetensors, strict_json
 from service.core.errors import CoreError
 from service.sessions import checkpoint
 from service.sessions.errors import InvalidCheckpoint, SessionNotFound
-from service.sessions.models import StepRequest
+from service.sessions.models import StepRecord, StepRequest
 from service.sessions.service import SessionService
 from service.sessions.store import MemoryStore
 from tests.sessions.conftest import grads_for, running
@@ -211,3 +211,14 @@ def test_fuzzed_checkpoint_metadata_never_escapes_as_another_error(
 @functools.cache
 def fuzz_base() -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return asyncio.run(good_checkpoint())
+
+
+def test_the_history_is_written_as_its_records_strict_json_made_once() -> None:
+    records = [
+        StepRecord(1, 1, 10.5, [0.1], True, None, {"grad_norm": 2.0}),
+        StepRecord(2, 1, 11.0, [float("inf")], False, "nonfinite", None),
+    ]
+    text = "[" + ",".join(r.json_text for r in records) + "]"
+    assert text == strict_json.dumps([r.to_json() for r in records])
+    assert records[0].json_text is records[0].json_text  # made once, then kept
+    assert [StepRecord.from_json(raw) for raw in json.loads(text)] == records
