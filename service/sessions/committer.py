@@ -37,7 +37,7 @@ _Finished = list[tuple["asyncio.Future[int]", int | None, BaseException | None]]
 
 
 class Committer:
-    def __init__(self, writers: int, name: str, asynchronous: bool = True) -> None:
+    def __init__(self, writers: int, name: str) -> None:
         self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[int]] | None] = (
             queue.SimpleQueue()
         )
@@ -45,7 +45,8 @@ class Committer:
         self._name = name
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._want_aio = asynchronous
+        self._want_aio = True
+        """Until the kernel refuses asynchronous writes (then never again)."""
         self._aio: AsyncWrites | None = None
         self._batch: list[tuple[PreparedAppend, asyncio.Future[int]]] = []
 
@@ -125,7 +126,8 @@ class Committer:
             # In-flight writes still complete: hand them their results before closing.
             while aio.in_flight:
                 aio.wait()
-            loop.remove_reader(aio.fileno)
+            if not loop.is_closed():
+                loop.remove_reader(aio.fileno)
             aio.close()
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
