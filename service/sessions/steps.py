@@ -68,14 +68,10 @@ class Steps:
         runtime = self.runtime
         if runtime.store.shared or entry.live.plan.size > INLINE_MAX_ELEMENTS:
             return await runtime.run(lambda: runtime.commit(entry, *self._checked(entry, request)))
-        key = request.idempotency_key
         # Keys of compacted events are the store's; a durable store is asked off the loop.
-        archive = key is not None and entry.base_seq > 0
-        if key is not None and archive and runtime.store.durable:
-            sid, used = entry.id, key
-            archived = await runtime.run_io(lambda: runtime.store.find_key(sid, used))
-            if archived is not None:
-                refuse_old_key(archived, request.fingerprint, request.sha256_fingerprint)
+        archive = request.idempotency_key is not None and entry.base_seq > 0
+        if archive and runtime.store.durable:
+            await runtime.run_io(lambda: self._refuse_archived_key(entry, request))
             archive = False
         elif not runtime.store.durable:
             # Yield once, so that a due snapshot of this session gets its turn (a durable
@@ -83,18 +79,24 @@ class Steps:
             await asyncio.sleep(0)
         return await runtime.commit_on_loop(entry, *self._checked(entry, request, archive))
 
+    def _refuse_archived_key(self, entry: Entry, request: StepRequest) -> None:
+        """Refuse a key the store archived (a blocking call): it was used long ago."""
+        key = request.idempotency_key
+        if key is not None:
+            archived = self.runtime.store.find_key(entry.id, key)
+            if archived is not None:
+                refuse_old_key(archived, request.fingerprint, request.sha256_fingerprint)
+
     def _checked(
         self, entry: Entry, request: StepRequest, archive: bool = True
     ) -> tuple[Event, Callable[[], StepReply]]:
         """The step's event once its inputs are checked, and the update that applies it.
 
         ``archive``: look the key up among those the store archived (a blocking call)."""
+        if archive:
+            self._refuse_archived_key(entry, request)
         live = entry.live
         key = request.idempotency_key
-        if key is not None and archive:
-            archived = self.runtime.store.find_key(live.record.id, key)
-            if archived is not None:
-                refuse_old_key(archived, request.fingerprint, request.sha256_fingerprint)
         prepared = live.prepare(request.grads, request.params, request.loss, request.want)
         reason = live.check(prepared)
         event = Event(

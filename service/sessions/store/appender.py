@@ -178,7 +178,13 @@ def append(
     """Write ``buffers`` at ``offset`` (a block boundary), padded to a block and followed
     by ``zeros`` bytes of zeros (a multiple of a block), then ``fdatasync``. Returns the
     padded length, so the next frame starts aligned again."""
-    views, total = frame_views(buffers)
+    return append_views(fd, direct, offset, *frame_views(buffers), zeros)
+
+
+def append_views(
+    fd: int, direct: bool, offset: int, views: Sequence[memoryview], total: int, zeros: int = 0
+) -> int:
+    """:func:`append` of buffers already made :func:`frame_views` (``total`` bytes)."""
     padded = aligned(total)
     after = [_zeros(zeros)] if zeros else []
     if direct:

@@ -529,11 +529,11 @@ class DiskStore(Store):
         frame = appender.aligned(total)
         direct = None
         if asynchronous and entry.direct and entry.size + frame <= entry.zeroed:
-            staged = entry.staging.fill(views, frame)
+            entry.staging.fill(views, frame)
             direct = DirectWrite(
                 entry.fd,
                 entry.staging.address,
-                staged.nbytes,
+                frame,
                 entry.size,
                 finish=lambda: entry.appended(event.seq, frame),
                 abandon=entry.cut,
@@ -545,7 +545,9 @@ class DiskStore(Store):
             if not zeros and entry.size + frame > max(entry.reserved, entry.zeroed):
                 entry.reserved = appender.reserve(entry.fd, entry.size, frame)
             try:
-                written = appender.append(entry.fd, entry.direct, entry.size, buffers, zeros)
+                written = appender.append_views(
+                    entry.fd, entry.direct, entry.size, views, total, zeros
+                )
             except BaseException:
                 entry.cut()
                 raise
