@@ -40,12 +40,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,18 +60,16 @@ sys.path.insert(0, str(ROOT / "clients" / "python"))
 from bench.http_step import (  # noqa: E402
     Connection,
     TorchAdam,
+    create_session,
     free_port,
     prepared_request,
+    server,
+    serving,
     step_until,
-    wait_healthy,
+    torch_reference,
 )
 from bench.tcp_echo import EchoServer  # noqa: E402
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
+from tests.e2e.server_process import memory  # noqa: E402
 
 
 @dataclass
@@ -88,40 +82,16 @@ class Server:
 @contextmanager
 def durable_server() -> Iterator[Server]:
     """``python -m service serve`` with disk storage in a fresh data directory."""
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="optserve-floor-") as data:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")},
-            "OPTSERVE_STORAGE": "disk",
-            "OPTSERVE_DATA_DIR": data,
-            "OPTSERVE_MAX_BODY_BYTES": str(1 << 30),
-            "OPTSERVE_LOG_LEVEL": "warning",
-        }
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            wait_healthy(port, process, "/healthz")
-            yield Server(port, process.pid, Path(data))
-        finally:
-            _stop(process)
+    with server("disk", access_log=True) as (port, pid, data):
+        yield Server(port, pid, data)
 
 
 @contextmanager
 def bare_echo_server() -> Iterator[int]:
     """This file's ``--bare-echo`` mode in a subprocess: the bare FastAPI route."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--bare-echo", str(port)], cwd=ROOT
-    )
-    try:
-        wait_healthy(port, process, "/healthz")
+    with serving([sys.executable, str(Path(__file__).resolve()), "--bare-echo", str(port)], port):
         yield port
-    finally:
-        _stop(process)
 
 
 def serve_bare_echo(port: int) -> None:
@@ -164,13 +134,6 @@ def serve_bare_echo(port: int) -> None:
 
 
 # -- the server's memory and disk ---------------------------------------------------------
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -220,7 +183,7 @@ def large_steps(server: Server, echo: EchoServer, size: int, wire: str, repeats:
 
     rng = np.random.default_rng(size)
     grads = [rng.standard_normal(size, dtype=np.float32) for _ in range(2)]
-    reference = TorchAdam(size) if _has_torch() else None
+    reference = torch_reference(size)
     echo_client = echo.client()
     with Client(f"http://127.0.0.1:{server.port}", wire=wire) as client:  # type: ignore[arg-type]
         session = client.create_session({"name": "Adam", "lr": 1e-3}, {"w": (size,)})
@@ -228,7 +191,7 @@ def large_steps(server: Server, echo: EchoServer, size: int, wire: str, repeats:
         request_bytes, reply_bytes = _step_sizes(server.port, session.id, grads[0], wire)
         for g in grads:
             session.step(g)  # warm-up: connection, allocator, caches
-        idle_kib = _status_kib(server.pid, "VmRSS")
+        idle = memory(server.pid)["VmRSS"]
         if not reset_peak_rss(server.pid):
             print("  (cannot reset VmHWM: peak RSS is since start)", file=sys.stderr)
         disk_before = disk_bytes(server.data_dir)
@@ -242,7 +205,7 @@ def large_steps(server: Server, echo: EchoServer, size: int, wire: str, repeats:
             tcp_s.append(echo_client.round_trip(request_bytes, reply_bytes))
             if reference is not None:
                 torch_s.append(_torch_best(reference))
-        peak_kib = _status_kib(server.pid, "VmHWM")
+        peak = memory(server.pid)["VmHWM"]
         disk_after = disk_bytes(server.data_dir)
         session.delete()
     echo_client.close()
@@ -252,8 +215,8 @@ def large_steps(server: Server, echo: EchoServer, size: int, wire: str, repeats:
         _median_ms(client_s),
         _median_ms(tcp_s),
         _median_ms(torch_s) if torch_s else None,
-        peak_kib / 1024,
-        (peak_kib - idle_kib) / 1024,
+        peak / 2**20,
+        (peak - idle) / 2**20,
         (disk_after - disk_before) / repeats,
     )
 
@@ -275,14 +238,6 @@ def _step_sizes(port: int, session_id: str, grad: np.ndarray, wire: str) -> tupl
     return len(body), len(reply)
 
 
-def _has_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _torch_best(reference: TorchAdam) -> float:
     """One torch step at its default thread count and one at one thread; the faster (on a
     shared machine torch's threads can wait on each other for milliseconds)."""
@@ -299,15 +254,7 @@ def _torch_best(reference: TorchAdam) -> float:
 
 def _rate_client(port: int, create: bool, seconds: float, start_at: float, results: Any) -> None:
     conn = Connection(port)
-    sid = "bare"
-    if create:
-        config = {"optimizer": {"name": "Adam", "lr": 1e-3}, "params": {"w": {"shape": [1000]}}}
-        status, body = conn.request(
-            "POST", "/v1/sessions", json.dumps(config).encode(), "application/json"
-        )
-        if status != 201:
-            raise RuntimeError(f"create failed: {status} {body[:300]!r}")
-        sid = json.loads(body)["id"]
+    sid = create_session(conn, 1000) if create else "bare"
     results.put(step_until(conn, sid, start_at, seconds))
 
 

@@ -135,7 +135,24 @@ def wait_healthy(port: int, process: subprocess.Popen[bytes], path: str) -> None
 
 
 @contextmanager
-def server(storage: str, access_log: bool) -> Iterator[tuple[int, int]]:
+def serving(
+    command: list[str], port: int, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``command`` (a server on ``port``) as a subprocess, healthy, stopped on exit."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    try:
+        wait_healthy(port, process, "/healthz")
+        yield process
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@contextmanager
+def server(storage: str, access_log: bool) -> Iterator[tuple[int, int, Path]]:
+    """``python -m service serve`` on ``storage`` in a fresh data directory: its port,
+    pid and data directory."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="optserve-bench-") as data:
         env = {
@@ -146,18 +163,9 @@ def server(storage: str, access_log: bool) -> Iterator[tuple[int, int]]:
             "OPTSERVE_LOG_LEVEL": "warning",
             "OPTSERVE_ACCESS_LOG": "true" if access_log else "false",
         }
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            wait_healthy(port, process, "/healthz")
-            yield port, process.pid
-        finally:
-            os.kill(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
+        command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
+        with serving(command, port, env) as process:
+            yield port, process.pid, Path(data)
 
 
 def create_session(conn: Connection, size: int) -> str:
@@ -328,7 +336,7 @@ def main() -> int:
     rows: list[tuple[int, str, str, float, float | None]] = []
     tput: dict[str, tuple[float, int, float]] = {}
     for storage in storages:
-        with server(storage, access_log=not args.no_access_log) as (port, pid):
+        with server(storage, access_log=not args.no_access_log) as (port, pid, _):
             for size in sizes:
                 for wire in wires:
                     http_ms, torch_ms = http_step_ms(port, size, wire)
