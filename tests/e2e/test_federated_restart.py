@@ -6,6 +6,7 @@ timeout passed while the server was down closes when it comes back."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.codec import safetensors
 from service.config import Settings
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import ServerProcess, running_server
 
 SAFETENSORS = "application/vnd.optserve.safetensors"
 SHAPES = {"w": (8, 5), "b": (5,)}
@@ -59,14 +60,9 @@ def params_of(http: Any, base: str) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Any:
-    with (tmp_path / "server.log").open("wb") as log:
-        running = ServerProcess(tmp_path / "data", log, args=["--storage", "disk"])
-        running.start()
-        try:
-            yield running
-        finally:
-            running.stop()
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    with running_server(tmp_path, args=["--storage", "disk"]) as running:
+        yield running
 
 
 PRIVATE = {
