@@ -4,8 +4,8 @@ The client is its own distribution (``clients/python``); the tests import it fro
 checkout's source tree, installed or not.
 
 ``live_url`` starts a real server (``python -m service serve``, in-memory storage) on a
-free loopback port for the test session and stops it by PID; ``live_server_with_keys``
-starts one that requires API keys.
+free loopback port for the test session and stops it by PID, and ``client`` is a client of
+it; ``live_server_with_keys`` starts one that requires API keys.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ CLIENT_SRC = REPO / "clients" / "python"
 # The client of this checkout, whether or not (and wherever) a client is installed: the
 # tests check the client next to the server they start.
 sys.path.insert(0, str(CLIENT_SRC))
+
+from optserve_client import Client  # noqa: E402
 
 API_KEYS = "alice:key-alice,bob:key-bob"
 
@@ -67,6 +69,13 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         terminate(process)
+
+
+@pytest.fixture
+def client(live_url: str) -> Iterator[Client]:
+    """A client of the live server (modules that test against a fake one define their own)."""
+    with Client(live_url) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

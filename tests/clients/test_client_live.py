@@ -4,7 +4,6 @@ family a training loop meets."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,12 +22,6 @@ from optserve_client import (
 from optserve_client._wire import Wire
 
 from tests.clients import client_parity as parity
-
-
-@pytest.fixture
-def client(live_url: str) -> Iterator[Client]:
-    with Client(live_url) as c:
-        yield c
 
 
 def expected_run() -> tuple[dict[str, np.ndarray], np.ndarray]:

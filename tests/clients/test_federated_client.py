@@ -4,7 +4,7 @@ count once, async mode; and the FedProx helpers against torch's autograd."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -12,12 +12,6 @@ from optserve_client import Client, IdempotencyKeyReused
 from optserve_client.federated import FederatedClient, Round, proximal_gradient, proximal_term
 
 START = {"w": np.arange(6, dtype=np.float32).reshape(3, 2) / 10, "b": np.zeros(2, np.float32)}
-
-
-@pytest.fixture
-def client(live_url: str) -> Iterator[Client]:
-    with Client(live_url) as c:
-        yield c
 
 
 def trainer(seed: int, n: int = 10) -> tuple[object, list[dict[str, np.ndarray]]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,12 +28,6 @@ LR = 3e-3
 WARMUP = 10
 STEPS = 100
 MAX_NORM = 0.5
-
-
-@pytest.fixture
-def client(live_url: str) -> Iterator[Client]:
-    with Client(live_url) as c:
-        yield c
 
 
 def mlp(seed: int = 0, dtype: Any = None) -> torch.nn.Module:

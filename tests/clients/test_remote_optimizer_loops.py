@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -83,12 +83,6 @@ def train(
 def assert_same(a: Any, b: Any) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert float((p - q).detach().abs().max()) <= TOL, name
-
-
-@pytest.fixture
-def client(live_url: str) -> Iterator[Client]:
-    with Client(live_url) as c:
-        yield c
 
 
 def remote(model: Any, client: Client, optimizer: dict[str, Any], **kw: Any) -> RemoteOptimizer:

@@ -7,7 +7,6 @@ together, each with its own scheduler of the same class and arguments.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,12 +26,6 @@ TOLERANCE = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},
     torch.float64: {"rtol": 1e-10, "atol": 1e-12},
 }
-
-
-@pytest.fixture
-def client(live_url: str) -> Iterator[Client]:
-    with Client(live_url) as c:
-        yield c
 
 
 def model(dtype: Any) -> torch.nn.Module:

@@ -4,7 +4,6 @@ packages: the same two-group training loop, the same parameters after every step
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,12 +22,6 @@ PACKAGES = {
     "SOAP": ("pytorch_optimizer", {"precondition_frequency": 4}, {"lr": 0.01}),
 }
 """name -> (package, arguments, the second group's overrides)."""
-
-
-@pytest.fixture
-def client(live_url: str) -> Iterator[Client]:
-    with Client(live_url) as c:
-        yield c
 
 
 def _model() -> Any:
