@@ -12,7 +12,7 @@ import httpx
 
 from optserve_client._calls import Call
 from optserve_client._retry import RetryPolicy, next_delay
-from optserve_client._transfer import content_length, request_content
+from optserve_client._transfer import AsyncUpload, Upload, request_content
 from optserve_client.errors import TransportError, error_from_response
 
 
@@ -29,15 +29,12 @@ class Tries:
         """The request for the next try, built by the client that sends it."""
         call = self.call
         headers = call.headers
-        if call.content is not None and not isinstance(call.content, bytes):
+        content = request_content(call.content, sync=isinstance(http, httpx.Client))
+        if isinstance(content, Upload | AsyncUpload):
             # Sent in parts: without a length httpx would send it chunked.
-            headers = {**headers, "content-length": str(content_length(call.content))}
+            headers = {**headers, "content-length": str(content.length)}
         return http.build_request(
-            call.method,
-            call.path,
-            headers=headers,
-            content=request_content(call.content, sync=isinstance(http, httpx.Client)),
-            params=call.params or None,
+            call.method, call.path, headers=headers, content=content, params=call.params or None
         )
 
     def after_response(self, response: httpx.Response) -> float | None:

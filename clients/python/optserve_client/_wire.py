@@ -81,7 +81,8 @@ def step_body(
     """The body of ``POST .../step``; arrays already in the session's dtype and shapes.
 
     Safetensors bodies are the header and views of the arrays (nothing joined), the
-    gradients rounded to ``upload_dtype`` if given (parameter values never are).
+    gradients rounded to ``upload_dtype`` if given (parameter values never are; the
+    connection refuses ``upload_dtype`` with the JSON wire).
     """
     if wire == "safetensors":
         tensors: dict[str, np.ndarray] = {n: _rounded(g, upload_dtype) for n, g in grads.items()}
@@ -90,8 +91,6 @@ def step_body(
         metadata = {"loss": repr(float(loss))} if loss is not None else None
         bfloat16 = set(grads) if upload_dtype == "bfloat16" else ()
         return safetensors.encode_parts(tensors, metadata, bfloat16=bfloat16)
-    if upload_dtype is not None:
-        raise ValueError("upload_dtype needs wire='safetensors' (JSON sends decimal text)")
     body: dict[str, Any] = {"grads": {n: g.tolist() for n, g in grads.items()}}
     if params is not None:
         body["params"] = {n: p.tolist() for n, p in params.items()}
