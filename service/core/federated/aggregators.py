@@ -148,11 +148,18 @@ def trim_mean(stacked: np.ndarray, beta: float) -> np.ndarray:
     return result
 
 
+def _squared_distances(flat: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Each row of ``flat``'s squared distance to ``row``: one (n, d) difference at a time,
+    never an (n, n, d) one."""
+    diff = flat - row
+    squared: np.ndarray = np.einsum("ij,ij->i", diff, diff)
+    return squared
+
+
 def krum_scores(updates: Sequence[Sequence[np.ndarray]], f: int) -> np.ndarray:
     """Each update's sum of squared distances to its ``n - f - 2`` nearest others."""
     flat = np.stack([np.concatenate([a.ravel() for a in u]) for u in updates])
-    # Row by row: one (n, d) difference at a time, never an (n, n, d) one.
-    distances = np.stack([np.einsum("ij,ij->i", flat - row, flat - row) for row in flat])
+    distances = np.stack([_squared_distances(flat, row) for row in flat])
     closest = max(1, len(updates) - f - 2)
     scores = []
     for row in distances:
