@@ -5,6 +5,7 @@ round (on both stores, with and without snapshots taken mid-round)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -377,3 +378,32 @@ async def test_presets_through_the_service_match_flower(sid: str) -> None:
                 assert got[name].dtype == dtype
                 tolerance = 1e-6 if dtype == np.float32 else 1e-12
                 np.testing.assert_allclose(got[name], values, rtol=0, atol=tolerance)
+
+
+async def test_an_update_the_step_would_refuse_is_refused_before_it_is_logged(
+    store_factory: StoreFactory,
+) -> None:
+    # SOAP's first statistics of this delta overflow float32: apply_step refuses it, so the
+    # update must be refused before its event is logged (a logged one would be refused on
+    # every replay, leaving the session damaged).
+    soap = {
+        "optimizer": {"name": "SOAP", "lr": 0.01},
+        "params": {"w": {"shape": [4, 4]}},
+        "dtype": "float32",
+        "nonfinite": "error",
+        "aggregation": {"mode": "async"},
+    }
+    huge = UpdateRequest(
+        client_id="c1", form="delta", tensors={"w": np.full((4, 4), 1e25, np.float32)}
+    )
+    async with running(store_factory()) as service:
+        sid = (await service.create("t", soap, {"w": np.zeros((4, 4), np.float32)})).id
+        with pytest.raises(InvalidInput, match="overflow SOAP's statistics"):
+            await service.federated.submit("t", sid, dataclasses.replace(huge, base_version=0))
+        info = await service.get("t", sid)
+        assert info.step == 0 and info.damage is None
+        fine = UpdateRequest(
+            client_id="c1", form="delta", tensors={"w": np.ones((4, 4), np.float32)}, base_version=0
+        )
+        await service.federated.submit("t", sid, fine)
+        assert (await service.get("t", sid)).step == 1

@@ -23,7 +23,7 @@ from service.core.federated import rounds
 from service.core.federated.rounds import Closing, Contribution, Federation, KeyedUpdate
 from service.core.federated.spec import AggregationSpec
 from service.core.federated.staleness import staleness_weight
-from service.core.training import apply_step, first_nonfinite, validate_step
+from service.core.training import apply_step, check_step, first_nonfinite
 from service.sessions.errors import IdempotencyKeyReused
 from service.sessions.federated.errors import (
     RoundClosed,
@@ -123,11 +123,13 @@ def _checked_closing(live: LiveSession, closing: Closing) -> Closing:
 
 
 def _checked_gradient(live: LiveSession, gradient: list[np.ndarray]) -> list[np.ndarray]:
-    """Refuse, before anything is logged, a pseudo-gradient the step would refuse."""
+    """Refuse, before anything is logged, a pseudo-gradient the step would refuse: the
+    same check :func:`apply_step` makes (a SOAP tensor's first statistics overflowing
+    included), so that nothing logged is refused when it is applied or replayed."""
     plan = live.plan
     params = _held(live) if plan.needs_params else None
     try:
-        validate_step(plan, gradient, params, None)
+        check_step(plan, live.state, gradient, params)
     except InvalidInput as exc:
         raise InvalidInput(f"the aggregated update cannot be applied: {exc}", exc.field) from exc
     return gradient
