@@ -10,7 +10,8 @@ the heap for the next step; the cost is that the server's resident memory stays 
 high-water mark instead of shrinking between bursts.
 
 glibc caps the mmap threshold at 32 MiB on 64-bit machines, so buffers above it (a 10M
-float32 tensor) are still mapped per use. Elsewhere (musl, macOS) this does nothing.
+float32 tensor) would still be mapped per use: a step's body and deltas come from
+:mod:`service.buffers`, which reuses them itself. Elsewhere (musl, macOS) this does nothing.
 """
 
 from __future__ import annotations

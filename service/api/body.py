@@ -16,12 +16,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 
 from service.api.media import Wire, request_wire, require_json_answer
 from service.api.problems import BodyTimeout, BodyTooLarge
 from service.api.wire import parse_json_object
+from service.buffers import STEP_BUFFERS
 from service.config import Settings
 
 _CHUNK = 64 * 1024
@@ -94,14 +94,16 @@ async def receive_body(
     does not promise that, so a surplus is still kept, not lost. Without a length the
     chunks are joined as :func:`read_body` does.
 
-    The buffer is ``np.empty``: its pages become resident only as bytes arrive, so a
-    declared length costs no memory before the body does (the middleware's body budget
-    counts what arrives). It is writable: decoders must hand out read-only views.
+    The buffer comes from :data:`service.buffers.STEP_BUFFERS`: an earlier body's buffer of
+    the same length nothing refers to any more, or a new ``np.empty`` whose pages become
+    resident only as bytes arrive, so a declared length costs no memory before the body
+    does (the middleware's body budget counts what arrives). It is writable: decoders
+    must hand out read-only views.
     """
     declared = _declared_length(request)
     if declared is None or (limit is not None and declared > limit) or declared < 2 * _CHUNK:
         return await read_body(request, limit, why)
-    view = np.empty(declared, dtype=np.uint8).data
+    view = STEP_BUFFERS.take(declared).data
     extra: list[bytes] = []
     filled = 0
 

@@ -13,13 +13,14 @@ checked before anything is mutated, so a rejected step leaves the state untouche
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from service.core import accumulation
+from service.core import accumulation, reductions
 from service.core.accumulation import Accumulated
 from service.core.clipping import clip_grad_norm, clip_grad_value
 from service.core.errors import CoreError, InvalidHyperparameter, InvalidInput
@@ -97,13 +98,27 @@ def _check_arrays(plan: Plan, arrays: Sequence[np.ndarray | None], what: str) ->
             )
 
 
-def first_nonfinite(plan: Plan, arrays: Sequence[np.ndarray | None]) -> str | None:
+def first_nonfinite(
+    plan: Plan, arrays: Sequence[np.ndarray | None], squares: list[float | None] | None = None
+) -> str | None:
     """Name of the first tensor holding NaN or Inf, or None. Absent tensors are skipped.
 
     min and max propagate NaN and expose Inf without allocating a mask the size of the
     tensor, which matters at 10M parameters.
+
+    With ``squares``, each tensor's sum of squares (:func:`reductions.sum_of_squares`, None
+    for an absent one) is appended to it instead, and read first: a finite sum means every
+    element is finite (NaN and Inf propagate through squares and sums), so the one pass
+    that checks a gradient also gives its norm. A sum that overflowed (float64 values
+    above 1e154) falls back to min and max.
     """
     for spec, a in zip(plan.tensors, arrays, strict=True):
+        if squares is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                summed = None if a is None else reductions.sum_of_squares(a)
+            squares.append(summed)
+            if summed is None or math.isfinite(summed):
+                continue
         if a is not None and a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
             return spec.name
     return None
@@ -125,11 +140,13 @@ def validate_step(
     params: Sequence[np.ndarray | None] | None,
     loss: float | None = None,
     reads_params: bool | None = None,
+    grad_squares: list[float | None] | None = None,
 ) -> str | None:
     """Check a step's inputs without touching state. Returns the skip reason, if any.
 
     Raises :class:`InvalidInput` for anything that must be refused; returns a reason when
-    non-finite gradients are to be skipped (``nonfinite: "skip"``).
+    non-finite gradients are to be skipped (``nonfinite: "skip"``). ``grad_squares``
+    receives the gradients' sums of squares (see :func:`first_nonfinite`).
     """
     _check_arrays(plan, grads, "grads")
     if plan.missing_grads == "error" and any(g is None for g in grads):
@@ -147,7 +164,7 @@ def validate_step(
     if loss is not None and not np.isfinite(loss) and plan.nonfinite == "error":
         raise InvalidInput("loss is NaN or Inf", "loss")
     _schedule_metric(plan, loss)
-    bad = first_nonfinite(plan, grads)
+    bad = first_nonfinite(plan, grads, grad_squares)
     if bad is None and (loss is None or np.isfinite(loss)):
         return None
     reason = f"grads {bad!r} hold NaN or Inf" if bad is not None else "loss is NaN or Inf"
@@ -170,15 +187,17 @@ def check_step(
     grads: Sequence[np.ndarray | None],
     params: Sequence[np.ndarray | None] | None,
     loss: float | None = None,
+    grad_squares: list[float | None] | None = None,
 ) -> str | None:
-    """Everything :func:`apply_step` checks, changing nothing.
+    """Everything :func:`apply_step` checks, changing nothing (``grad_squares``: see
+    :func:`validate_step`).
 
     Raises :class:`InvalidInput` for a step that must be refused (including a schedule that
     cannot advance, OneCycleLR past ``total_steps``); returns why the step is to be skipped
     (non-finite input with ``nonfinite: "skip"``), or None. A caller that must record a
     step durably before applying it checks it first, so that nothing recorded is refused.
     """
-    reason = validate_step(plan, grads, params, loss, needs_params(plan, state))
+    reason = validate_step(plan, grads, params, loss, needs_params(plan, state), grad_squares)
     if reason is None:
         reason = _check_grads_fit(plan, state, grads)
     if reason is not None:

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from service.buffers import STEP_BUFFERS
 from service.core import accumulation, averaging
-from service.core.clipping import total_norm
+from service.core.clipping import total_norm, total_norm_of_squares
 from service.core.errors import InvalidHyperparameter, InvalidInput
 from service.core.federated.rounds import Federation
 from service.core.group_changes import (
@@ -74,6 +75,9 @@ class Prepared:
     sums: list[np.ndarray | None] | None = None
     """With ``accumulate``: the running sum with this post in (what the step reads)."""
     sum_loss: float | None = None
+    grad_squares: list[float | None] | None = None
+    """Each work gradient's sum of squares, taken by the finiteness check (None where a
+    tensor is left out): the grad norm is computed from them, not by a second pass."""
 
 
 def norm(arrays: Sequence[np.ndarray]) -> float:
@@ -83,6 +87,14 @@ def norm(arrays: Sequence[np.ndarray]) -> float:
         return 0.0
     with np.errstate(over="ignore", invalid="ignore"):
         return float(total_norm(arrays, 2.0))
+
+
+def norm_of_squares(squares: Sequence[float], dtype: np.dtype[Any]) -> float:
+    """:func:`norm` from each tensor's sum of squares (the same bits)."""
+    if not squares:
+        return 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(total_norm_of_squares(squares, dtype))
 
 
 def checked_tensors(
@@ -296,7 +308,13 @@ class LiveSession:
         plan, state = self.plan, self.state
         spec = plan.accumulate
         if spec is None:
-            return check_step(plan, state, prepared.work_grads, prepared.params, prepared.loss)
+            squares: list[float | None] = []
+            reason = check_step(
+                plan, state, prepared.work_grads, prepared.params, prepared.loss, squares
+            )
+            if len(squares) == len(prepared.work_grads):
+                prepared.grad_squares = squares
+            return reason
         reads = needs_params(plan, state)
         reason = validate_step(plan, prepared.work_grads, prepared.params, prepared.loss, reads)
         if reason is not None:
@@ -350,8 +368,13 @@ class LiveSession:
         clipping_computes_it = plan.clipping_computes_grad_norm
         grad_norm = None
         if reason is None and not clipping_computes_it:
-            grad_norm = norm([g for g in grads if g is not None])
-        out = [np.empty(spec_.shape, dtype=plan.dtype) for spec_ in plan.tensors]
+            squares = None if spec is not None else prepared.grad_squares
+            if squares is None:
+                grad_norm = norm([g for g in grads if g is not None])
+            else:
+                grad_norm = norm_of_squares([s for s in squares if s is not None], plan.dtype)
+        # Large deltas reuse the buffers of earlier replies nothing holds any more.
+        out = [STEP_BUFFERS.array(spec_.shape, plan.dtype) for spec_ in plan.tensors]
         outcome = apply_checked(plan, state, grads, prepared.params, out, loss, reason)
         if outcome.grad_norm is not None:
             grad_norm = outcome.grad_norm
