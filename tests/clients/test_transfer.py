@@ -13,8 +13,8 @@ def _parts(size: int) -> list[bytes | memoryview]:
     return [b"header", memoryview(data)]
 
 
-def test_a_body_smaller_than_a_slice_is_sent_whole() -> None:
-    parts = _parts(_transfer.SLICE // 2)
+def test_a_small_body_is_sent_whole() -> None:
+    parts = _parts(_transfer.JOINED_MAX // 2)
     for sync in (True, False):
         content = _transfer.request_content(parts, sync)
         assert isinstance(content, bytes)
@@ -27,6 +27,7 @@ def test_a_large_body_is_sent_as_slices_of_its_parts() -> None:
     assert isinstance(upload, _transfer.Upload)
     pieces = list(upload)
     assert len(pieces) > 3
+    assert max(p.nbytes for p in pieces) == _transfer.SLICE
     assert all(isinstance(p, memoryview) for p in pieces)
     assert b"".join(pieces) == b"".join(parts)
     assert b"".join(upload) == b"".join(parts)  # re-iterable: a retry sends it again
