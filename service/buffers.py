@@ -19,6 +19,10 @@ import threading
 
 import numpy as np
 
+PAGE = 4096
+"""A memory page: tensors received at a page boundary can be written with ``O_DIRECT``
+from where they are (the disk store's blocks are this size too)."""
+
 MIN_BYTES = 1 << 20
 """Buffers smaller than this come from ``np.empty``: the allocator reuses them itself."""
 

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from service.api.media import Wire, request_wire, require_json_answer
 from service.api.problems import BodyTimeout, BodyTooLarge
 from service.api.wire import parse_json_object
-from service.buffers import STEP_BUFFERS
+from service.buffers import PAGE, STEP_BUFFERS
 from service.config import Settings
 
 _CHUNK = 64 * 1024
@@ -82,7 +82,10 @@ async def read_body(request: Request, limit: int | None = None, why: str = "") -
 
 
 async def receive_body(
-    request: Request, limit: int | None = None, why: str = ""
+    request: Request,
+    limit: int | None = None,
+    why: str = "",
+    aligned_at: Callable[[bytes], int | None] | None = None,
 ) -> bytes | memoryview:
     """The whole body, copied chunk by chunk into one buffer of its declared length.
 
@@ -94,6 +97,10 @@ async def receive_body(
     does not promise that, so a surplus is still kept, not lost. Without a length the
     chunks are joined as :func:`read_body` does.
 
+    ``aligned_at`` reads the body's first chunk and says which byte of the body to place
+    on a page boundary (a safetensors body's tensor data): the disk store writes tensors
+    so placed with ``O_DIRECT`` from this buffer, without copying them.
+
     The buffer comes from :data:`service.buffers.STEP_BUFFERS`: an earlier body's buffer of
     the same length nothing refers to any more, or a new ``np.empty`` whose pages become
     resident only as bytes arrive, so a declared length costs no memory before the body
@@ -103,12 +110,14 @@ async def receive_body(
     declared = _declared_length(request)
     if declared is None or (limit is not None and declared > limit) or declared < 2 * _CHUNK:
         return await read_body(request, limit, why)
-    view = STEP_BUFFERS.take(declared).data
+    view: memoryview | None = None
     extra: list[bytes] = []
     filled = 0
 
     def take(chunk: bytes) -> None:
-        nonlocal filled
+        nonlocal view, filled
+        if view is None:
+            view = _placed(declared, None if aligned_at is None else aligned_at(chunk))
         room = declared - filled
         if len(chunk) <= room:
             view[filled : filled + len(chunk)] = chunk
@@ -119,9 +128,20 @@ async def receive_body(
             extra.append(chunk[room:])
 
     await _receive(request, limit, why, take)
+    if view is None:
+        return b""
     if filled == declared and not extra:
         return view
     return bytes(view[:filled]) + b"".join(extra)
+
+
+def _placed(length: int, aligned_at: int | None) -> memoryview:
+    """A buffer of ``length`` bytes whose byte ``aligned_at`` is on a page boundary."""
+    if aligned_at is None or not 0 <= aligned_at < length:
+        return STEP_BUFFERS.take(length).data
+    buffer = STEP_BUFFERS.take(length + PAGE)
+    shift = -(buffer.ctypes.data + aligned_at) % PAGE
+    return buffer[shift : shift + length].data
 
 
 async def tensor_body(request: Request) -> tuple[Wire, bytes]:

@@ -111,6 +111,15 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
     return b"".join(encode_parts(tensors, metadata))
 
 
+def data_start(first: bytes) -> int | None:
+    """Where the tensor data of a body that begins with ``first`` starts (after the
+    8-byte length and the header), or None if ``first`` is too short to say."""
+    if len(first) < 8:
+        return None
+    (header_len,) = struct.unpack_from("<Q", first, 0)
+    return 8 + header_len if header_len <= MAX_HEADER_BYTES else None
+
+
 def decode(
     data: bytes | bytearray | memoryview, *, max_tensors: int | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -99,10 +99,6 @@ def _failed(exc: BaseException) -> Future[int]:
     return done
 
 
-def event_size(event: Event) -> int:
-    return sum(a.nbytes for a in [*event.grads.values(), *(event.params or {}).values()])
-
-
 @dataclass
 class Entry:
     """A session in memory plus the runtime's bookkeeping around it."""
@@ -511,7 +507,7 @@ class Runtime:
         sid = entry.id
         if self.store.shared:
             self._hold(sid)
-        if self.store.durable and event_size(event) >= OVERLAP_MIN_BYTES:
+        if self.store.durable and event.tensor_bytes >= OVERLAP_MIN_BYTES:
             pending = self._io.submit(self.store.append, sid, event)
         else:
             pending = _run_now(self.store.append, sid, event)
@@ -729,7 +725,7 @@ class Runtime:
                     entry.window.remember(event.key, Kept(event.seq, event.fingerprint, reply))
             if event.seq > max(stored.later_snapshots, default=snapshot.seq):
                 entry.events_since_snapshot += 1
-                entry.bytes_since_snapshot += event_size(event)
+                entry.bytes_since_snapshot += event.tensor_bytes
         entry.info = live.info()
         entry.state_bytes = live.state_bytes()
         return entry

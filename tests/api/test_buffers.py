@@ -77,3 +77,30 @@ def test_threads_taking_at_once_never_share_a_buffer() -> None:
         t.join()
     addresses = [b.ctypes.data for b in taken]
     assert len(set(addresses)) == len(addresses)  # all still held: all distinct
+
+
+def test_a_body_is_placed_with_its_tensor_data_on_a_page() -> None:
+    from service.api.body import _placed
+    from service.buffers import PAGE
+    from service.codec import safetensors
+
+    body = safetensors.encode({"w": np.arange(300_000, dtype=np.float32)})
+    start = safetensors.data_start(body[:64])
+    assert start is not None and start > 8
+    view = _placed(len(body), start)
+    assert view.nbytes == len(body) and not view.readonly
+    assert (np.frombuffer(view, np.uint8).ctypes.data + start) % PAGE == 0
+    view[:] = body
+    tensors, _ = safetensors.decode(view, max_tensors=4)
+    assert tensors["w"].ctypes.data % PAGE == 0
+    assert np.array_equal(tensors["w"], np.arange(300_000, dtype=np.float32))
+
+
+def test_a_body_too_short_to_say_where_its_data_starts_is_placed_anyway() -> None:
+    from service.api.body import _placed
+    from service.codec import safetensors
+
+    assert safetensors.data_start(b"\x01\x00") is None
+    assert safetensors.data_start((1 << 40).to_bytes(8, "little")) is None  # no such header
+    assert _placed(3 * MB, None).nbytes == 3 * MB
+    assert _placed(3 * MB, 5 * MB).nbytes == 3 * MB  # past the end: not placed

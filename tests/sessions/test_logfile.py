@@ -218,3 +218,76 @@ def test_a_write_refused_with_o_direct_falls_back_to_the_page_cache(
     monkeypatch.undo()
     scan = logfile.scan(logfile.read_file(path))
     assert [e.seq for e in scan.events] == [1, 2]
+
+
+def _page_aligned(nbytes: int) -> np.ndarray:
+    """A buffer of ``nbytes`` starting on a page, as a step's body is received."""
+    raw = np.empty(nbytes + BLOCK, dtype=np.uint8)
+    shift = -raw.ctypes.data % BLOCK
+    return raw[shift : shift + nbytes]
+
+
+def large_event(seq: int) -> Event:
+    """Gradients in page-aligned memory: one of whole blocks, one with a tail, one not."""
+    rng = np.random.default_rng(seq)
+    whole = _page_aligned(4 * BLOCK).view(np.float32)
+    whole[:] = rng.standard_normal(whole.size)
+    tail = _page_aligned(3 * BLOCK + 20).view(np.float32)
+    tail[:] = rng.standard_normal(tail.size)
+    return Event(
+        seq=seq,
+        kind="step",
+        at=2.0 * seq,
+        key=f"key-{seq}",
+        fingerprint="cd" * 16,
+        grads={"whole": whole, "tail": tail, "odd": rng.standard_normal(7).astype(np.float64)},
+        params={"whole": whole.copy()},
+    )
+
+
+def test_a_block_aligned_frame_puts_every_tensor_on_a_block_and_reads_back() -> None:
+    events = [large_event(1), large_event(2)]
+    frames = [
+        b"".join(bytes(b) for b in logfile.encode(e, "s", block_aligned=True)) for e in events
+    ]
+    data = np.frombuffer(b"".join(f + bytes(aligned(len(f)) - len(f)) for f in frames), np.uint8)
+    scan = logfile.scan(data, "s")
+    assert scan.clean and [e.seq for e in scan.events] == [1, 2]
+    for got, want in zip(scan.events, events, strict=True):
+        for group in ("grads", "params"):
+            for name, array in (getattr(want, group) or {}).items():
+                read = getattr(got, group)[name]
+                assert read.tobytes() == array.tobytes()
+                assert (read.ctypes.data - data.ctypes.data) % BLOCK == 0
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_aligned_tensors_are_written_from_their_own_memory(tmp_path: Path, direct: bool) -> None:
+    event = large_event(1)
+    views, total = appender.frame_views(logfile.encode(event, block_aligned=True))
+    segments = appender.Staging().segments(views, aligned(total))
+    sources = {np.frombuffer(s, np.uint8).ctypes.data for s in segments}
+    assert event.grads["whole"].ctypes.data in sources  # not copied
+    assert event.grads["tail"].ctypes.data in sources  # its whole blocks, not copied
+    for segment in segments:
+        assert segment.nbytes % BLOCK == 0
+        assert np.frombuffer(segment, np.uint8).ctypes.data % BLOCK == 0
+    assert b"".join(bytes(s) for s in segments) == frame_bytes_aligned(event)
+    path = tmp_path / "log"
+    if direct:
+        fd, direct = appender.open_log(path, create=True)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        end = appender.append(fd, direct, 0, logfile.encode(event, block_aligned=True))
+        end += appender.append(fd, direct, end, logfile.encode(sample(2)))
+    finally:
+        os.close(fd)
+    data = logfile.read_file(path)
+    assert data.size == end
+    assert [e.seq for e in logfile.scan(data).events] == [1, 2]
+
+
+def frame_bytes_aligned(event: Event, session: str = "") -> bytes:
+    raw = b"".join(bytes(b) for b in logfile.encode(event, session, block_aligned=True))
+    return raw + bytes(aligned(len(raw)) - len(raw))

@@ -25,6 +25,7 @@ from service.api.wire import (
     step_reply_json,
     step_reply_safetensors,
 )
+from service.codec import safetensors
 from service.sessions.errors import InvalidInput
 from service.sessions.models import StepRequest
 from service.sessions.service import SessionService
@@ -108,7 +109,7 @@ async def step(request: Request) -> Response:
         parsed = await offload.by_size(len(body), step_from_json, body)
     else:
         # Straight into one buffer; the decoded gradients are views of it (no copy).
-        body = await receive_body(request, limit, _BOUND_REASON)
+        body = await receive_body(request, limit, _BOUND_REASON, safetensors.data_start)
         # Decoding reads the header and makes views (a BF16 body is widened at memory
         # speed): a thread hop would cost more than it saves.
         parsed = step_from_safetensors(body, 2 * ctx.settings.max_tensors_per_session)

@@ -37,6 +37,8 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 BLOCK = 4096
 """Frames start at multiples of this; it is a multiple of every common logical block size."""
 
@@ -115,18 +117,47 @@ class Staging:
         self._buffer: mmap.mmap | None = None
         self._address: int | None = None
 
+    def _room(self, size: int) -> memoryview:
+        if self._buffer is None or len(self._buffer) < size:
+            self._address = None
+            self._buffer = mmap.mmap(-1, max(1 << 16, 1 << (size - 1).bit_length()))
+        return memoryview(self._buffer)
+
     def fill(self, views: Sequence[memoryview], padded: int) -> memoryview:
         """The frame's bytes, zero-padded to ``padded``, in this buffer (grown to fit)."""
-        if self._buffer is None or len(self._buffer) < padded:
-            self._address = None
-            self._buffer = mmap.mmap(-1, max(1 << 16, 1 << (padded - 1).bit_length()))
-        stage = memoryview(self._buffer)
+        stage = self._room(padded)
         pos = 0
         for view in views:
             stage[pos : pos + view.nbytes] = view
             pos += view.nbytes
         stage[pos:padded] = _ZEROS[: padded - pos]
         return stage[:padded]
+
+    def segments(self, views: Sequence[memoryview], padded: int) -> list[memoryview]:
+        """The frame as ``O_DIRECT`` takes it, zero-padded to ``padded``: buffers that are
+        block-aligned both in memory and in the frame (a tensor of a block-aligned frame,
+        ``logfile.encode``, received into an aligned buffer) are written from where they
+        are, their whole blocks at least; the rest is copied into this buffer, in segments
+        that each start on a block."""
+        stage = self._room(padded)
+        out: list[memoryview] = []
+        start = fill = 0  # the segment being staged: from start to fill, in the buffer
+        for view in views:
+            whole = view.nbytes - view.nbytes % BLOCK
+            if whole and fill % BLOCK == 0 and _address(view) % BLOCK == 0:
+                # Where the frame is block-aligned, so is the staging buffer's fill.
+                if fill > start:
+                    out.append(stage[start:fill])
+                out.append(view[:whole])
+                view = view[whole:]
+                start = fill
+            stage[fill : fill + view.nbytes] = view
+            fill += view.nbytes
+        end = start + aligned(fill - start)
+        stage[fill:end] = _ZEROS[: end - fill]
+        if end > start:
+            out.append(stage[start:end])
+        return out
 
     @property
     def address(self) -> int:
@@ -135,6 +166,11 @@ class Staging:
         if self._address is None:
             self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._buffer))
         return self._address
+
+
+def _address(view: memoryview) -> int:
+    """Where a (possibly read-only) buffer's bytes are in memory."""
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 def _staging() -> Staging:
@@ -189,7 +225,7 @@ def append_views(
     after = [_zeros(zeros)] if zeros else []
     if direct:
         try:
-            _pwrite_all(fd, [_staging().fill(views, padded), *after], offset)
+            _pwrite_all(fd, [*_staging().segments(views, padded), *after], offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise

@@ -114,6 +114,11 @@ class Event:
     info: dict[str, Any] | None = None
     """A federated event's details (client, round, ...): JSON, replayed as logged."""
 
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of the event's tensors."""
+        return sum(a.nbytes for a in [*self.grads.values(), *(self.params or {}).values()])
+
 
 @dataclass(frozen=True)
 class KeyRecord:

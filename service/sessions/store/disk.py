@@ -524,7 +524,10 @@ class DiskStore(Store):
         entry = self._log(session_id)
         if event.seq != entry.last_seq + 1:
             raise ValueError(f"event {event.seq} does not follow event {entry.last_seq}")
-        buffers = logfile.encode(event, session_id)
+        # A large frame is written from a thread with O_DIRECT: laid out block-aligned,
+        # its tensors go to the device from the request's buffer, not through staging.
+        large = event.tensor_bytes > appender.ZEROS_AHEAD_MAX_FRAME
+        buffers = logfile.encode(event, session_id, block_aligned=entry.direct and large)
         views, total = appender.frame_views(buffers)
         frame = appender.aligned(total)
         direct = None

@@ -44,6 +44,7 @@ _PREFIX = struct.Struct("<4sIQQ")
 PREFIX_SIZE = _PREFIX.size
 ALIGN = 8
 _ZEROS = bytes(ALIGN)
+_BLOCK_ZEROS = bytes(BLOCK)
 SECTOR = 512
 """The smallest unit a disk writes: a torn write leaves whole sectors unwritten (zeros)."""
 MAX_HEADER = 1 << 26
@@ -63,11 +64,21 @@ def _raw(array: np.ndarray) -> memoryview:
     return a.reshape(-1).view(np.uint8).data
 
 
-def encode(event: Event, session: str = "") -> list[bytes | memoryview]:
-    """The frame for ``event`` of ``session`` as a list of buffers, ready for ``writev``."""
+def encode(
+    event: Event, session: str = "", block_aligned: bool = False
+) -> list[bytes | memoryview]:
+    """The frame for ``event`` of ``session`` as a list of buffers, ready for ``writev``.
+
+    ``block_aligned`` starts every tensor on a :data:`BLOCK` boundary of the file (the
+    frame starts on one): the header is padded with spaces, the tensors with zeros. An
+    ``O_DIRECT`` append then writes a tensor that is block-aligned in memory too straight
+    from its buffer (``appender``). Readers need nothing new: they go by the offsets the
+    header lists, and JSON allows trailing spaces.
+    """
     tensors: list[list[Any]] = []
     payload: list[memoryview] = []
     offset = 0
+    unit = BLOCK if block_aligned else ALIGN
     groups = [("g", event.grads), ("p", event.params or {})]
     for group, arrays in groups:
         for name, array in arrays.items():
@@ -75,7 +86,7 @@ def encode(event: Event, session: str = "") -> list[bytes | memoryview]:
             dtype = np.dtype(array.dtype).newbyteorder("<").str
             tensors.append([group, name, dtype, list(array.shape), offset, raw.nbytes])
             payload.append(raw)
-            offset += raw.nbytes + _pad(raw.nbytes)
+            offset += raw.nbytes + (-raw.nbytes % unit)
     header = json.dumps(
         {
             "session": session,
@@ -94,12 +105,15 @@ def encode(event: Event, session: str = "") -> list[bytes | memoryview]:
         },
         separators=(",", ":"),
     ).encode()
+    if block_aligned:
+        header += b" " * (-(PREFIX_SIZE + len(header)) % BLOCK)
     head_pad = _ZEROS[: _pad(len(header))]
     lengths = struct.pack("<IQ", len(header), offset)
     body: list[bytes | memoryview] = []
+    zeros = _BLOCK_ZEROS if block_aligned else _ZEROS
     for raw in payload:
         body.append(raw)
-        pad = _ZEROS[: _pad(raw.nbytes)]
+        pad = zeros[: -raw.nbytes % unit]
         if pad:
             body.append(pad)
     check = checksum.digest([lengths, header, head_pad, *body])
