@@ -34,7 +34,11 @@ def _declared_length(request: Request) -> int | None:
 
 
 async def _receive(
-    request: Request, limit: int | None, why: str, take: Callable[[bytes], None]
+    request: Request,
+    limit: int | None,
+    why: str,
+    take: Callable[[bytes], None],
+    observe: Callable[[bytes], None] | None = None,
 ) -> int:
     """Hand each chunk of the body to ``take``; the bytes received. ``limit`` is a step's
     own bound (``step_body_bytes``, explained by ``why``): past it, declared or received,
@@ -65,6 +69,8 @@ async def _receive(
                 if limit is not None and size > limit:
                     raise BodyTooLarge(limit, "step_body_bytes", why)
                 take(chunk)
+                if observe is not None:
+                    observe(chunk)
     except TimeoutError:
         if deadline.expired():
             raise BodyTimeout(wait) from None
@@ -72,10 +78,16 @@ async def _receive(
     return size
 
 
-async def read_body(request: Request, limit: int | None = None, why: str = "") -> bytes:
-    """The whole body as one ``bytes`` (see :func:`_receive` for ``limit``)."""
+async def read_body(
+    request: Request,
+    limit: int | None = None,
+    why: str = "",
+    observe: Callable[[bytes], None] | None = None,
+) -> bytes:
+    """The whole body as one ``bytes`` (see :func:`_receive` for ``limit``); ``observe``
+    is handed each chunk as it arrives (a fingerprint being computed, say)."""
     chunks: list[bytes] = []
-    await _receive(request, limit, why, chunks.append)
+    await _receive(request, limit, why, chunks.append, observe)
     if len(chunks) == 1:
         return chunks[0]
     return b"".join(chunks)
@@ -86,6 +98,7 @@ async def receive_body(
     limit: int | None = None,
     why: str = "",
     aligned_at: Callable[[bytes], int | None] | None = None,
+    observe: Callable[[bytes], None] | None = None,
 ) -> bytes | memoryview:
     """The whole body, copied chunk by chunk into one buffer of its declared length.
 
@@ -97,6 +110,7 @@ async def receive_body(
     does not promise that, so a surplus is still kept, not lost. Without a length the
     chunks are joined as :func:`read_body` does.
 
+    ``observe`` is handed each chunk as it arrives (as :func:`read_body`'s is).
     ``aligned_at`` reads the body's first chunk and says which byte of the body to place
     on a page boundary (a safetensors body's tensor data): the disk store writes tensors
     so placed with ``O_DIRECT`` from this buffer, without copying them.
@@ -109,7 +123,7 @@ async def receive_body(
     """
     declared = _declared_length(request)
     if declared is None or (limit is not None and declared > limit) or declared < 2 * _CHUNK:
-        return await read_body(request, limit, why)
+        return await read_body(request, limit, why, observe)
     view: memoryview | None = None
     extra: list[bytes] = []
     filled = 0
@@ -127,7 +141,7 @@ async def receive_body(
             filled = declared
             extra.append(chunk[room:])
 
-    await _receive(request, limit, why, take)
+    await _receive(request, limit, why, take, observe)
     if view is None:
         return b""
     if filled == declared and not extra:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -140,15 +140,17 @@ def step_from_safetensors(body: bytes | memoryview, max_tensors: int) -> StepBod
     return StepBody(grads, None, params or None, loss)
 
 
-class _Hash(Protocol):
-    def update(self, data: bytes | memoryview, /) -> None: ...
-    def hexdigest(self) -> str: ...
+def _prefix(wire: Wire, want: str) -> bytes:
+    return wire.value.encode() + b"\n" + want.encode() + b"\n"
 
 
-def _request_digest(digest: _Hash, body: bytes | memoryview, wire: Wire, want: str) -> str:
-    digest.update(wire.value.encode() + b"\n" + want.encode() + b"\n")
-    digest.update(body)
-    return digest.hexdigest()
+def fingerprinter(wire: Wire, want: str) -> xxhash.xxh3_128:
+    """:func:`fingerprint` of a body still arriving: ``update`` it with each chunk, then
+    read ``hexdigest``. Hashing each chunk as it lands reads it while it is in the CPU's
+    cache, instead of streaming the whole body from memory again (2.5 ms at 40 MB)."""
+    digest = xxhash.xxh3_128()
+    digest.update(_prefix(wire, want))
+    return digest
 
 
 def fingerprint(body: bytes | memoryview, wire: Wire, want: str) -> str:
@@ -159,13 +161,17 @@ def fingerprint(body: bytes | memoryview, wire: Wire, want: str) -> str:
     replay its own earlier answer to itself; keys are scoped to the tenant. At 25+ GB/s
     it costs 0.05 ms on a 4 MB body where sha256 cost 2 ms.
     """
-    return _request_digest(xxhash.xxh3_128(), body, wire, want)
+    digest = fingerprinter(wire, want)
+    digest.update(body)
+    return digest.hexdigest()
 
 
 def sha256_fingerprint(body: bytes | memoryview, wire: Wire, want: str) -> str:
     """:func:`fingerprint` as servers before XXH3 computed it: keys they recorded are
     compared with this, so that their retries still replay."""
-    return _request_digest(hashlib.sha256(), body, wire, want)
+    digest = hashlib.sha256(_prefix(wire, want))
+    digest.update(body)
+    return digest.hexdigest()
 
 
 def _tensors_json(tensors: dict[str, np.ndarray]) -> bytes:

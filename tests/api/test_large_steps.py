@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from service.api.body import receive_body
 from service.api.media import Wire
-from service.api.wire import fingerprint, sha256_fingerprint
+from service.api.wire import fingerprint, fingerprinter, sha256_fingerprint
 from service.codec import safetensors
 from tests.api.conftest import SAFETENSORS, make_client, st_body
 from tests.api.reference import InProcess
@@ -118,6 +118,17 @@ def test_the_sha256_fingerprint_is_the_one_earlier_servers_recorded() -> None:
     assert fingerprint(body, Wire.SAFETENSORS, "params") != fingerprint(
         body, Wire.SAFETENSORS, "delta"
     )
+
+
+@pytest.mark.parametrize("declared_delta", [0, -7, 5])
+def test_a_fingerprint_fed_chunk_by_chunk_is_the_whole_body_one(declared_delta: int) -> None:
+    body = st_body(_grads(4))
+    chunks = list(_pieces(body, 65536))
+    digest = fingerprinter(Wire.SAFETENSORS, "delta")
+    request = _request(chunks, len(body) + declared_delta)
+    got = asyncio.run(receive_body(request, None, "", safetensors.data_start, digest.update))
+    assert bytes(got) == body
+    assert digest.hexdigest() == fingerprint(body, Wire.SAFETENSORS, "delta")
 
 
 async def _step_in_process(app: Any, path: str, chunks: list[bytes]) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from service.api.routing import RequestRoute
 from service.api.step_limit import StepBodyBounds
 from service.api.wire import (
     StepBody,
-    fingerprint,
+    fingerprinter,
     sha256_fingerprint,
     step_from_json,
     step_from_safetensors,
@@ -104,19 +104,18 @@ async def step(request: Request) -> Response:
     limit = bound if bound < ctx.settings.max_body_bytes else None
     body: bytes | memoryview
     parsed: StepBody
+    # The fingerprint is taken chunk by chunk as the body arrives.
+    digest = None if key is None else fingerprinter(wire, returns)
+    observe = None if digest is None else digest.update
     if wire is Wire.JSON:
-        body = await read_body(request, limit, _BOUND_REASON)
+        body = await read_body(request, limit, _BOUND_REASON, observe)
         parsed = await offload.by_size(len(body), step_from_json, body)
     else:
         # Straight into one buffer; the decoded gradients are views of it (no copy).
-        body = await receive_body(request, limit, _BOUND_REASON, safetensors.data_start)
+        body = await receive_body(request, limit, _BOUND_REASON, safetensors.data_start, observe)
         # Decoding reads the header and makes views (a BF16 body is widened at memory
         # speed): a thread hop would cost more than it saves.
         parsed = step_from_safetensors(body, 2 * ctx.settings.max_tensors_per_session)
-    digest = ""
-    if key is not None:
-        # XXH3 runs at memory speed: a thread hop would cost more than it saves.
-        digest = fingerprint(body, wire, returns)
     grads = parsed.grads
     if parsed.bare is not None:
         grads = {await _bare_name(ctx.service, ctx.tenant, session_id): parsed.bare}
@@ -128,7 +127,7 @@ async def step(request: Request) -> Response:
             params=parsed.params,
             loss=parsed.loss,
             idempotency_key=key,
-            fingerprint=digest,
+            fingerprint="" if digest is None else digest.hexdigest(),
             sha256_fingerprint=(
                 None if key is None else functools.partial(sha256_fingerprint, body, wire, returns)
             ),
