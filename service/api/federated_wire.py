@@ -19,7 +19,7 @@ import numpy as np
 
 from service.api.problems import InvalidRequest
 from service.api.wire import parse_json_object, reject_unknown_fields
-from service.codec import safetensors, strict_json
+from service.codec import json_tensors, safetensors, strict_json
 from service.codec.json_tensors import array_from_json, array_to_json
 from service.sessions.federated.models import RoundParams, UpdateRequest
 
@@ -70,7 +70,7 @@ def update_from_json(body: bytes) -> UpdateRequest:
             f"{form} must be an object of tensor name to values",
             [(form, "must be an object of tensor name to values")],
         )
-    check_bools = b"true" in body or b"false" in body
+    check_bools = json_tensors.may_hold_bools(body)
     tensors = {
         name: array_from_json(values, None, _FLOAT64, f"{form}.{name}", check_bools=check_bools)
         for name, values in raw.items()

@@ -107,7 +107,7 @@ def step_from_json(body: bytes) -> StepBody:
         raise InvalidRequest("a step needs 'grads'", [("grads", "required")])
     # Booleans are the one non-number numpy would accept silently; only scan for them
     # when the text could hold one.
-    check_bools = b"true" in body or b"false" in body
+    check_bools = json_tensors.may_hold_bools(body)
     raw_grads = document["grads"]
     bare = None
     grads: dict[str, np.ndarray] = {}

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from service.codec import json_tensors
 from service.codec.errors import InvalidValues
 from service.codec.json_tensors import array_from_json, array_to_json, contains_bool
 
@@ -137,3 +138,33 @@ def test_arbitrary_json_decodes_or_raises_invalid_values(value: Any, shape: Any)
     if shape is not None:
         assert decoded.shape == shape
     assert math.prod(decoded.shape) == decoded.size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b'{"grads": {"w": [1.0, 2e-05, NaN, -Infinity]}}', False),
+        (b'{"grads": {"w": [1.0, true]}}', True),
+        (b'{"grads": {"w": [false, 1]}}', True),
+        (b'{"grads": {"layer.full.out": [1.5]}, "loss": 0.25}', False),  # u and l in names
+        (b'{"grads": {"true_false": [1.5]}}', True),  # the words in a name: checked anyway
+        (b"true", True),
+        (b"ul" * 100 + b"true", True),  # past the letters checked one by one
+        (b"ul" * 100, False),
+        (b"", False),
+    ],
+)
+def test_may_hold_bools_misses_no_boolean(text: bytes, expected: bool) -> None:
+    assert json_tensors.may_hold_bools(text) is expected
+    if not expected:
+        assert b"true" not in text and b"false" not in text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"true", b"false", b"u", b"l", b"t", b"ru", b"1.5", b",", b"al"])))
+def test_may_hold_bools_is_false_only_without_the_words(pieces: list[bytes]) -> None:
+    text = b"".join(pieces)
+    if not json_tensors.may_hold_bools(text):
+        assert b"true" not in text and b"false" not in text
+    else:
+        assert b"true" in text or b"false" in text
