@@ -20,13 +20,18 @@ def _plan(dtype: str) -> object:
     )
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("values", VALUES, ids=[str(v[0]) for v in VALUES])
+@pytest.mark.parametrize(
+    ("dtype", "values"),
+    [
+        (dtype, values)
+        for dtype in (np.float32, np.float64)
+        for values in VALUES
+        if values[0] <= float(np.finfo(dtype).max)
+    ],
+)
 def test_the_norm_from_the_check_has_the_bits_of_a_second_pass(
     dtype: type, values: list[float]
 ) -> None:
-    if values[0] > float(np.finfo(dtype).max):
-        pytest.skip("not a finite value of this dtype")
     grads = [np.array(values, dtype=dtype), np.array(values[:1], dtype=dtype)]
     squares: list[float | None] = []
     plan = _plan(np.dtype(dtype).name)
