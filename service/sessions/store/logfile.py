@@ -69,24 +69,31 @@ def encode(
 ) -> list[bytes | memoryview]:
     """The frame for ``event`` of ``session`` as a list of buffers, ready for ``writev``.
 
-    ``block_aligned`` starts every tensor on a :data:`BLOCK` boundary of the file (the
-    frame starts on one): the header is padded with spaces, the tensors with zeros. An
-    ``O_DIRECT`` append then writes a tensor that is block-aligned in memory too straight
-    from its buffer (``appender``). Readers need nothing new: they go by the offsets the
-    header lists, and JSON allows trailing spaces.
+    ``block_aligned`` starts every tensor of a block or more on a :data:`BLOCK` boundary
+    of the file (the frame starts on one): the header is padded with spaces, and zeros go
+    before such a tensor. An ``O_DIRECT`` append then writes a tensor that is
+    block-aligned in memory too straight from its buffer (``appender``); smaller tensors
+    are packed as usual. Readers need nothing new: they go by the offsets the header
+    lists, and JSON allows trailing spaces.
     """
     tensors: list[list[Any]] = []
-    payload: list[memoryview] = []
+    body: list[bytes | memoryview] = []
     offset = 0
-    unit = BLOCK if block_aligned else ALIGN
     groups = [("g", event.grads), ("p", event.params or {})]
     for group, arrays in groups:
         for name, array in arrays.items():
             raw = _raw(array)
+            gap = -offset % BLOCK if block_aligned and raw.nbytes >= BLOCK else 0
+            if gap:
+                body.append(_BLOCK_ZEROS[:gap])
+                offset += gap
             dtype = np.dtype(array.dtype).newbyteorder("<").str
             tensors.append([group, name, dtype, list(array.shape), offset, raw.nbytes])
-            payload.append(raw)
-            offset += raw.nbytes + (-raw.nbytes % unit)
+            body.append(raw)
+            pad = _ZEROS[: _pad(raw.nbytes)]
+            if pad:
+                body.append(pad)
+            offset += raw.nbytes + len(pad)
     header = json.dumps(
         {
             "session": session,
@@ -109,13 +116,6 @@ def encode(
         header += b" " * (-(PREFIX_SIZE + len(header)) % BLOCK)
     head_pad = _ZEROS[: _pad(len(header))]
     lengths = struct.pack("<IQ", len(header), offset)
-    body: list[bytes | memoryview] = []
-    zeros = _BLOCK_ZEROS if block_aligned else _ZEROS
-    for raw in payload:
-        body.append(raw)
-        pad = zeros[: -raw.nbytes % unit]
-        if pad:
-            body.append(pad)
     check = checksum.digest([lengths, header, head_pad, *body])
     prefix = _PREFIX.pack(MAGIC, len(header), offset, check)
     return [prefix, header, head_pad, *body]
