@@ -14,6 +14,7 @@ the transport is still sending) is never handed out twice.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -60,10 +61,7 @@ class BufferPool:
 
     def array(self, shape: tuple[int, ...], dtype: np.dtype[np.generic]) -> np.ndarray:
         """An uninitialised C-contiguous array of ``shape`` and ``dtype`` from the pool."""
-        count = 1
-        for n in shape:
-            count *= n
-        return self.take(count * dtype.itemsize).view(dtype).reshape(shape)
+        return self.take(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
 
 
 STEP_BUFFERS = BufferPool()

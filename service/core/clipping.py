@@ -27,7 +27,7 @@ def _norm(values: np.ndarray, norm_type: float) -> np.floating[Any]:
     elif math.isinf(norm_type):
         value = np.max(np.abs(flat))
     elif norm_type == 2.0:
-        return norm_of_squares(reductions.sum_of_squares(flat), flat.dtype)
+        return _norm_of_squares(reductions.sum_of_squares(flat), flat.dtype)
     elif norm_type == 1.0:
         value = reductions.abs_total(flat)
     else:
@@ -39,7 +39,7 @@ def _norm(values: np.ndarray, norm_type: float) -> np.floating[Any]:
     return cast(np.floating[Any], flat.dtype.type(value))
 
 
-def norm_of_squares(squares: float, dtype: np.dtype[Any]) -> np.floating[Any]:
+def _norm_of_squares(squares: float, dtype: np.dtype[Any]) -> np.floating[Any]:
     """A tensor's 2-norm from its sum of squares, as :func:`_norm` rounds it."""
     # torch sums in the tensor's dtype: a sum that passes its largest value is inf there.
     value = math.inf if squares > float(np.finfo(dtype).max) else math.sqrt(squares)
@@ -48,7 +48,7 @@ def norm_of_squares(squares: float, dtype: np.dtype[Any]) -> np.floating[Any]:
 
 def total_norm_of_squares(squares: Sequence[float], dtype: np.dtype[Any]) -> np.floating[Any]:
     """``total_norm(grads, 2.0)`` from each tensor's sum of squares."""
-    norms = np.array([norm_of_squares(s, dtype) for s in squares], dtype=dtype)
+    norms = np.array([_norm_of_squares(s, dtype) for s in squares], dtype=dtype)
     return _norm(norms, 2.0)
 
 

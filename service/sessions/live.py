@@ -248,7 +248,7 @@ class LiveSession:
     ) -> Prepared:
         """Check names, shapes and what the step needs; cast to the session's dtype.
 
-        Changes nothing. Core checks the values themselves (finiteness) in :meth:`apply`.
+        Changes nothing. Core checks the values themselves (finiteness) in :meth:`check`.
         A session with ``missing_grads: "skip"`` takes a subset of its tensors; sent
         params then need to cover (at least) the tensors that have a gradient.
         """
@@ -290,8 +290,8 @@ class LiveSession:
             if not isinstance(loss, int | float) or isinstance(loss, bool):
                 raise InvalidInput(f"loss must be a number, got {loss!r}", "loss")
             loss = float(loss)
-        # Finiteness and the rest of core's checks happen in apply(), before it changes
-        # anything: a second pass over every gradient here would cost as much again.
+        # Finiteness and the rest of core's checks happen in check(), in the one pass that
+        # also gives each gradient's norm: a pass here would cost as much again.
         clips = plan.clip_grad_norm is not None or plan.clip_grad_value is not None
         work = [None if g is None else g.copy() for g in grads_list] if clips else grads_list
         return Prepared(grads_by_name, sent, work, values if reads else None, loss, want)

@@ -35,9 +35,9 @@ def sample(seq: int) -> Event:
     )
 
 
-def frame_bytes(event: Event) -> bytes:
+def frame_bytes(event: Event, session: str = "", block_aligned: bool = False) -> bytes:
     """One frame as the appender writes it: padded to the next block boundary."""
-    raw = b"".join(bytes(b) for b in logfile.encode(event))
+    raw = b"".join(bytes(b) for b in logfile.encode(event, session, block_aligned))
     return raw + bytes(aligned(len(raw)) - len(raw))
 
 
@@ -234,12 +234,8 @@ def large_event(seq: int) -> Event:
     whole[:] = rng.standard_normal(whole.size)
     tail = _page_aligned(3 * BLOCK + 20).view(np.float32)
     tail[:] = rng.standard_normal(tail.size)
-    return Event(
-        seq=seq,
-        kind="step",
-        at=2.0 * seq,
-        key=f"key-{seq}",
-        fingerprint="cd" * 16,
+    return dataclasses.replace(
+        sample(seq),
         grads={"whole": whole, "tail": tail, "odd": rng.standard_normal(7).astype(np.float64)},
         params={"whole": whole.copy()},
     )
@@ -247,10 +243,9 @@ def large_event(seq: int) -> Event:
 
 def test_a_block_aligned_frame_puts_every_tensor_of_a_block_on_one_and_reads_back() -> None:
     events = [large_event(1), large_event(2)]
-    frames = [
-        b"".join(bytes(b) for b in logfile.encode(e, "s", block_aligned=True)) for e in events
-    ]
-    data = np.frombuffer(b"".join(f + bytes(aligned(len(f)) - len(f)) for f in frames), np.uint8)
+    data = np.frombuffer(
+        b"".join(frame_bytes(e, "s", block_aligned=True) for e in events), np.uint8
+    )
     scan = logfile.scan(data, "s")
     assert scan.clean and [e.seq for e in scan.events] == [1, 2]
     for got, want in zip(scan.events, events, strict=True):
@@ -281,7 +276,7 @@ def test_aligned_tensors_are_written_from_their_own_memory(tmp_path: Path, direc
     for segment in segments:
         assert segment.nbytes % BLOCK == 0
         assert np.frombuffer(segment, np.uint8).ctypes.data % BLOCK == 0
-    assert b"".join(bytes(s) for s in segments) == frame_bytes_aligned(event)
+    assert b"".join(bytes(s) for s in segments) == frame_bytes(event, block_aligned=True)
     path = tmp_path / "log"
     if direct:
         fd, direct = appender.open_log(path, create=True)
@@ -295,8 +290,3 @@ def test_aligned_tensors_are_written_from_their_own_memory(tmp_path: Path, direc
     data = logfile.read_file(path)
     assert data.size == end
     assert [e.seq for e in logfile.scan(data).events] == [1, 2]
-
-
-def frame_bytes_aligned(event: Event, session: str = "") -> bytes:
-    raw = b"".join(bytes(b) for b in logfile.encode(event, session, block_aligned=True))
-    return raw + bytes(aligned(len(raw)) - len(raw))

@@ -164,7 +164,7 @@ class Staging:
         """Where the buffer is in memory (for a kernel request that reads it later)."""
         assert self._buffer is not None, "fill comes first"
         if self._address is None:
-            self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._buffer))
+            self._address = _address(memoryview(self._buffer))
         return self._address
 
 
