@@ -12,6 +12,7 @@ the arrays decoded from it are views of that buffer (no further copy).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -66,16 +67,32 @@ class AsyncUpload:
             yield piece
 
 
-def _buffer(response: httpx.Response, media_type: str) -> memoryview | None:
-    """A buffer for the reply's body, or None where it is read the ordinary way: no
+BULK = "optserve.bulk"
+"""The request extension that marks a :class:`Bulk` request (read by ``_sockets``)."""
+REPLY = "optserve.reply"
+"""The response extension holding a reply already read into one buffer (by ``_sockets``)."""
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """A request whose bytes the client's transport moves itself (``_sockets``)."""
+
+    parts: Parts | None
+    """The body, sent from these buffers; None for the request's own (small) content."""
+    media_type: str
+    """A successful reply of this type is read into one buffer; "" for none."""
+
+
+def tensor_reply_buffer(headers: httpx.Headers, media_type: str) -> memoryview | None:
+    """A buffer for a reply's body, or None where it is read the ordinary way: no
     length, a small or encoded body, or a type other than ``media_type``."""
-    length = response.headers.get("content-length", "")
-    kind = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    length = headers.get("content-length", "")
+    kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if (
         not length.isdigit()
         or int(length) < MIN_BUFFERED
         or kind != media_type
-        or "content-encoding" in response.headers
+        or "content-encoding" in headers
     ):
         return None
     return reply_buffer(int(length))
@@ -101,7 +118,10 @@ class _Filling:
 
 def read_reply(response: httpx.Response, media_type: str) -> bytes | memoryview:
     """The body of a streamed ``response``: in one buffer when of ``media_type``."""
-    view = _buffer(response, media_type)
+    read: memoryview | None = response.extensions.get(REPLY)
+    if read is not None:
+        return read
+    view = tensor_reply_buffer(response.headers, media_type)
     if view is None:
         return response.read()
     filling = _Filling(view)
@@ -112,7 +132,7 @@ def read_reply(response: httpx.Response, media_type: str) -> bytes | memoryview:
 
 async def aread_reply(response: httpx.Response, media_type: str) -> bytes | memoryview:
     """:func:`read_reply` for an ``httpx.AsyncClient`` response."""
-    view = _buffer(response, media_type)
+    view = tensor_reply_buffer(response.headers, media_type)
     if view is None:
         return await response.aread()
     filling = _Filling(view)

@@ -12,7 +12,7 @@ import httpx
 
 from optserve_client._calls import Call
 from optserve_client._retry import RetryPolicy, next_delay
-from optserve_client._transfer import AsyncUpload, Upload, request_content
+from optserve_client._transfer import BULK, AsyncUpload, Bulk, Upload, request_content
 from optserve_client.errors import TransportError, error_from_response
 
 
@@ -25,17 +25,26 @@ class Tries:
         self.url = url
         self.attempt = 0
 
-    def request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
-        """The request for the next try, built by the client that sends it."""
+    def request(
+        self, http: httpx.Client | httpx.AsyncClient, reply_type: str = ""
+    ) -> httpx.Request:
+        """The request for the next try, built by the client that sends it.
+
+        A body sent in parts, or a reply of ``reply_type`` wanted in one buffer, marks it
+        :class:`~._transfer.Bulk`, for the client's transport (``_sockets``) to move."""
         call = self.call
         headers = call.headers
         content = request_content(call.content, sync=isinstance(http, httpx.Client))
         if isinstance(content, Upload | AsyncUpload):
             # Sent in parts: without a length httpx would send it chunked.
             headers = {**headers, "content-length": str(content.length)}
-        return http.build_request(
+        request = http.build_request(
             call.method, call.path, headers=headers, content=content, params=call.params or None
         )
+        if isinstance(content, Upload) or reply_type:
+            parts = content.parts if isinstance(content, Upload) else None
+            request.extensions[BULK] = Bulk(parts, reply_type)
+        return request
 
     def after_response(self, response: httpx.Response) -> float | None:
         """None when ``response`` is the answer; else seconds to wait before trying again.

@@ -14,6 +14,7 @@ from optserve_client import _calls, _documents, _history
 from optserve_client._connection import DEFAULT_URL, Connection, auth_headers, server_root
 from optserve_client._retry import RetryPolicy
 from optserve_client._session import ParamsSpec, SessionView, TensorsIn, session_config
+from optserve_client._sockets import SocketTransport
 from optserve_client._transfer import read_reply
 from optserve_client._wire import SAFETENSORS, Returns, StepResult, UploadDtype, Wire
 
@@ -45,7 +46,8 @@ class Client(Connection):
             base_url=self.url,
             headers=auth_headers(api_key),
             timeout=timeout,
-            transport=transport,
+            # Steps' tensors move between the arrays and the socket (``_sockets``).
+            transport=transport if transport is not None else SocketTransport(),
         )
 
     def close(self) -> None:
@@ -75,7 +77,7 @@ class Client(Connection):
         delay: float | None
         while True:
             try:
-                response = self._http.send(tries.request(self._http), stream=True)
+                response = self._http.send(tries.request(self._http, media_type), stream=True)
                 try:
                     ok = response.is_success
                     body = read_reply(response, media_type) if ok else response.read()
