@@ -496,20 +496,40 @@ class Runtime:
 
     # -- commit ----------------------------------------------------------------------------
 
-    def commit(self, entry: Entry, event: Event, apply: Callable[[], T]) -> tuple[T, int]:
+    def commit(
+        self,
+        entry: Entry,
+        event: Event,
+        apply: Callable[[], T],
+        check: Callable[[], None] | None = None,
+    ) -> tuple[T, int]:
         """Append ``event`` durably and ``apply`` it: both happen, or neither.
 
-        On a worker thread, under the session's lock, after the caller checked the change
-        against the session (``apply`` then cannot refuse it). A large event is written on
-        a store thread while ``apply`` computes, so the ``fdatasync`` costs no extra time
-        when the update takes as long. Returns ``apply``'s result and the event's bytes.
+        On a worker thread, under the session's lock. ``check`` (when given) decides
+        whether the change is made at all: it raises to refuse it, and ``apply`` cannot
+        refuse it afterwards. A large event is written on a store thread meanwhile: its
+        tensors while ``check`` runs, its head once ``check`` has passed, and its
+        ``fdatasync`` while ``apply`` computes, so the write costs no extra time when the
+        checks and the update take as long. Returns ``apply``'s result and the event's bytes.
         """
         sid = entry.id
         if self.store.shared:
             self._hold(sid)
         if self.store.durable and event.tensor_bytes >= OVERLAP_MIN_BYTES:
-            pending = self._io.submit(self.store.append, sid, event)
+            verdict: Future[bool] = Future()
+            pending = self._io.submit(self._append_checked, sid, event, verdict)
+            try:
+                if check is not None:
+                    check()
+            except BaseException:
+                verdict.set_result(False)
+                with contextlib.suppress(BaseException):
+                    pending.result()
+                raise
+            verdict.set_result(True)
         else:
+            if check is not None:
+                check()
             pending = _run_now(self.store.append, sid, event)
         try:
             result = apply()
@@ -522,8 +542,23 @@ class Runtime:
             raise
         return result, self._settle(entry, event, pending)
 
+    def _append_checked(self, session_id: str, event: Event, verdict: Future[bool]) -> int:
+        """Append ``event`` if ``verdict`` says so; its tensors are written while it is
+        decided, where the store can write them ahead (``PreparedAppend.ahead``)."""
+        prepared = self.store.prepare_append(session_id, event)
+        if prepared.ahead is not None:
+            prepared.ahead()
+        if not verdict.result():
+            prepared.abandon()
+            return 0
+        return prepared.write()
+
     async def commit_on_loop(
-        self, entry: Entry, event: Event, apply: Callable[[], T]
+        self,
+        entry: Entry,
+        event: Event,
+        apply: Callable[[], T],
+        check: Callable[[], None] | None = None,
     ) -> tuple[T, int]:
         """:meth:`commit` on the event loop, for small sessions of a store no other process
         shares: the event is encoded here and written by the committer (one asynchronous
@@ -533,6 +568,8 @@ class Runtime:
         less than the GIL handovers between that thread and the loop (see
         :mod:`service.sessions.committer`).
         """
+        if check is not None:
+            check()
         pending: asyncio.Future[int] | Future[int]
         if self.store.durable:
             try:

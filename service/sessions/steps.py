@@ -89,8 +89,10 @@ class Steps:
 
     def _checked(
         self, entry: Entry, request: StepRequest, archive: bool = True
-    ) -> tuple[Event, Callable[[], StepReply]]:
-        """The step's event once its inputs are checked, and the update that applies it.
+    ) -> tuple[Event, Callable[[], StepReply], Callable[[], None]]:
+        """The step's event, the update that applies it, and the checks of its values that
+        come first (``Runtime.commit``: a large event's tensors are written meanwhile, and
+        it is stored only if they pass).
 
         ``archive``: look the key up among those the store archived (a blocking call)."""
         if archive:
@@ -98,7 +100,6 @@ class Steps:
         live = entry.live
         key = request.idempotency_key
         prepared = live.prepare(request.grads, request.params, request.loss, request.want)
-        reason = live.check(prepared)
         event = Event(
             seq=live.seq + 1,
             kind="step",
@@ -110,4 +111,9 @@ class Steps:
             params=prepared.sent_params,
             loss=prepared.loss,
         )
-        return event, lambda: live.apply(prepared, reason, event.seq, event.at)
+        skipped: list[str | None] = []  # why the checks say to skip the step, if they do
+
+        def check() -> None:
+            skipped.append(live.check(prepared))
+
+        return event, lambda: live.apply(prepared, skipped[0], event.seq, event.at), check

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.sessions.store import DiskStore, KeyRecord, appender, disk, history, logfile
+from service.sessions.store.base import Event
 from service.sessions.store.disk import SESSIONS_DIR
 from tests.sessions.test_store_contract import event, record, snapshot
 
@@ -295,3 +296,67 @@ def test_large_appends_reserve_blocks_past_the_end_and_closing_gives_them_back(
     loaded = reopened.load_session("s1")
     assert loaded is not None and [e.seq for e in loaded.events] == [1, 2]
     reopened.close()
+
+
+def _large(seq: int) -> Event:
+    grads = {"w": np.full(appender.ZEROS_AHEAD_MAX_FRAME // 4 + 1, float(seq), np.float32)}
+    return dataclasses.replace(event(seq), grads=grads)
+
+
+def _direct_store(root: Path) -> DiskStore:
+    store = opened(root)
+    store.create(record(), snapshot(0, 1.0))
+    if not store._log("s1").direct:
+        store.close()
+        pytest.skip("this filesystem takes no O_DIRECT writes: large frames are not split")
+    return store
+
+
+def test_a_large_frame_written_ahead_and_abandoned_leaves_the_log_as_it_was(
+    tmp_path: Path,
+) -> None:
+    store = _direct_store(tmp_path)
+    size = store.append("s1", _large(1))
+    prepared = store.prepare_append("s1", _large(2))
+    assert prepared.ahead is not None
+    prepared.ahead()
+    assert only_log(tmp_path).stat().st_size > size  # the tensors are on disk
+    prepared.abandon()
+    assert only_log(tmp_path).stat().st_size == size
+    store.append("s1", dataclasses.replace(_large(2), key="instead"))
+    store.close()
+    store = opened(tmp_path)
+    loaded = store.load_session("s1")
+    assert loaded is not None
+    assert [(e.seq, e.key) for e in loaded.events] == [(1, None), (2, "instead")]
+    assert np.all(loaded.events[1].grads["w"] == 2.0)
+    store.close()
+
+
+def test_a_crash_after_a_frames_tensors_but_before_its_head_is_a_torn_write(
+    tmp_path: Path,
+) -> None:
+    store = _direct_store(tmp_path)
+    size = store.append("s1", _large(1))
+    prepared = store.prepare_append("s1", _large(2))
+    assert prepared.ahead is not None
+    prepared.ahead()
+    os.close(store._log("s1").fd)  # the process dies here: nothing more is written
+    store._logs.clear()
+    store.close()
+    data = np.fromfile(only_log(tmp_path), dtype=np.uint8)
+    assert not data[size : size + logfile.BLOCK].any() and data[size + logfile.BLOCK :].any()
+    scanned = logfile.scan(data, "s1")
+    assert scanned.torn and scanned.damage is None
+    assert [e.seq for e in scanned.events] == [1]
+
+    store = opened(tmp_path)
+    loaded = store.load_session("s1")
+    assert loaded is not None and [e.seq for e in loaded.events] == [1]
+    assert only_log(tmp_path).stat().st_size == size
+    store.append("s1", _large(2))
+    store.close()
+    store = opened(tmp_path)
+    loaded = store.load_session("s1")
+    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2]
+    store.close()

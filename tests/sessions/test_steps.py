@@ -3,6 +3,7 @@ non-finite input, If-Match, manual schedules and LBFGS ask/tell."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,8 @@ from service.core.errors import InvalidInput
 from service.sessions.errors import ParamsRequired, PreconditionFailed
 from service.sessions.models import StepRequest
 from service.sessions.service import SessionService
-from service.sessions.store import MemoryStore
+from service.sessions.store import DiskStore, MemoryStore
+from service.sessions.store.disk import SESSIONS_DIR
 from tests.sessions.conftest import grads_for, running
 from tests.sessions.reference import core_params
 
@@ -239,3 +241,29 @@ async def test_lbfgs_ask_tell_moves_the_held_params_to_each_asked_point() -> Non
         with pytest.raises(InvalidInput) as no_loss:
             await service.step("t", sid, StepRequest(grads={"x": grad}))
         assert no_loss.value.field == "loss"
+
+
+async def test_a_refused_large_step_stores_nothing_on_disk(tmp_path: Path) -> None:
+    """A large step's tensors are written while its values are checked; a refused one
+    leaves the log as it was, and the session goes on from its last stored step."""
+    shapes = {"w": (100_000,)}
+    cfg = {"optimizer": {"name": "Adam", "lr": 0.01}, "params": {"w": {"shape": [100_000]}}}
+    steps = [grads_for(shapes, seed=i) for i in range(3)]
+    bad = {"w": steps[1]["w"].copy()}
+    bad["w"][-1] = np.nan
+    async with running(DiskStore(tmp_path)) as service:
+        sid = (await service.create("t", cfg, {"w": np.zeros(100_000, np.float32)})).id
+        await service.step("t", sid, StepRequest(grads=steps[0]))
+        [log] = (tmp_path / SESSIONS_DIR / sid).glob("log-*.bin")
+        size = log.stat().st_size
+        with pytest.raises(InvalidInput):
+            await service.step("t", sid, StepRequest(grads=bad))
+        assert log.stat().st_size == size
+        for grads in steps[1:]:
+            await service.step("t", sid, StepRequest(grads=grads))
+    async with running(DiskStore(tmp_path)) as service:
+        info = await service.get("t", sid)
+        held = await service.params("t", sid)
+    assert info.step == 3
+    want = core_params(cfg, {"w": np.zeros(100_000, np.float32)}, steps)
+    np.testing.assert_array_equal(held["w"], want["w"])

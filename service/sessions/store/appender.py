@@ -221,6 +221,16 @@ def append_views(
     fd: int, direct: bool, offset: int, views: Sequence[memoryview], total: int, zeros: int = 0
 ) -> int:
     """:func:`append` of buffers already made :func:`frame_views` (``total`` bytes)."""
+    padded = write_views(fd, direct, offset, views, total, zeros)
+    os.fdatasync(fd)
+    return padded
+
+
+def write_views(
+    fd: int, direct: bool, offset: int, views: Sequence[memoryview], total: int, zeros: int = 0
+) -> int:
+    """:func:`append_views` without the ``fdatasync``: the bytes are written, not yet
+    durable. Returns the padded length."""
     padded = aligned(total)
     after = [_zeros(zeros)] if zeros else []
     if direct:
@@ -234,7 +244,6 @@ def append_views(
             _pwrite_all(fd, [*views, _ZEROS[: padded - total], *after], offset)
     else:
         _pwrite_all(fd, [*views, _ZEROS[: padded - total], *after], offset)
-    os.fdatasync(fd)
     return padded
 
 

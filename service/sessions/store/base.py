@@ -202,6 +202,12 @@ class PreparedAppend:
     """Writes it durably (blocking I/O); returns what :meth:`Store.append` returns."""
     direct: DirectWrite | None = None
     """The same write as one asynchronous request, where the store offers one."""
+    ahead: Callable[[], None] | None = None
+    """Where the store offers it: writes the bulk of the frame (its tensors) without
+    making the event stored, so that a caller can start the write before it has decided
+    to append. ``write`` then writes the rest, or ``abandon`` undoes it."""
+    abandon: Callable[[], None] = lambda: None
+    """Undoes what ``ahead`` wrote, for an event that is not appended after all."""
 
 
 class Store(ABC):

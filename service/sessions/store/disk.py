@@ -162,6 +162,42 @@ class _Log:
         os.close(self.fd)
 
 
+def _header_last(entry: _Log, event: Event, buffers: list[bytes | memoryview]) -> PreparedAppend:
+    """A block-aligned frame written in two parts: its tensors (``ahead``), then its head
+    with the ``fdatasync``. Until its head is written the frame is not there: the blocks
+    where it starts are still unwritten (the log's end, or its reserved blocks), which
+    read as zeros, and a scan after a crash in between finds a torn final write. A frame
+    not appended after all is cut off again (``abandon``)."""
+    head_views, head = appender.frame_views(buffers[: logfile.HEAD_PARTS])
+    body_views, body = appender.frame_views(buffers[logfile.HEAD_PARTS :])
+    start = entry.size
+    frame = appender.aligned(head + body)
+    written_ahead = False
+
+    def ahead() -> None:
+        nonlocal written_ahead
+        if start + frame > max(entry.reserved, entry.zeroed):
+            entry.reserved = appender.reserve(entry.fd, start, frame)
+        try:
+            appender.write_views(entry.fd, True, start + head, body_views, body)
+        except BaseException:
+            entry.cut()
+            raise
+        written_ahead = True
+
+    def write() -> int:
+        if not written_ahead:
+            ahead()
+        try:
+            appender.append_views(entry.fd, True, start, head_views, head)
+        except BaseException:
+            entry.cut()
+            raise
+        return entry.appended(event.seq, frame)
+
+    return PreparedAppend(write, ahead=ahead, abandon=entry.cut)
+
+
 class DiskStore(Store):
     durable = True
 
@@ -526,8 +562,9 @@ class DiskStore(Store):
             raise ValueError(f"event {event.seq} does not follow event {entry.last_seq}")
         # A large frame is written from a thread with O_DIRECT: laid out block-aligned,
         # its tensors go to the device from the request's buffer, not through staging.
-        large = event.tensor_bytes > appender.ZEROS_AHEAD_MAX_FRAME
-        buffers = logfile.encode(event, session_id, block_aligned=entry.direct and large)
+        if entry.direct and event.tensor_bytes > appender.ZEROS_AHEAD_MAX_FRAME:
+            return _header_last(entry, event, logfile.encode(event, session_id, True))
+        buffers = logfile.encode(event, session_id)
         views, total = appender.frame_views(buffers)
         frame = appender.aligned(total)
         direct = None

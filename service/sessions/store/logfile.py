@@ -52,6 +52,11 @@ MAX_HEADER = 1 << 26
 one is a damaged length, not a write cut short."""
 
 
+HEAD_PARTS = 3
+"""An encoded frame's first buffers (prefix, header, padding): its head; the rest holds its
+tensors. A block-aligned frame's head ends on a block."""
+
+
 def _pad(n: int) -> int:
     return -n % ALIGN
 
@@ -118,7 +123,8 @@ def encode(
     lengths = struct.pack("<IQ", len(header), offset)
     check = checksum.digest([lengths, header, head_pad, *body])
     prefix = _PREFIX.pack(MAGIC, len(header), offset, check)
-    return [prefix, header, head_pad, *body]
+    head: list[bytes | memoryview] = [prefix, header, head_pad]  # HEAD_PARTS of them
+    return [*head, *body]
 
 
 def write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> int:
