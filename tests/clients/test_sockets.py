@@ -6,6 +6,7 @@ test scripts, so that closes, short bodies, chunked replies and silence can be s
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import socket
 import threading
@@ -139,18 +140,37 @@ def test_a_body_sent_from_its_parts_arrives_whole_and_the_reply_lands_in_one_buf
     parts, joined = large_parts()
     with scripted(digest_reply) as server:
         response = bulk_post(http, server.port, parts)
-    read = response.extensions[_transfer.REPLY]
+    assert isinstance(response.extensions[_transfer.REPLY], _transfer.ReadBody)
+    read = _transfer.read_reply(response, OCTETS)
     assert isinstance(read, memoryview)
     assert bytes(read[:32]) == hashlib.sha256(joined).digest()
     assert bytes(read[32:]) == joined
-    assert _transfer.read_reply(response, OCTETS) is read
+
+
+def test_a_reply_buffer_taken_from_a_response_is_reused_while_the_response_lives(
+    http: httpx.Client,
+) -> None:
+    """httpx's response and its stream refer to each other (they live until the garbage
+    collector runs): once its body is taken, a response holds no reference to it."""
+    parts, _ = large_parts()
+    gc.disable()
+    try:
+        with scripted(digest_reply) as server:
+            first = bulk_post(http, server.port, parts)
+            address = np.frombuffer(_transfer.read_reply(first, OCTETS), np.uint8).ctypes.data
+            second = bulk_post(http, server.port, parts)
+            again = np.frombuffer(_transfer.read_reply(second, OCTETS), np.uint8).ctypes.data
+        assert again == address
+        assert first.extensions[_transfer.REPLY].take() is None  # handed out once
+    finally:
+        gc.enable()
 
 
 def test_steps_share_one_keep_alive_connection(http: httpx.Client) -> None:
     parts, joined = large_parts()
     with scripted(digest_reply) as server:
         for _ in range(3):
-            read = bulk_post(http, server.port, parts).extensions[_transfer.REPLY]
+            read = _transfer.read_reply(bulk_post(http, server.port, parts), OCTETS)
             assert bytes(read[32:]) == joined
         assert server.connections == 1
 
@@ -161,7 +181,7 @@ def test_a_connection_the_server_closed_while_idle_is_not_used_again(http: httpx
         bulk_post(http, server.port, parts)
         server.close_idle()
         time.sleep(0.05)
-        read = bulk_post(http, server.port, parts).extensions[_transfer.REPLY]
+        read = _transfer.read_reply(bulk_post(http, server.port, parts), OCTETS)
         assert bytes(read[32:]) == joined
         assert server.connections == 2
 
@@ -172,9 +192,8 @@ def test_a_reply_that_says_close_ends_its_connection(http: httpx.Client) -> None
 
     with scripted(closing) as server:
         for _ in range(2):
-            assert bytes(bulk_post(http, server.port, [b"a"]).extensions[_transfer.REPLY]) == (
-                b"x" * 100_000
-            )
+            read = _transfer.read_reply(bulk_post(http, server.port, [b"a"]), OCTETS)
+            assert bytes(read) == b"x" * 100_000
         assert server.connections == 2
 
 

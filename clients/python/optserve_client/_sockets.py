@@ -29,7 +29,7 @@ from typing import Any
 import h11
 import httpx
 
-from optserve_client._transfer import BULK, REPLY, Bulk, tensor_reply_buffer
+from optserve_client._transfer import BULK, REPLY, Bulk, ReadBody, tensor_reply_buffer
 
 READ_SIZE = 1 << 18
 """Bytes asked of the socket per read where a reply is parsed (its head, a small body)."""
@@ -117,12 +117,15 @@ def _connect(request: httpx.Request, origin: Origin, timeout: float | None) -> s
 
 
 class _Body(httpx.SyncByteStream):
-    def __init__(self, body: bytes | memoryview) -> None:
+    """A body already read: bytes, or a :class:`ReadBody` not taken yet."""
+
+    def __init__(self, body: bytes | ReadBody) -> None:
         self._body = body
 
     def __iter__(self) -> Iterator[bytes]:
-        if len(self._body):
-            yield self._body  # type: ignore[misc]  # a memoryview is read as bytes are
+        body = self._body.take() if isinstance(self._body, ReadBody) else self._body
+        if body:
+            yield bytes(body)
 
 
 def _exchange(
@@ -140,9 +143,9 @@ def _exchange(
             )
         )
         assert head is not None
-        body = bulk.parts if bulk.parts is not None else [request.read()]
+        outgoing = bulk.parts if bulk.parts is not None else [request.read()]
         sock.settimeout(timeouts.get("write"))
-        _send_all(sock, [head, *body])
+        _send_all(sock, [head, *outgoing])
     with _mapped(request, httpx.ReadTimeout, httpx.ReadError):
         sock.settimeout(timeouts.get("read"))
         reply = _reply_head(sock, parser)
@@ -150,12 +153,12 @@ def _exchange(
         view = None
         if 200 <= reply.status_code < 300 and bulk.media_type:
             view = tensor_reply_buffer(headers, bulk.media_type)
-        content: bytes | memoryview
+        body: bytes | ReadBody
         if view is None:
-            content = _read_rest(sock, parser)
+            body = _read_rest(sock, parser)
             complete = parser.their_state is h11.DONE
         else:
-            content = _read_into(sock, parser, view)
+            body = ReadBody(_read_into(sock, parser, view))
             complete = True
         reusable = (
             complete
@@ -164,12 +167,12 @@ def _exchange(
             and not any(parser.trailing_data)
         )
     extensions: dict[str, Any] = {"http_version": b"HTTP/1.1", "reason_phrase": reply.reason}
-    if view is not None:
-        extensions[REPLY] = content
+    if isinstance(body, ReadBody):
+        extensions[REPLY] = body
     response = httpx.Response(
         reply.status_code,
         headers=headers,
-        stream=_Body(content),
+        stream=_Body(body),
         extensions=extensions,
         request=request,
     )

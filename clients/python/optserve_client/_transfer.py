@@ -70,7 +70,22 @@ class AsyncUpload:
 BULK = "optserve.bulk"
 """The request extension that marks a :class:`Bulk` request (read by ``_sockets``)."""
 REPLY = "optserve.reply"
-"""The response extension holding a reply already read into one buffer (by ``_sockets``)."""
+"""The response extension holding a :class:`ReadBody` (set by ``_sockets``)."""
+
+
+class ReadBody:
+    """A reply body already read into one buffer, handed out once.
+
+    Once taken, the response no longer refers to the buffer: httpx's response and its
+    stream refer to each other, so whatever a response holds lives until the garbage
+    collector runs, and a reply buffer held so could not be reused (``_buffers``)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view: memoryview | None = view
+
+    def take(self) -> memoryview | None:
+        view, self._view = self._view, None
+        return view
 
 
 @dataclass(frozen=True)
@@ -118,9 +133,10 @@ class _Filling:
 
 def read_reply(response: httpx.Response, media_type: str) -> bytes | memoryview:
     """The body of a streamed ``response``: in one buffer when of ``media_type``."""
-    read: memoryview | None = response.extensions.get(REPLY)
-    if read is not None:
-        return read
+    read = response.extensions.get(REPLY)
+    taken = read.take() if isinstance(read, ReadBody) else None
+    if taken is not None:
+        return taken
     view = tensor_reply_buffer(response.headers, media_type)
     if view is None:
         return response.read()

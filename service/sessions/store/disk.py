@@ -162,7 +162,7 @@ class _Log:
         os.close(self.fd)
 
 
-def _header_last(entry: _Log, event: Event, buffers: list[bytes | memoryview]) -> PreparedAppend:
+def _head_last(entry: _Log, event: Event, buffers: list[bytes | memoryview]) -> PreparedAppend:
     """A block-aligned frame written in two parts: its tensors (``ahead``), then its head
     with the ``fdatasync``. Until its head is written the frame is not there: the blocks
     where it starts are still unwritten (the log's end, or its reserved blocks), which
@@ -563,7 +563,7 @@ class DiskStore(Store):
         # A large frame is written from a thread with O_DIRECT: laid out block-aligned,
         # its tensors go to the device from the request's buffer, not through staging.
         if entry.direct and event.tensor_bytes > appender.ZEROS_AHEAD_MAX_FRAME:
-            return _header_last(entry, event, logfile.encode(event, session_id, True))
+            return _head_last(entry, event, logfile.encode(event, session_id, True))
         buffers = logfile.encode(event, session_id)
         views, total = appender.frame_views(buffers)
         frame = appender.aligned(total)

@@ -123,8 +123,7 @@ def encode(
     lengths = struct.pack("<IQ", len(header), offset)
     check = checksum.digest([lengths, header, head_pad, *body])
     prefix = _PREFIX.pack(MAGIC, len(header), offset, check)
-    head: list[bytes | memoryview] = [prefix, header, head_pad]  # HEAD_PARTS of them
-    return [*head, *body]
+    return [prefix, header, head_pad, *body]  # the first HEAD_PARTS are the head
 
 
 def write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> int:
