@@ -10,9 +10,9 @@ on plain ``http://``, this transport speaks HTTP/1.1 on a keep-alive socket itse
 - the head and the body go out in ``sendmsg`` calls, straight from the arrays' memory;
 - a tensor reply is read with ``recv_into`` straight into its buffer (``_buffers``).
 
-A 1M-parameter Adam step (4 MB each way, durable server on loopback) measured 13.0 ms
-through httpx's transport and 9.4 ms with the head and body moved so (steps alternating
-in one run). Every other request (no tensors, ``https://``) goes to the inner transport,
+A 1M-parameter Adam step (4 MB each way, durable server on loopback) measured 13.5 ms
+through httpx's transport and 10.7 ms through this one, 10M 99.6 against 70.5 ms (steps
+alternating in one run). Every other request (no tensors, ``https://``) goes to the inner transport,
 httpx's own, and so do proxies: httpx mounts them ahead of this transport.
 """
 
@@ -90,8 +90,7 @@ class SocketTransport(httpx.BaseTransport):
                 if not kept:
                     return None
                 sock, since = kept.pop()
-            # Readable while idle means closed by the server (or sent to unasked): unusable.
-            if now - since < KEEPALIVE_EXPIRY and not select.select([sock], [], [], 0)[0]:
+            if now - since < KEEPALIVE_EXPIRY and not _readable(sock):
                 return sock
             sock.close()
 
@@ -103,6 +102,14 @@ class SocketTransport(httpx.BaseTransport):
             del kept[:-MAX_IDLE]
         for old, _ in surplus:
             old.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Readable while idle: closed by the server (or sent to unasked), so unusable. A
+    poll, not a select: a process may hold more than select's 1024 descriptors."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _connect(request: httpx.Request, origin: Origin, timeout: float | None) -> socket.socket:
