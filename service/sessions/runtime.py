@@ -501,11 +501,11 @@ class Runtime:
         entry: Entry,
         event: Event,
         apply: Callable[[], T],
-        check: Callable[[], None] | None = None,
+        check: Callable[[], None] = lambda: None,
     ) -> tuple[T, int]:
         """Append ``event`` durably and ``apply`` it: both happen, or neither.
 
-        On a worker thread, under the session's lock. ``check`` (when given) decides
+        On a worker thread, under the session's lock. ``check`` decides
         whether the change is made at all: it raises to refuse it, and ``apply`` cannot
         refuse it afterwards. A large event is written on a store thread meanwhile: its
         tensors while ``check`` runs, its head once ``check`` has passed, and its
@@ -519,8 +519,7 @@ class Runtime:
             verdict: Future[bool] = Future()
             pending = self._io.submit(self._append_checked, sid, event, verdict)
             try:
-                if check is not None:
-                    check()
+                check()
             except BaseException:
                 verdict.set_result(False)
                 with contextlib.suppress(BaseException):
@@ -528,8 +527,7 @@ class Runtime:
                 raise
             verdict.set_result(True)
         else:
-            if check is not None:
-                check()
+            check()
             pending = _run_now(self.store.append, sid, event)
         try:
             result = apply()
@@ -558,7 +556,7 @@ class Runtime:
         entry: Entry,
         event: Event,
         apply: Callable[[], T],
-        check: Callable[[], None] | None = None,
+        check: Callable[[], None] = lambda: None,
     ) -> tuple[T, int]:
         """:meth:`commit` on the event loop, for small sessions of a store no other process
         shares: the event is encoded here and written by the committer (one asynchronous
@@ -568,8 +566,7 @@ class Runtime:
         less than the GIL handovers between that thread and the loop (see
         :mod:`service.sessions.committer`).
         """
-        if check is not None:
-            check()
+        check()
         pending: asyncio.Future[int] | Future[int]
         if self.store.durable:
             try:

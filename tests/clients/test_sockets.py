@@ -18,6 +18,9 @@ import httpx
 import numpy as np
 import pytest
 from optserve_client import _sockets, _transfer
+from optserve_client._calls import Call
+from optserve_client._retry import RetryPolicy
+from optserve_client._tries import Tries
 
 OCTETS = "application/octet-stream"
 Answer = Callable[[bytes, bytes], bytes | None]
@@ -104,18 +107,9 @@ def digest_reply(_: bytes, body: bytes) -> bytes:
 def bulk_post(
     http: httpx.Client, port: int, parts: list[bytes | memoryview], media_type: str = OCTETS
 ) -> httpx.Response:
-    content = _transfer.request_content(parts, sync=True)
-    length = _transfer.content_length(parts)
-    request = http.build_request(
-        "POST",
-        f"http://127.0.0.1:{port}/step",
-        content=content,
-        headers={"content-length": str(length), "content-type": OCTETS},
-    )
-    request.extensions[_transfer.BULK] = _transfer.Bulk(
-        content.parts if isinstance(content, _transfer.Upload) else None, media_type
-    )
-    response = http.send(request, stream=True)
+    """POST ``parts`` as the client's calls go: marked bulk (``Tries.request``)."""
+    call = Call("POST", f"http://127.0.0.1:{port}/step", {"content-type": OCTETS}, parts)
+    response = http.send(Tries(call, RetryPolicy(), "").request(http, media_type), stream=True)
     if _transfer.REPLY not in response.extensions:
         response.read()
     response.close()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.sessions.store import DiskStore, KeyRecord, appender, disk, history, logfile
-from service.sessions.store.base import Event
+from service.sessions.store.base import Event, PreparedAppend
 from service.sessions.store.disk import SESSIONS_DIR
 from tests.sessions.test_store_contract import event, record, snapshot
 
@@ -312,14 +312,20 @@ def _direct_store(root: Path) -> DiskStore:
     return store
 
 
-def test_a_large_frame_written_ahead_and_abandoned_leaves_the_log_as_it_was(
-    tmp_path: Path,
-) -> None:
-    store = _direct_store(tmp_path)
+def _second_written_ahead(root: Path) -> tuple[DiskStore, int, PreparedAppend]:
+    """A log of one large frame, and the tensors of a second written ahead of its head."""
+    store = _direct_store(root)
     size = store.append("s1", _large(1))
     prepared = store.prepare_append("s1", _large(2))
     assert prepared.ahead is not None
     prepared.ahead()
+    return store, size, prepared
+
+
+def test_a_large_frame_written_ahead_and_abandoned_leaves_the_log_as_it_was(
+    tmp_path: Path,
+) -> None:
+    store, size, prepared = _second_written_ahead(tmp_path)
     assert only_log(tmp_path).stat().st_size > size  # the tensors are on disk
     prepared.abandon()
     assert only_log(tmp_path).stat().st_size == size
@@ -336,11 +342,7 @@ def test_a_large_frame_written_ahead_and_abandoned_leaves_the_log_as_it_was(
 def test_a_crash_after_a_frames_tensors_but_before_its_head_is_a_torn_write(
     tmp_path: Path,
 ) -> None:
-    store = _direct_store(tmp_path)
-    size = store.append("s1", _large(1))
-    prepared = store.prepare_append("s1", _large(2))
-    assert prepared.ahead is not None
-    prepared.ahead()
+    store, size, _ = _second_written_ahead(tmp_path)
     os.close(store._log("s1").fd)  # the process dies here: nothing more is written
     store._logs.clear()
     store.close()

@@ -173,13 +173,17 @@ def test_write_all_writes_every_buffer(tmp_path: Path) -> None:
     assert logfile.read_file(tmp_path / "log").tobytes() == frame_bytes(sample(1))[:written]
 
 
+def log_opened(path: Path, direct: bool) -> tuple[int, bool]:
+    """A new log, with ``O_DIRECT`` where asked and the filesystem takes it; whether it did."""
+    if direct:
+        return appender.open_log(path, create=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT), False
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_appended_frames_read_back_at_block_boundaries(tmp_path: Path, direct: bool) -> None:
     path = tmp_path / "log"
-    if direct:
-        fd, direct = appender.open_log(path, create=True)
-    else:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    fd, direct = log_opened(path, direct)
     try:
         offset = 0
         for seq in (1, 2, 3):
@@ -278,10 +282,7 @@ def test_aligned_tensors_are_written_from_their_own_memory(tmp_path: Path, direc
         assert np.frombuffer(segment, np.uint8).ctypes.data % BLOCK == 0
     assert b"".join(bytes(s) for s in segments) == frame_bytes(event, block_aligned=True)
     path = tmp_path / "log"
-    if direct:
-        fd, direct = appender.open_log(path, create=True)
-    else:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    fd, direct = log_opened(path, direct)
     try:
         end = appender.append(fd, direct, 0, logfile.encode(event, block_aligned=True))
         end += appender.append(fd, direct, end, logfile.encode(sample(2)))

@@ -7,6 +7,10 @@ slices small enough that the one copy h11 makes of each stays in the CPU's cache
 read with ``response.read()`` is joined from its chunks; read here, each chunk is copied
 once into a buffer of the reply's ``Content-Length`` (a reused one, :mod:`._buffers`), and
 the arrays decoded from it are views of that buffer (no further copy).
+
+That is the path through any httpx transport. The client's own (:mod:`._sockets`) does
+better for a request marked :class:`Bulk`: it sends the parts themselves and reads the
+reply into its buffer straight from the socket, handing it over as a :class:`ReadBody`.
 """
 
 from __future__ import annotations

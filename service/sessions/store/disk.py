@@ -150,6 +150,12 @@ class _Log:
         self.last_seq = seq
         return written
 
+    def make_room(self, frame: int) -> None:
+        """Reserve blocks past the end for a frame of ``frame`` bytes, unless reserved
+        blocks or written zeros are there already."""
+        if self.size + frame > max(self.reserved, self.zeroed):
+            self.reserved = appender.reserve(self.fd, self.size, frame)
+
     def cut(self) -> None:
         """Leave no partial frame behind for the next append to follow (this gives back
         the reserved blocks and written zeros too)."""
@@ -176,8 +182,7 @@ def _head_last(entry: _Log, event: Event, buffers: list[bytes | memoryview]) -> 
 
     def ahead() -> None:
         nonlocal written_ahead
-        if start + frame > max(entry.reserved, entry.zeroed):
-            entry.reserved = appender.reserve(entry.fd, start, frame)
+        entry.make_room(frame)
         try:
             appender.write_views(entry.fd, True, start + head, body_views, body)
         except BaseException:
@@ -582,8 +587,8 @@ class DiskStore(Store):
         def write() -> int:
             # Past the written zeros, this append writes the next stretch of them.
             zeros = 0 if entry.size + frame <= entry.zeroed else appender.zeros_ahead(frame)
-            if not zeros and entry.size + frame > max(entry.reserved, entry.zeroed):
-                entry.reserved = appender.reserve(entry.fd, entry.size, frame)
+            if not zeros:
+                entry.make_room(frame)
             try:
                 written = appender.append_views(
                     entry.fd, entry.direct, entry.size, views, total, zeros
