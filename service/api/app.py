@@ -140,13 +140,16 @@ def create_app(settings: Settings | None = None, service: SessionService | None 
     app.state.settings = settings
     app.state.keys = keys
     app.state.metrics = metrics
+    app.state.body_budget = BodyBudget(
+        settings.max_body_bytes_in_flight, settings.body_budget_wait_s
+    )
     errors.install(app)
     app.add_middleware(
         RequestContext,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         access_log=settings.access_log,
-        budget=BodyBudget(settings.max_body_bytes_in_flight, settings.body_budget_wait_s),
+        budget=app.state.body_budget,
     )
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:

@@ -13,11 +13,14 @@ failing the request. A surplus would still be kept exactly, at the cost of a joi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
+from service.api.in_place import EXTENSION as IN_PLACE
+from service.api.in_place import InPlace, Into
+from service.api.inflight import BODY_ACCOUNT, BodyAccount
 from service.api.media import Wire, request_wire, require_json_answer
 from service.api.problems import BodyTimeout, BodyTooLarge
 from service.api.wire import parse_json_object
@@ -33,17 +36,25 @@ def _declared_length(request: Request) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+Engage = Callable[[], Awaitable[InPlace | None]]
+"""Asks for the rest of a body to be received in place, once a message has been taken."""
+
+
 async def _receive(
     request: Request,
     limit: int | None,
     why: str,
     take: Callable[[bytes], None],
-    observe: Callable[[bytes], None] | None = None,
+    observe: Callable[[bytes | memoryview], None] | None = None,
+    engage: Engage | None = None,
 ) -> int:
     """Hand each chunk of the body to ``take``; the bytes received. ``limit`` is a step's
     own bound (``step_body_bytes``, explained by ``why``): past it, declared or received,
     the request is 413 at once. The server-wide ``max_body_bytes`` is counted by the
-    RequestContext middleware as the chunks arrive."""
+    RequestContext middleware as the chunks arrive.
+
+    With ``engage`` the rest of the body may arrive in place (:func:`_chunks`): those
+    bytes are already where ``take`` would put them, and only ``observe`` sees them."""
     if limit is not None:
         declared = _declared_length(request)
         if declared is not None and declared > limit:
@@ -59,7 +70,7 @@ async def _receive(
     deadline = asyncio.timeout_at(loop.time() + wait + slack)
     try:
         async with deadline:
-            async for chunk in request.stream():
+            async for chunk, placed in _chunks(request, engage):
                 now = loop.time()
                 if (deadline.when() or now) - now < wait:
                     deadline.reschedule(now + wait + slack)
@@ -68,7 +79,8 @@ async def _receive(
                 size += len(chunk)
                 if limit is not None and size > limit:
                     raise BodyTooLarge(limit, "step_body_bytes", why)
-                take(chunk)
+                if not placed:
+                    take(chunk)  # type: ignore[arg-type]
                 if observe is not None:
                     observe(chunk)
     except TimeoutError:
@@ -78,11 +90,35 @@ async def _receive(
     return size
 
 
+async def _chunks(
+    request: Request, engage: Engage | None
+) -> AsyncIterator[tuple[bytes | memoryview, bool]]:
+    """The body's chunks as they arrive, each with whether it is already in place: from
+    the request's messages until ``engage`` has the rest received in place, then views of
+    the bytes as they land in the buffer."""
+    body: InPlace | None = None
+    while body is None:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        yield message.get("body", b""), False
+        if not message.get("more_body", False):
+            return
+        if engage is not None:
+            body = await engage()
+    buffer, seen = body.view, body.start
+    assert buffer is not None  # detached only once the response is complete
+    while seen < body.end:
+        got = await body.wait(seen)
+        yield buffer[seen:got], True
+        seen = got
+
+
 async def read_body(
     request: Request,
     limit: int | None = None,
     why: str = "",
-    observe: Callable[[bytes], None] | None = None,
+    observe: Callable[[bytes | memoryview], None] | None = None,
 ) -> bytes:
     """The whole body as one ``bytes`` (see :func:`_receive` for ``limit``); ``observe``
     is handed each chunk as it arrives (a fingerprint being computed, say)."""
@@ -98,7 +134,7 @@ async def receive_body(
     limit: int | None = None,
     why: str = "",
     aligned_at: Callable[[bytes], int | None] | None = None,
-    observe: Callable[[bytes], None] | None = None,
+    observe: Callable[[bytes | memoryview], None] | None = None,
 ) -> bytes | memoryview:
     """The whole body, copied chunk by chunk into one buffer of its declared length.
 
@@ -141,12 +177,24 @@ async def receive_body(
             filled = declared
             extra.append(chunk[room:])
 
-    await _receive(request, limit, why, take, observe)
+    into: Into | None = request.scope.get("extensions", {}).get(IN_PLACE)
+
+    async def engage() -> InPlace | None:
+        if view is None or extra or into is None:
+            return None
+        body = into(view, filled)
+        account: BodyAccount | None = request.scope["state"].get(BODY_ACCOUNT)
+        if body is not None and account is not None:
+            # The messages no longer carry these bytes: the buffer holds them all.
+            await account.add(declared - filled)
+        return body
+
+    size = await _receive(request, limit, why, take, observe, engage)
     if view is None:
         return b""
-    if filled == declared and not extra:
-        return view
-    return bytes(view[:filled]) + b"".join(extra)
+    if extra:
+        return bytes(view[:filled]) + b"".join(extra)
+    return view if size == declared else bytes(view[:size])
 
 
 def _placed(length: int, aligned_at: int | None) -> memoryview:

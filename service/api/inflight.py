@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 
-from service.api.problems import Busy
+from service.api.problems import BodyTooLarge, Busy
 
 
 class BodyBudget:
@@ -54,3 +54,33 @@ class BodyBudget:
         if self._released is not None:
             self._released.set()
             self._released = None
+
+
+BODY_ACCOUNT = "body_account"
+"""Where a request's :class:`BodyAccount` is in its ``scope["state"]``."""
+
+
+class BodyAccount:
+    """One request's body bytes: at most ``limit`` in all (413 past it), each held in
+    ``budget`` until :meth:`close` (the request's end).
+
+    Bytes are added as messages bring them, or all at once for a body received in place
+    (:mod:`service.api.in_place`), whose buffer is going to hold them all."""
+
+    def __init__(self, limit: int, budget: BodyBudget) -> None:
+        self.limit = limit
+        self.budget = budget
+        self.received = 0
+        self.held = 0
+
+    async def add(self, size: int) -> None:
+        self.received += size
+        if self.received > self.limit:
+            raise BodyTooLarge(self.limit)
+        if size:
+            await self.budget.take(size)
+            self.held += size
+
+    def close(self) -> None:
+        self.budget.give(self.held)
+        self.held = 0

@@ -7,6 +7,8 @@ The body limit is enforced twice: a declared ``Content-Length`` over the limit i
 before any byte is read, and the bytes actually received are counted as they stream in, so
 a chunked body or a lying ``Content-Length`` is cut off at the limit too (413). The bytes
 received are also held against the server-wide :class:`BodyBudget` until the request ends.
+The request's :class:`BodyAccount` is in ``scope["state"]`` (:data:`BODY_ACCOUNT`) for a
+body received in place, which the messages do not carry.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import errors
-from service.api.inflight import BodyBudget
+from service.api.inflight import BODY_ACCOUNT, BodyAccount, BodyBudget
 from service.api.metrics import Metrics
 from service.api.problems import BodyTooLarge
 
@@ -85,21 +87,13 @@ class RequestContext:
             await send(message)
 
         limit = self.max_body_bytes
-        budget = self.budget
-        received = 0
-        held = 0
+        account = BodyAccount(limit, self.budget)
+        scope["state"][BODY_ACCOUNT] = account
 
         async def limited_receive() -> Message:
-            nonlocal received, held
             message = await receive()
             if message["type"] == "http.request":
-                size = len(message.get("body", b""))
-                received += size
-                if received > limit:
-                    raise BodyTooLarge(limit)
-                if size:
-                    await budget.take(size)
-                    held += size
+                await account.add(len(message.get("body", b"")))
             return message
 
         try:
@@ -110,7 +104,7 @@ class RequestContext:
             else:
                 await self.app(scope, limited_receive, send_with_id)
         finally:
-            budget.give(held)
+            account.close()
             self._record(scope, status, time.perf_counter() - started, request_id)
 
     def _record(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:

@@ -19,6 +19,12 @@ Guards, which uvicorn lacks:
   client still sends for up to :data:`LINGER_S`. Closing at once would answer the
   unread bytes with a reset, which can destroy the answer before the client reads it.
 
+Bodies in place: the protocol is an ``asyncio.BufferedProtocol``. It reads the socket into
+a scratch buffer and feeds httptools from there, except for a body the app has asked to
+receive in place (:mod:`service.api.in_place`): that one is read from the socket straight
+into the app's buffer, and httptools, which never sees those bytes, is replaced by a fresh
+parser for the connection's next request.
+
 The body read timeout is the body reader's (``service/api/body.py``), and the keep-alive
 timeout and the connection limit are uvicorn's own (``timeout_keep_alive``,
 ``limit_concurrency``).
@@ -27,14 +33,21 @@ timeout and the connection limit are uvicorn's own (``timeout_keep_alive``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from service.api.in_place import EXTENSION, InPlace, Into
+
 LINGER_S = 2.0
 """How long a closed connection still drains what its client sends."""
+
+SCRATCH_BYTES = 256 * 1024
+"""A connection's read buffer for what is not received in place (asyncio's own read size)."""
 
 
 @dataclass(frozen=True)
@@ -121,11 +134,47 @@ def _timeout_response() -> bytes:
     return head.encode() + body
 
 
+class BufferedFront(asyncio.BufferedProtocol):
+    """The protocol the event loop sees: a ``BufferedProtocol`` in front of uvicorn's.
+
+    uvicorn's protocol is an ``asyncio.Protocol``, and uvloop reads into a protocol's own
+    buffers only if it is not one (asyncio only if it is a ``BufferedProtocol``): so the
+    loop talks to this, and this hands everything to ``inner``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buffer: memoryview = self.inner.get_buffer(sizehint)
+        return buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.inner.buffer_updated(nbytes)
+
+
 def http_protocol(guards: ConnectionGuards | None = None) -> Any:
-    """The protocol class for ``uvicorn.run(http=...)``: gathering writes and connection
-    guards over httptools, or uvicorn's own choice when httptools is not installed."""
+    """The protocol factory for ``uvicorn.run(http=...)``: gathering writes, connection
+    guards and bodies in place over httptools (:class:`BufferedFront` in front), or
+    uvicorn's own choice when httptools is not installed."""
     try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        import httptools
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
     except ImportError:
         return "auto"
     limits = guards or ConnectionGuards()
@@ -136,8 +185,17 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
         _header_timer: asyncio.TimerHandle | None = None
         _receiving = False
         """A request has begun arriving and has not arrived whole."""
+        _scratch: memoryview
+        _in_place: InPlace | None = None
+        """The body now read into the app's buffer (or, detached, read and dropped)."""
+        _body_parsed = 0
+        """Bytes of this request's body httptools has handed over."""
+        _reads_into_buffers = False
+        """The event loop reads through :meth:`get_buffer` (a loop that read otherwise would
+        leave a body in place waiting forever: then none is offered)."""
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._scratch = memoryview(bytearray(SCRATCH_BYTES))
             gathering = GatheringTransport(transport, self.loop, lambda: self._receiving)
             super().connection_made(cast(asyncio.Transport, gathering))
             self._arm_header_timer()
@@ -145,7 +203,31 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_header_timer()
             idle.pop(self, None)
+            if self._in_place is not None:
+                self._in_place.lose()
+                self._in_place = None
             super().connection_lost(exc)
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            self._reads_into_buffers = True
+            body = self._in_place
+            if body is None:
+                return self._scratch
+            room = body.room()
+            return self._scratch[: body.end - body.filled] if room is None else room
+
+        def buffer_updated(self, nbytes: int) -> None:
+            body = self._in_place
+            if body is None:
+                self.data_received(bytes(self._scratch[:nbytes]))
+            elif body.arrived(nbytes):
+                self._in_place = None
+                # httptools still waits for the body it never saw: the connection's next
+                # request starts on a fresh parser.
+                self.parser = httptools.HttpRequestParser(self)
+                with contextlib.suppress(AttributeError):  # httptools before 0.6.3
+                    self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+                self.on_message_complete()
 
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():
@@ -154,6 +236,7 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
 
         def on_message_begin(self) -> None:
             self._receiving = True
+            self._body_parsed = 0
             idle.pop(self, None)
             if self._header_timer is None:
                 self._arm_header_timer()
@@ -162,15 +245,50 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
         def on_headers_complete(self) -> None:
             self._disarm_header_timer()
             super().on_headers_complete()
+            # The app's task has been created, not yet run: it finds this in its scope.
+            into: Into = functools.partial(self._receive_into, self.cycle)
+            extensions: dict[str, Any] = cast(
+                dict[str, Any], self.scope.setdefault("extensions", {})
+            )
+            extensions[EXTENSION] = into
+
+        def on_body(self, body: bytes) -> None:
+            self._body_parsed += len(body)
+            super().on_body(body)
 
         def on_message_complete(self) -> None:
             self._receiving = False
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
+            if self._in_place is not None:
+                self._in_place.detach()  # the rest of the body is read and dropped
             super().on_response_complete()
             if not self.transport.is_closing() and not self.pipeline:
                 self._mark_idle()
+
+        def _receive_into(
+            self, cycle: RequestResponseCycle, view: memoryview, filled: int
+        ) -> InPlace | None:
+            """``into(view, filled)`` of :mod:`service.api.in_place`, for ``cycle``'s body."""
+            pending = cycle.body  # handed over by httptools, not yet taken by the app
+            if (
+                not self._reads_into_buffers
+                or cycle is not self.cycle
+                or not self._receiving
+                or self._in_place is not None
+                or cycle.response_complete
+                or cycle.disconnected
+                or self.transport.is_closing()
+                or filled + len(pending) != self._body_parsed
+                or self._body_parsed >= len(view)
+            ):
+                return None
+            view[filled : self._body_parsed] = pending
+            cycle.body = type(pending)()
+            self._in_place = InPlace(view, filled, self._body_parsed)
+            self.flow.resume_reading()  # uvicorn pauses past its buffer's high-water mark
+            return self._in_place
 
         def _mark_idle(self) -> None:
             idle[self] = None
@@ -196,4 +314,7 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
                 self.transport.write(_timeout_response())
             self.transport.close()
 
-    return GuardedHttpToolsProtocol
+    def protocol(*args: Any, **kwargs: Any) -> BufferedFront:
+        return BufferedFront(GuardedHttpToolsProtocol(*args, **kwargs))
+
+    return protocol

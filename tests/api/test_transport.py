@@ -1,11 +1,16 @@
-"""The gathering transport: one writelines per loop iteration, nothing lost on close."""
+"""The gathering transport: one writelines per loop iteration, nothing lost on close; the
+protocol the event loop sees."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from service.api.server import GatheringTransport, http_protocol
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from service.api.server import BufferedFront, GatheringTransport, http_protocol
 
 
 class Recorder:
@@ -61,6 +66,19 @@ def test_nothing_is_written_to_a_closing_transport() -> None:
     assert asyncio.run(scenario()) == []
 
 
-def test_protocol_class_is_the_guarded_httptools_one() -> None:
-    protocol = http_protocol()
-    assert protocol == "auto" or protocol.__name__ == "GuardedHttpToolsProtocol"
+def test_the_protocol_is_buffered_in_front_of_the_guarded_httptools_one() -> None:
+    factory = http_protocol()
+    if factory == "auto":
+        pytest.skip("httptools is not installed: uvicorn picks its own protocol")
+    config = uvicorn.Config(app=lambda scope, receive, send: None, http=factory)
+    config.load()
+    loop = asyncio.new_event_loop()
+    try:
+        made = factory(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+    finally:
+        loop.close()
+    # uvloop reads into a protocol's own buffers only if it is not an asyncio.Protocol.
+    assert isinstance(made, BufferedFront)
+    assert isinstance(made, asyncio.BufferedProtocol)
+    assert not isinstance(made, asyncio.Protocol)
+    assert type(made.inner).__name__ == "GuardedHttpToolsProtocol"
