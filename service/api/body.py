@@ -182,11 +182,15 @@ async def receive_body(
     async def engage() -> InPlace | None:
         if view is None or extra or into is None:
             return None
-        body = into(view, filled)
+        # The messages will no longer carry the rest: it is counted (and waits for room in
+        # the budget) before any of it is read into the buffer.
         account: BodyAccount | None = request.scope["state"].get(BODY_ACCOUNT)
-        if body is not None and account is not None:
-            # The messages no longer carry these bytes: the buffer holds them all.
-            await account.add(declared - filled)
+        rest = declared - filled
+        if account is not None:
+            await account.add(rest)
+        body = into(view, filled)
+        if body is None and account is not None:
+            account.forget(rest)  # the messages go on: they are counted as they come
         return body
 
     size = await _receive(request, limit, why, take, observe, engage)

@@ -64,8 +64,9 @@ class BodyAccount:
     """One request's body bytes: at most ``limit`` in all (413 past it), each held in
     ``budget`` until :meth:`close` (the request's end).
 
-    Bytes are added as messages bring them, or all at once for a body received in place
-    (:mod:`service.api.in_place`), whose buffer is going to hold them all."""
+    Bytes are added as messages bring them, or all at once, before they are read, for a
+    body received in place (:mod:`service.api.in_place`), whose buffer is going to hold
+    them all."""
 
     def __init__(self, limit: int, budget: BodyBudget) -> None:
         self.limit = limit
@@ -80,6 +81,12 @@ class BodyAccount:
         if size:
             await self.budget.take(size)
             self.held += size
+
+    def forget(self, size: int) -> None:
+        """Undo ``add(size)``: those bytes are not coming this way after all."""
+        self.received -= size
+        self.held -= size
+        self.budget.give(size)
 
     def close(self) -> None:
         self.budget.give(self.held)

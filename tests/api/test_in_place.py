@@ -14,7 +14,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,8 +43,8 @@ class Served:
     """Every body the protocol received in place, in order."""
 
 
-@pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+@contextmanager
+def _serving(monkeypatch: pytest.MonkeyPatch, **settings: Any) -> Iterator[Served]:
     placed: list[InPlace] = []
 
     class Recorded(InPlace):
@@ -51,8 +53,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
             placed.append(self)
 
     monkeypatch.setattr(server_module, "InPlace", Recorded)
-    settings = Settings(storage="memory", body_timeout_s=0.5, log_level="warning")
-    app = create_app(settings)
+    app = create_app(Settings(storage="memory", log_level="warning", **settings))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -77,6 +78,12 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+    with _serving(monkeypatch, body_timeout_s=0.5) as served:
+        yield served
 
 
 def _connect(port: int) -> socket.socket:
@@ -262,3 +269,33 @@ def test_a_body_that_arrives_with_its_head_is_not_received_in_place(served: Serv
         assert status == 200
         np.testing.assert_array_equal(_deltas(reply), np.full(1000, -0.1, np.float32))
     assert served.placed == []
+
+
+def test_a_body_in_place_holds_its_whole_length_in_the_budget_before_it_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Room for one 1.2 MB body at a time: the second waits for room, then gets 503.
+    limits = {"max_body_bytes": 1_500_000, "max_body_bytes_in_flight": 1_500_000}
+    with _serving(monkeypatch, body_budget_wait_s=0.3, **limits) as served:
+        grads = _grads(1)
+        with _connect(served.port) as first, _connect(served.port) as second:
+            buffered = [bytearray(), bytearray()]
+            session = _create(first, buffered[0])
+            step = _request(
+                "POST", f"/v1/sessions/{session}/step", _step_body(grads[0]), SAFETENSORS
+            )
+            first.sendall(step[:1000])
+            time.sleep(0.1)  # the first body is in place, its length held
+            second.sendall(step[:1000])
+            status, _, problem = _read_reply(second, buffered[1])
+            assert status == 503, problem
+            assert json.loads(problem)["type"] == "/problems/busy"
+            first.sendall(step[1000:])
+            status, _, reply = _read_reply(first, buffered[0])
+            assert status == 200
+            np.testing.assert_array_equal(_deltas(reply), _core_deltas(grads)[0])
+        assert len(served.placed) == 1
+        deadline = time.monotonic() + 5
+        while served.app.state.body_budget.used:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the budget was not given back"
+            time.sleep(0.02)
