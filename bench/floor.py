@@ -1,36 +1,38 @@
 """A user's step against its floor: the official client next to the least the same work costs.
 
     python bench/floor.py [--sizes 1e3,1e5,1e6,1e7] [--wires safetensors,json]
-                          [--repeats N] [--rate-seconds 5] [--rate-rounds 3] [--clients 4]
+                          [--storages disk,memory] [--repeats N] [--rate-seconds 5]
+                          [--rate-rounds 3] [--clients 4]
 
 Two tables, each measured side by side in one run so that both columns see the same
 machine (on a shared machine rerun it; compare ratios, not absolute figures):
 
-1. **Large steps.** A durable server (``python -m service serve``, disk storage, access
-   log on: the defaults a user runs) and a raw TCP echo server (``bench/tcp_echo.py``)
-   run as subprocesses on free loopback ports. For each size and wire, one Adam session
-   over one float32 tensor holding no parameters is stepped with the official client's
-   ``Session.step`` (httpx underneath, deltas returned). Interleaved with each step:
+1. **Large steps.** A server (``python -m service serve``, access log on: the defaults a
+   user runs) on each of ``--storages`` in turn, the durable default (disk) first, and a
+   raw TCP echo server (``bench/tcp_echo.py``) run as subprocesses on free loopback
+   ports. For each size and wire, one Adam session over one float32 tensor holding no
+   parameters is stepped with the official client's ``Session.step`` (httpx underneath,
+   deltas returned). Interleaved with each step:
 
    - the TCP floor: the step's request bytes up and its reply bytes down through the echo
      server (what any server must pay to move the bytes: kernel copies and wake-ups);
    - torch's in-process ``Adam.step`` on a tensor of the same size (best of torch's
-     default thread count and one thread, measured in this process).
+     default thread count and one thread, measured in this process);
+   - on the disk server, the disk: the step's request bytes written with ``O_DIRECT``
+     over blocks already written, in a file in the server's data directory, then
+     ``fdatasync``: the least it costs to make those bytes durable on this disk
+     (``disk write``; appending to new blocks, as a log does, costs more).
 
    JSON rows stop at ``--json-max`` (100k: a 1M JSON step takes about a second of
    float formatting and parsing, which no transport change moves).
 
-   - the disk: the step's request bytes written with ``O_DIRECT`` over blocks already
-     written, in a file in the server's data directory, then ``fdatasync``: the least it
-     costs to make those bytes durable on this disk (``disk write``).
-
    ``floor`` is TCP + torch; ``ratio`` is client over floor (medians). ``durable floor`` is
    TCP + the larger of torch and the disk write (a durable server can sync while it
-   computes, not before it has the bytes), and ``ratio`` beside it the client over that.
-   ``server peak RSS``
-   is the server's high-water resident memory while stepping that size (``VmHWM`` reset
-   through ``/proc/PID/clear_refs`` before the size), ``over idle`` the part above its
-   resident memory before it; ``disk/step`` is how much the data directory grew per step.
+   computes, but not before it has the bytes), and the ``ratio`` beside it is the client
+   over that. ``server peak RSS`` is the server's high-water resident memory while
+   stepping that size (``VmHWM`` reset through ``/proc/PID/clear_refs`` before the size),
+   ``over idle`` the part above its resident memory before it; ``disk/step`` is how much
+   the data directory grew per step.
 
 2. **Small durable steps.** ``--clients`` processes each step their own 1k-parameter
    session with JSON bodies over raw keep-alive sockets, as fast as the server answers,
@@ -89,9 +91,9 @@ class Server:
 
 
 @contextmanager
-def durable_server() -> Iterator[Server]:
-    """``python -m service serve`` with disk storage in a fresh data directory."""
-    with server("disk", access_log=True) as (port, pid, data):
+def step_server(storage: str) -> Iterator[Server]:
+    """``python -m service serve`` on ``storage`` in a fresh data directory, access log on."""
+    with server(storage, access_log=True) as (port, pid, data):
         yield Server(port, pid, data)
 
 
@@ -167,12 +169,14 @@ def _median_ms(samples: list[float]) -> float:
 
 @dataclass
 class Row:
+    storage: str
     size: int
     wire: str
     client_ms: float
     tcp_ms: float
     torch_ms: float | None
-    disk_ms: float
+    disk_ms: float | None
+    """The disk's own durable write of the request's bytes (a durable server's rows)."""
     peak_rss_mib: float
     over_idle_mib: float
     disk_per_step: float
@@ -183,7 +187,7 @@ class Row:
 
     @property
     def durable_floor_ms(self) -> float:
-        return self.tcp_ms + max(self.torch_ms or 0.0, self.disk_ms)
+        return self.tcp_ms + max(self.torch_ms or 0.0, self.disk_ms or 0.0)
 
 
 class DiskWrite:
@@ -217,7 +221,9 @@ def repeats_for(size: int, override: int | None) -> int:
     return max(7, min(200, int(2e6 // max(size, 1))))
 
 
-def large_steps(server: Server, echo: EchoServer, size: int, wire: str, repeats: int) -> Row:
+def large_steps(
+    server: Server, durable: bool, echo: EchoServer, size: int, wire: str, repeats: int
+) -> Row:
     from optserve_client import Client
 
     rng = np.random.default_rng(size)
@@ -233,7 +239,7 @@ def large_steps(server: Server, echo: EchoServer, size: int, wire: str, repeats:
         idle = memory(server.pid)["VmRSS"]
         if not reset_peak_rss(server.pid):
             print("  (cannot reset VmHWM: peak RSS is since start)", file=sys.stderr)
-        disk = DiskWrite(server.data_dir, request_bytes)  # counted in both disk sizes
+        disk = DiskWrite(server.data_dir, request_bytes) if durable else None
         disk_before = disk_bytes(server.data_dir)
         client_s: list[float] = []
         tcp_s: list[float] = []
@@ -244,21 +250,24 @@ def large_steps(server: Server, echo: EchoServer, size: int, wire: str, repeats:
             session.step(grads[n % 2])
             client_s.append(time.perf_counter() - start)
             tcp_s.append(echo_client.round_trip(request_bytes, reply_bytes))
-            disk_s.append(disk.seconds())
+            if disk is not None:
+                disk_s.append(disk.seconds())
             if reference is not None:
                 torch_s.append(_torch_best(reference))
         peak = memory(server.pid)["VmHWM"]
         disk_after = disk_bytes(server.data_dir)
         session.delete()
     echo_client.close()
-    disk.close()
+    if disk is not None:
+        disk.close()
     return Row(
+        "disk" if durable else "memory",
         size,
         wire,
         _median_ms(client_s),
         _median_ms(tcp_s),
         _median_ms(torch_s) if torch_s else None,
-        _median_ms(disk_s),
+        _median_ms(disk_s) if disk_s else None,
         peak / 2**20,
         (peak - idle) / 2**20,
         (disk_after - disk_before) / repeats,
@@ -328,6 +337,7 @@ def main() -> int:
     )
     parser.add_argument("--sizes", default="1e3,1e5,1e6,1e7")
     parser.add_argument("--wires", default="safetensors,json")
+    parser.add_argument("--storages", default="disk,memory")
     parser.add_argument("--json-max", type=float, default=1e5, help="largest size sent as JSON")
     parser.add_argument("--repeats", type=int, default=0, help="steps per row (default by size)")
     parser.add_argument("--rate-seconds", type=float, default=5.0)
@@ -340,45 +350,54 @@ def main() -> int:
         return 0
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
     wires = [w for w in args.wires.split(",") if w]
+    storages = [w for w in args.storages.split(",") if w]
 
     rows: list[Row] = []
     rates: dict[str, list[float]] = {"optserve": [], "bare": []}
     failures = 0
-    with durable_server() as server:
-        echo = EchoServer(free_port())
-        try:
-            for size in sizes:
-                for wire in wires:
-                    if wire == "json" and size > args.json_max:
-                        continue
-                    row = large_steps(server, echo, size, wire, repeats_for(size, args.repeats))
-                    rows.append(row)
-                    print(f"  {wire:11s} {size:>10,d}: {row.client_ms:9.2f} ms", file=sys.stderr)
-        finally:
-            echo.stop()
-        if args.rate_seconds > 0:
-            with bare_echo_server() as bare_port:
-                for _ in range(args.rate_rounds):
-                    for name, port, durable in (
-                        ("optserve", server.port, True),
-                        ("bare", bare_port, False),
-                    ):
-                        rate, failed = step_rate(port, durable, args.clients, args.rate_seconds)
-                        rates[name].append(rate)
-                        failures += failed
+    for storage in storages:
+        durable = storage == "disk"
+        with step_server(storage) as server:
+            echo = EchoServer(free_port())
+            try:
+                for size in sizes:
+                    for wire in wires:
+                        if wire == "json" and size > args.json_max:
+                            continue
+                        repeats = repeats_for(size, args.repeats)
+                        row = large_steps(server, durable, echo, size, wire, repeats)
+                        rows.append(row)
+                        print(
+                            f"  {storage:6s} {wire:11s} {size:>10,d}: {row.client_ms:9.2f} ms",
+                            file=sys.stderr,
+                        )
+            finally:
+                echo.stop()
+            if durable and args.rate_seconds > 0:
+                with bare_echo_server() as bare_port:
+                    for _ in range(args.rate_rounds):
+                        for name, port, is_ours in (
+                            ("optserve", server.port, True),
+                            ("bare", bare_port, False),
+                        ):
+                            rate, failed = step_rate(port, is_ours, args.clients, args.rate_seconds)
+                            rates[name].append(rate)
+                            failures += failed
 
-    print("\nAdam, one float32 tensor, durable (disk) server, session holding no params\n")
+    print("\nAdam, one float32 tensor, session holding no params\n")
     print(
-        "| params | wire | official client (ms) | TCP echo (ms) | torch step (ms) "
+        "| storage | params | wire | official client (ms) | TCP echo (ms) | torch step (ms) "
         "| floor (ms) | ratio | disk write (ms) | durable floor (ms) | ratio "
         "| server peak RSS (MiB) | over idle (MiB) | disk/step (MB) |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         torch_text = f"{r.torch_ms:.3f}" if r.torch_ms is not None else "n/a"
+        disk_text = f"{r.disk_ms:.2f}" if r.disk_ms is not None else "-"
         print(
-            f"| {r.size:,d} | {r.wire} | {r.client_ms:.2f} | {r.tcp_ms:.2f} | {torch_text} "
-            f"| {r.floor_ms:.2f} | {r.client_ms / r.floor_ms:.2f}x | {r.disk_ms:.2f} "
+            f"| {r.storage} | {r.size:,d} | {r.wire} | {r.client_ms:.2f} | {r.tcp_ms:.2f} "
+            f"| {torch_text} "
+            f"| {r.floor_ms:.2f} | {r.client_ms / r.floor_ms:.2f}x | {disk_text} "
             f"| {r.durable_floor_ms:.2f} | {r.client_ms / r.durable_floor_ms:.2f}x "
             f"| {r.peak_rss_mib:.0f} | {r.over_idle_mib:.0f} | {r.disk_per_step / 1e6:.3f} |"
         )
