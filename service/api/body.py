@@ -4,17 +4,19 @@ A body is read chunk by chunk with a timeout on each wait: a client that stops s
 mid-body gets 408 and loses its connection after ``body_timeout_s``, instead of holding its
 buffer forever.
 
-A step's safetensors body is copied into one buffer of its ``Content-Length`` as it
-arrives (:func:`receive_body`). Where this relies on more than ASGI promises: that the
-server (uvicorn) never delivers a body longer or shorter than its declared length without
-failing the request. A surplus would still be kept exactly, at the cost of a join.
+A step's safetensors body goes into one buffer of its ``Content-Length`` as it arrives
+(:func:`receive_body`), most of it read there by the server's protocol itself
+(:mod:`service.api.in_place`, an extension beyond ASGI). Where this relies on more than
+ASGI promises: that the server (uvicorn) never delivers a body longer or shorter than its
+declared length without failing the request. A surplus would still be kept exactly, at
+the cost of a join.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -80,7 +82,7 @@ async def _receive(
                 if limit is not None and size > limit:
                     raise BodyTooLarge(limit, "step_body_bytes", why)
                 if not placed:
-                    take(chunk)  # type: ignore[arg-type]
+                    take(cast(bytes, chunk))  # a message's bytes
                 if observe is not None:
                     observe(chunk)
     except TimeoutError:
@@ -107,7 +109,8 @@ async def _chunks(
         if engage is not None:
             body = await engage()
     buffer, seen = body.view, body.start
-    assert buffer is not None  # detached only once the response is complete
+    if buffer is None:  # detached: the response is complete, or the connection gone
+        raise ClientDisconnect()
     while seen < body.end:
         got = await body.wait(seen)
         yield buffer[seen:got], True
@@ -146,6 +149,10 @@ async def receive_body(
     does not promise that, so a surplus is still kept, not lost. Without a length the
     chunks are joined as :func:`read_body` does.
 
+    Once the first chunk is in the buffer, the buffer is offered to the server's protocol
+    (:mod:`service.api.in_place`): where it takes it, the rest of the body is read from
+    the socket straight into the buffer, and no further chunk is copied.
+
     ``observe`` is handed each chunk as it arrives (as :func:`read_body`'s is).
     ``aligned_at`` reads the body's first chunk and says which byte of the body to place
     on a page boundary (a safetensors body's tensor data): the disk store writes tensors
@@ -154,8 +161,8 @@ async def receive_body(
     The buffer comes from :data:`service.buffers.STEP_BUFFERS`: an earlier body's buffer of
     the same length nothing refers to any more, or a new ``np.empty`` whose pages become
     resident only as bytes arrive, so a declared length costs no memory before the body
-    does (the middleware's body budget counts what arrives). It is writable: decoders
-    must hand out read-only views.
+    does (the middleware's body budget counts what arrives, or for a body in place its whole
+    rest, before it is read). It is writable: decoders must hand out read-only views.
     """
     declared = _declared_length(request)
     if declared is None or (limit is not None and declared > limit) or declared < 2 * _CHUNK:
@@ -180,15 +187,17 @@ async def receive_body(
     into: Into | None = request.scope.get("extensions", {}).get(IN_PLACE)
 
     async def engage() -> InPlace | None:
+        nonlocal into
         if view is None or extra or into is None:
             return None
+        offer, into = into, None  # asked once: a body the protocol refuses stays messages
         # The messages will no longer carry the rest: it is counted (and waits for room in
         # the budget) before any of it is read into the buffer.
         account: BodyAccount | None = request.scope["state"].get(BODY_ACCOUNT)
         rest = declared - filled
         if account is not None:
             await account.add(rest)
-        body = into(view, filled)
+        body = offer(view, filled)
         if body is None and account is not None:
             account.forget(rest)  # the messages go on: they are counted as they come
         return body

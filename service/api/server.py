@@ -134,6 +134,17 @@ def _timeout_response() -> bytes:
     return head.encode() + body
 
 
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """A request's declared body length; None for a chunked body or none declared."""
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length" and value.isdigit():
+            length = int(value)
+    return length
+
+
 class BufferedFront(asyncio.BufferedProtocol):
     """The protocol the event loop sees: a ``BufferedProtocol`` in front of uvicorn's.
 
@@ -190,6 +201,8 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
         """The body now read into the app's buffer (or, detached, read and dropped)."""
         _body_parsed = 0
         """Bytes of this request's body httptools has handed over."""
+        _declared: int | None = None
+        """This request's ``Content-Length``, if it has one (and is not chunked)."""
         _reads_into_buffers = False
         """The event loop reads through :meth:`get_buffer` (a loop that read otherwise would
         leave a body in place waiting forever: then none is offered)."""
@@ -245,6 +258,7 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
         def on_headers_complete(self) -> None:
             self._disarm_header_timer()
             super().on_headers_complete()
+            self._declared = _content_length(self.headers)
             # The app's task has been created, not yet run: it finds this in its scope.
             into: Into = functools.partial(self._receive_into, self.cycle)
             extensions: dict[str, Any] = cast(
@@ -280,6 +294,7 @@ def http_protocol(guards: ConnectionGuards | None = None) -> Any:
                 or cycle.response_complete
                 or cycle.disconnected
                 or self.transport.is_closing()
+                or len(view) != self._declared
                 or filled + len(pending) != self._body_parsed
                 or self._body_parsed >= len(view)
             ):
