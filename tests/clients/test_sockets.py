@@ -1,4 +1,5 @@
-"""The client's transport: bulk requests on keep-alive sockets, against a scripted server.
+"""The client's transports (``Client``'s and ``AsyncClient``'s): bulk requests on keep-alive
+sockets, against a scripted server.
 
 Each test's server is a loopback socket that reads requests and answers with the bytes the
 test scripts, so that closes, short bodies, chunked replies and silence can be staged.
@@ -6,6 +7,7 @@ test scripts, so that closes, short bodies, chunked replies and silence can be s
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import socket
@@ -104,22 +106,68 @@ def digest_reply(_: bytes, body: bytes) -> bytes:
     return reply(hashlib.sha256(body).digest() + body)
 
 
-def bulk_post(
-    http: httpx.Client, port: int, parts: list[bytes | memoryview], media_type: str = OCTETS
-) -> httpx.Response:
-    """POST ``parts`` as the client's calls go: marked bulk (``Tries.request``)."""
-    call = Call("POST", f"http://127.0.0.1:{port}/step", {"content-type": OCTETS}, parts)
-    response = http.send(Tries(call, RetryPolicy(), "").request(http, media_type), stream=True)
-    if _transfer.REPLY not in response.extensions:
-        response.read()
-    response.close()
-    return response
+Post = Callable[..., httpx.Response]
+"""``post(port, parts, media_type=OCTETS)``: POST ``parts`` as the client's calls go,
+marked bulk (``Tries.request``), the reply read (into one buffer where it can be)."""
+
+
+def _call(port: int, parts: list[bytes | memoryview]) -> Call:
+    return Call("POST", f"http://127.0.0.1:{port}/step", {"content-type": OCTETS}, parts)
+
+
+@contextmanager
+def posting(kind: str, timeout: float = 5.0) -> Iterator[Post]:
+    """:data:`Post` through the sync transport (``Client``'s) or the async one
+    (``AsyncClient``'s, on one event loop for the whole test so that connections are
+    kept between posts)."""
+    if kind == "sync":
+        with httpx.Client(transport=_sockets.SocketTransport(), timeout=timeout) as http:
+
+            def post(
+                port: int, parts: list[bytes | memoryview], media_type: str = OCTETS
+            ) -> httpx.Response:
+                request = Tries(_call(port, parts), RetryPolicy(), "").request(http, media_type)
+                response = http.send(request, stream=True)
+                if _transfer.REPLY not in response.extensions:
+                    response.read()
+                response.close()
+                return response
+
+            yield post
+        return
+    loop = asyncio.new_event_loop()
+    client = httpx.AsyncClient(transport=_sockets.AsyncSocketTransport(), timeout=timeout)
+
+    async def send(port: int, parts: list[bytes | memoryview], media_type: str) -> httpx.Response:
+        request = Tries(_call(port, parts), RetryPolicy(), "").request(client, media_type)
+        response = await client.send(request, stream=True)
+        if _transfer.REPLY not in response.extensions:
+            await response.aread()
+        await response.aclose()
+        return response
+
+    def post_async(
+        port: int, parts: list[bytes | memoryview], media_type: str = OCTETS
+    ) -> httpx.Response:
+        return loop.run_until_complete(send(port, parts, media_type))
+
+    try:
+        yield post_async
+    finally:
+        loop.run_until_complete(client.aclose())
+        loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def kind(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
 
 
 @pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(transport=_sockets.SocketTransport(), timeout=5.0) as client:
-        yield client
+def post(kind: str) -> Iterator[Post]:
+    with posting(kind) as post:
+        yield post
 
 
 def large_parts() -> tuple[list[bytes | memoryview], bytes]:
@@ -129,11 +177,11 @@ def large_parts() -> tuple[list[bytes | memoryview], bytes]:
 
 
 def test_a_body_sent_from_its_parts_arrives_whole_and_the_reply_lands_in_one_buffer(
-    http: httpx.Client,
+    post: Post,
 ) -> None:
     parts, joined = large_parts()
     with scripted(digest_reply) as server:
-        response = bulk_post(http, server.port, parts)
+        response = post(server.port, parts)
     assert isinstance(response.extensions[_transfer.REPLY], _transfer.ReadBody)
     read = _transfer.read_reply(response, OCTETS)
     assert isinstance(read, memoryview)
@@ -142,7 +190,7 @@ def test_a_body_sent_from_its_parts_arrives_whole_and_the_reply_lands_in_one_buf
 
 
 def test_a_reply_buffer_taken_from_a_response_is_reused_while_the_response_lives(
-    http: httpx.Client,
+    post: Post,
 ) -> None:
     """httpx's response and its stream refer to each other (they live until the garbage
     collector runs): once its body is taken, a response holds no reference to it."""
@@ -150,9 +198,9 @@ def test_a_reply_buffer_taken_from_a_response_is_reused_while_the_response_lives
     gc.disable()
     try:
         with scripted(digest_reply) as server:
-            first = bulk_post(http, server.port, parts)
+            first = post(server.port, parts)
             address = np.frombuffer(_transfer.read_reply(first, OCTETS), np.uint8).ctypes.data
-            second = bulk_post(http, server.port, parts)
+            second = post(server.port, parts)
             again = np.frombuffer(_transfer.read_reply(second, OCTETS), np.uint8).ctypes.data
         assert again == address
         assert first.extensions[_transfer.REPLY].take() is None  # handed out once
@@ -160,61 +208,61 @@ def test_a_reply_buffer_taken_from_a_response_is_reused_while_the_response_lives
         gc.enable()
 
 
-def test_steps_share_one_keep_alive_connection(http: httpx.Client) -> None:
+def test_steps_share_one_keep_alive_connection(post: Post) -> None:
     parts, joined = large_parts()
     with scripted(digest_reply) as server:
         for _ in range(3):
-            read = _transfer.read_reply(bulk_post(http, server.port, parts), OCTETS)
+            read = _transfer.read_reply(post(server.port, parts), OCTETS)
             assert bytes(read[32:]) == joined
         assert server.connections == 1
 
 
-def test_a_connection_the_server_closed_while_idle_is_not_used_again(http: httpx.Client) -> None:
+def test_a_connection_the_server_closed_while_idle_is_not_used_again(post: Post) -> None:
     parts, joined = large_parts()
     with scripted(digest_reply) as server:
-        bulk_post(http, server.port, parts)
+        post(server.port, parts)
         server.close_idle()
         time.sleep(0.05)
-        read = _transfer.read_reply(bulk_post(http, server.port, parts), OCTETS)
+        read = _transfer.read_reply(post(server.port, parts), OCTETS)
         assert bytes(read[32:]) == joined
         assert server.connections == 2
 
 
-def test_a_reply_that_says_close_ends_its_connection(http: httpx.Client) -> None:
+def test_a_reply_that_says_close_ends_its_connection(post: Post) -> None:
     def closing(head: bytes, body: bytes) -> bytes:
         return reply(b"x" * 100_000, extra="connection: close\r\n")
 
     with scripted(closing) as server:
         for _ in range(2):
-            read = _transfer.read_reply(bulk_post(http, server.port, [b"a"]), OCTETS)
+            read = _transfer.read_reply(post(server.port, [b"a"]), OCTETS)
             assert bytes(read) == b"x" * 100_000
         assert server.connections == 2
 
 
-def test_bytes_past_the_reply_end_the_connection(http: httpx.Client) -> None:
+def test_bytes_past_the_reply_end_the_connection(post: Post) -> None:
     def overlong(head: bytes, body: bytes) -> bytes:
         return reply(b"ok", kind="text/plain") + b"surplus"
 
     with scripted(overlong) as server:
         for _ in range(2):
-            assert bulk_post(http, server.port, [b"a"]).content == b"ok"
+            assert post(server.port, [b"a"]).content == b"ok"
         assert server.connections == 2
 
 
-def test_a_reply_cut_short_is_a_protocol_error(http: httpx.Client) -> None:
+def test_a_reply_cut_short_is_a_protocol_error(post: Post) -> None:
     def short(head: bytes, body: bytes) -> bytes:
         return reply(b"y" * 200_000)[:-1000]
 
     with scripted(short, close_after=True) as server, pytest.raises(httpx.RemoteProtocolError):
-        bulk_post(http, server.port, [b"a"])
+        post(server.port, [b"a"])
 
 
-def test_a_server_that_closes_without_answering_is_a_protocol_error(http: httpx.Client) -> None:
+def test_a_server_that_closes_without_answering_is_a_protocol_error(post: Post) -> None:
     with scripted(lambda head, body: None) as server, pytest.raises(httpx.RemoteProtocolError):
-        bulk_post(http, server.port, [b"a"])
+        post(server.port, [b"a"])
 
 
-def test_a_silent_server_is_a_read_timeout() -> None:
+def test_a_silent_server_is_a_read_timeout(kind: str) -> None:
     release = threading.Event()
 
     def silent(head: bytes, body: bytes) -> bytes | None:
@@ -222,25 +270,25 @@ def test_a_silent_server_is_a_read_timeout() -> None:
         return None
 
     with (
-        httpx.Client(transport=_sockets.SocketTransport(), timeout=0.2) as http,
+        posting(kind, timeout=0.2) as post,
         scripted(silent) as server,
         pytest.raises(httpx.ReadTimeout),
     ):
         try:
-            bulk_post(http, server.port, [b"a"])
+            post(server.port, [b"a"])
         finally:
             release.set()
 
 
-def test_nothing_listening_is_a_connect_error(http: httpx.Client) -> None:
+def test_nothing_listening_is_a_connect_error(post: Post) -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
     with pytest.raises(httpx.ConnectError):
-        bulk_post(http, port, [b"a"])
+        post(port, [b"a"])
 
 
-def test_an_error_reply_in_chunks_is_read_whole(http: httpx.Client) -> None:
+def test_an_error_reply_in_chunks_is_read_whole(post: Post) -> None:
     problem = b'{"title":"bad step"}'
 
     def chunked(head: bytes, body: bytes) -> bytes:
@@ -253,7 +301,7 @@ def test_an_error_reply_in_chunks_is_read_whole(http: httpx.Client) -> None:
 
     with scripted(chunked) as server:
         for _ in range(2):
-            response = bulk_post(http, server.port, [b"a"])
+            response = post(server.port, [b"a"])
             assert response.status_code == 422
             assert response.json() == {"title": "bad step"}
             assert _transfer.REPLY not in response.extensions
@@ -273,4 +321,14 @@ def test_other_requests_go_to_the_inner_transport() -> None:
         request = http.build_request("POST", "https://127.0.0.1:9/tls", content=b"a")
         request.extensions[_transfer.BULK] = _transfer.Bulk(None, OCTETS)
         assert http.send(request).text == "inner"
-    assert seen == ["http://127.0.0.1:9/plain", "https://127.0.0.1:9/tls"]
+
+    async def through_async() -> None:
+        transport = _sockets.AsyncSocketTransport(httpx.MockTransport(inner))
+        async with httpx.AsyncClient(transport=transport) as http:
+            assert (await http.get("http://127.0.0.1:9/plain")).text == "inner"
+            request = http.build_request("POST", "https://127.0.0.1:9/tls", content=b"a")
+            request.extensions[_transfer.BULK] = _transfer.Bulk(None, OCTETS)
+            assert (await http.send(request)).text == "inner"
+
+    asyncio.run(through_async())
+    assert seen == ["http://127.0.0.1:9/plain", "https://127.0.0.1:9/tls"] * 2

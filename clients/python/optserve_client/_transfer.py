@@ -135,10 +135,15 @@ class _Filling:
         return self.view
 
 
+def _taken(response: httpx.Response) -> memoryview | None:
+    """The reply the client's transport read into one buffer, if it did (handed out once)."""
+    read = response.extensions.get(REPLY)
+    return read.take() if isinstance(read, ReadBody) else None
+
+
 def read_reply(response: httpx.Response, media_type: str) -> bytes | memoryview:
     """The body of a streamed ``response``: in one buffer when of ``media_type``."""
-    read = response.extensions.get(REPLY)
-    taken = read.take() if isinstance(read, ReadBody) else None
+    taken = _taken(response)
     if taken is not None:
         return taken
     view = tensor_reply_buffer(response.headers, media_type)
@@ -152,6 +157,9 @@ def read_reply(response: httpx.Response, media_type: str) -> bytes | memoryview:
 
 async def aread_reply(response: httpx.Response, media_type: str) -> bytes | memoryview:
     """:func:`read_reply` for an ``httpx.AsyncClient`` response."""
+    taken = _taken(response)
+    if taken is not None:
+        return taken
     view = tensor_reply_buffer(response.headers, media_type)
     if view is None:
         return await response.aread()

@@ -41,8 +41,8 @@ class Tries:
         request = http.build_request(
             call.method, call.path, headers=headers, content=content, params=call.params or None
         )
-        if isinstance(content, Upload) or reply_type:
-            parts = content.parts if isinstance(content, Upload) else None
+        if isinstance(content, Upload | AsyncUpload) or reply_type:
+            parts = content.parts if isinstance(content, Upload | AsyncUpload) else None
             request.extensions[BULK] = Bulk(parts, reply_type)
         return request
 

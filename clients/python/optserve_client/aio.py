@@ -17,6 +17,7 @@ from optserve_client import _calls, _documents, _history
 from optserve_client._connection import Connection, auth_headers
 from optserve_client._retry import RetryPolicy
 from optserve_client._session import ParamsSpec, SessionView, TensorsIn, session_config
+from optserve_client._sockets import AsyncSocketTransport
 from optserve_client._transfer import aread_reply
 from optserve_client._wire import SAFETENSORS, Returns, StepResult, UploadDtype, Wire
 
@@ -40,7 +41,7 @@ class AsyncClient(Connection):
             base_url=self.url,
             headers=auth_headers(api_key),
             timeout=timeout,
-            transport=transport,
+            transport=transport if transport is not None else AsyncSocketTransport(),
         )
 
     async def aclose(self) -> None:
@@ -64,12 +65,13 @@ class AsyncClient(Connection):
     async def send_for_tensors(
         self, call: _calls.Call, media_type: str
     ) -> tuple[httpx.Response, bytes | memoryview]:
-        """:meth:`send`, and the body, read into one buffer when it is of ``media_type``."""
+        """:meth:`send`, and the body, read into one buffer when it is of ``media_type``
+        (``_transfer.aread_reply``)."""
         tries = self._tries(call)
         delay: float | None
         while True:
             try:
-                response = await self._http.send(tries.request(self._http), stream=True)
+                response = await self._http.send(tries.request(self._http, media_type), stream=True)
                 try:
                     ok = response.is_success
                     body = await aread_reply(response, media_type) if ok else await response.aread()
