@@ -129,6 +129,16 @@ def _create(sock: socket.socket, buffered: bytearray) -> str:
     return session_id
 
 
+def _begin_step(sock: socket.socket, buffered: bytearray, grad: np.ndarray) -> tuple[str, bytes]:
+    """A new session, and its step's request of which the head and the first bytes are
+    sent (read as messages, before the route offers its buffer): the session, the request."""
+    session = _create(sock, buffered)
+    step = _request("POST", f"/v1/sessions/{session}/step", _step_body(grad), SAFETENSORS)
+    sock.sendall(step[:1000])
+    time.sleep(0.05)
+    return session, step
+
+
 def _step_body(grad: np.ndarray) -> bytes:
     return b"".join(bytes(part) for part in safetensors.encode_parts({"w": grad}))
 
@@ -185,11 +195,8 @@ def test_the_request_after_a_body_in_place_is_read_by_a_fresh_parser(served: Ser
     grads = _grads(2)
     with _connect(served.port) as sock:
         buffered = bytearray()
-        session = _create(sock, buffered)
-        step = _request("POST", f"/v1/sessions/{session}/step", _step_body(grads[0]), SAFETENSORS)
+        session, step = _begin_step(sock, buffered, grads[0])
         # The step's body ends where the next request begins, in one send.
-        sock.sendall(step[:1000])
-        time.sleep(0.05)
         sock.sendall(step[1000:] + _request("GET", f"/v1/sessions/{session}"))
         status, _, reply = _read_reply(sock, buffered)
         assert status == 200
@@ -204,10 +211,7 @@ def test_a_stall_in_place_is_408_and_the_server_goes_on(served: Served) -> None:
     grads = _grads(1)
     with _connect(served.port) as sock:
         buffered = bytearray()
-        session = _create(sock, buffered)
-        step = _request("POST", f"/v1/sessions/{session}/step", _step_body(grads[0]), SAFETENSORS)
-        sock.sendall(step[:1000])
-        time.sleep(0.05)
+        session, step = _begin_step(sock, buffered, grads[0])
         sock.sendall(step[1000:600_000])  # in place by now; then nothing for the timeout
         status, headers, problem = _read_reply(sock, buffered)
         assert status == 408, problem
@@ -232,10 +236,7 @@ def test_a_client_gone_mid_body_leaves_the_session_as_it_was(served: Served) -> 
     grads = _grads(1)
     with _connect(served.port) as sock:
         buffered = bytearray()
-        session = _create(sock, buffered)
-        step = _request("POST", f"/v1/sessions/{session}/step", _step_body(grads[0]), SAFETENSORS)
-        sock.sendall(step[:1000])
-        time.sleep(0.05)
+        session, step = _begin_step(sock, buffered, grads[0])
         sock.sendall(step[1000:700_000])
         time.sleep(0.05)
     deadline = time.monotonic() + 5

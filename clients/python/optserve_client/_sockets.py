@@ -69,6 +69,13 @@ class _Pool:
                 return sock
             sock.close()
 
+    def settle(self, origin: Origin, sock: socket.socket, reusable: bool) -> None:
+        """After an exchange: keep ``sock`` for the next request to ``origin``, or close it."""
+        if reusable:
+            self.give_back(origin, sock)
+        else:
+            sock.close()
+
     def give_back(self, origin: Origin, sock: socket.socket) -> None:
         with self._lock:
             kept = self._idle.setdefault(origin, [])
@@ -121,10 +128,7 @@ class SocketTransport(httpx.BaseTransport):
         except BaseException:
             sock.close()
             raise
-        if reusable:
-            self._pool.give_back(origin, sock)
-        else:
-            sock.close()
+        self._pool.settle(origin, sock, reusable)
         return response
 
     def close(self) -> None:
@@ -152,10 +156,7 @@ class AsyncSocketTransport(httpx.AsyncBaseTransport):
         except BaseException:
             sock.close()
             raise
-        if reusable:
-            self._pool.give_back(origin, sock)
-        else:
-            sock.close()
+        self._pool.settle(origin, sock, reusable)
         return response
 
     async def aclose(self) -> None:
