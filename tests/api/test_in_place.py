@@ -32,6 +32,9 @@ from service.core.training import apply_step, initial_state
 from tests.api.conftest import SAFETENSORS
 
 SIZE = 300_000
+FIRST_BYTES = 1000
+"""What a test sends of a step request before the rest: its head and the body's first bytes,
+which arrive as messages before the route offers its buffer."""
 """Elements of the tensor: a 1.2 MB body, far past the 256 KiB a socket read takes."""
 
 
@@ -130,11 +133,11 @@ def _create(sock: socket.socket, buffered: bytearray) -> str:
 
 
 def _begin_step(sock: socket.socket, buffered: bytearray, grad: np.ndarray) -> tuple[str, bytes]:
-    """A new session, and its step's request of which the head and the first bytes are
-    sent (read as messages, before the route offers its buffer): the session, the request."""
+    """A new session, and its step's request of which :data:`FIRST_BYTES` are sent: the
+    session, the whole request."""
     session = _create(sock, buffered)
     step = _request("POST", f"/v1/sessions/{session}/step", _step_body(grad), SAFETENSORS)
-    sock.sendall(step[:1000])
+    sock.sendall(step[:FIRST_BYTES])
     time.sleep(0.05)
     return session, step
 
@@ -197,7 +200,7 @@ def test_the_request_after_a_body_in_place_is_read_by_a_fresh_parser(served: Ser
         buffered = bytearray()
         session, step = _begin_step(sock, buffered, grads[0])
         # The step's body ends where the next request begins, in one send.
-        sock.sendall(step[1000:] + _request("GET", f"/v1/sessions/{session}"))
+        sock.sendall(step[FIRST_BYTES:] + _request("GET", f"/v1/sessions/{session}"))
         status, _, reply = _read_reply(sock, buffered)
         assert status == 200
         np.testing.assert_array_equal(_deltas(reply), _core_deltas(grads[:1])[0])
@@ -212,7 +215,7 @@ def test_a_stall_in_place_is_408_and_the_server_goes_on(served: Served) -> None:
     with _connect(served.port) as sock:
         buffered = bytearray()
         session, step = _begin_step(sock, buffered, grads[0])
-        sock.sendall(step[1000:600_000])  # in place by now; then nothing for the timeout
+        sock.sendall(step[FIRST_BYTES:600_000])  # in place by now; then nothing for the timeout
         status, headers, problem = _read_reply(sock, buffered)
         assert status == 408, problem
         assert headers.get("connection") == "close"
@@ -237,7 +240,7 @@ def test_a_client_gone_mid_body_leaves_the_session_as_it_was(served: Served) -> 
     with _connect(served.port) as sock:
         buffered = bytearray()
         session, step = _begin_step(sock, buffered, grads[0])
-        sock.sendall(step[1000:700_000])
+        sock.sendall(step[FIRST_BYTES:700_000])
         time.sleep(0.05)
     deadline = time.monotonic() + 5
     while served.placed and served.placed[0].view is not None:
@@ -285,13 +288,13 @@ def test_a_body_in_place_holds_its_whole_length_in_the_budget_before_it_is_read(
             step = _request(
                 "POST", f"/v1/sessions/{session}/step", _step_body(grads[0]), SAFETENSORS
             )
-            first.sendall(step[:1000])
+            first.sendall(step[:FIRST_BYTES])
             time.sleep(0.1)  # the first body is in place, its length held
-            second.sendall(step[:1000])
+            second.sendall(step[:FIRST_BYTES])
             status, _, problem = _read_reply(second, buffered[1])
             assert status == 503, problem
             assert json.loads(problem)["type"] == "/problems/busy"
-            first.sendall(step[1000:])
+            first.sendall(step[FIRST_BYTES:])
             status, _, reply = _read_reply(first, buffered[0])
             assert status == 200
             np.testing.assert_array_equal(_deltas(reply), _core_deltas(grads)[0])
