@@ -270,19 +270,27 @@ def test_small_appends_write_zeros_ahead_and_closing_gives_them_back(tmp_path: P
     reopened.close()
 
 
-def test_large_appends_reserve_blocks_past_the_end_and_closing_gives_them_back(
-    tmp_path: Path,
+def _large_appends(
+    store: DiskStore, count: int, elements: int = appender.ZEROS_AHEAD_MAX_FRAME // 4 + 1
+) -> int:
+    large = {"w": np.ones(elements, dtype=np.float32)}
+    return sum(
+        store.append("s1", dataclasses.replace(event(seq), grads=large))
+        for seq in range(1, count + 1)
+    )
+
+
+def test_large_appends_past_the_zeros_limit_reserve_blocks_and_closing_gives_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A log of large frames keeps its size that of its frames; the blocks ahead of it are
-    the store's own business, allocated while it appends and released when it closes."""
+    """A log of frames too large for zeros ahead keeps its size that of its frames; the
+    blocks ahead of it are allocated while it appends and released when it closes."""
+    monkeypatch.setattr(appender, "LARGE_ZEROS_MAX_FRAME", appender.ZEROS_AHEAD_MAX_FRAME)
     store = DiskStore(tmp_path)
     store.open()
     store.create(record(), snapshot(0, 1.0))
     log = tmp_path / SESSIONS_DIR / "s1" / history.log_name(0)
-    large = {"w": np.ones(appender.ZEROS_AHEAD_MAX_FRAME // 4 + 1, dtype=np.float32)}
-    written = sum(
-        store.append("s1", dataclasses.replace(event(seq), grads=large)) for seq in (1, 2)
-    )
+    written = _large_appends(store, 2)
     reserved = log.stat().st_blocks * 512
     assert log.stat().st_size == written
     if appender._fallocate is None:
@@ -295,6 +303,38 @@ def test_large_appends_reserve_blocks_past_the_end_and_closing_gives_them_back(
     reopened.open()
     loaded = reopened.load_session("s1")
     assert loaded is not None and [e.seq for e in loaded.events] == [1, 2]
+    reopened.close()
+
+
+def test_large_appends_overwrite_zeros_written_ahead_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After each large frame, zeros for two more are written in the background: every
+    append but the first lands in written blocks (on a filesystem that reserves none, it
+    asks for none), the zeros read as the log's end, and closing gives them back."""
+    reserving: list[int] = []
+
+    def reserves_nothing(fd: int, end: int, frame: int) -> int:
+        reserving.append(end)
+        return end
+
+    monkeypatch.setattr(appender, "reserve", reserves_nothing)
+    store = DiskStore(tmp_path)
+    store.open()
+    store.create(record(), snapshot(0, 1.0))
+    log = tmp_path / SESSIONS_DIR / "s1" / history.log_name(0)
+    written = _large_appends(store, 4)
+    assert reserving == [0]  # the first frame's blocks only
+    store._logs["s1"].settle()
+    frame = written // 4
+    assert log.stat().st_size == written + 2 * frame
+    assert not logfile.read_file(log)[written:].any()
+    store.close()
+    assert log.stat().st_size == written
+    reopened = DiskStore(tmp_path)
+    reopened.open()
+    loaded = reopened.load_session("s1")
+    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2, 3, 4]
     reopened.close()
 
 

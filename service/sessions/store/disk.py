@@ -29,6 +29,7 @@ session damaged (``history``), and its files are left exactly as they are.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -37,6 +38,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +145,9 @@ class _Log:
     """The end of the written zeros past the last frame (``appender.zeros_ahead``)."""
     staging: appender.Staging = field(default_factory=appender.Staging)
     """Where frames written by an asynchronous request wait for it."""
+    zeroing: Future[None] | None = None
+    """Zeros being written past the end in the background (:meth:`zero_ahead`); waited for
+    (:meth:`settle`) before the log is written, cut or closed."""
 
     def appended(self, seq: int, written: int) -> int:
         """Record a frame of ``written`` bytes, event ``seq``, as durable."""
@@ -156,19 +161,48 @@ class _Log:
         if self.size + frame > max(self.reserved, self.zeroed):
             self.reserved = appender.reserve(self.fd, self.size, frame)
 
+    def zero_ahead(self, frame: int, background: ThreadPoolExecutor) -> None:
+        """After a large frame of ``frame`` bytes: write zeros in the background until two
+        more such frames fit in written blocks (one more each time, once under way), so
+        that the next append overwrites blocks written before it."""
+        end = self.size + 2 * frame
+        if frame > appender.LARGE_ZEROS_MAX_FRAME or self.zeroed >= end:
+            return
+        start = max(self.size, self.zeroed)
+
+        def zero() -> None:
+            appender.write_zeros(self.fd, start, end - start)
+            self.zeroed = end
+
+        # The frame is durable already: a store closing meanwhile only means no zeros.
+        with contextlib.suppress(RuntimeError):
+            self.zeroing = background.submit(zero)
+
+    def settle(self) -> None:
+        """Wait for the zeros being written ahead, if any (a failure there only leaves
+        fewer of them: the next append reserves its blocks as it would have)."""
+        pending, self.zeroing = self.zeroing, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                pending.result()
+
     def cut(self) -> None:
         """Leave no partial frame behind for the next append to follow (this gives back
         the reserved blocks and written zeros too)."""
+        self.settle()
         os.ftruncate(self.fd, self.size)
         self.reserved = min(self.reserved, self.size)
         self.zeroed = min(self.zeroed, self.size)
 
     def close(self) -> None:
+        self.settle()
         appender.release(self.fd, self.size)
         os.close(self.fd)
 
 
-def _head_last(entry: _Log, event: Event, buffers: list[bytes | memoryview]) -> PreparedAppend:
+def _head_last(
+    entry: _Log, event: Event, buffers: list[bytes | memoryview], background: ThreadPoolExecutor
+) -> PreparedAppend:
     """A block-aligned frame written in two parts: its tensors (``ahead``), then its head
     with the ``fdatasync``. Until its head is written the frame is not there: the blocks
     where it starts are still unwritten (the log's end, or its reserved blocks), which
@@ -198,7 +232,9 @@ def _head_last(entry: _Log, event: Event, buffers: list[bytes | memoryview]) -> 
         except BaseException:
             entry.cut()
             raise
-        return entry.appended(event.seq, frame)
+        written = entry.appended(event.seq, frame)
+        entry.zero_ahead(frame, background)
+        return written
 
     return PreparedAppend(write, ahead=ahead, abandon=entry.cut)
 
@@ -213,6 +249,8 @@ class DiskStore(Store):
         self._db_lock = threading.Lock()
         self._logs: dict[str, _Log] = {}
         self._logs_lock = threading.Lock()
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="optserve-zeros")
+        """Writes zeros ahead of logs of large frames (``_Log.zero_ahead``)."""
         self._lock_fd: int | None = None
         self.unlisted: dict[str, str] = {}
         """Session directories the catalog lacks and cannot take in, and why."""
@@ -236,6 +274,7 @@ class DiskStore(Store):
             for entry in self._logs.values():
                 entry.close()
             self._logs.clear()
+        self._background.shutdown(wait=True)
         with self._db_lock:
             if self._db is not None:
                 self._db.close()
@@ -384,6 +423,7 @@ class DiskStore(Store):
         with self._logs_lock:
             entry = self._logs.pop(session_id, None)
         if entry is not None:
+            entry.settle()  # no zeros may go to the descriptor once it is reused
             os.close(entry.fd)
         shutil.rmtree(self._sessions_dir / session_id, ignore_errors=True)
 
@@ -563,12 +603,14 @@ class DiskStore(Store):
         self, session_id: str, event: Event, asynchronous: bool = False
     ) -> PreparedAppend:
         entry = self._log(session_id)
+        entry.settle()
         if event.seq != entry.last_seq + 1:
             raise ValueError(f"event {event.seq} does not follow event {entry.last_seq}")
         # A large frame is written from a thread with O_DIRECT: laid out block-aligned,
         # its tensors go to the device from the request's buffer, not through staging.
         if entry.direct and event.tensor_bytes > appender.ZEROS_AHEAD_MAX_FRAME:
-            return _head_last(entry, event, logfile.encode(event, session_id, True))
+            buffers = logfile.encode(event, session_id, True)
+            return _head_last(entry, event, buffers, self._background)
         buffers = logfile.encode(event, session_id)
         views, total = appender.frame_views(buffers)
         frame = appender.aligned(total)
