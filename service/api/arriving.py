@@ -37,7 +37,10 @@ class ArrivingGradSquares:
 
     def __init__(self) -> None:
         self._tensors: list[tuple[str, int, int, int, ArrivingSquares]] | None = None
-        """Per gradient followed: name, first byte, end byte, item size, its running sum."""
+        """Per gradient followed, in the body's order: name, first byte, end byte, item
+        size, its running sum."""
+        self._next = 0
+        """The first of them not wholly arrived: a chunk costs the tensors it reaches."""
         self._given_up = False
 
     def progress(self, buffer: memoryview, filled: int) -> None:
@@ -45,9 +48,13 @@ class ArrivingGradSquares:
         if self._tensors is None and not self._read_header(buffer, filled):
             return
         assert self._tensors is not None
-        for _, begin, end, itemsize, squares in self._tensors:
-            if filled > begin:
-                squares.advance((min(filled, end) - begin) // itemsize)
+        for _, begin, end, itemsize, squares in self._tensors[self._next :]:
+            if filled <= begin:
+                break
+            squares.advance((min(filled, end) - begin) // itemsize)
+            if filled < end:
+                break
+            self._next += 1
 
     def result(self, filled: int) -> dict[str, float]:
         """The sums of the gradients wholly among the body's first ``filled`` bytes."""
@@ -80,5 +87,5 @@ class ArrivingGradSquares:
             array = np.frombuffer(buffer[begin:end], dtype=dtype)
             if array.flags.aligned:  # the decoder copies an unaligned one
                 tensors.append((entry.name, begin, end, dtype.itemsize, ArrivingSquares(array)))
-        self._tensors = tensors
+        self._tensors = sorted(tensors, key=lambda tensor: tensor[1])
         return True

@@ -150,3 +150,24 @@ def test_a_gradient_cast_to_the_sessions_dtype_is_checked_as_cast() -> None:
         sid = _session(client, "float32", "error")
         problem(_step(client, sid, grad), 422)
         assert client.get(f"/v1/sessions/{sid}").json()["step"] == 0
+
+
+def test_gradients_are_summed_whatever_order_the_header_names_them_in() -> None:
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal(LARGE + k).astype(np.float32) for k in range(4)]
+    header: dict[str, object] = {}
+    offset = 0
+    for k, a in enumerate(arrays):
+        header[f"t{k}"] = {
+            "dtype": "F32",
+            "shape": [a.size],
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        offset += a.nbytes
+    text = json.dumps(dict(reversed(header.items()))).encode()  # the last tensor named first
+    text += b" " * (-len(text) % 8)
+    body = len(text).to_bytes(8, "little") + text + b"".join(a.tobytes() for a in arrays)
+    arriving, filled = _arrive(body, [100_000])
+    assert arriving.result(filled) == {
+        f"t{k}": reductions.sum_of_squares(a) for k, a in enumerate(arrays)
+    }
