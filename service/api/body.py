@@ -138,7 +138,6 @@ async def receive_body(
     why: str = "",
     aligned_at: Callable[[bytes], int | None] | None = None,
     observe: Callable[[bytes | memoryview], None] | None = None,
-    progress: Callable[[memoryview, int], None] | None = None,
 ) -> bytes | memoryview:
     """The whole body, copied chunk by chunk into one buffer of its declared length.
 
@@ -155,9 +154,6 @@ async def receive_body(
     the socket straight into the buffer, and no further chunk is copied.
 
     ``observe`` is handed each chunk as it arrives (as :func:`read_body`'s is).
-    ``progress(buffer, filled)`` is called once each chunk is in the buffer, with the
-    whole buffer and how many of its first bytes are there (not for a body read as
-    :func:`read_body` does, nor once a surplus has arrived).
     ``aligned_at`` reads the body's first chunk and says which byte of the body to place
     on a page boundary (a safetensors body's tensor data): the disk store writes tensors
     so placed with ``O_DIRECT`` from this buffer, without copying them.
@@ -206,17 +202,7 @@ async def receive_body(
             account.forget(rest)  # the messages go on: they are counted as they come
         return body
 
-    received = 0
-
-    def watch(chunk: bytes | memoryview) -> None:
-        nonlocal received
-        received += len(chunk)
-        if observe is not None:
-            observe(chunk)
-        if progress is not None and view is not None and not extra:
-            progress(view, received)
-
-    size = await _receive(request, limit, why, take, watch, engage)
+    size = await _receive(request, limit, why, take, observe, engage)
     if view is None:
         return b""
     if extra:

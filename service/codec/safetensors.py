@@ -21,7 +21,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -129,10 +129,23 @@ def decode(
     :class:`TooManyTensors` (a ``MalformedBody``) when it holds more than ``max_tensors``.
     """
     view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-    entries, metadata, start = read_header(view, max_tensors=max_tensors)
-    buffer = view[start:]
-    order = [entry.name for entry in entries]
-    entries = sorted(entries, key=lambda entry: (entry.begin, entry.end))
+    if len(view) < 8:
+        raise MalformedBody("safetensors body is shorter than its 8-byte header length")
+    (header_len,) = struct.unpack_from("<Q", view, 0)
+    if header_len > MAX_HEADER_BYTES:
+        raise MalformedBody(f"safetensors header length {header_len} exceeds the limit")
+    if 8 + header_len > len(view):
+        raise MalformedBody(
+            f"safetensors header length {header_len} runs past the end of the {len(view)}-byte body"
+        )
+    header = _parse_header(view[8 : 8 + header_len])
+    metadata = _parse_metadata(header.pop("__metadata__", None))
+    if max_tensors is not None and len(header) > max_tensors:
+        raise TooManyTensors(len(header), max_tensors)
+
+    buffer = view[8 + header_len :]
+    entries = [(name, *_parse_entry(name, info)) for name, info in header.items()]
+    entries.sort(key=lambda entry: (entry[3], entry[4]))
     position = 0
     tensors: dict[str, np.ndarray] = {}
     for name, dtype_label, shape, begin, end in entries:
@@ -155,41 +168,7 @@ def decode(
             f"safetensors buffer has {len(buffer) - position} trailing bytes after the last tensor"
         )
     # Keep the caller's order (the header's), not the offset order used for checking.
-    return {name: tensors[name] for name in order}, metadata
-
-
-class Entry(NamedTuple):
-    """One tensor of a header: its dtype label, shape, and byte span in the data."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def read_header(
-    view: memoryview, *, max_tensors: int | None = None
-) -> tuple[list[Entry], dict[str, str], int]:
-    """The header of safetensors bytes that begin with ``view``: its tensors in the
-    header's order, its metadata, and where the tensor data starts. ``view`` need hold
-    no more than the header (a body still arriving). Raises :class:`MalformedBody` as
-    :func:`decode` does for a header that is not valid."""
-    if len(view) < 8:
-        raise MalformedBody("safetensors body is shorter than its 8-byte header length")
-    (header_len,) = struct.unpack_from("<Q", view, 0)
-    if header_len > MAX_HEADER_BYTES:
-        raise MalformedBody(f"safetensors header length {header_len} exceeds the limit")
-    if 8 + header_len > len(view):
-        raise MalformedBody(
-            f"safetensors header length {header_len} runs past the end of the {len(view)}-byte body"
-        )
-    header = _parse_header(view[8 : 8 + header_len])
-    metadata = _parse_metadata(header.pop("__metadata__", None))
-    if max_tensors is not None and len(header) > max_tensors:
-        raise TooManyTensors(len(header), max_tensors)
-    entries = [Entry(name, *_parse_entry(name, info)) for name, info in header.items()]
-    return entries, metadata, 8 + header_len
+    return {name: tensors[name] for name in header}, metadata
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -106,24 +106,20 @@ def first_nonfinite(
     min and max propagate NaN and expose Inf without allocating a mask the size of the
     tensor, which matters at 10M parameters.
 
-    With ``squares`` (one entry per tensor), each present tensor's sum of squares
-    (:func:`reductions.sum_of_squares`) is put in its entry, or read from it where it is
-    already there (taken as the tensor arrived): a finite sum means every element is
-    finite (NaN and Inf propagate through squares and sums), so the one pass that checks
-    a gradient also gives its norm. A sum that overflowed (float64 values above 1e154)
-    falls back to min and max.
+    With ``squares``, each tensor's sum of squares (:func:`reductions.sum_of_squares`, None
+    for an absent one) is appended to it instead, and read first: a finite sum means every
+    element is finite (NaN and Inf propagate through squares and sums), so the one pass
+    that checks a gradient also gives its norm. A sum that overflowed (float64 values
+    above 1e154) falls back to min and max.
     """
-    for i, (spec, a) in enumerate(zip(plan.tensors, arrays, strict=True)):
-        if a is None:
-            continue
+    for spec, a in zip(plan.tensors, arrays, strict=True):
         if squares is not None:
-            summed = squares[i]
-            if summed is None:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    summed = squares[i] = reductions.sum_of_squares(a)
-            if math.isfinite(summed):
+            with np.errstate(over="ignore", invalid="ignore"):
+                summed = None if a is None else reductions.sum_of_squares(a)
+            squares.append(summed)
+            if summed is None or math.isfinite(summed):
                 continue
-        if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
+        if a is not None and a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
             return spec.name
     return None
 
@@ -149,8 +145,8 @@ def validate_step(
     """Check a step's inputs without touching state. Returns the skip reason, if any.
 
     Raises :class:`InvalidInput` for anything that must be refused; returns a reason when
-    non-finite gradients are to be skipped (``nonfinite: "skip"``). ``grad_squares`` (one
-    entry per tensor) gets the gradients' sums of squares (see :func:`first_nonfinite`).
+    non-finite gradients are to be skipped (``nonfinite: "skip"``). ``grad_squares``
+    receives the gradients' sums of squares (see :func:`first_nonfinite`).
     """
     _check_arrays(plan, grads, "grads")
     if plan.missing_grads == "error" and any(g is None for g in grads):

@@ -75,8 +75,6 @@ class Prepared:
     sums: list[np.ndarray | None] | None = None
     """With ``accumulate``: the running sum with this post in (what the step reads)."""
     sum_loss: float | None = None
-    arrived_squares: list[float | None] | None = None
-    """Gradients' sums of squares taken as the body arrived (None where not taken)."""
     grad_squares: list[float | None] | None = None
     """Each work gradient's sum of squares, taken by the finiteness check (None where a
     tensor is left out): the grad norm is computed from them, not by a second pass."""
@@ -141,9 +139,7 @@ def checked_tensors(
                     f"{what}.{spec.name}",
                 )
         # asarray, not ascontiguousarray: the latter turns a 0-d tensor into shape (1,).
-        # A value past the dtype's range becomes Inf, which the check then refuses.
-        with np.errstate(over="ignore"):
-            values = np.asarray(values, dtype=dtype, order="C")
+        values = np.asarray(values, dtype=dtype, order="C")
         by_name[spec.name] = values
         ordered.append(values)
     return by_name, ordered
@@ -249,15 +245,12 @@ class LiveSession:
         params: Mapping[str, Any] | None,
         loss: float | None,
         want: str,
-        squares: Mapping[str, float] | None = None,
     ) -> Prepared:
         """Check names, shapes and what the step needs; cast to the session's dtype.
 
         Changes nothing. Core checks the values themselves (finiteness) in :meth:`check`.
         A session with ``missing_grads: "skip"`` takes a subset of its tensors; sent
         params then need to cover (at least) the tensors that have a gradient.
-        ``squares``: gradients' sums of squares taken as they arrived, by name; one is
-        used only for a gradient taken without a cast (its values are the ones summed).
         """
         if self.federation is not None:
             raise StepsNotAccepted(self.record.id)
@@ -301,23 +294,7 @@ class LiveSession:
         # also gives each gradient's norm: a pass here would cost as much again.
         clips = plan.clip_grad_norm is not None or plan.clip_grad_value is not None
         work = [None if g is None else g.copy() for g in grads_list] if clips else grads_list
-        arrived = None
-        if squares:
-            arrived = [
-                squares.get(spec.name)
-                if getattr(grads.get(spec.name), "dtype", None) == dtype
-                else None
-                for spec in specs
-            ]
-        return Prepared(
-            grads_by_name,
-            sent,
-            work,
-            values if reads else None,
-            loss,
-            want,
-            arrived_squares=arrived,
-        )
+        return Prepared(grads_by_name, sent, work, values if reads else None, loss, want)
 
     def check(self, prepared: Prepared) -> str | None:
         """Core's checks of a prepared step, changing nothing in the session: raises core's
@@ -331,14 +308,12 @@ class LiveSession:
         plan, state = self.plan, self.state
         spec = plan.accumulate
         if spec is None:
-            arrived = prepared.arrived_squares
-            squares: list[float | None] = (
-                [None] * len(prepared.work_grads) if arrived is None else list(arrived)
-            )
+            squares: list[float | None] = []
             reason = check_step(
                 plan, state, prepared.work_grads, prepared.params, prepared.loss, squares
             )
-            prepared.grad_squares = squares  # whole when the step is applied (reason None)
+            if len(squares) == len(prepared.work_grads):
+                prepared.grad_squares = squares
             return reason
         reads = needs_params(plan, state)
         reason = validate_step(plan, prepared.work_grads, prepared.params, prepared.loss, reads)

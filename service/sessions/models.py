@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -30,10 +30,6 @@ class StepRequest:
     grads: dict[str, np.ndarray]
     params: dict[str, np.ndarray] | None = None
     loss: float | None = None
-    grad_squares: Mapping[str, float] | None = None
-    """Gradients' sums of squares taken as the body arrived (``reductions.ArrivingSquares``:
-    the bits core's check would get), by name: the check uses them for the gradients the
-    session takes without a cast instead of another pass."""
     idempotency_key: str | None = None
     fingerprint: str = ""
     """XXH3-128 of the body, its content type and the return mode (computed by the API)."""

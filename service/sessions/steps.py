@@ -99,9 +99,7 @@ class Steps:
             self._refuse_archived_key(entry, request)
         live = entry.live
         key = request.idempotency_key
-        prepared = live.prepare(
-            request.grads, request.params, request.loss, request.want, request.grad_squares
-        )
+        prepared = live.prepare(request.grads, request.params, request.loss, request.want)
         event = Event(
             seq=live.seq + 1,
             kind="step",

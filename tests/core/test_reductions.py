@@ -84,34 +84,3 @@ def test_a_sum_of_squares_is_the_dot_of_an_array_with_itself_to_the_bit(dtype: t
     must round alike, or a norm would change with the function that took it."""
     a = _values(3 * LANES + 11, dtype, 5)
     assert reductions.sum_of_squares(a) == reductions.dot(a, a)
-
-
-@pytest.mark.parametrize(
-    "size", [0, 1, reductions.LANES - 1, reductions.LANES, 3 * reductions.LANES + 17, 300_001]
-)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_squares_summed_as_elements_arrive_have_the_bits_of_one_pass(
-    size: int, dtype: type
-) -> None:
-    rng = np.random.default_rng(size)
-    a = (rng.standard_normal(size) * 1e3).astype(dtype)
-    arriving = reductions.ArrivingSquares(a)
-    available = 0
-    while available < size:
-        # Arrivals of any length: within a row, across rows, several rows at once.
-        available = min(size, available + int(rng.integers(1, 3 * reductions.LANES)))
-        arriving.advance(available)
-        arriving.advance(available // 2)  # what was added stays added
-    assert arriving.result() == reductions.sum_of_squares(a)
-
-
-def test_squares_arriving_side_by_side_on_one_thread_keep_their_own_sums() -> None:
-    rng = np.random.default_rng(3)
-    a, b = (rng.standard_normal(5 * reductions.LANES) for _ in range(2))
-    first, second = reductions.ArrivingSquares(a), reductions.ArrivingSquares(b)
-    for available in range(reductions.LANES, a.size + 1, reductions.LANES):
-        first.advance(available)
-        reductions.sum_of_squares(a[:available])  # the thread's scratch is used meanwhile
-        second.advance(available)
-    assert first.result() == reductions.sum_of_squares(a)
-    assert second.result() == reductions.sum_of_squares(b)

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api import offload, schemas
-from service.api.arriving import ArrivingGradSquares
 from service.api.body import read_body, receive_body
 from service.api.deps import context
 from service.api.media import Wire, request_wire, response_wire
@@ -105,7 +104,6 @@ async def step(request: Request) -> Response:
     limit = bound if bound < ctx.settings.max_body_bytes else None
     body: bytes | memoryview
     parsed: StepBody
-    grad_squares: dict[str, float] | None = None
     # The fingerprint is taken chunk by chunk as the body arrives.
     digest = None if key is None else fingerprinter(wire, returns)
     observe = None if digest is None else digest.update
@@ -113,16 +111,11 @@ async def step(request: Request) -> Response:
         body = await read_body(request, limit, _BOUND_REASON, observe)
         parsed = await offload.by_size(len(body), step_from_json, body)
     else:
-        # Straight into one buffer; the decoded gradients are views of it (no copy), and
-        # the check's pass over them is made as their bytes arrive.
-        arriving = ArrivingGradSquares()
-        body = await receive_body(
-            request, limit, _BOUND_REASON, safetensors.data_start, observe, arriving.progress
-        )
+        # Straight into one buffer; the decoded gradients are views of it (no copy).
+        body = await receive_body(request, limit, _BOUND_REASON, safetensors.data_start, observe)
         # Decoding reads the header and makes views (a BF16 body is widened at memory
         # speed): a thread hop would cost more than it saves.
         parsed = step_from_safetensors(body, 2 * ctx.settings.max_tensors_per_session)
-        grad_squares = arriving.result(len(body))
     grads = parsed.grads
     if parsed.bare is not None:
         grads = {await _bare_name(ctx.service, ctx.tenant, session_id): parsed.bare}
@@ -133,7 +126,6 @@ async def step(request: Request) -> Response:
             grads=grads,
             params=parsed.params,
             loss=parsed.loss,
-            grad_squares=grad_squares,
             idempotency_key=key,
             fingerprint="" if digest is None else digest.hexdigest(),
             sha256_fingerprint=(
