@@ -139,7 +139,9 @@ def checked_tensors(
                     f"{what}.{spec.name}",
                 )
         # asarray, not ascontiguousarray: the latter turns a 0-d tensor into shape (1,).
-        values = np.asarray(values, dtype=dtype, order="C")
+        # A value past the dtype's range becomes Inf, which the check then refuses.
+        with np.errstate(over="ignore"):
+            values = np.asarray(values, dtype=dtype, order="C")
         by_name[spec.name] = values
         ordered.append(values)
     return by_name, ordered

@@ -297,3 +297,15 @@ def test_safetensors_shapes_numpy_cannot_hold_are_malformed(
     created = client.post("/v1/sessions", content=body, headers=ST)
     assert problem(created, 400, "malformed-body")["errors"][0]["field"] == "w"
     assert _state(client, sid) == before
+
+
+def test_a_gradient_beyond_the_sessions_dtype_is_refused_as_nonfinite(
+    primed: tuple[TestClient, str],
+) -> None:
+    client, sid = primed
+    before = _state(client, sid)
+    wide = {name: values.astype(np.float64) for name, values in grads().items()}
+    wide["w"][1, 2] = 1e39  # finite as sent, Inf once cast to the session's float32
+    response = client.post(f"/v1/sessions/{sid}/step", content=st_body(wide), headers=ST)
+    assert "NaN or Inf" in problem(response, 422)["detail"]
+    assert _state(client, sid) == before

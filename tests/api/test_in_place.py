@@ -32,10 +32,10 @@ from service.core.training import apply_step, initial_state
 from tests.api.conftest import SAFETENSORS
 
 SIZE = 300_000
+"""Elements of the tensor: a 1.2 MB body, far past the 256 KiB a socket read takes."""
 FIRST_BYTES = 1000
 """What a test sends of a step request before the rest: its head and the body's first bytes,
 which arrive as messages before the route offers its buffer."""
-"""Elements of the tensor: a 1.2 MB body, far past the 256 KiB a socket read takes."""
 
 
 @dataclass
