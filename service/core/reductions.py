@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,12 @@ terms stay in L2, and each ``np.add`` is long enough that its call overhead is s
 (shorter rows measured slower, longer ones no faster)."""
 
 _F64 = np.dtype(np.float64)
+_F32 = np.dtype(np.float32)
+
+METRIC_NARROW_MIN = 1e-20
+"""Float32 sums of squares below this are taken again in float64: a square under 1e-38
+loses bits (float32's subnormals), and 10M of them are at most 1e-31, which a sum of at
+least 1e-20 does not show."""
 
 
 def _halve(values: np.ndarray) -> float:
@@ -57,13 +64,15 @@ Leaf = Callable[[np.ndarray, np.ndarray | None, np.ndarray], None]
 """Writes a row's terms (float64) into the scratch view, from one or two input rows."""
 
 
-def _reduce(leaf: Leaf, a: np.ndarray, b: np.ndarray | None = None) -> float:
+def _reduce(
+    leaf: Leaf, a: np.ndarray, b: np.ndarray | None = None, accumulate: np.dtype[Any] = _F64
+) -> float:
     flat_a = a.reshape(-1)
     flat_b = None if b is None else b.reshape(-1)
     n = flat_a.size
     if n == 0:
         return 0.0
-    sums, terms = scratch(2, _F64, LANES)
+    sums, terms = scratch(2, accumulate, LANES)
     width = min(n, LANES)
     leaf(flat_a[:width], None if flat_b is None else flat_b[:width], sums[:width])
     for lo in range(LANES, n, LANES):
@@ -71,6 +80,10 @@ def _reduce(leaf: Leaf, a: np.ndarray, b: np.ndarray | None = None) -> float:
         row = terms[: hi - lo]
         leaf(flat_a[lo:hi], None if flat_b is None else flat_b[lo:hi], row)
         np.add(sums[: hi - lo], row, out=sums[: hi - lo])
+    if accumulate != _F64:  # the lanes are halved in float64 all the same
+        (wide,) = scratch(1, _F64, LANES)
+        wide[:width] = sums[:width]
+        sums = wide
     return _halve(sums[:width])
 
 
@@ -97,6 +110,32 @@ def _square(a: np.ndarray, _: np.ndarray | None, out: np.ndarray) -> None:
     # rounded float64 product either way), in one ufunc call instead of two: a 1M float32
     # norm measured 0.43 ms against 0.66 ms.
     np.square(a, out=out, dtype=_F64)
+
+
+def _square_in_place_dtype(a: np.ndarray, _: np.ndarray | None, out: np.ndarray) -> None:
+    np.multiply(a, a, out=out)
+
+
+def metric_sum_of_squares(a: np.ndarray) -> float:
+    """The sum of ``a * a`` for a norm that is only reported (a step's ``grad_norm``,
+    ``update_norm``, ``param_norm``). A float32 ``a`` is squared and summed in float32 in
+    :func:`sum_of_squares`'s lanes and order (the same bits on every machine; the lanes
+    halved in float64), at half the cost: 0.27 against 0.57 ms at 1M elements, 4.2
+    against 8.7 ms at 10M. Each lane adds a row of 32K elements at a time, so its sum
+    stays within a few float32 roundings of the float64 one: 1e-9 relative on 1M and 10M
+    random values, which the float32 norm then rounds away.
+
+    A float32 sum that overflowed, or so small (below :data:`METRIC_NARROW_MIN`) that
+    squares may have lost bits below float32's range, is taken again in float64, as is
+    any other dtype. A number an update reads (a clipped gradient's norm) is never this:
+    it stays :func:`sum_of_squares`'s, which stored sessions replay."""
+    if a.dtype != _F32:
+        return sum_of_squares(a)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        summed = _reduce(_square_in_place_dtype, a, accumulate=_F32)
+    if METRIC_NARROW_MIN <= summed < math.inf:
+        return summed
+    return sum_of_squares(a)
 
 
 def total(a: np.ndarray) -> float:

@@ -106,16 +106,16 @@ def first_nonfinite(
     min and max propagate NaN and expose Inf without allocating a mask the size of the
     tensor, which matters at 10M parameters.
 
-    With ``squares``, each tensor's sum of squares (:func:`reductions.sum_of_squares`, None
-    for an absent one) is appended to it instead, and read first: a finite sum means every
-    element is finite (NaN and Inf propagate through squares and sums), so the one pass
-    that checks a gradient also gives its norm. A sum that overflowed (float64 values
-    above 1e154) falls back to min and max.
+    With ``squares``, each tensor's sum of squares (:func:`reductions.metric_sum_of_squares`,
+    None for an absent one) is appended to it instead, and read first: a finite sum means
+    every element is finite (NaN and Inf propagate through squares and sums), so the one
+    pass that checks a gradient also gives its reported norm. A sum that overflowed
+    (float64 values above 1e154) falls back to min and max.
     """
     for spec, a in zip(plan.tensors, arrays, strict=True):
         if squares is not None:
             with np.errstate(over="ignore", invalid="ignore"):
-                summed = None if a is None else reductions.sum_of_squares(a)
+                summed = None if a is None else reductions.metric_sum_of_squares(a)
             squares.append(summed)
             if summed is None or math.isfinite(summed):
                 continue

@@ -16,7 +16,7 @@ import numpy as np
 
 from service.buffers import STEP_BUFFERS
 from service.core import accumulation, averaging
-from service.core.clipping import total_norm, total_norm_of_squares
+from service.core.clipping import total_norm_of_squares
 from service.core.errors import InvalidHyperparameter, InvalidInput
 from service.core.federated.rounds import Federation
 from service.core.group_changes import (
@@ -29,6 +29,7 @@ from service.core.group_changes import (
     plan_edit,
 )
 from service.core.plan import Plan, TensorSpec, plan_from_config
+from service.core.reductions import metric_sum_of_squares
 from service.core.training import (
     TrainState,
     apply_checked,
@@ -81,16 +82,19 @@ class Prepared:
 
 
 def norm(arrays: Sequence[np.ndarray]) -> float:
-    """Total 2-norm, as ``torch.nn.utils.clip_grad_norm_`` computes (and returns) it; huge
-    values overflow it to inf, as in torch."""
+    """A step metric's total 2-norm, as ``torch.nn.utils.clip_grad_norm_`` computes it (the
+    norm of the per-tensor norms, each rounded to the dtype), from each tensor's
+    :func:`~service.core.reductions.metric_sum_of_squares`; huge values overflow it to
+    inf, as in torch."""
     if not arrays:
         return 0.0
     with np.errstate(over="ignore", invalid="ignore"):
-        return float(total_norm(arrays, 2.0))
+        squares = [metric_sum_of_squares(a) for a in arrays]
+    return norm_of_squares(squares, arrays[0].dtype)
 
 
 def norm_of_squares(squares: Sequence[float], dtype: np.dtype[Any]) -> float:
-    """:func:`norm` from each tensor's sum of squares (the same bits)."""
+    """:func:`norm` from each tensor's sum of squares."""
     if not squares:
         return 0.0
     with np.errstate(over="ignore", invalid="ignore"):

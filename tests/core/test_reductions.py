@@ -84,3 +84,41 @@ def test_a_sum_of_squares_is_the_dot_of_an_array_with_itself_to_the_bit(dtype: t
     must round alike, or a norm would change with the function that took it."""
     a = _values(3 * LANES + 11, dtype, 5)
     assert reductions.sum_of_squares(a) == reductions.dot(a, a)
+
+
+@pytest.mark.parametrize("size", [1, 1000, reductions.LANES + 1, 1_000_003])
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e12])
+def test_a_metrics_float32_sum_of_squares_is_within_float32_roundings_of_float64s(
+    size: int, scale: float
+) -> None:
+    a = (np.random.default_rng(size).standard_normal(size) * scale).astype(np.float32)
+    narrow = reductions.metric_sum_of_squares(a)
+    assert narrow == reductions.metric_sum_of_squares(a.copy())  # its order is fixed
+    exact = math.fsum(float(x) * float(x) for x in a[:20_000]) if size <= 20_000 else None
+    wide = reductions.sum_of_squares(a)
+    assert narrow == pytest.approx(wide, rel=1e-6)
+    if exact is not None:
+        assert narrow == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1e20, 1e20],  # the float32 squares overflow
+        [1e-25] * 1000,  # they fall below float32's range
+        [0.0, 0.0],
+        [np.nan, 1.0],
+        [np.inf, 1.0],
+    ],
+)
+def test_a_metrics_float32_sum_that_cannot_hold_is_taken_in_float64(values: list[float]) -> None:
+    a = np.array(values, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        narrow = reductions.metric_sum_of_squares(a)
+        wide = reductions.sum_of_squares(a)
+    assert narrow == wide or (math.isnan(narrow) and math.isnan(wide))
+
+
+def test_other_dtypes_sum_their_squares_in_float64() -> None:
+    a = np.random.default_rng(0).standard_normal(3 * reductions.LANES)
+    assert reductions.metric_sum_of_squares(a) == reductions.sum_of_squares(a)
