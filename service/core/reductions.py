@@ -61,7 +61,8 @@ def _halve(values: np.ndarray) -> float:
 
 
 Leaf = Callable[[np.ndarray, np.ndarray | None, np.ndarray], None]
-"""Writes a row's terms (float64) into the scratch view, from one or two input rows."""
+"""Writes a row's terms (in the dtype the lanes accumulate in) into the scratch view, from
+one or two input rows."""
 
 
 def _reduce(
@@ -112,7 +113,7 @@ def _square(a: np.ndarray, _: np.ndarray | None, out: np.ndarray) -> None:
     np.square(a, out=out, dtype=_F64)
 
 
-def _square_in_place_dtype(a: np.ndarray, _: np.ndarray | None, out: np.ndarray) -> None:
+def _square_unwidened(a: np.ndarray, _: np.ndarray | None, out: np.ndarray) -> None:
     np.multiply(a, a, out=out)
 
 
@@ -132,7 +133,7 @@ def metric_sum_of_squares(a: np.ndarray) -> float:
     if a.dtype != _F32:
         return sum_of_squares(a)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        summed = _reduce(_square_in_place_dtype, a, accumulate=_F32)
+        summed = _reduce(_square_unwidened, a, accumulate=_F32)
     if METRIC_NARROW_MIN <= summed < math.inf:
         return summed
     return sum_of_squares(a)
