@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -270,14 +272,8 @@ def test_small_appends_write_zeros_ahead_and_closing_gives_them_back(tmp_path: P
     reopened.close()
 
 
-def _large_appends(
-    store: DiskStore, count: int, elements: int = appender.ZEROS_AHEAD_MAX_FRAME // 4 + 1
-) -> int:
-    large = {"w": np.ones(elements, dtype=np.float32)}
-    return sum(
-        store.append("s1", dataclasses.replace(event(seq), grads=large))
-        for seq in range(1, count + 1)
-    )
+def _large_appends(store: DiskStore, count: int) -> int:
+    return sum(store.append("s1", _large(seq)) for seq in range(1, count + 1))
 
 
 def test_large_appends_past_the_zeros_limit_reserve_blocks_and_closing_gives_them_back(
@@ -323,9 +319,13 @@ def test_large_appends_overwrite_zeros_written_ahead_of_them(
     store.open()
     store.create(record(), snapshot(0, 1.0))
     log = tmp_path / SESSIONS_DIR / "s1" / history.log_name(0)
-    written = _large_appends(store, 4)
+    written = 0
+    for seq in range(1, 5):
+        written += store.append("s1", _large(seq))
+        zeroing = store._logs["s1"].zeroing
+        assert zeroing is not None
+        zeroing.result()  # the time a step's reply and the next request take
     assert reserving == [0]  # the first frame's blocks only
-    store._logs["s1"].settle()
     frame = written // 4
     assert log.stat().st_size == written + 2 * frame
     assert not logfile.read_file(log)[written:].any()
@@ -402,3 +402,30 @@ def test_a_crash_after_a_frames_tensors_but_before_its_head_is_a_torn_write(
     loaded = store.load_session("s1")
     assert loaded is not None and [e.seq for e in loaded.events] == [1, 2]
     store.close()
+
+
+def test_zeros_queued_behind_other_logs_are_dropped_not_waited_for(tmp_path: Path) -> None:
+    """One session's append never waits for zeros queued behind another log's: the store's
+    zeros thread is held here, and the appends go on, reserving their blocks."""
+    store = DiskStore(tmp_path)
+    store.open()
+    store.create(record(), snapshot(0, 1.0))
+    held = threading.Event()
+    store._background.submit(held.wait, 30)  # the zeros thread is busy elsewhere
+    try:
+        start = time.monotonic()
+        written = _large_appends(store, 3)
+        assert time.monotonic() - start < 10
+        log = store._logs["s1"]
+        assert log.zeroing is not None and not log.zeroing.done()  # the last one, queued
+        assert log.zeroed == 0  # none was written: each was dropped by the next append
+    finally:
+        held.set()
+    store._logs["s1"].settle()
+    store.close()
+    reopened = DiskStore(tmp_path)
+    reopened.open()
+    loaded = reopened.load_session("s1")
+    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2, 3]
+    assert (tmp_path / SESSIONS_DIR / "s1" / history.log_name(0)).stat().st_size == written
+    reopened.close()

@@ -179,10 +179,12 @@ class _Log:
             self.zeroing = background.submit(zero)
 
     def settle(self) -> None:
-        """Wait for the zeros being written ahead, if any (a failure there only leaves
-        fewer of them: the next append reserves its blocks as it would have)."""
+        """Wait for the zeros being written ahead, if any. Zeros still queued behind other
+        logs' are not waited for but dropped: one session's append never waits on
+        another's zeros. Dropped or failed, fewer zeros only mean that the next append
+        reserves its blocks as it would have."""
         pending, self.zeroing = self.zeroing, None
-        if pending is not None:
+        if pending is not None and not pending.cancel():
             with contextlib.suppress(Exception):
                 pending.result()
 
