@@ -207,9 +207,11 @@ def _head_last(
 ) -> PreparedAppend:
     """A block-aligned frame written in two parts: its tensors (``ahead``), then its head
     with the ``fdatasync``. Until its head is written the frame is not there: the blocks
-    where it starts are still unwritten (the log's end, or its reserved blocks), which
-    read as zeros, and a scan after a crash in between finds a torn final write. A frame
-    not appended after all is cut off again (``abandon``)."""
+    where it starts are still unwritten (the log's end, or its reserved blocks) or zeros
+    written ahead, which read alike, and a scan after a crash in between finds a torn
+    final write. A frame not appended after all is cut off again (``abandon``). Once it is
+    appended, zeros for the next frames are written in the background
+    (:meth:`_Log.zero_ahead`)."""
     head_views, head = appender.frame_views(buffers[: logfile.HEAD_PARTS])
     body_views, body = appender.frame_views(buffers[logfile.HEAD_PARTS :])
     start = entry.size
