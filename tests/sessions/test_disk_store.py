@@ -23,6 +23,16 @@ def opened(root: Path) -> DiskStore:
     return store
 
 
+def reopened_seqs(root: Path) -> list[int] | None:
+    """The events of session s1 as a store opened afresh on ``root`` loads them."""
+    store = opened(root)
+    try:
+        loaded = store.load_session("s1")
+        return None if loaded is None else [e.seq for e in loaded.events]
+    finally:
+        store.close()
+
+
 def session_dir(root: Path, sid: str = "s1") -> Path:
     return root / SESSIONS_DIR / sid
 
@@ -265,11 +275,7 @@ def test_small_appends_write_zeros_ahead_and_closing_gives_them_back(tmp_path: P
     assert not logfile.read_file(log)[written:].any()
     store.close()
     assert log.stat().st_size == written
-    reopened = DiskStore(tmp_path)
-    reopened.open()
-    loaded = reopened.load_session("s1")
-    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2]
-    reopened.close()
+    assert reopened_seqs(tmp_path) == [1, 2]
 
 
 def _large_appends(store: DiskStore, count: int) -> int:
@@ -295,11 +301,7 @@ def test_large_appends_past_the_zeros_limit_reserve_blocks_and_closing_gives_the
     store.close()
     assert log.stat().st_size == written
     assert log.stat().st_blocks * 512 < reserved
-    reopened = DiskStore(tmp_path)
-    reopened.open()
-    loaded = reopened.load_session("s1")
-    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2]
-    reopened.close()
+    assert reopened_seqs(tmp_path) == [1, 2]
 
 
 def test_large_appends_overwrite_zeros_written_ahead_of_them(
@@ -331,11 +333,7 @@ def test_large_appends_overwrite_zeros_written_ahead_of_them(
     assert not logfile.read_file(log)[written:].any()
     store.close()
     assert log.stat().st_size == written
-    reopened = DiskStore(tmp_path)
-    reopened.open()
-    loaded = reopened.load_session("s1")
-    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2, 3, 4]
-    reopened.close()
+    assert reopened_seqs(tmp_path) == [1, 2, 3, 4]
 
 
 def _large(seq: int) -> Event:
@@ -423,9 +421,5 @@ def test_zeros_queued_behind_other_logs_are_dropped_not_waited_for(tmp_path: Pat
         held.set()
     store._logs["s1"].settle()
     store.close()
-    reopened = DiskStore(tmp_path)
-    reopened.open()
-    loaded = reopened.load_session("s1")
-    assert loaded is not None and [e.seq for e in loaded.events] == [1, 2, 3]
+    assert reopened_seqs(tmp_path) == [1, 2, 3]
     assert (tmp_path / SESSIONS_DIR / "s1" / history.log_name(0)).stat().st_size == written
-    reopened.close()

@@ -209,8 +209,10 @@ def zeros_ahead(frame: int) -> int:
 def write_zeros(fd: int, offset: int, length: int) -> None:
     """Write ``length`` bytes of zeros at ``offset`` (both multiples of a block) and
     ``fdatasync``: blocks a later append overwrites with nothing but data to flush."""
-    for start in range(0, length, ZEROS_AHEAD_MAX):
-        _pwrite_all(fd, [_zeros(min(ZEROS_AHEAD_MAX, length - start))], offset + start)
+    pieces = [
+        _zeros(min(ZEROS_AHEAD_MAX, length - start)) for start in range(0, length, ZEROS_AHEAD_MAX)
+    ]
+    _pwrite_all(fd, pieces, offset)
     os.fdatasync(fd)
 
 
