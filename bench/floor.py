@@ -226,7 +226,8 @@ class DiskWrite:
 def repeats_for(size: int, override: int | None) -> int:
     if override:
         return override
-    return max(7, min(200, int(2e6 // max(size, 1))))
+    # At least 25: a median of 7 moved by a millisecond from run to run at 1M.
+    return max(25, min(200, int(2e6 // max(size, 1))))
 
 
 def large_steps(
