@@ -6,7 +6,16 @@ FROM python:3.11-slim AS build
 # (deploy/compose.yml builds with it); none by default.
 ARG OPTSERVE_EXTRAS=""
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# A C compiler and Python's headers for the native kernels (service/core/_native.c). Not
+# pinned: whichever the base image's Debian has compiles the same bits (-ffp-contract=off),
+# and only the wheel reaches the runtime stage.
+# hadolint ignore=DL3008
+RUN apt-get update -q \
+    && apt-get install -y -q --no-install-recommends gcc libc6-dev \
+    && (python -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")))' \
+        || apt-get install -y -q --no-install-recommends python3-dev) \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY service ./service
 RUN python -m pip install --no-cache-dir --upgrade pip==24.3.1 \
     && python -m pip wheel --no-cache-dir --wheel-dir /wheels ".${OPTSERVE_EXTRAS:+[$OPTSERVE_EXTRAS]}"

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from service.core import native
+
 REPLICA_ENVIRONMENT: dict[str, str] = {
     "OPENBLAS_CORETYPE": "Haswell",
     "OPENBLAS_NUM_THREADS": "1",
@@ -110,4 +112,6 @@ def describe() -> dict[str, Any]:
         "blas": blas(),
         "environment": environment,
         "replica_environment": environment == REPLICA_ENVIRONMENT,
+        # The same bits either way (service/core/native.py): shown for speed, not replays.
+        "native_kernels": native.kernels is not None,
     }

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core import native
 from service.core.kernels import scratch
 
 LANES = 1 << 15
@@ -133,10 +134,24 @@ def metric_sum_of_squares(a: np.ndarray) -> float:
     if a.dtype != _F32:
         return sum_of_squares(a)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        summed = _reduce(_square_unwidened, a, accumulate=_F32)
+        summed = _float32_sum_of_squares(a)
     if METRIC_NARROW_MIN <= summed < math.inf:
         return summed
     return sum_of_squares(a)
+
+
+def _float32_sum_of_squares(a: np.ndarray) -> float:
+    """``a``'s squares summed in float32 lanes: by the native loop where it was built (one
+    pass, the same additions in the same order), else a row of lanes at a time."""
+    compiled = native.kernels
+    flat = a.reshape(-1)
+    if compiled is None or flat.size == 0 or not flat.flags.c_contiguous:
+        return _reduce(_square_unwidened, flat, accumulate=_F32)
+    width = min(flat.size, LANES)
+    lanes, wide = scratch(1, _F32, LANES)[0], scratch(1, _F64, LANES)[0]
+    compiled.square_lanes(flat, lanes)
+    wide[:width] = lanes[:width]
+    return _halve(wide[:width])
 
 
 def total(a: np.ndarray) -> float:

@@ -13,7 +13,7 @@ from service.api.media import Wire, request_wire, response_wire
 from service.api.problems import NotAcceptable, UnsupportedMediaType
 from service.cli import _log_numerics, _parser, check_exposure, settings_from_args
 from service.config import Settings
-from service.core import machine
+from service.core import machine, native
 
 
 def test_settings_read_the_environment_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,3 +154,4 @@ def test_the_server_logs_its_numerics_at_start(caplog: pytest.LogCaptureFixture)
     assert fields["numpy"] == machine.describe()["numpy"]
     assert fields["replica_environment"] is machine.describe()["replica_environment"]
     assert {"simd", "blas", "environment"} <= fields.keys()
+    assert fields["native_kernels"] is (native.kernels is not None)

@@ -12,10 +12,20 @@ from typing import Any
 
 import numpy as np
 
+from service.core import native
 from service.core.hparams import Arg
-from service.core.kernels import Lerp, constants, decay_add_square_, elementwise, signed_grad
+from service.core.kernels import (
+    Kernel,
+    Lerp,
+    constants,
+    decay_add_square_,
+    elementwise,
+    signed_grad,
+)
 from service.core.optimizers.adam_args import adam_args, validate_adam_args
 from service.core.optimizers.base import Optimizer, Shape, register
+
+_FLOAT32 = np.dtype(np.float32)
 
 
 @dataclass
@@ -138,6 +148,13 @@ class Adam(Optimizer[AdamState]):
                 np.subtract(s, p, out=s)
                 np.add(d, s, out=d)
 
+        fused = (
+            None
+            if amsgrad
+            else _native_kernel(
+                lerp, maximize, (w2, beta2_, eps_, neg_step, wd_, decay_factor), wd, decoupled
+            )
+        )
         # ufunc calls per block: lerp 3, second moment 4, denominator 2, delta 2.
         passes = 11 + (3 if wd != 0 else 0) + (1 if amsgrad else 0)
         for i, g in enumerate(grads):
@@ -153,9 +170,48 @@ class Adam(Optimizer[AdamState]):
                 state.max_exp_avg_sq[i] if amsgrad else None,
                 out[i],
             ]
-            elementwise(kernel, arrays, n_scratch=2, passes=passes)
+            # Without amsgrad, a float32 tensor's update runs natively where it can.
+            float32 = all(a is None or a.dtype == _FLOAT32 for a in arrays)
+            chosen: Kernel = fused if fused is not None and float32 else kernel
+            elementwise(chosen, arrays, n_scratch=2, passes=passes)
         state.step = step
         return state
+
+
+def _native_kernel(
+    lerp: Lerp,
+    maximize: bool,
+    constants: tuple[np.ndarray, ...],
+    wd: float,
+    decoupled: bool,
+) -> Kernel | None:
+    """The numpy kernel's operations in one native loop (service/core/native.py), the same
+    bits, for float32 tensors; None where the native kernels are not in use."""
+    compiled = native.kernels
+    if compiled is None:
+        return None
+    mode = 0 if wd == 0 else 2 if decoupled else 1
+    scalars = (
+        float(lerp.weight),
+        float(lerp.complement),
+        lerp.small,
+        maximize,
+        *(float(x) for x in constants),
+        mode,
+    )
+
+    def kernel(
+        g: np.ndarray,
+        p: np.ndarray | None,
+        m: np.ndarray,
+        v: np.ndarray,
+        v_max: np.ndarray | None,
+        d: np.ndarray,
+        *scratch: np.ndarray,
+    ) -> None:
+        compiled.adam(g, p, m, v, d, *scalars)
+
+    return kernel
 
 
 class AdamW(Adam):
