@@ -17,7 +17,9 @@ machine (on a shared machine rerun it; compare ratios, not absolute figures):
    - the TCP floor: the step's request bytes up and its reply bytes down through the echo
      server (what any server must pay to move the bytes: kernel copies and wake-ups);
    - torch's in-process ``Adam.step`` on a tensor of the same size (best of torch's
-     default thread count and one thread, measured in this process);
+     default thread count and one thread, measured in this process; its OpenMP threads
+     spin for only 10,000 iterations after a step, ``GOMP_SPINCOUNT``, so that they do
+     not run on into the client's next step);
    - on the disk server, the disk: the step's request bytes written with ``O_DIRECT``
      over blocks already written, in a file in the server's data directory, then
      ``fdatasync``: the least it costs to make those bytes durable on this disk
