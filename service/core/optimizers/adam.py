@@ -181,22 +181,27 @@ class Adam(Optimizer[AdamState]):
 def _native_kernel(
     lerp: Lerp,
     maximize: bool,
-    constants: tuple[np.ndarray, ...],
+    values: tuple[np.ndarray, ...],
     wd: float,
     decoupled: bool,
 ) -> Kernel | None:
     """The numpy kernel's operations in one native loop (service/core/native.py), the same
-    bits, for float32 tensors; None where the native kernels are not in use."""
+    bits, for float32 tensors; None where the native kernels are not in use. ``values``:
+    the kernel's 0-d constants, in ``_native.adam``'s order (w2, beta2, eps, neg_step, wd,
+    decay_factor)."""
     compiled = native.kernels
     if compiled is None:
         return None
-    mode = 0 if wd == 0 else 2 if decoupled else 1
+    if wd == 0:
+        mode = native.DECAY_NONE
+    else:
+        mode = native.DECAY_DECOUPLED if decoupled else native.DECAY_COUPLED
     scalars = (
         float(lerp.weight),
         float(lerp.complement),
         lerp.small,
         maximize,
-        *(float(x) for x in constants),
+        *(float(x) for x in values),
         mode,
     )
 
