@@ -38,3 +38,22 @@ def test_a_large_body_is_sent_as_slices_of_its_parts() -> None:
         return b"".join([piece async for piece in content])
 
     assert asyncio.run(collect()) == b"".join(parts)
+
+
+def test_a_requests_url_is_the_one_httpx_builds_whatever_the_base_and_query() -> None:
+    """Tries builds each distinct URL once (``_tries._url``): the cached URL must be httpx's
+    own for that base (a path prefix included) and query, and differ where they differ."""
+    import httpx
+    from optserve_client._calls import Call
+    from optserve_client._retry import RetryPolicy
+    from optserve_client._tries import Tries
+
+    bases = ["http://127.0.0.1:9", "http://127.0.0.1:9/prefix/", "http://other:8000/"]
+    for base in bases:
+        with httpx.Client(base_url=base) as http:
+            for params in ({}, {"return": "delta"}, {"return": "params"}):
+                call = Call("POST", "/v1/sessions/abc/step", params=params)
+                for _ in range(2):  # built, then taken from the cache
+                    got = Tries(call, RetryPolicy(), base).request(http).url
+                    want = http.build_request("POST", call.path, params=params or None).url
+                    assert got == want, (base, params)
