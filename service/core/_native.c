@@ -46,6 +46,31 @@ square_lanes(const float *x, Py_ssize_t n, float *lanes)
     }
 }
 
+/* The same with each square widened to float64, exact for a float32 value, and float64
+ * lanes: service.core.reductions.sum_of_squares (the norm clipping reads). */
+#define WIDE_SQUARE_LANES(name, type)                                                       \
+    CLONES static void name(const type *x, Py_ssize_t n, double *lanes)                     \
+    {                                                                                        \
+        Py_ssize_t width = n < LANES ? n : LANES;                                            \
+        for (Py_ssize_t j = 0; j < width; j++) {                                             \
+            double v = (double)x[j];                                                         \
+            double t = v * v;                                                                \
+            lanes[j] = t;                                                                    \
+        }                                                                                    \
+        for (Py_ssize_t lo = LANES; lo < n; lo += LANES) {                                   \
+            const type *row = x + lo;                                                        \
+            Py_ssize_t count = n - lo < LANES ? n - lo : LANES;                              \
+            for (Py_ssize_t j = 0; j < count; j++) {                                         \
+                double v = (double)row[j];                                                   \
+                double t = v * v;                                                            \
+                lanes[j] = lanes[j] + t;                                                     \
+            }                                                                                \
+        }                                                                                    \
+    }
+
+WIDE_SQUARE_LANES(wide_square_lanes_f32, float)
+WIDE_SQUARE_LANES(wide_square_lanes_f64, double)
+
 enum decay_mode { NO_DECAY = 0, COUPLED = 1, DECOUPLED = 2 };
 
 struct adam_constants {
@@ -188,6 +213,53 @@ py_square_lanes(PyObject *self, PyObject *args)
 }
 
 static PyObject *
+py_wide_square_lanes(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *x_obj, *lanes_obj;
+    if (!PyArg_ParseTuple(args, "OO", &x_obj, &lanes_obj)) {
+        return NULL;
+    }
+    Py_buffer x, lanes;
+    if (PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        return NULL;
+    }
+    int f32 = x.itemsize == 4 && x.format != NULL && strcmp(x.format, "f") == 0;
+    int f64 = x.itemsize == 8 && x.format != NULL && strcmp(x.format, "d") == 0;
+    if (!f32 && !f64) {
+        PyErr_SetString(PyExc_TypeError, "x must be float32 or float64");
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE;
+    if (PyObject_GetBuffer(lanes_obj, &lanes, flags) < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    Py_ssize_t n = x.len / x.itemsize;
+    Py_ssize_t width = n < LANES ? n : LANES;
+    if (lanes.itemsize != 8 || lanes.format == NULL || strcmp(lanes.format, "d") != 0) {
+        PyErr_SetString(PyExc_TypeError, "lanes must be float64");
+    } else if (lanes.len / 8 < width) {
+        PyErr_SetString(PyExc_ValueError, "lanes is shorter than min(len(x), LANES)");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        if (f32) {
+            wide_square_lanes_f32((const float *)x.buf, n, (double *)lanes.buf);
+        } else {
+            wide_square_lanes_f64((const double *)x.buf, n, (double *)lanes.buf);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&lanes);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 py_adam(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -244,6 +316,9 @@ py_adam(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"square_lanes", py_square_lanes, METH_VARARGS,
      "square_lanes(x, lanes): the float32 lanes of x's squares (service.core.native)."},
+    {"wide_square_lanes", py_wide_square_lanes, METH_VARARGS,
+     "wide_square_lanes(x, lanes): the float64 lanes of x's squares, x float32 or float64 "
+     "(service.core.native)."},
     {"adam", py_adam, METH_VARARGS,
      "adam(g, p, m, v, d, weight, complement, small, maximize, w2, beta2, eps, neg_step, "
      "wd, decay_factor, mode): Adam's float32 kernel (service.core.native)."},

@@ -42,15 +42,28 @@ def test_a_metrics_sum_of_squares_has_numpys_bits(n: int) -> None:
     assert _bits(got) == _bits(expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", SIZES)
+def test_a_float64_sum_of_squares_has_numpys_bits(n: int, dtype: type) -> None:
+    """The sum clipping reads (and a float64 session's metrics): widened squares."""
+    a = _values(n, n).astype(dtype)
+    got = reductions.sum_of_squares(a)
+    with native.disabled():
+        expected = reductions.sum_of_squares(a)
+    assert _bits(got) == _bits(expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "values", [[np.inf, 1.0], [np.nan, 1.0], [3e38, 3e38], [1e-30, 1e-30], [-0.0, 0.0]]
 )
-def test_special_values_take_the_same_way_through_both(values: list[float]) -> None:
-    a = np.array(values * 50_000, dtype=np.float32)
-    got = reductions.metric_sum_of_squares(a)
+def test_special_values_take_the_same_way_through_both(values: list[float], dtype: type) -> None:
+    a = np.array(values * 50_000, dtype=dtype)
+    sums = (reductions.metric_sum_of_squares, reductions.sum_of_squares)
+    got = [f(a) for f in sums]
     with native.disabled():
-        expected = reductions.metric_sum_of_squares(a)
-    assert _bits(got) == _bits(expected)
+        expected = [f(a) for f in sums]
+    assert [_bits(x) for x in got] == [_bits(x) for x in expected]
 
 
 def test_a_strided_or_read_only_array_is_summed_as_its_elements() -> None:
@@ -58,9 +71,10 @@ def test_a_strided_or_read_only_array_is_summed_as_its_elements() -> None:
     view = a[::3]
     readonly = a.copy()
     readonly.flags.writeable = False
+    sums = (reductions.metric_sum_of_squares, reductions.sum_of_squares)
     with native.disabled():
-        expected = [reductions.metric_sum_of_squares(view), reductions.metric_sum_of_squares(a)]
-    got = [reductions.metric_sum_of_squares(view), reductions.metric_sum_of_squares(readonly)]
+        expected = [f(x) for f in sums for x in (view, a)]
+    got = [f(x) for f in sums for x in (view, readonly)]
     assert [_bits(x) for x in got] == [_bits(x) for x in expected]
 
 
@@ -129,6 +143,10 @@ def test_bad_buffers_are_refused_not_read() -> None:
         compiled.square_lanes(np.ones(10), np.empty(LANES, np.float32))
     with pytest.raises(ValueError, match="shorter"):
         compiled.square_lanes(x, np.empty(5, np.float32))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        compiled.wide_square_lanes(np.ones(10, np.int64), np.empty(LANES))
+    with pytest.raises(TypeError, match="lanes must be float64"):
+        compiled.wide_square_lanes(x, np.empty(LANES, np.float32))
     scalars = (0.1, 0.9, True, False, 0.001, 0.999, 1e-8, -1e-3, 0.0, 1.0)
     with pytest.raises(ValueError, match="same length"):
         compiled.adam(x, None, x.copy(), x.copy(), np.empty(9, np.float32), *scalars, 0)
