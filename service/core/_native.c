@@ -17,6 +17,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <string.h>
 
 #define LANES 32768 /* service.core.reductions.LANES */
 
@@ -26,50 +27,34 @@
 #define CLONES
 #endif
 
-/* lanes[j] = sum over rows r, in order, of x[r * LANES + j]^2: the first row assigns, a
- * last row shorter than LANES adds to the first lanes only. */
-CLONES static void
-square_lanes(const float *x, Py_ssize_t n, float *lanes)
-{
-    Py_ssize_t width = n < LANES ? n : LANES;
-    for (Py_ssize_t j = 0; j < width; j++) {
-        float t = x[j] * x[j];
-        lanes[j] = t;
-    }
-    for (Py_ssize_t lo = LANES; lo < n; lo += LANES) {
-        const float *row = x + lo;
-        Py_ssize_t count = n - lo < LANES ? n - lo : LANES;
-        for (Py_ssize_t j = 0; j < count; j++) {
-            float t = row[j] * row[j];
-            lanes[j] = lanes[j] + t;
-        }
-    }
-}
-
-/* The same with each square widened to float64, exact for a float32 value, and float64
- * lanes: service.core.reductions.sum_of_squares (the norm clipping reads). */
-#define WIDE_SQUARE_LANES(name, type)                                                       \
-    CLONES static void name(const type *x, Py_ssize_t n, double *lanes)                     \
+/* lanes[j] = sum over rows r, in order, of x[r * LANES + j]^2, each value first taken to
+ * the lanes' type: the first row assigns, a last row shorter than LANES adds to the first
+ * lanes only. float32 into float32 lanes is a metric's sum (reductions.
+ * metric_sum_of_squares); into float64 lanes, where a float32 square is exact, it is
+ * reductions.sum_of_squares (the norm clipping reads). */
+#define SQUARE_LANES(name, in_type, lane_type)                                              \
+    CLONES static void name(const in_type *x, Py_ssize_t n, lane_type *lanes)              \
     {                                                                                        \
         Py_ssize_t width = n < LANES ? n : LANES;                                            \
         for (Py_ssize_t j = 0; j < width; j++) {                                             \
-            double v = (double)x[j];                                                         \
-            double t = v * v;                                                                \
+            lane_type v = (lane_type)x[j];                                                   \
+            lane_type t = v * v;                                                             \
             lanes[j] = t;                                                                    \
         }                                                                                    \
         for (Py_ssize_t lo = LANES; lo < n; lo += LANES) {                                   \
-            const type *row = x + lo;                                                        \
+            const in_type *row = x + lo;                                                     \
             Py_ssize_t count = n - lo < LANES ? n - lo : LANES;                              \
             for (Py_ssize_t j = 0; j < count; j++) {                                         \
-                double v = (double)row[j];                                                   \
-                double t = v * v;                                                            \
+                lane_type v = (lane_type)row[j];                                             \
+                lane_type t = v * v;                                                         \
                 lanes[j] = lanes[j] + t;                                                     \
             }                                                                                \
         }                                                                                    \
     }
 
-WIDE_SQUARE_LANES(wide_square_lanes_f32, float)
-WIDE_SQUARE_LANES(wide_square_lanes_f64, double)
+SQUARE_LANES(square_lanes_f32, float, float)
+SQUARE_LANES(wide_square_lanes_f32, float, double)
+SQUARE_LANES(wide_square_lanes_f64, double, double)
 
 enum decay_mode { NO_DECAY = 0, COUPLED = 1, DECOUPLED = 2 };
 
@@ -164,87 +149,61 @@ adam(const float *g, const float *p, float *m, float *v, float *d, Py_ssize_t n,
     }
 }
 
+/* A C-contiguous buffer of one of ``formats`` (struct codes, "f" or "d"); else the error
+ * ``message`` (with ``what``), and nothing is held. */
 static int
-float_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what)
+typed_buffer(PyObject *obj, Py_buffer *view, int writable, const char *formats,
+             const char *message, const char *what)
 {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) {
         return -1;
     }
-    if (view->itemsize != 4 || view->format == NULL || strcmp(view->format, "f") != 0) {
-        PyErr_Format(PyExc_TypeError, "%s must be float32", what);
+    const char *format = view->format;
+    int known = format != NULL && strlen(format) == 1 && strchr(formats, format[0]) != NULL &&
+                view->itemsize == (format[0] == 'f' ? 4 : 8);
+    if (!known) {
+        PyErr_Format(PyExc_TypeError, message, what);
         PyBuffer_Release(view);
         return -1;
     }
     return 0;
 }
 
-static PyObject *
-py_square_lanes(PyObject *self, PyObject *args)
+static int
+float_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what)
 {
-    (void)self;
-    PyObject *x_obj, *lanes_obj;
-    if (!PyArg_ParseTuple(args, "OO", &x_obj, &lanes_obj)) {
-        return NULL;
-    }
-    Py_buffer x, lanes;
-    if (float_buffer(x_obj, &x, 0, "x") < 0) {
-        return NULL;
-    }
-    if (float_buffer(lanes_obj, &lanes, 1, "lanes") < 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    Py_ssize_t n = x.len / 4;
-    Py_ssize_t width = n < LANES ? n : LANES;
-    if (lanes.len / 4 < width) {
-        PyErr_SetString(PyExc_ValueError, "lanes is shorter than min(len(x), LANES)");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        square_lanes((const float *)x.buf, n, (float *)lanes.buf);
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&lanes);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return typed_buffer(obj, view, writable, "f", "%s must be float32", what);
 }
 
+/* square_lanes (float32 lanes of float32 values) and, ``wide``, wide_square_lanes (float64
+ * lanes of float32 or float64 values). */
 static PyObject *
-py_wide_square_lanes(PyObject *self, PyObject *args)
+lanes_of_squares(PyObject *args, int wide)
 {
-    (void)self;
     PyObject *x_obj, *lanes_obj;
     if (!PyArg_ParseTuple(args, "OO", &x_obj, &lanes_obj)) {
         return NULL;
     }
     Py_buffer x, lanes;
-    if (PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+    if (typed_buffer(x_obj, &x, 0, wide ? "fd" : "f",
+                     wide ? "%s must be float32 or float64" : "%s must be float32", "x") < 0) {
         return NULL;
     }
-    int f32 = x.itemsize == 4 && x.format != NULL && strcmp(x.format, "f") == 0;
-    int f64 = x.itemsize == 8 && x.format != NULL && strcmp(x.format, "d") == 0;
-    if (!f32 && !f64) {
-        PyErr_SetString(PyExc_TypeError, "x must be float32 or float64");
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE;
-    if (PyObject_GetBuffer(lanes_obj, &lanes, flags) < 0) {
+    if (typed_buffer(lanes_obj, &lanes, 1, wide ? "d" : "f",
+                     wide ? "%s must be float64" : "%s must be float32", "lanes") < 0) {
         PyBuffer_Release(&x);
         return NULL;
     }
     Py_ssize_t n = x.len / x.itemsize;
     Py_ssize_t width = n < LANES ? n : LANES;
-    if (lanes.itemsize != 8 || lanes.format == NULL || strcmp(lanes.format, "d") != 0) {
-        PyErr_SetString(PyExc_TypeError, "lanes must be float64");
-    } else if (lanes.len / 8 < width) {
+    if (lanes.len / lanes.itemsize < width) {
         PyErr_SetString(PyExc_ValueError, "lanes is shorter than min(len(x), LANES)");
     } else {
         Py_BEGIN_ALLOW_THREADS
-        if (f32) {
+        if (!wide) {
+            square_lanes_f32((const float *)x.buf, n, (float *)lanes.buf);
+        } else if (x.itemsize == 4) {
             wide_square_lanes_f32((const float *)x.buf, n, (double *)lanes.buf);
         } else {
             wide_square_lanes_f64((const double *)x.buf, n, (double *)lanes.buf);
@@ -257,6 +216,20 @@ py_wide_square_lanes(PyObject *self, PyObject *args)
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *
+py_square_lanes(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return lanes_of_squares(args, 0);
+}
+
+static PyObject *
+py_wide_square_lanes(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return lanes_of_squares(args, 1);
 }
 
 static PyObject *

@@ -82,11 +82,36 @@ def _reduce(
         row = terms[: hi - lo]
         leaf(flat_a[lo:hi], None if flat_b is None else flat_b[lo:hi], row)
         np.add(sums[: hi - lo], row, out=sums[: hi - lo])
-    if accumulate != _F64:  # the lanes are halved in float64 all the same
+    return _halved(sums, width)
+
+
+def _halved(sums: np.ndarray, width: int) -> float:
+    """The total of the first ``width`` lanes, halved in float64 whatever they hold."""
+    if sums.dtype != _F64:
         (wide,) = scratch(1, _F64, LANES)
         wide[:width] = sums[:width]
         sums = wide
     return _halve(sums[:width])
+
+
+def _squares_summed(a: np.ndarray, accumulate: np.dtype[Any], leaf: Leaf) -> float:
+    """``a``'s squares summed in lanes of ``accumulate``: by the native loop where it was
+    built and takes ``a`` (one pass, the same additions in the same order), else a row of
+    lanes at a time, each row's squares made by ``leaf``."""
+    compiled = native.kernels
+    flat = a.reshape(-1)
+    if (
+        compiled is None
+        or flat.size == 0
+        or not flat.flags.c_contiguous
+        or flat.dtype not in (_F32, _F64)
+    ):
+        return _reduce(leaf, flat, accumulate=accumulate)
+    (lanes,) = scratch(1, accumulate, LANES)
+    # float32 lanes of float32 squares (a metric's), or float64 lanes of widened ones.
+    summing = compiled.square_lanes if accumulate == _F32 else compiled.wide_square_lanes
+    summing(flat, lanes)
+    return _halved(lanes, min(flat.size, LANES))
 
 
 def _copy(a: np.ndarray, _: np.ndarray | None, out: np.ndarray) -> None:
@@ -134,24 +159,10 @@ def metric_sum_of_squares(a: np.ndarray) -> float:
     if a.dtype != _F32:
         return sum_of_squares(a)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        summed = _float32_sum_of_squares(a)
+        summed = _squares_summed(a, _F32, _square_unwidened)
     if METRIC_NARROW_MIN <= summed < math.inf:
         return summed
     return sum_of_squares(a)
-
-
-def _float32_sum_of_squares(a: np.ndarray) -> float:
-    """``a``'s squares summed in float32 lanes: by the native loop where it was built (one
-    pass, the same additions in the same order), else a row of lanes at a time."""
-    compiled = native.kernels
-    flat = a.reshape(-1)
-    if compiled is None or flat.size == 0 or not flat.flags.c_contiguous:
-        return _reduce(_square_unwidened, flat, accumulate=_F32)
-    width = min(flat.size, LANES)
-    lanes, wide = scratch(1, _F32, LANES)[0], scratch(1, _F64, LANES)[0]
-    compiled.square_lanes(flat, lanes)
-    wide[:width] = lanes[:width]
-    return _halve(wide[:width])
 
 
 def total(a: np.ndarray) -> float:
@@ -165,21 +176,8 @@ def abs_total(a: np.ndarray) -> float:
 
 
 def sum_of_squares(a: np.ndarray) -> float:
-    """The sum of ``a * a``, in float64 (the squared 2-norm): by the native loop where it
-    was built, for a float32 or float64 array (one pass, the same additions in the same
-    order), else a row of lanes at a time."""
-    compiled = native.kernels
-    flat = a.reshape(-1)
-    if (
-        compiled is None
-        or flat.size == 0
-        or not flat.flags.c_contiguous
-        or (flat.dtype != _F32 and flat.dtype != _F64)
-    ):
-        return _reduce(_square, flat)
-    (lanes,) = scratch(1, _F64, LANES)
-    compiled.wide_square_lanes(flat, lanes)
-    return _halve(lanes[: min(flat.size, LANES)])
+    """The sum of ``a * a``, in float64 (the squared 2-norm)."""
+    return _squares_summed(a, _F64, _square)
 
 
 def dot(a: np.ndarray, b: np.ndarray) -> float:

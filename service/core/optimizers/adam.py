@@ -205,15 +205,10 @@ def _native_kernel(
         mode,
     )
 
-    def kernel(
-        g: np.ndarray,
-        p: np.ndarray | None,
-        m: np.ndarray,
-        v: np.ndarray,
-        v_max: np.ndarray | None,
-        d: np.ndarray,
-        *scratch: np.ndarray,
-    ) -> None:
+    def kernel(*views: np.ndarray | None) -> None:
+        # The numpy kernel's views (g, p, m, v, v_max, d, scratch...): without amsgrad,
+        # v_max is None, and the native loop needs no scratch.
+        g, p, m, v, _, d = views[:6]
         compiled.adam(g, p, m, v, d, *scalars)
 
     return kernel
