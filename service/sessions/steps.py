@@ -66,10 +66,16 @@ class Steps:
         """Check, log and apply one step, under the session lock: on a compute thread, or
         on the event loop for a small session of a store no other process shares."""
         runtime = self.runtime
+        # Keys of compacted events are the store's: none before this process's first
+        # compaction, unless other processes share the store.
+        archive = request.idempotency_key is not None and (
+            entry.base_seq > 0 or runtime.store.shared
+        )
         if runtime.store.shared or entry.live.plan.size > INLINE_MAX_ELEMENTS:
-            return await runtime.run(lambda: runtime.commit(entry, *self._checked(entry, request)))
-        # Keys of compacted events are the store's; a durable store is asked off the loop.
-        archive = request.idempotency_key is not None and entry.base_seq > 0
+            return await runtime.run(
+                lambda: runtime.commit(entry, *self._checked(entry, request, archive))
+            )
+        # A durable store is asked off the loop.
         if archive and runtime.store.durable:
             await runtime.run_io(lambda: self._refuse_archived_key(entry, request))
             archive = False
@@ -88,7 +94,7 @@ class Steps:
                 refuse_old_key(archived, request.fingerprint, request.sha256_fingerprint)
 
     def _checked(
-        self, entry: Entry, request: StepRequest, archive: bool = True
+        self, entry: Entry, request: StepRequest, archive: bool
     ) -> tuple[Event, Callable[[], StepReply], Callable[[], None]]:
         """The step's event, the update that applies it, and the checks of its values that
         come first (``Runtime.commit``: a large event's tensors are written meanwhile, and

@@ -409,7 +409,7 @@ def test_zeros_queued_behind_other_logs_are_dropped_not_waited_for(tmp_path: Pat
     store.open()
     store.create(record(), snapshot(0, 1.0))
     held = threading.Event()
-    store._background.submit(held.wait, 30)  # the zeros thread is busy elsewhere
+    store._pools.zeros.submit(held.wait, 30)  # the zeros thread is busy elsewhere
     try:
         start = time.monotonic()
         written = _large_appends(store, 3)

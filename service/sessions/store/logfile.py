@@ -72,7 +72,44 @@ def _raw(array: np.ndarray) -> memoryview:
 def encode(
     event: Event, session: str = "", block_aligned: bool = False
 ) -> list[bytes | memoryview]:
-    """The frame for ``event`` of ``session`` as a list of buffers, ready for ``writev``.
+    """The frame for ``event`` of ``session`` as a list of buffers, ready for ``writev``:
+    :func:`layout`'s, sealed with its checksum (the first :data:`HEAD_PARTS` are its head)."""
+    unsealed = layout(event, session, block_aligned)
+    return [*unsealed.head(unsealed.checksum()), *unsealed.body]
+
+
+@dataclass(frozen=True)
+class Unsealed:
+    """A frame laid out but not yet checksummed: its tensors can be written while the
+    checksum is computed, and its head (which holds the checksum) after them."""
+
+    header: bytes
+    body: list[bytes | memoryview]
+    """The tensors' bytes with their padding, as the frame holds them after its head."""
+    data_len: int
+
+    @property
+    def head_bytes(self) -> int:
+        """The length of :meth:`head`'s buffers."""
+        return PREFIX_SIZE + len(self.header) + _pad(len(self.header))
+
+    def checksum(self) -> int:
+        """The frame's checksum: of both lengths, the header and the data."""
+        lengths = struct.pack("<IQ", len(self.header), self.data_len)
+        return checksum.digest([lengths, self.header, _head_pad(self.header), *self.body])
+
+    def head(self, check: int) -> list[bytes | memoryview]:
+        """The buffers before the tensors (:data:`HEAD_PARTS` of them), holding ``check``."""
+        prefix = _PREFIX.pack(MAGIC, len(self.header), self.data_len, check)
+        return [prefix, self.header, _head_pad(self.header)]
+
+
+def _head_pad(header: bytes) -> bytes:
+    return _ZEROS[: _pad(len(header))]
+
+
+def layout(event: Event, session: str = "", block_aligned: bool = False) -> Unsealed:
+    """The frame for ``event`` of ``session``, all but its checksum.
 
     ``block_aligned`` starts every tensor of a block or more on a :data:`BLOCK` boundary
     of the file (the frame starts on one): the header is padded with spaces, and zeros go
@@ -119,11 +156,7 @@ def encode(
     ).encode()
     if block_aligned:
         header += b" " * (-(PREFIX_SIZE + len(header)) % BLOCK)
-    head_pad = _ZEROS[: _pad(len(header))]
-    lengths = struct.pack("<IQ", len(header), offset)
-    check = checksum.digest([lengths, header, head_pad, *body])
-    prefix = _PREFIX.pack(MAGIC, len(header), offset, check)
-    return [prefix, header, head_pad, *body]  # the first HEAD_PARTS are the head
+    return Unsealed(header, body, offset)
 
 
 def write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> int:
