@@ -84,13 +84,21 @@ async def test_a_failed_request_does_not_use_up_its_key() -> None:
         assert reply.applied and not reply.replayed
 
 
+@pytest.mark.parametrize("size", [5, 1 << 15], ids=["on the loop", "on a compute thread"])
 async def test_an_old_key_is_refused_with_the_step_it_was_applied_at(
-    store_factory: StoreFactory,
+    store_factory: StoreFactory, size: int
 ) -> None:
     # A small window and frequent snapshots: old keys leave the window, then the history.
+    # Sessions past INLINE_MAX_ELEMENTS step on a compute thread, which asks the store too.
     options = {"idempotency_window": 2, "snapshot_every": 2}
+    config = {**CONFIG, "params": {"w": {"shape": [size]}}}
+
+    def request(seed: int, key: str) -> StepRequest:
+        grads = grads_for({"w": (size,)}, seed)
+        return StepRequest(grads=grads, idempotency_key=key, fingerprint=f"body-{seed}")
+
     async with running(store_factory(), **options) as service:
-        sid = (await service.create("t", CONFIG, None)).id
+        sid = (await service.create("t", config, None)).id
         for i in range(1, 10):
             await service.step("t", sid, request(i, f"k{i}"))
         await settle(service)
