@@ -4,6 +4,7 @@ serialization of one session's steps while other sessions go on."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import threading
 import tracemalloc
@@ -28,9 +29,11 @@ CONFIG: dict[str, Any] = {
 }
 
 
-def request(seed: int, key: str | None = None, **kw: Any) -> StepRequest:
+def request(
+    seed: int, key: str | None = None, shapes: dict[str, tuple[int, ...]] = SHAPES, **kw: Any
+) -> StepRequest:
     return StepRequest(
-        grads=grads_for(SHAPES, seed), idempotency_key=key, fingerprint=f"body-{seed}", **kw
+        grads=grads_for(shapes, seed), idempotency_key=key, fingerprint=f"body-{seed}", **kw
     )
 
 
@@ -92,25 +95,22 @@ async def test_an_old_key_is_refused_with_the_step_it_was_applied_at(
     # Sessions past INLINE_MAX_ELEMENTS step on a compute thread, which asks the store too.
     options = {"idempotency_window": 2, "snapshot_every": 2}
     config = {**CONFIG, "params": {"w": {"shape": [size]}}}
-
-    def request(seed: int, key: str) -> StepRequest:
-        grads = grads_for({"w": (size,)}, seed)
-        return StepRequest(grads=grads, idempotency_key=key, fingerprint=f"body-{seed}")
+    sized = functools.partial(request, shapes={"w": (size,)})
 
     async with running(store_factory(), **options) as service:
         sid = (await service.create("t", config, None)).id
         for i in range(1, 10):
-            await service.step("t", sid, request(i, f"k{i}"))
+            await service.step("t", sid, sized(i, f"k{i}"))
         await settle(service)
         with pytest.raises(IdempotencyExpired) as expired:
-            await service.step("t", sid, request(1, "k1"))
+            await service.step("t", sid, sized(1, "k1"))
         assert expired.value.step == 1
         with pytest.raises(IdempotencyExpired) as recent:
-            await service.step("t", sid, request(6, "k6"))
+            await service.step("t", sid, sized(6, "k6"))
         assert recent.value.step == 6
         with pytest.raises(IdempotencyKeyReused):
-            await service.step("t", sid, request(99, "k1"))
-        assert (await service.step("t", sid, request(9, "k9"))).replayed
+            await service.step("t", sid, sized(99, "k1"))
+        assert (await service.step("t", sid, sized(9, "k9"))).replayed
         assert (await service.get("t", sid)).step == 9
     store = store_factory()
     store.open()
@@ -120,12 +120,12 @@ async def test_an_old_key_is_refused_with_the_step_it_was_applied_at(
     # After a restart, the same answers: keys come back from the log and the archive.
     async with running(store_factory(), **options) as service:
         with pytest.raises(IdempotencyExpired) as expired:
-            await service.step("t", sid, request(1, "k1"))
+            await service.step("t", sid, sized(1, "k1"))
         assert expired.value.step == 1
         with pytest.raises(IdempotencyExpired):
-            await service.step("t", sid, request(7, "k7"))
-        assert (await service.step("t", sid, request(9, "k9"))).replayed
-        assert (await service.step("t", sid, request(10, "k10"))).step == 10
+            await service.step("t", sid, sized(7, "k7"))
+        assert (await service.step("t", sid, sized(9, "k9"))).replayed
+        assert (await service.step("t", sid, sized(10, "k10"))).step == 10
 
 
 class GatedStore(MemoryStore):

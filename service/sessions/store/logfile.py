@@ -52,11 +52,6 @@ MAX_HEADER = 1 << 26
 one is a damaged length, not a write cut short."""
 
 
-HEAD_PARTS = 3
-"""An encoded frame's first buffers (prefix, header, padding): its head; the rest holds its
-tensors. A block-aligned frame's head ends on a block."""
-
-
 def _pad(n: int) -> int:
     return -n % ALIGN
 
@@ -73,7 +68,7 @@ def encode(
     event: Event, session: str = "", block_aligned: bool = False
 ) -> list[bytes | memoryview]:
     """The frame for ``event`` of ``session`` as a list of buffers, ready for ``writev``:
-    :func:`layout`'s, sealed with its checksum (the first :data:`HEAD_PARTS` are its head)."""
+    :func:`layout`'s, sealed with its checksum (its head, then its tensors)."""
     unsealed = layout(event, session, block_aligned)
     return [*unsealed.head(unsealed.checksum()), *unsealed.body]
 
@@ -99,7 +94,8 @@ class Unsealed:
         return checksum.digest([lengths, self.header, _head_pad(self.header), *self.body])
 
     def head(self, check: int) -> list[bytes | memoryview]:
-        """The buffers before the tensors (:data:`HEAD_PARTS` of them), holding ``check``."""
+        """The buffers before the tensors (prefix, header, padding), holding ``check``; a
+        block-aligned frame's head ends on a block."""
         prefix = _PREFIX.pack(MAGIC, len(self.header), self.data_len, check)
         return [prefix, self.header, _head_pad(self.header)]
 
