@@ -28,11 +28,16 @@ machine (on a shared machine rerun it; compare ratios, not absolute figures):
    JSON rows stop at ``--json-max`` (100k: a 1M JSON step takes about a second of
    float formatting and parsing, which no transport change moves).
 
-   ``floor`` is TCP + torch; ``ratio`` is client over floor (medians). ``durable floor`` is
-   TCP + the larger of torch and the disk write (a durable server can sync while it
-   computes, but not before it has the bytes), and the ``ratio`` beside it is the client
-   over that. ``server peak RSS`` is the server's high-water resident memory while
-   stepping that size (``VmHWM`` reset through ``/proc/PID/clear_refs`` before the size),
+   ``floor`` is TCP + torch; ``ratio`` is client over floor (medians). On the disk server
+   one more thing is measured with each step: torch's step with the disk write running
+   beside it on a second thread (``torch + disk``), what this machine charges for
+   computing and syncing at once (a durable server can sync while it computes, but not
+   before it has the bytes). ``durable floor`` is TCP + that, and the ``ratio`` beside it
+   is the client over that. On a machine whose disk writes cost no CPU it would be the
+   larger of the two; on the 2-core development VM the write slows the computation
+   beside it (docs/storage.md, "What a durable write costs here"). ``server peak RSS``
+   is the server's high-water resident memory while stepping that size (``VmHWM`` reset
+   through ``/proc/PID/clear_refs`` before the size),
    ``over idle`` the part above its resident memory before it; ``disk/step`` is how much
    the data directory grew per step.
 
@@ -56,7 +61,8 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +193,8 @@ class Row:
     torch_ms: float | None
     disk_ms: float | None
     """The disk's own durable write of the request's bytes (a durable server's rows)."""
+    beside_ms: float | None
+    """torch's step with that write running beside it (a durable server's rows)."""
     peak_rss_mib: float
     over_idle_mib: float
     disk_per_step: float
@@ -197,6 +205,8 @@ class Row:
 
     @property
     def durable_floor_ms(self) -> float:
+        if self.beside_ms is not None:
+            return self.tcp_ms + self.beside_ms
         return self.tcp_ms + max(self.torch_ms or 0.0, self.disk_ms or 0.0)
 
 
@@ -256,6 +266,7 @@ def large_steps(
         tcp_s: list[float] = []
         torch_s: list[float] = []
         disk_s: list[float] = []
+        beside_s: list[float] = []
         for n in range(repeats):
             start = time.perf_counter()
             session.step(grads[n % 2])
@@ -265,6 +276,8 @@ def large_steps(
                 disk_s.append(disk.seconds())
             if reference is not None:
                 torch_s.append(_torch_best(reference))
+                if disk is not None:
+                    beside_s.append(_torch_best(reference, beside=disk.seconds))
         peak = memory(server.pid)["VmHWM"]
         disk_after = disk_bytes(server.data_dir)
         session.delete()
@@ -279,6 +292,7 @@ def large_steps(
         _median_ms(tcp_s),
         _median_ms(torch_s) if torch_s else None,
         _median_ms(disk_s) if disk_s else None,
+        _median_ms(beside_s) if beside_s else None,
         peak / 2**20,
         (peak - idle) / 2**20,
         (disk_after - disk_before) / repeats,
@@ -302,13 +316,30 @@ def _step_sizes(port: int, session_id: str, grad: np.ndarray, wire: str) -> tupl
     return len(body), len(reply)
 
 
-def _torch_best(reference: TorchAdam) -> float:
+_BESIDE = ThreadPoolExecutor(1, thread_name_prefix="floor-disk")
+"""Runs the disk write beside torch's step (``_torch_best(beside=...)``)."""
+
+
+def _torch_best(reference: TorchAdam, beside: Callable[[], float] | None = None) -> float:
     """One torch step at its default thread count and one at one thread; the faster (on a
-    shared machine torch's threads can wait on each other for milliseconds)."""
+    shared machine torch's threads can wait on each other for milliseconds).
+
+    With ``beside``, each of the two is timed from starting ``beside`` on another thread
+    until both it and the step are over: the two at once."""
+
+    def once() -> float:
+        if beside is None:
+            return reference.step_seconds()
+        start = time.perf_counter()
+        pending = _BESIDE.submit(beside)
+        reference.step_seconds()
+        pending.result()
+        return time.perf_counter() - start
+
     default = reference.torch.get_num_threads()
-    first = reference.step_seconds()
+    first = once()
     reference.torch.set_num_threads(1)
-    second = reference.step_seconds()
+    second = once()
     reference.torch.set_num_threads(default)
     return min(first, second)
 
@@ -398,17 +429,18 @@ def main() -> int:
     print("\nAdam, one float32 tensor, session holding no params\n")
     print(
         "| storage | params | wire | official client (ms) | TCP echo (ms) | torch step (ms) "
-        "| floor (ms) | ratio | disk write (ms) | durable floor (ms) | ratio "
+        "| floor (ms) | ratio | disk write (ms) | torch + disk (ms) | durable floor (ms) | ratio "
         "| server peak RSS (MiB) | over idle (MiB) | disk/step (MB) |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         torch_text = f"{r.torch_ms:.3f}" if r.torch_ms is not None else "n/a"
         disk_text = f"{r.disk_ms:.2f}" if r.disk_ms is not None else "-"
+        beside_text = f"{r.beside_ms:.2f}" if r.beside_ms is not None else "-"
         print(
             f"| {r.storage} | {r.size:,d} | {r.wire} | {r.client_ms:.2f} | {r.tcp_ms:.2f} "
             f"| {torch_text} "
-            f"| {r.floor_ms:.2f} | {r.client_ms / r.floor_ms:.2f}x | {disk_text} "
+            f"| {r.floor_ms:.2f} | {r.client_ms / r.floor_ms:.2f}x | {disk_text} | {beside_text} "
             f"| {r.durable_floor_ms:.2f} | {r.client_ms / r.durable_floor_ms:.2f}x "
             f"| {r.peak_rss_mib:.0f} | {r.over_idle_mib:.0f} | {r.disk_per_step / 1e6:.3f} |"
         )
