@@ -54,6 +54,7 @@ Linux only (``/proc``); torch (``pip install torch==2.13.0``) for the torch colu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import mmap
 import multiprocessing
@@ -320,22 +321,25 @@ _BESIDE = ThreadPoolExecutor(1, thread_name_prefix="floor-disk")
 """Runs the disk write beside torch's step (``_torch_best(beside=...)``)."""
 
 
+def _step_beside(reference: TorchAdam, beside: Callable[[], float]) -> float:
+    """Seconds from starting ``beside`` on another thread until both it and one torch step
+    are over: the two at once."""
+    start = time.perf_counter()
+    pending = _BESIDE.submit(beside)
+    reference.step_seconds()
+    pending.result()
+    return time.perf_counter() - start
+
+
 def _torch_best(reference: TorchAdam, beside: Callable[[], float] | None = None) -> float:
     """One torch step at its default thread count and one at one thread; the faster (on a
-    shared machine torch's threads can wait on each other for milliseconds).
-
-    With ``beside``, each of the two is timed from starting ``beside`` on another thread
-    until both it and the step are over: the two at once."""
-
-    def once() -> float:
-        if beside is None:
-            return reference.step_seconds()
-        start = time.perf_counter()
-        pending = _BESIDE.submit(beside)
-        reference.step_seconds()
-        pending.result()
-        return time.perf_counter() - start
-
+    shared machine torch's threads can wait on each other for milliseconds). With
+    ``beside``, each of the two is :func:`_step_beside`."""
+    once = (
+        reference.step_seconds
+        if beside is None
+        else functools.partial(_step_beside, reference, beside)
+    )
     default = reference.torch.get_num_threads()
     first = once()
     reference.torch.set_num_threads(1)
