@@ -14,6 +14,7 @@ import pytest
 from service.sessions.store import DiskStore, KeyRecord, appender, disk, history, logfile
 from service.sessions.store.base import Event, PreparedAppend
 from service.sessions.store.disk import SESSIONS_DIR
+from tests.sessions.test_logfile import received_event
 from tests.sessions.test_store_contract import event, record, snapshot
 
 
@@ -423,3 +424,26 @@ def test_zeros_queued_behind_other_logs_are_dropped_not_waited_for(tmp_path: Pat
     store.close()
     assert reopened_seqs(tmp_path) == [1, 2, 3]
     assert (tmp_path / SESSIONS_DIR / "s1" / history.log_name(0)).stat().st_size == written
+
+
+def test_large_steps_received_in_one_buffer_are_stored_as_received(tmp_path: Path) -> None:
+    """A step's tensors as the server receives them (views of one body, its data on a page)
+    are appended from that buffer as it holds them, and read back as they were sent."""
+    store = _direct_store(tmp_path)
+    sizes = (appender.ZEROS_AHEAD_MAX_FRAME // 4 + 3, 1003, 5)
+    sent = [received_event(seq, sizes) for seq in (1, 2, 3)]
+    assert all(logfile.mirrored([*e.grads.values(), *(e.params or {}).values()]) for e in sent)
+    for step in sent:
+        store.append("s1", dataclasses.replace(step, params=None) if step.seq == 2 else step)
+    store.close()
+    reopened = opened(tmp_path)
+    loaded = reopened.load_session("s1")
+    reopened.close()
+    assert loaded is not None and loaded.damage is None
+    assert [e.seq for e in loaded.events] == [1, 2, 3]
+    for got, want in zip(loaded.events, sent, strict=True):
+        assert list(got.grads) == list(want.grads)
+        assert all(got.grads[n].tobytes() == a.tobytes() for n, a in want.grads.items())
+        if want.seq != 2:
+            assert got.params is not None and want.params is not None
+            assert got.params["t0"].tobytes() == want.params["t0"].tobytes()

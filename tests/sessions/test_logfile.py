@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.api.wire import step_from_safetensors
+from service.codec import safetensors
 from service.sessions.store import appender, logfile
 from service.sessions.store.appender import BLOCK, aligned
 from service.sessions.store.base import Event
@@ -291,3 +293,79 @@ def test_aligned_tensors_are_written_from_their_own_memory(tmp_path: Path, direc
     data = logfile.read_file(path)
     assert data.size == end
     assert [e.seq for e in logfile.scan(data).events] == [1, 2]
+
+
+def received_event(seq: int, sizes: tuple[int, ...] = (1003, 2500, 7, 4096)) -> Event:
+    """A step's tensors as the server receives them: views of one safetensors body whose
+    tensor data starts on a page (grads, and a param)."""
+    rng = np.random.default_rng(seq)
+    tensors = {f"t{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate(sizes)}
+    tensors["params/t0"] = rng.standard_normal(sizes[0]).astype(np.float32)
+    body = safetensors.encode(tensors)
+    start = safetensors.data_start(body)
+    assert start is not None
+    raw = np.empty(len(body) + BLOCK, dtype=np.uint8)
+    shift = -(raw.ctypes.data + start) % BLOCK
+    buffer = raw[shift : shift + len(body)]
+    buffer[:] = np.frombuffer(body, np.uint8)
+    decoded = step_from_safetensors(buffer.data, 16)
+    return dataclasses.replace(sample(seq), grads=decoded.grads, params=decoded.params)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_tensors_received_in_one_buffer_are_written_as_it_holds_them(
+    tmp_path: Path, direct: bool
+) -> None:
+    event = received_event(1)
+    arrays = [*event.grads.values(), *(event.params or {}).values()]
+    parts = logfile.layout(event, "s", block_aligned=True)
+    # The frame's data is the body's tensor data itself: one view of the receive buffer,
+    # starting where the first tensor does (so none is copied into staging).
+    (data, *padding) = parts.body
+    assert np.frombuffer(data, np.uint8).ctypes.data == min(a.ctypes.data for a in arrays)
+    assert isinstance(data, memoryview) and data.nbytes == sum(a.nbytes for a in arrays)
+    assert all(not any(bytes(p)) for p in padding)
+    views, total = appender.frame_views(logfile.encode(event, "s", block_aligned=True))
+    segments = appender.Staging().segments(views, aligned(total))
+    sources = {np.frombuffer(s, np.uint8).ctypes.data for s in segments}
+    starts = {np.frombuffer(data, np.uint8).ctypes.data}
+    assert starts <= sources
+    # Copied into staging: the head's block and the data's last partial block, no more.
+    staged = [s for s in segments if np.frombuffer(s, np.uint8).ctypes.data not in starts]
+    assert sum(s.nbytes for s in staged) == 2 * BLOCK
+    path = tmp_path / "log"
+    fd, direct = log_opened(path, direct)
+    try:
+        end = appender.append(fd, direct, 0, logfile.encode(event, "s", block_aligned=True))
+        second = received_event(2, (5000, 3, 1))
+        end += appender.append(fd, direct, end, logfile.encode(second, "s", block_aligned=True))
+    finally:
+        os.close(fd)
+    scan = logfile.scan(logfile.read_file(path), "s")
+    assert scan.clean and [e.seq for e in scan.events] == [1, 2]
+    for got, want in zip(scan.events, [event, second], strict=True):
+        for group in ("grads", "params"):
+            expected = getattr(want, group) or {}
+            assert list(getattr(got, group) or {}) == list(expected)
+            for name, array in expected.items():
+                read = getattr(got, group)[name]
+                assert read.dtype == array.dtype and read.shape == array.shape
+                assert read.tobytes() == array.tobytes()
+                assert read.flags.aligned
+
+
+def test_tensors_from_different_buffers_or_off_a_block_are_laid_out_one_by_one() -> None:
+    event = received_event(1)
+    assert event.params is not None
+    assert logfile.mirrored([*event.grads.values(), *event.params.values()]) is not None
+    copied = dataclasses.replace(event, grads={**event.grads, "t1": event.grads["t1"].copy()})
+    # The body's first tensor (the param) left out: what is left starts off a block.
+    off_block = dataclasses.replace(event, params=None)
+    for other in (copied, off_block):
+        arrays = [*other.grads.values(), *(other.params or {}).values()]
+        assert logfile.mirrored(arrays) is None
+        parts = logfile.layout(other, "s", block_aligned=True)
+        assert len(parts.body) > 2  # each tensor a buffer of its own (and the gaps between)
+        data = np.frombuffer(frame_bytes(other, "s", block_aligned=True), np.uint8)
+        (read,) = logfile.scan(data, "s").events
+        assert all(read.grads[n].tobytes() == a.tobytes() for n, a in other.grads.items())

@@ -113,25 +113,20 @@ def layout(event: Event, session: str = "", block_aligned: bool = False) -> Unse
     block-aligned in memory too straight from its buffer (``appender``); smaller tensors
     are packed as usual. Readers need nothing new: they go by the offsets the header
     lists, and JSON allows trailing spaces.
+
+    Where the tensors are all views into one buffer, and the stretch of it that holds them
+    starts on a block (a step's tensors as received: one request body, its tensor data
+    placed on a page), a block-aligned frame's data is that stretch as it is, each tensor
+    at its place in it: one write from the buffer, however many tensors, and none of them
+    copied to be aligned (:func:`mirrored`).
     """
-    tensors: list[list[Any]] = []
-    body: list[bytes | memoryview] = []
-    offset = 0
     groups = [("g", event.grads), ("p", event.params or {})]
-    for group, arrays in groups:
-        for name, array in arrays.items():
-            raw = _raw(array)
-            gap = -offset % BLOCK if block_aligned and raw.nbytes >= BLOCK else 0
-            if gap:
-                body.append(_BLOCK_ZEROS[:gap])
-                offset += gap
-            dtype = np.dtype(array.dtype).newbyteorder("<").str
-            tensors.append([group, name, dtype, list(array.shape), offset, raw.nbytes])
-            body.append(raw)
-            pad = _ZEROS[: _pad(raw.nbytes)]
-            if pad:
-                body.append(pad)
-            offset += raw.nbytes + len(pad)
+    named = [(group, name, array) for group, arrays in groups for name, array in arrays.items()]
+    stretch = mirrored([array for _, _, array in named]) if block_aligned else None
+    if stretch is None:
+        tensors, body, offset = _packed(named, block_aligned)
+    else:
+        tensors, body, offset = _as_placed(named, *stretch)
     header = json.dumps(
         {
             "session": session,
@@ -153,6 +148,87 @@ def layout(event: Event, session: str = "", block_aligned: bool = False) -> Unse
     if block_aligned:
         header += b" " * (-(PREFIX_SIZE + len(header)) % BLOCK)
     return Unsealed(header, body, offset)
+
+
+Named = list[tuple[str, str, np.ndarray]]
+"""An event's tensors in frame order: group ("g" or "p"), name, array."""
+
+
+def _entry(group: str, name: str, array: np.ndarray, offset: int) -> list[Any]:
+    dtype = np.dtype(array.dtype).newbyteorder("<").str
+    return [group, name, dtype, list(array.shape), offset, array.nbytes]
+
+
+def _packed(named: Named, block_aligned: bool) -> tuple[list[list[Any]], list[Any], int]:
+    """The tensor table, data buffers and data length of tensors one after another, each
+    padded to 8 (and, ``block_aligned``, each of a block or more starting on one)."""
+    tensors: list[list[Any]] = []
+    body: list[bytes | memoryview] = []
+    offset = 0
+    for group, name, array in named:
+        raw = _raw(array)
+        gap = -offset % BLOCK if block_aligned and raw.nbytes >= BLOCK else 0
+        if gap:
+            body.append(_BLOCK_ZEROS[:gap])
+            offset += gap
+        tensors.append(_entry(group, name, array, offset))
+        body.append(raw)
+        pad = _ZEROS[: _pad(raw.nbytes)]
+        if pad:
+            body.append(pad)
+        offset += raw.nbytes + len(pad)
+    return tensors, body, offset
+
+
+def _as_placed(
+    named: Named, data: memoryview, offsets: list[int]
+) -> tuple[list[list[Any]], list[Any], int]:
+    """:func:`_packed`'s result for tensors that ``data`` holds at ``offsets``."""
+    tensors = [_entry(g, n, a, at) for (g, n, a), at in zip(named, offsets, strict=True)]
+    pad = _ZEROS[: _pad(data.nbytes)]
+    return tensors, [data, pad], data.nbytes + len(pad)
+
+
+def mirrored(arrays: Sequence[np.ndarray]) -> tuple[memoryview, list[int]] | None:
+    """The stretch of one buffer that holds all of ``arrays`` and starts on a block, and
+    each array's offset in it; None unless they are all C-contiguous, little-endian views
+    of the same buffer (the same exporter: a request body's), each at an offset that is a
+    multiple of its item size (so that a reader's views of it are aligned)."""
+    if not arrays:
+        return None
+    owner: Any = None
+    starts: list[int] = []
+    for array in arrays:
+        root = _exporter(array)
+        if root is None or (owner is not None and root is not owner):
+            return None
+        if not array.flags.c_contiguous or array.dtype.byteorder == ">":
+            return None
+        owner = root
+        starts.append(int(array.ctypes.data))
+    try:
+        whole = np.frombuffer(memoryview(owner).cast("B"), dtype=np.uint8)
+    except (TypeError, ValueError):
+        return None
+    base = int(whole.ctypes.data)
+    low = min(starts)
+    high = max(at + a.nbytes for at, a in zip(starts, arrays, strict=True))
+    if low % BLOCK or low < base or high > base + whole.nbytes:
+        return None
+    offsets = [at - low for at in starts]
+    if any(at % a.itemsize for at, a in zip(offsets, arrays, strict=True)):
+        return None
+    return whole[low - base : high - base].data, offsets
+
+
+def _exporter(array: np.ndarray) -> object | None:
+    """What a view's memory belongs to: the object a buffer view of it was taken from."""
+    root: object = array
+    while isinstance(root, np.ndarray) and root.base is not None:
+        root = root.base
+    if isinstance(root, memoryview):
+        return root.obj
+    return None
 
 
 def write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> int:
