@@ -2,7 +2,9 @@
 
 ``service/core/_native.c`` holds fused versions of numpy computations of core: the float32
 lanes of a metric's sum of squares and the float64 lanes of the sum of squares clipping
-reads (:mod:`service.core.reductions`), and Adam's kernel
+reads, the halving that sums any reduction's lanes (:mod:`service.core.reductions`; one
+ufunc call per level cost most of a small tensor's norm: 15,625 float32 values took 68 us
+with numpy, 15.5 us natively), and Adam's kernel
 (:mod:`service.core.optimizers.adam`, without ``amsgrad``). Each does the same IEEE
 float32 operations in the same order as numpy does, one element at a time, so the results
 are the same bits (``tests/core/test_native.py``); a step just reads its data once instead

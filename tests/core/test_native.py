@@ -135,6 +135,30 @@ def test_adam_steps_have_numpys_bits(
         kernels.set_threads(saved)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [0, 1, 2, 3, 5, 1000, 15_625, LANES - 1, LANES])
+def test_lanes_are_halved_with_numpys_bits(width: int, dtype: type) -> None:
+    lanes = _values(LANES, width).astype(dtype)
+    lanes[:4] = [np.float32(1e30), -0.0, np.float32(1e-40), 3.0]  # wide, signed, subnormal
+    compiled = native.kernels
+    assert compiled is not None
+    wide = np.empty(LANES)
+    got = compiled.halve(lanes, wide, width)
+    expected = reductions._halve(lanes[:width].astype(np.float64))
+    assert _bits(got) == _bits(expected)
+    if dtype is np.float64:  # in place, as the float64 lanes are halved
+        assert _bits(compiled.halve(lanes, lanes, width)) == _bits(expected)
+
+
+@pytest.mark.parametrize("n", [3, 15_625, LANES + 7])
+def test_totals_and_dot_products_have_numpys_bits(n: int) -> None:
+    a, b = _values(n, 1), _values(n, 2)
+    got = [reductions.total(a), reductions.abs_total(a), reductions.dot(a, b)]
+    with native.disabled():
+        expected = [reductions.total(a), reductions.abs_total(a), reductions.dot(a, b)]
+    assert [_bits(x) for x in got] == [_bits(x) for x in expected]
+
+
 def test_bad_buffers_are_refused_not_read() -> None:
     compiled = native.kernels
     assert compiled is not None
@@ -147,6 +171,12 @@ def test_bad_buffers_are_refused_not_read() -> None:
         compiled.wide_square_lanes(np.ones(10, np.int64), np.empty(LANES))
     with pytest.raises(TypeError, match="lanes must be float64"):
         compiled.wide_square_lanes(x, np.empty(LANES, np.float32))
+    with pytest.raises(ValueError, match="width elements"):
+        compiled.halve(np.ones(4), np.empty(8), 5)
+    with pytest.raises(ValueError, match="width elements"):
+        compiled.halve(np.ones(8), np.empty(4), 5)
+    with pytest.raises(TypeError, match="scratch must be float64"):
+        compiled.halve(np.ones(8), np.empty(8, np.float32), 5)
     scalars = (0.1, 0.9, True, False, 0.001, 0.999, 1e-8, -1e-3, 0.0, 1.0)
     with pytest.raises(ValueError, match="same length"):
         compiled.adam(x, None, x.copy(), x.copy(), np.empty(9, np.float32), *scalars, 0)
