@@ -286,10 +286,6 @@ py_adam(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* reductions._halve over lanes[:width] taken to float64 (into scratch): while more than
- * one value is left, the first half of them plus the next half, the odd last one carried.
- * The same double additions in the same order as numpy's one add per level, so the same
- * bits; a loop instead of fifteen ufunc calls, which cost most of a small tensor's norm. */
 /* Adds hi[i] into lo[i]: the two halves of one level, which never overlap. */
 CLONES static void
 add_halves(double *restrict lo, const double *restrict hi, Py_ssize_t half)
@@ -307,6 +303,10 @@ widen(const float *restrict narrow, double *restrict v, Py_ssize_t width)
     }
 }
 
+/* reductions._halve over lanes[:width] taken to float64 (into scratch): while more than
+ * one value is left, the first half of them plus the next half, the odd last one carried.
+ * The same double additions in the same order as numpy's one add per level, so the same
+ * bits; a loop instead of fifteen ufunc calls, which cost most of a small tensor's norm. */
 static double
 halve_into(const void *lanes, int wide, double *v, Py_ssize_t width)
 {
