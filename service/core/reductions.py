@@ -89,15 +89,13 @@ def _halved(sums: np.ndarray, width: int) -> float:
     """The total of the first ``width`` lanes, halved in float64 whatever they hold (by
     the native loop where it was built: the same additions, without a ufunc call per
     level, which cost most of a small tensor's norm)."""
+    wide = sums if sums.dtype == _F64 else scratch(1, _F64, LANES)[0]
     compiled = native.kernels
     if compiled is not None:
-        wide = sums if sums.dtype == _F64 else scratch(1, _F64, LANES)[0]
         return float(compiled.halve(sums, wide, width))
-    if sums.dtype != _F64:
-        (wide,) = scratch(1, _F64, LANES)
+    if wide is not sums:
         wide[:width] = sums[:width]
-        sums = wide
-    return _halve(sums[:width])
+    return _halve(wide[:width])
 
 
 def _squares_summed(a: np.ndarray, accumulate: np.dtype[Any], leaf: Leaf) -> float:
